@@ -1,0 +1,3 @@
+from lorlib_ui.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""Command line: `python -m lorlib_ui COMMAND`.
+
+The command names, their options and the JSON they print are a contract (README, issue #2).
+Bad input exits non-zero with one line on stderr and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lorlib_ui.errors import LorlibError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise LorlibError(f"{self.prog}: {message}")
+
+
+def _router_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--router", default="arrow", help="arrow, uniform, mean_delta, base or expert:NAME")
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token for arrow (default: all)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="arrow softmax temperature (> 0)")
+    parser.add_argument("--mix", default="outputs", choices=["outputs", "parameters"],
+                        help="combine the chosen experts' outputs (PEFT) or their parameters (paper's code)")
+    parser.add_argument("--base-model", default=None, help="override the library's base model (must fit it)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lorlib_ui", description="Build and route a library of LoRA experts.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    fetch = commands.add_parser("fetch-model", help="make the base model available and print its local path")
+    fetch.add_argument("--base-model", default=None)
+
+    imp = commands.add_parser("import-peft", help="create or extend a library from PEFT LoRA adapter folders")
+    imp.add_argument("library")
+    imp.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    imp.add_argument("--base-model", default=None, help="base model of a new library (default: embedded SmolLM2)")
+    imp.add_argument("--name", default=None, help="expert name (one adapter only; default: the folder name)")
+    imp.add_argument("--kind", default="imported", choices=["private", "cluster", "shared", "imported"])
+    imp.add_argument("--tasks", default="", help="comma-separated tasks the expert was trained on")
+    imp.add_argument("--family", default=None)
+    imp.add_argument("--force", action="store_true", help="replace experts of the same name")
+
+    info = commands.add_parser("info", help="list the experts of a library")
+    info.add_argument("library")
+    info.add_argument("--json", action="store_true")
+
+    route = commands.add_parser("route", help="generate under a router and report the routing")
+    route.add_argument("library")
+    route.add_argument("--prompt", required=True)
+    route.add_argument("--max-new-tokens", type=int, default=64)
+    route.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    _router_options(route)
+
+    score = commands.add_parser("score", help="log-probability of each token of a text under a router")
+    score.add_argument("library")
+    score.add_argument("--text", required=True)
+    _router_options(score)
+    return parser
+
+
+def cmd_fetch_model(args) -> None:
+    from lorlib_ui.base_model import resolve_base_model
+
+    print(resolve_base_model(args.base_model))
+
+
+def cmd_import_peft(args) -> None:
+    from lorlib_ui.adapters import read_adapter
+    from lorlib_ui.base_model import base_model_info
+    from lorlib_ui.library import MANIFEST, Library, check_name, expert_from_adapter
+
+    if args.name and len(args.adapters) > 1:
+        raise LorlibError("--name can only be used with a single adapter folder")
+    # Check everything before touching the library: a refused import leaves it byte-for-byte as it was.
+    names = [check_name(args.name or Path(d).resolve().name) for d in args.adapters]
+    adapters = [read_adapter(d) for d in args.adapters]
+    exists = (Path(args.library) / MANIFEST).is_file()
+    library = Library.open(args.library) if exists else None
+    if library is None or args.base_model:
+        base = base_model_info(args.base_model)
+        if library is not None:
+            library.check_base(base)
+    shapes = library.base_shapes if library else base.linear_shapes
+    base_name = library.base_model if library else base.name
+    for name, adapter in zip(names, adapters):
+        adapter.check_fits(shapes, f"adapter {name}")
+    if library is not None and not args.force:
+        clash = [n for n in names if n in library.names]
+        if clash:
+            raise LorlibError(f"library {args.library} already has an expert named {clash[0]!r} (use --force to replace it)")
+    tasks = [t for t in args.tasks.split(",") if t]
+    entries = [
+        (expert_from_adapter(n, a, base_name, kind=args.kind, tasks=tasks or [n], family=args.family), a)
+        for n, a in zip(names, adapters)
+    ]
+    library = library or Library.create(args.library, base)
+    stored = library.add_experts(entries, force=args.force)
+    for e in stored:
+        print(f"imported {e.name} (rank {e.rank}, {', '.join(e.target_modules)}) into {library.path}")
+
+
+def cmd_info(args) -> None:
+    from lorlib_ui.library import Library
+
+    library = Library.open(args.library)
+    if args.json:
+        print(json.dumps(library.manifest(), indent=1))
+        return
+    print(f"library {library.path}: {len(library.experts)} experts on {library.base_model}")
+    if not library.experts:
+        return
+    rows = [("name", "kind", "rank", "targets", "family", "tasks")]
+    for e in library.experts:
+        rows.append((e.name, e.kind, str(e.rank), ",".join(e.target_modules), e.family or "-", ",".join(e.tasks) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _routed(args):
+    from lorlib_ui.library import Library
+    from lorlib_ui.routed_model import RoutedModel
+    from lorlib_ui.routers import make_router
+
+    library = Library.open(args.library)
+    router = make_router(args.router, library.names, top_k=args.top_k, temperature=args.temperature, mix=args.mix)
+    return RoutedModel.load(library, base_model=args.base_model, device=args.device, dtype=args.dtype), router
+
+
+def cmd_route(args) -> None:
+    from lorlib_ui.generation import generate
+
+    _check_prompt(args.prompt, "--prompt")
+    rm, router = _routed(args)
+    result = generate(rm, args.prompt, router, max_new_tokens=args.max_new_tokens, chat=not args.raw)
+    if result.truncated:
+        print("notice: the prompt was longer than the model's context and was cut from the left", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"text": result.text, "truncated": result.truncated, **result.record.to_dict()}))
+        return
+    print(result.text)
+    print(f"\n[{router.describe()}] mean routing weight per expert over all layers and tokens:", file=sys.stderr)
+    means = result.record.layer_expert_weights().mean(axis=0)
+    for name, weight in sorted(zip(rm.experts, means), key=lambda x: -x[1])[:10]:
+        print(f"  {name}: {weight:.3f}", file=sys.stderr)
+
+
+def cmd_score(args) -> None:
+    from lorlib_ui.generation import score
+
+    _check_prompt(args.text, "--text")
+    rm, router = _routed(args)
+    result = score(rm, args.text, router)
+    if args.json:
+        print(json.dumps({"tokens": result.tokens, "logprobs": result.logprobs}))
+        return
+    for token, lp in zip(result.tokens, result.logprobs):
+        print(f"{'' if lp is None else f'{lp:8.3f}':>8}  {token!r}")
+
+
+def _check_prompt(text: str, flag: str) -> None:
+    """Fail fast, before loading a model, on an empty prompt."""
+    if not text.strip():
+        raise LorlibError(f"{flag} is empty")
+
+
+COMMANDS = {
+    "fetch-model": cmd_fetch_model,
+    "import-peft": cmd_import_peft,
+    "info": cmd_info,
+    "route": cmd_route,
+    "score": cmd_score,
+}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
+        COMMANDS[args.command](args)
+        return 0
+    except LorlibError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: still one line, full trace on request
+        if os.environ.get("LORLIB_DEBUG"):
+            raise
+        line = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: unexpected {type(exc).__name__}: {line} (set LORLIB_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1

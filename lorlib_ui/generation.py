@@ -1,0 +1,121 @@
+"""Generate and score text with a routed model, optionally recording the routing.
+
+Generation is a plain KV-cached decode loop rather than `model.generate`: every token, the prompt's
+and each generated one (the last included), passes through the model exactly once, so the routing
+record lines up token for token with the text, and streaming needs no extra thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lorlib_ui.errors import LorlibError
+from lorlib_ui.record import RoutingRecord
+from lorlib_ui.routed_model import RoutedModel
+from lorlib_ui.routers import Router
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the generated continuation, special tokens removed
+    prompt_tokens: list[str]
+    new_tokens: list[str]
+    record: RoutingRecord | None
+    truncated: bool  # the prompt was cut (from the left) to fit the model's context
+
+
+@dataclass
+class Scores:
+    tokens: list[str]
+    logprobs: list[float | None]  # log p(token | tokens before it); None for the first token
+    record: RoutingRecord | None
+
+
+def encode_prompt(rm: RoutedModel, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a user prompt, wrapped in the chat template when the tokenizer has one."""
+    tokenizer = rm.tokenizer
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return tokenizer(prompt)["input_ids"]
+
+
+def _check_text(text: str, what: str) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise LorlibError(f"{what} is empty")
+
+
+def _token_strings(rm: RoutedModel, ids: list[int]) -> list[str]:
+    return [rm.tokenizer.decode([i]) for i in ids]
+
+
+def _stop_ids(rm: RoutedModel) -> set[int]:
+    stops = rm.model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops]) if stops is not None else set()
+    if rm.tokenizer.eos_token_id is not None:
+        stops.add(rm.tokenizer.eos_token_id)
+    return stops
+
+
+@torch.inference_mode()
+def generate(
+    rm: RoutedModel,
+    prompt: str,
+    router: Router,
+    max_new_tokens: int = 64,
+    record: bool = True,
+    chat: bool = True,
+    on_token: Callable[[str], None] | None = None,
+) -> Generation:
+    """Greedy decoding under `router`; `on_token` receives the text generated so far after each token."""
+    _check_text(prompt, "prompt")
+    if not 1 <= max_new_tokens <= 4096:
+        raise LorlibError(f"max new tokens must be between 1 and 4096, got {max_new_tokens}")
+    ids = encode_prompt(rm, prompt, chat)
+    context = getattr(rm.model.config, "max_position_embeddings", None) or 2048
+    room = context - max_new_tokens
+    if room < 1:
+        raise LorlibError(f"max new tokens ({max_new_tokens}) leaves no room in the model's context of {context}")
+    truncated = len(ids) > room
+    ids = ids[-room:]
+    stops, new = _stop_ids(rm), []
+    with rm.routing(router, record=record) as builder:
+        out = rm.model(input_ids=torch.tensor([ids], device=rm.device), use_cache=True, logits_to_keep=1)
+        while True:
+            token = int(out.logits[0, -1].argmax())
+            new.append(token)
+            if on_token is not None:
+                on_token(rm.tokenizer.decode(new, skip_special_tokens=True))
+            done = token in stops or len(new) >= max_new_tokens
+            if done and builder is None:
+                break
+            step = torch.tensor([[token]], device=rm.device)
+            out = rm.model(input_ids=step, cache=out.cache, use_cache=True, logits_to_keep=1)
+            if done:  # that forward only routed the final token, for the record
+                break
+    prompt_tokens, new_tokens = _token_strings(rm, ids), _token_strings(rm, new)
+    routing = builder.finish(router.describe(), rm.experts, prompt_tokens + new_tokens) if builder else None
+    text = rm.tokenizer.decode(new, skip_special_tokens=True)
+    return Generation(prompt, text, prompt_tokens, new_tokens, routing, truncated)
+
+
+@torch.inference_mode()
+def score(rm: RoutedModel, text: str, router: Router, record: bool = False) -> Scores:
+    """Each token's log-probability given the tokens before it, under `router`."""
+    _check_text(text, "text")
+    ids = rm.tokenizer(text)["input_ids"]
+    context = getattr(rm.model.config, "max_position_embeddings", None) or 2048
+    if len(ids) > context:
+        raise LorlibError(f"text is {len(ids)} tokens, longer than the model's context of {context}")
+    with rm.routing(router, record=record) as builder:
+        logits = rm.model(input_ids=torch.tensor([ids], device=rm.device)).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])
+    tokens = _token_strings(rm, ids)
+    routing = builder.finish(router.describe(), rm.experts, tokens) if builder else None
+    return Scores(tokens, [None] + logprobs.squeeze(1).tolist(), routing)

@@ -1,0 +1,334 @@
+"""A library of LoRA experts over one base model, stored as a folder.
+
+    LIBRARY/
+      manifest.json               base model, its linear shapes, experts, clusters
+      experts/<name>/             one standard PEFT adapter folder per expert
+      prototypes.safetensors      cached Arrow prototypes, keyed by a hash of the expert's weights
+
+The manifest is the single source of truth: a folder under experts/ that it does not name is
+ignored (and swept at the next write). Every write goes to a temporary name first and becomes
+visible by one atomic rename, the manifest last, so a crash at any point leaves the previous
+library intact. Writers take an exclusive lock on LIBRARY/.lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lorlib_ui.adapters import LoraAdapter, read_adapter, weights_hash, write_adapter
+from lorlib_ui.base_model import BaseModelInfo, shapes_fingerprint
+from lorlib_ui.errors import LorlibError
+from lorlib_ui.prototypes import prototypes_for_adapter
+
+MANIFEST = "manifest.json"
+PROTOTYPES = "prototypes.safetensors"
+FORMAT = "lorlib-library"
+VERSION = 1
+KINDS = ("private", "cluster", "shared", "imported")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def check_name(name: str) -> str:
+    """Expert names become folder names: letters, digits and _ . + - only, no '..'."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise LorlibError(
+            f"invalid expert name {name!r}: use 1-100 letters, digits, '_', '.', '+' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+@dataclass
+class Expert:
+    """Manifest entry of one expert."""
+
+    name: str
+    kind: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model: str
+    fingerprint: str  # of the (module, shape) pairs this expert adapts
+    weights_hash: str
+    path: str  # adapter folder, relative to the library
+    tasks: list[str] = field(default_factory=list)
+    family: str | None = None
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    created: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Expert:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Library:
+    """A library folder. Opening reads only the manifest; weights load on demand."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.base_model: str = manifest["base_model"]
+        self.base_shapes: dict[str, tuple[int, int]] = {k: tuple(v) for k, v in manifest["base_shapes"].items()}
+        self.experts: list[Expert] = [Expert.from_dict(e) for e in manifest["experts"]]
+        self.clusters: dict = manifest.get("clusters", {})
+        self.extra: dict = {k: v for k, v in manifest.items() if k not in _MANIFEST_KEYS}
+
+    # ---- opening and creating -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> Library:
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise LorlibError(f"no library at {path} ({MANIFEST} not found)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
+            if manifest.get("version", 0) > VERSION:
+                raise ValueError(f"version {manifest['version']} is newer than this lorlib ({VERSION})")
+            library = cls(path, manifest)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LorlibError(f"library {path}: {MANIFEST} is unreadable ({exc})") from None
+        return library
+
+    @classmethod
+    def create(cls, path: str | Path, base: BaseModelInfo) -> Library:
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise LorlibError(f"a library already exists at {path}")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise LorlibError(f"cannot create a library at {path}: it exists and is not an empty folder")
+        path.mkdir(parents=True, exist_ok=True)
+        library = cls(path, {"base_model": base.name, "base_shapes": base.linear_shapes, "experts": []})
+        library.save_manifest()
+        return library
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, base: BaseModelInfo) -> Library:
+        if (Path(path) / MANIFEST).is_file():
+            library = cls.open(path)
+            library.check_base(base)
+            return library
+        return cls.create(path, base)
+
+    # ---- reading ---------------------------------------------------------------------------
+    @property
+    def base_fingerprint(self) -> str:
+        return shapes_fingerprint(self.base_shapes)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def expert(self, name: str) -> Expert:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        known = ", ".join(self.names) or "none"
+        raise LorlibError(f"unknown expert {name!r} in library {self.path} (experts: {known})")
+
+    def load_adapter(self, name: str) -> LoraAdapter:
+        return read_adapter(self.path / self.expert(name).path)
+
+    def check_base(self, base: BaseModelInfo) -> None:
+        if base.fingerprint != self.base_fingerprint:
+            raise LorlibError(
+                f"base model {base.name!r} does not fit library {self.path}, which was built on "
+                f"{self.base_model!r} (linear layer shapes differ)"
+            )
+
+    def manifest(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "base_shapes": {k: list(v) for k, v in self.base_shapes.items()},
+            "experts": [asdict(e) for e in self.experts],
+            "clusters": self.clusters,
+            **self.extra,
+        }
+
+    # ---- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def _write_lock(self):
+        with open(self.path / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def save_manifest(self) -> None:
+        _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest(), indent=1))
+
+    def add_experts(self, entries: list[tuple[Expert, LoraAdapter]], force: bool = False) -> list[Expert]:
+        """Add experts (or replace them, with force) in one atomic step: all or none.
+
+        Each entry's adapter must already be checked. Returns the stored manifest entries.
+        """
+        names = [e.name for e, _ in entries]
+        if len(set(names)) != len(names):
+            raise LorlibError(f"duplicate expert names in one import: {', '.join(names)}")
+        for expert, adapter in entries:
+            check_name(expert.name)
+            adapter.check_fits(self.base_shapes, f"expert {expert.name}")
+            if expert.kind not in KINDS:
+                raise LorlibError(f"expert kind must be one of {', '.join(KINDS)}, not {expert.kind!r}")
+        with self._write_lock():
+            current = Library.open(self.path)  # another writer may have changed the library
+            existing = set(current.names)
+            clash = [n for n in names if n in existing]
+            if clash and not force:
+                raise LorlibError(f"library {self.path} already has an expert named {clash[0]!r} (use --force to replace it)")
+            staging = self.path / ".staging"
+            staging.mkdir(exist_ok=True)
+            stored = []
+            for expert, adapter in entries:
+                folder = staging / uuid.uuid4().hex
+                write_adapter(folder, adapter)
+                _fsync_tree(folder)
+                final = _free_folder(self.path / "experts", expert.name, current)
+                final.parent.mkdir(exist_ok=True)
+                folder.rename(final)
+                expert.path = str(final.relative_to(self.path))
+                expert.weights_hash = weights_hash(final)
+                expert.created = expert.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+                stored.append(expert)
+            kept = [e for e in current.experts if e.name not in names]
+            current.experts = kept + stored
+            current.save_manifest()
+            current._sweep()
+            self.__dict__.update(current.__dict__)
+        self.update_prototype_cache()
+        return stored
+
+    def remove_expert(self, name: str) -> None:
+        self.expert(name)
+        with self._write_lock():
+            current = Library.open(self.path)
+            current.experts = [e for e in current.experts if e.name != name]
+            current.save_manifest()
+            current._sweep()
+            self.__dict__.update(current.__dict__)
+
+    def _sweep(self) -> None:
+        """Delete what the manifest no longer names: staging leftovers and replaced experts."""
+        shutil.rmtree(self.path / ".staging", ignore_errors=True)
+        referenced = {(self.path / e.path).resolve() for e in self.experts}
+        experts_dir = self.path / "experts"
+        if experts_dir.is_dir():
+            for child in experts_dir.iterdir():
+                if child.resolve() not in referenced:
+                    shutil.rmtree(child, ignore_errors=True)
+
+    # ---- Arrow prototypes cache --------------------------------------------------------------
+    def prototypes(self, adapters: dict[str, LoraAdapter] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """expert name -> module -> prototype (d_in,), from the cache where the weights are unchanged."""
+        cached = self._read_prototype_cache()
+        out, missing = {}, False
+        for e in self.experts:
+            keys = [k for k in cached if k.startswith(e.weights_hash + "/")]
+            if keys:
+                out[e.name] = {k.split("/", 1)[1]: cached[k] for k in keys}
+            else:
+                adapter = adapters[e.name] if adapters and e.name in adapters else self.load_adapter(e.name)
+                out[e.name] = prototypes_for_adapter(adapter.factors)
+                missing = True
+        if missing:
+            try:
+                self._write_prototype_cache(out)
+            except OSError:
+                pass  # a read-only library still routes; prototypes are just recomputed next time
+        return out
+
+    def update_prototype_cache(self) -> None:
+        self.prototypes()
+
+    def _read_prototype_cache(self) -> dict[str, torch.Tensor]:
+        path = self.path / PROTOTYPES
+        if not path.is_file():
+            return {}
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError):
+            return {}  # a damaged cache is only a cache: recompute
+
+    def _write_prototype_cache(self, protos: dict[str, dict[str, torch.Tensor]]) -> None:
+        hashes = {e.name: e.weights_hash for e in self.experts}
+        tensors = {f"{hashes[name]}/{m}": v.contiguous() for name, by_module in protos.items() for m, v in by_module.items()}
+        with self._write_lock():
+            tmp = self.path / f".{PROTOTYPES}.{uuid.uuid4().hex}"
+            save_file(tensors, tmp)
+            os.replace(tmp, self.path / PROTOTYPES)
+
+
+_MANIFEST_KEYS = {"format", "version", "base_model", "base_fingerprint", "base_shapes", "experts", "clusters"}
+
+
+def expert_from_adapter(name: str, adapter: LoraAdapter, base_model: str, kind: str = "imported", **meta) -> Expert:
+    """A manifest entry describing `adapter`; path and hash are filled in when it is stored."""
+    return Expert(
+        name=name,
+        kind=kind,
+        rank=adapter.rank,
+        alpha=float(adapter.config.get("lora_alpha", adapter.config["r"])),
+        target_modules=adapter.target_modules,
+        base_model=base_model,
+        fingerprint=shapes_fingerprint(adapter.shapes),
+        weights_hash="",
+        path="",
+        **meta,
+    )
+
+
+def _free_folder(experts_dir: Path, name: str, library: Library) -> Path:
+    """experts/<name>, or a fresh sibling when that folder is in use (the expert being replaced
+    stays in place until the new manifest no longer names it)."""
+    used = {(library.path / e.path).resolve() for e in library.experts}
+    candidate = experts_dir / name
+    if candidate.resolve() not in used and not candidate.exists():
+        return candidate
+    return experts_dir / f"{name}.{uuid.uuid4().hex[:8]}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for child in folder.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,74 @@
+"""The routing record: which experts every token used at every LoRA'd layer.
+
+Captured on request while a routed model runs (nothing is kept otherwise) and handed across the
+worker boundary as plain numpy arrays. Figures and the CLI's JSON are built from it by pure
+functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RoutingRecord:
+    router: str
+    experts: list[str]
+    modules: list[str]  # LoRA'd linear layers, in model order
+    tokens: list[str]  # every routed token: prompt, then generated
+    weights: np.ndarray  # (modules, tokens, experts); rows sum to 1 (0 for the base router)
+    logits: np.ndarray  # (modules, tokens, experts); NaN where the router computes none
+
+    def layer_expert_weights(self) -> np.ndarray:
+        """(modules, experts): mean routing weight over tokens."""
+        if not self.tokens:
+            return np.zeros((len(self.modules), len(self.experts)), dtype=np.float32)
+        return self.weights.mean(axis=1)
+
+    def top_expert(self) -> np.ndarray:
+        """(tokens, modules): index of each token's highest-weighted expert, -1 where none is used."""
+        top = self.weights.argmax(axis=2).T
+        return np.where(self.weights.max(axis=2).T > 0, top, -1)
+
+    def to_dict(self) -> dict:
+        names = self.experts
+        return {
+            "router": self.router,
+            "experts": names,
+            "layers": self.modules,
+            "tokens": self.tokens,
+            "layer_expert_weights": np.round(self.layer_expert_weights(), 6).tolist(),
+            "top_expert": [[names[i] if i >= 0 else None for i in row] for row in self.top_expert().tolist()],
+        }
+
+
+class RecordBuilder:
+    """Collects per-call routing tensors on the model's device; one transfer at the end."""
+
+    def __init__(self, modules: list[str], n_experts: int):
+        self.modules, self.n_experts = modules, n_experts
+        self.weights: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+        self.logits: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+
+    def add(self, module: str, weights: torch.Tensor, logits: torch.Tensor | None, n_tokens: int) -> None:
+        weights = weights.detach().float()
+        if weights.dim() == 1:
+            weights = weights.expand(n_tokens, -1)
+        self.weights[module].append(weights)
+        self.logits[module].append(
+            torch.full_like(weights, float("nan")) if logits is None else logits.detach().float()
+        )
+
+    def finish(self, router: str, experts: list[str], tokens: list[str]) -> RoutingRecord:
+        def stack(parts: dict[str, list[torch.Tensor]]) -> np.ndarray:
+            if not tokens:
+                return np.zeros((len(self.modules), 0, self.n_experts), dtype=np.float32)
+            return torch.stack([torch.cat(parts[m]) for m in self.modules]).cpu().numpy()
+
+        weights, logits = stack(self.weights), stack(self.logits)
+        if weights.shape[1] != len(tokens):
+            raise RuntimeError(f"routing record has {weights.shape[1]} tokens but {len(tokens)} were routed")
+        return RoutingRecord(router, experts, self.modules, tokens, weights, logits)

@@ -1,0 +1,157 @@
+"""Routers: how much each library expert contributes, per token and per LoRA'd layer.
+
+Every router has the same shape: `route(slot, h)` returns the expert weights for the tokens `h`
+entering one layer (`slot`, a `LibraryLinear`), and `mix` says how the weighted experts combine:
+
+- "outputs":    y = W h + Σ_e w_e s_e B_e A_e h              (PEFT's Arrow; mixture of experts)
+- "parameters": y = W h + (Σ_e w_e s_e B_e)(Σ_e w_e A_e) h  (the paper's code: merge, then apply)
+
+A static router gives the same weights to every token (a merge), so the layer can fold them into
+one small pair of factors once. Add a router by subclassing `Router` and registering it in
+`ROUTERS`; TIES, PhatGoose or LoraHub would fit here the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from lorlib_ui.errors import LorlibError
+
+if TYPE_CHECKING:
+    from lorlib_ui.routed_model import LibraryLinear
+
+MIXES = ("outputs", "parameters")
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # (tokens, experts); (experts,) for a static router
+    logits: torch.Tensor | None = None  # (tokens, experts) router scores before top-k, if any
+
+
+class Router:
+    name: ClassVar[str]
+    static: ClassVar[bool] = True
+    applies_experts: ClassVar[bool] = True
+    mix: str = "outputs"
+
+    def route(self, slot: LibraryLinear, h: torch.Tensor) -> Routing:
+        raise NotImplementedError
+
+    @property
+    def key(self) -> tuple:
+        """Identifies the weights of a static router, for the layers' cache of merged factors."""
+        return (self.name, self.mix)
+
+    def describe(self) -> str:
+        return self.name
+
+
+class BaseRouter(Router):
+    """The base model alone: no expert is applied."""
+
+    name = "base"
+    applies_experts = False
+
+    def route(self, slot, h):
+        return Routing(torch.zeros(slot.n_experts, device=h.device))
+
+
+class ExpertRouter(Router):
+    """One named expert, as if it were the only adapter."""
+
+    name = "expert"
+
+    def __init__(self, expert: str, index: int):
+        self.expert, self.index = expert, index
+
+    @property
+    def key(self):
+        return (self.name, self.index)
+
+    def route(self, slot, h):
+        weights = torch.zeros(slot.n_experts, device=h.device)
+        weights[self.index] = 1.0
+        return Routing(weights)
+
+    def describe(self):
+        return f"expert:{self.expert}"
+
+
+class UniformRouter(Router):
+    """µ: the uniform merge, mean of the A's and mean of the B's (as in the paper's code).
+
+    At a layer that only some experts adapt, the mean is over those experts.
+    """
+
+    name = "uniform"
+    mix = "parameters"
+
+    def route(self, slot, h):
+        present = slot.present.float()
+        return Routing(present / present.sum())
+
+
+class MeanDeltaRouter(UniformRouter):
+    """Mean of the experts' updates ΔW_e = s_e B_e A_e (over the experts adapting the layer)."""
+
+    name = "mean_delta"
+    mix = "outputs"
+
+
+class ArrowRouter(Router):
+    """Arrow (Ostapenko et al., 2024, Sec. 4.2): logits |h·v_e| against each expert's prototype,
+    top-k, softmax over the top-k with temperature T. Experts that do not adapt the layer
+    cannot be chosen there."""
+
+    name = "arrow"
+    static = False
+
+    def __init__(self, top_k: int, temperature: float = 1.0, mix: str = "outputs"):
+        self.top_k, self.temperature, self.mix = top_k, temperature, mix
+
+    def route(self, slot, h):
+        logits = (h @ slot.prototypes.T).abs()  # (tokens, experts)
+        k = min(self.top_k, slot.n_present)
+        scores = logits.masked_fill(~slot.present, float("-inf")) if slot.n_present < slot.n_experts else logits
+        top, index = torch.topk(scores, k, dim=-1)
+        weights = torch.zeros_like(logits).scatter_(-1, index, torch.softmax(top / self.temperature, dim=-1))
+        return Routing(weights, logits)
+
+    def describe(self):
+        return f"arrow(top_k={self.top_k}, T={self.temperature:g}, mix={self.mix})"
+
+
+ROUTERS: dict[str, type[Router]] = {
+    r.name: r for r in (BaseRouter, ExpertRouter, UniformRouter, MeanDeltaRouter, ArrowRouter)
+}
+
+
+def make_router(
+    spec: str, experts: list[str], top_k: int | None = None, temperature: float = 1.0, mix: str = "outputs"
+) -> Router:
+    """Build a router from a CLI/UI spec: arrow, uniform, mean_delta, base or expert:NAME."""
+    name, _, arg = spec.partition(":")
+    if name not in ROUTERS:
+        raise LorlibError(f"unknown router {spec!r}; use one of arrow, uniform, mean_delta, base, expert:NAME")
+    if name != "base" and not experts:
+        raise LorlibError(f"router {spec!r} needs experts, but the library is empty")
+    if mix not in MIXES:
+        raise LorlibError(f"unknown mix {mix!r}; use outputs or parameters")
+    if name == "expert":
+        if arg not in experts:
+            raise LorlibError(f"unknown expert {arg!r} (experts: {', '.join(experts) or 'none'})")
+        return ExpertRouter(arg, experts.index(arg))
+    if name == "arrow":
+        k = len(experts) if top_k is None else top_k
+        if not 1 <= k <= len(experts):
+            raise LorlibError(f"top-k must be between 1 and the number of experts ({len(experts)}), got {k}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise LorlibError(f"temperature must be positive, got {temperature}")
+        return ArrowRouter(k, float(temperature), mix)
+    return ROUTERS[name]()

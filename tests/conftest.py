@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random Llama built from a config (no hub) and random PEFT adapters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "routing tokens to experts with arrow prototypes",
+    "a library of lora adapters over one causal language model",
+    "0123456789 + - * / = ? ! , . : ; ( ) [ ]",
+]
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def build_tiny_llama(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_adapter(
+    folder: Path,
+    base_path: Path,
+    seed: int,
+    rank: int = 4,
+    targets: list[str] | None = None,
+    dominant: float = 4.0,
+    alpha: float | None = None,
+) -> Path:
+    """A random LoRA saved by PEFT itself. `dominant` > 0 adds a strong rank-1 component to
+    ΔW = B·A so that its top singular value stands well clear of the others (PEFT's 15-step
+    power iteration then converges to the true vector)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets or TARGETS, lora_dropout=0.0)
+    peft_model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                a = module.lora_A["default"].weight
+                b = module.lora_B["default"].weight
+                a.copy_(torch.randn(a.shape, generator=gen) * 0.2)
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
+                if dominant:
+                    a[0] += dominant * torch.randn(a.shape[1], generator=gen) / a.shape[1] ** 0.5
+                    b[:, 0] += dominant * torch.randn(b.shape[0], generator=gen) / b.shape[0] ** 0.5
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_base) -> list[Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(root / f"task{i}", tiny_base, seed=i) for i in range(6)]
