@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from lorlib_ui.errors import LorlibError
 
@@ -86,7 +86,9 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
             )
         raise LorlibError(f"{what}: {WEIGHTS_FILE} is missing")
     try:
-        tensors = load_file(weights_path)
+        # Read into memory rather than memory-map: a mapped file that is rewritten in place
+        # under a running process crashes it with SIGBUS.
+        tensors = load(weights_path.read_bytes())
     except (SafetensorError, OSError, ValueError) as exc:
         raise LorlibError(f"{what}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
     factors = _split_factors(tensors, what)

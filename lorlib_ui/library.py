@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from lorlib_ui.adapters import LoraAdapter, read_adapter, weights_hash, write_adapter
 from lorlib_ui.base_model import BaseModelInfo, shapes_fingerprint
@@ -264,7 +264,7 @@ class Library:
         if not path.is_file():
             return {}
         try:
-            return load_file(path)
+            return load(path.read_bytes())  # not memory-mapped: see adapters.read_adapter
         except (SafetensorError, OSError):
             return {}  # a damaged cache is only a cache: recompute
 

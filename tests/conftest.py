@@ -99,3 +99,36 @@ def tiny_base(tmp_path_factory) -> Path:
 def tiny_adapters(tmp_path_factory, tiny_base) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
     return [make_adapter(root / f"task{i}", tiny_base, seed=i) for i in range(6)]
+
+
+def build_library(path: Path, base_path: Path, adapter_dirs: list[Path], names: list[str] | None = None):
+    from lorlib_ui.adapters import read_adapter
+    from lorlib_ui.base_model import base_model_info
+    from lorlib_ui.library import Library, expert_from_adapter
+
+    info = base_model_info(str(base_path))
+    library = Library.create(path, info)
+    names = names or [d.name for d in adapter_dirs]
+    entries = []
+    for name, folder in zip(names, adapter_dirs):
+        adapter = read_adapter(folder)
+        entries.append((expert_from_adapter(name, adapter, info.name), adapter))
+    library.add_experts(entries)
+    return library
+
+
+@pytest.fixture
+def tiny_library(tmp_path, tiny_base, tiny_adapters):
+    return build_library(tmp_path / "lib", tiny_base, tiny_adapters)
+
+
+@pytest.fixture
+def tiny_routed(tiny_library):
+    from lorlib_ui.routed_model import RoutedModel
+
+    return RoutedModel.load(tiny_library, device="cpu")
+
+
+def library_snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under a library, byte for byte: refused writes must leave this unchanged."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

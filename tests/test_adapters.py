@@ -1,0 +1,107 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorlib_ui.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+
+
+@pytest.fixture
+def adapter_copy(tmp_path, tiny_adapters):
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_adapters[0], folder)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config.update(changes)
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_reads_peft_adapter(tiny_adapters):
+    adapter = read_adapter(tiny_adapters[0])
+    assert len(adapter.factors) == 8 and adapter.rank == 4
+    a, b = adapter.factors["model.layers.0.self_attn.q_proj"]
+    assert a.shape == (4, 64) and b.shape == (64, 4)
+    assert adapter.scales["model.layers.0.self_attn.q_proj"] == 8 / 4  # lora_alpha=2r
+
+
+def test_rslora_and_alpha_pattern_scales(adapter_copy):
+    _edit_config(adapter_copy, use_rslora=True, alpha_pattern={"v_proj": 16})
+    adapter = read_adapter(adapter_copy)
+    assert adapter.scales["model.layers.1.self_attn.q_proj"] == pytest.approx(8 / math.sqrt(4))
+    assert adapter.scales["model.layers.1.self_attn.v_proj"] == pytest.approx(16 / math.sqrt(4))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda f: (f / WEIGHTS_FILE).write_bytes((f / WEIGHTS_FILE).read_bytes()[:100]), "not a valid safetensors"),
+        (lambda f: (f / WEIGHTS_FILE).unlink(), "adapter_model.safetensors is missing"),
+        (lambda f: (f / CONFIG_FILE).unlink(), "adapter_config.json is missing"),
+        (lambda f: (f / CONFIG_FILE).write_text("{oops"), "not valid JSON"),
+        (lambda f: (f / CONFIG_FILE).write_bytes(b"\xff\xfe\x00bad"), "not valid JSON"),
+        (lambda f: _edit_config(f, peft_type="IA3"), "IA3 adapter; only LoRA"),
+        (lambda f: _edit_config(f, peft_type="PREFIX_TUNING"), "PREFIX_TUNING adapter; only LoRA"),
+        (lambda f: _edit_config(f, r=0), "rank r must be a positive integer"),
+        (lambda f: _edit_config(f, r=8), "has rank 4 but adapter_config.json says 8"),
+        (lambda f: _edit_config(f, use_dora=True), "DoRA is not supported"),
+        (lambda f: _edit_config(f, modules_to_save=["lm_head"]), "modules_to_save is not supported"),
+    ],
+)
+def test_bad_adapters_are_refused(adapter_copy, mutate, message):
+    mutate(adapter_copy)
+    with pytest.raises(Exception, match=message) as info:
+        read_adapter(adapter_copy)
+    assert type(info.value).__name__ == "LorlibError"
+    assert "\n" not in str(info.value)
+
+
+def _rewrite_tensors(folder, change):
+    tensors = load_file(folder / WEIGHTS_FILE)
+    change(tensors)
+    save_file(tensors, folder / WEIGHTS_FILE)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.__setitem__(next(iter(t)), torch.full_like(next(iter(t.values())), float("nan"))), "NaN or Inf"),
+        (lambda t: t.__setitem__(next(iter(t)), torch.full_like(next(iter(t.values())), float("inf"))), "NaN or Inf"),
+        (lambda t: t.pop(next(k for k in t if "lora_B" in k)), "not both A and B"),
+        (lambda t: t.__setitem__("base_model.model.lm_head.weight", torch.zeros(3, 3)), "unexpected tensor"),
+        (lambda t: t.clear(), "holds no LoRA weights"),
+    ],
+)
+def test_bad_weights_are_refused(adapter_copy, change, message):
+    _rewrite_tensors(adapter_copy, change)
+    with pytest.raises(Exception, match=message):
+        read_adapter(adapter_copy)
+
+
+def test_pickled_weights_are_refused_without_unpickling(adapter_copy, tmp_path):
+    (adapter_copy / WEIGHTS_FILE).unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.write_text, ("unpickled",))
+
+    torch.save({"x": Evil()}, adapter_copy / "adapter_model.bin")
+    with pytest.raises(Exception, match="weights are pickled"):
+        read_adapter(adapter_copy)
+    assert not marker.exists()
+
+
+def test_real_peft_ia3_adapter_is_refused(tmp_path, tiny_base):
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    model.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(Exception, match="IA3 adapter; only LoRA adapters"):
+        read_adapter(tmp_path / "ia3")

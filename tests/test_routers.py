@@ -1,0 +1,185 @@
+import pytest
+import torch
+from conftest import build_library, make_adapter
+from transformers import AutoModelForCausalLM
+
+from lorlib_ui.adapters import read_adapter
+from lorlib_ui.errors import LorlibError
+from lorlib_ui.routed_model import RoutedModel
+from lorlib_ui.routers import make_router
+
+TEXT = "the quick brown fox jumps over the lazy dog"
+
+
+def _ids(rm):
+    return torch.tensor([rm.tokenizer(TEXT)["input_ids"]])
+
+
+def _logits(rm, router):
+    with torch.no_grad(), rm.routing(router):
+        return rm.model(input_ids=_ids(rm)).logits
+
+
+def _rel(x, y):
+    return ((x - y).norm() / y.norm()).item()
+
+
+def _delta(adapter, module):
+    a, b = adapter.factors[module]
+    return adapter.scales[module] * b @ a
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 6])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_arrow_equals_peft_create_arrow_model(tiny_base, tiny_adapters, tiny_routed, top_k, temperature):
+    from peft import ArrowConfig, create_arrow_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    config = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0)
+    peft_model = create_arrow_model(base, [str(p) for p in tiny_adapters], config)
+    with torch.no_grad():
+        expected = peft_model(input_ids=_ids(tiny_routed)).logits
+    ours = _logits(tiny_routed, make_router("arrow", tiny_routed.experts, top_k=top_k, temperature=temperature))
+    assert _rel(ours, expected) < 1e-4
+    # and the routing does something: far from the base model
+    assert _rel(_logits(tiny_routed, make_router("base", tiny_routed.experts)), expected) > 1e-2
+
+
+def test_prototypes_match_peft_buffer_on_dominant_adapters(tiny_base, tiny_adapters, tiny_routed):
+    from peft import ArrowConfig, create_arrow_model
+
+    peft_model = create_arrow_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base), [str(p) for p in tiny_adapters], ArrowConfig(top_k=2)
+    )
+    with torch.no_grad():
+        peft_model(input_ids=_ids(tiny_routed))  # PEFT builds prototypes lazily on the first forward
+    checked = 0
+    for name, module in peft_model.named_modules():
+        arrow = getattr(module, "lora_arrow", None)
+        if arrow is None or "arrow_router" not in arrow:
+            continue
+        router = arrow["arrow_router"]
+        ours = tiny_routed.model.get_submodule(name.removeprefix("base_model.model.")).prototypes
+        cos = (ours * router.prototypes).sum(-1).abs() / router.prototypes.norm(dim=-1)
+        assert cos.min() > 0.999
+        checked += 1
+    assert checked == 8  # 2 layers x q, k, v, o
+
+
+def test_routing_rows_sum_to_one_with_k_nonzeros(tiny_routed):
+    for k in (1, 2, 4, 6):
+        router = make_router("arrow", tiny_routed.experts, top_k=k, temperature=0.7)
+        with torch.no_grad(), tiny_routed.routing(router, record=True) as builder:
+            tiny_routed.model(input_ids=_ids(tiny_routed))
+        for module in tiny_routed.modules:
+            weights = torch.cat(builder.weights[module])
+            assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[0]), atol=1e-5)
+            assert ((weights > 0).sum(-1) == k).all()
+
+
+def test_top1_outputs_and_parameters_agree(tiny_routed):
+    outputs = _logits(tiny_routed, make_router("arrow", tiny_routed.experts, top_k=1, mix="outputs"))
+    params = _logits(tiny_routed, make_router("arrow", tiny_routed.experts, top_k=1, mix="parameters"))
+    assert _rel(params, outputs) < 1e-5
+    # with k > 1 the two mixes differ (cross terms B_e A_f)
+    outputs3 = _logits(tiny_routed, make_router("arrow", tiny_routed.experts, top_k=3, mix="outputs"))
+    params3 = _logits(tiny_routed, make_router("arrow", tiny_routed.experts, top_k=3, mix="parameters"))
+    assert _rel(params3, outputs3) > 1e-4
+
+
+def _with_dense_updates(base_path, updates):
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    with torch.no_grad():
+        for module, delta in updates.items():
+            model.get_submodule(module).weight += delta
+    return model
+
+
+def test_merges_equal_closed_forms(tiny_base, tiny_adapters, tiny_routed):
+    adapters = [read_adapter(p) for p in tiny_adapters]
+    modules = tiny_routed.modules
+    ids = _ids(tiny_routed)
+    # uniform µ: (mean of s·B) (mean of A)
+    mu = {}
+    for m in modules:
+        mean_a = torch.stack([a.factors[m][0] for a in adapters]).mean(0)
+        mean_b = torch.stack([a.scales[m] * a.factors[m][1] for a in adapters]).mean(0)
+        mu[m] = mean_b @ mean_a
+    mean_delta = {m: torch.stack([_delta(a, m) for a in adapters]).mean(0) for m in modules}
+    single = {m: _delta(adapters[2], m) for m in modules}
+    for spec, updates in (("uniform", mu), ("mean_delta", mean_delta), (f"expert:{tiny_routed.experts[2]}", single)):
+        with torch.no_grad():
+            expected = _with_dense_updates(tiny_base, updates)(input_ids=ids).logits
+        assert _rel(_logits(tiny_routed, make_router(spec, tiny_routed.experts)), expected) < 1e-5, spec
+
+
+def test_single_expert_equals_peft_model(tiny_base, tiny_adapters, tiny_routed):
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tiny_adapters[1])
+    with torch.no_grad():
+        expected = peft_model(input_ids=_ids(tiny_routed)).logits
+    ours = _logits(tiny_routed, make_router(f"expert:{tiny_routed.experts[1]}", tiny_routed.experts))
+    assert _rel(ours, expected) < 1e-5
+
+
+def test_base_router_is_the_base_model(tiny_base, tiny_routed):
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_base)(input_ids=_ids(tiny_routed)).logits
+    assert _rel(_logits(tiny_routed, make_router("base", tiny_routed.experts)), expected) < 1e-6
+
+
+def test_mixed_ranks_and_targets(tmp_path, tiny_base):
+    """Experts with different ranks and target modules share one library (PEFT's Arrow refuses this).
+    With top_k = all experts at T -> small, Arrow at each layer must equal the dense sum over the
+    experts present there, weighted by the softmax of |h·v|."""
+    dirs = [
+        make_adapter(tmp_path / "r2_qv", tiny_base, seed=10, rank=2, targets=["q_proj", "v_proj"]),
+        make_adapter(tmp_path / "r8_all", tiny_base, seed=11, rank=8),
+        make_adapter(tmp_path / "r4_o", tiny_base, seed=12, rank=4, targets=["o_proj"]),
+    ]
+    library = build_library(tmp_path / "lib", tiny_base, dirs)
+    rm = RoutedModel.load(library, device="cpu")
+    router = make_router("arrow", rm.experts, top_k=3)
+    with torch.no_grad(), rm.routing(router, record=True) as builder:
+        rm.model(input_ids=_ids(rm))
+    weights = {m: torch.cat(builder.weights[m]) for m in rm.modules}
+    # o_proj is adapted by r8_all and r4_o only: r2_qv never gets weight there
+    o_proj = "model.layers.0.self_attn.o_proj"
+    assert (weights[o_proj][:, 0] == 0).all() and (weights[o_proj][:, 1:] > 0).all()
+    # k_proj is adapted by r8_all alone: it takes all the weight
+    assert torch.allclose(weights["model.layers.1.self_attn.k_proj"][:, 1], torch.ones(len(weights[o_proj])))
+    # each expert alone equals PEFT's own application of it
+    from peft import PeftModel
+
+    for i, folder in enumerate(dirs):
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), folder)
+        with torch.no_grad():
+            expected = peft_model(input_ids=_ids(rm)).logits
+        assert _rel(_logits(rm, make_router(f"expert:{rm.experts[i]}", rm.experts)), expected) < 1e-5
+    # uniform merge over mixed ranks runs and moves away from the base model
+    assert _rel(_logits(rm, make_router("uniform", rm.experts)), _logits(rm, make_router("base", rm.experts))) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "message"),
+    [
+        ("arrow", {"top_k": 0}, "top-k must be between 1 and the number of experts"),
+        ("arrow", {"top_k": 7}, "top-k must be between 1 and the number of experts"),
+        ("arrow", {"temperature": 0.0}, "temperature must be positive"),
+        ("arrow", {"temperature": -1.0}, "temperature must be positive"),
+        ("arrow", {"temperature": float("nan")}, "temperature must be positive"),
+        ("expert:nope", {}, "unknown expert 'nope'"),
+        ("ties", {}, "unknown router 'ties'"),
+        ("arrow", {"mix": "both"}, "unknown mix"),
+    ],
+)
+def test_router_options_are_checked(spec, kwargs, message):
+    with pytest.raises(LorlibError, match=message):
+        make_router(spec, [f"e{i}" for i in range(6)], **kwargs)
+
+
+def test_routers_need_experts():
+    with pytest.raises(LorlibError, match="library is empty"):
+        make_router("arrow", [])
+    assert make_router("base", []).name == "base"
