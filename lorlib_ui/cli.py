@@ -24,8 +24,12 @@ def _router_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", default="arrow", help="arrow, uniform, mean_delta, base or expert:NAME")
     parser.add_argument("--top-k", type=int, default=None, help="experts per token for arrow (default: all)")
     parser.add_argument("--temperature", type=float, default=1.0, help="arrow softmax temperature (> 0)")
-    parser.add_argument("--mix", default="outputs", choices=["outputs", "parameters"],
-                        help="combine the chosen experts' outputs (PEFT) or their parameters (paper's code)")
+    parser.add_argument(
+        "--mix",
+        default="outputs",
+        choices=["outputs", "parameters"],
+        help="combine the chosen experts' outputs (PEFT) or their parameters (paper's code)",
+    )
     parser.add_argument("--base-model", default=None, help="override the library's base model (must fit it)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
@@ -96,7 +100,9 @@ def cmd_import_peft(args) -> None:
     if library is not None and not args.force:
         clash = [n for n in names if n in library.names]
         if clash:
-            raise LorlibError(f"library {args.library} already has an expert named {clash[0]!r} (use --force to replace it)")
+            raise LorlibError(
+                f"library {args.library} already has an expert named {clash[0]!r} (use --force to replace it)"
+            )
     tasks = [t for t in args.tasks.split(",") if t]
     entries = [
         (expert_from_adapter(n, a, base_name, kind=args.kind, tasks=tasks or [n], family=args.family), a)
@@ -120,7 +126,9 @@ def cmd_info(args) -> None:
         return
     rows = [("name", "kind", "rank", "targets", "family", "tasks")]
     for e in library.experts:
-        rows.append((e.name, e.kind, str(e.rank), ",".join(e.target_modules), e.family or "-", ",".join(e.tasks) or "-"))
+        rows.append(
+            (e.name, e.kind, str(e.rank), ",".join(e.target_modules), e.family or "-", ",".join(e.tasks) or "-")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

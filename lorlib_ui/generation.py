@@ -22,6 +22,8 @@ from lorlib_ui.routers import Router
 class Generation:
     prompt: str
     text: str  # the generated continuation, special tokens removed
+    prompt_ids: list[int]
+    new_ids: list[int]
     prompt_tokens: list[str]
     new_tokens: list[str]
     record: RoutingRecord | None
@@ -102,7 +104,7 @@ def generate(
     prompt_tokens, new_tokens = _token_strings(rm, ids), _token_strings(rm, new)
     routing = builder.finish(router.describe(), rm.experts, prompt_tokens + new_tokens) if builder else None
     text = rm.tokenizer.decode(new, skip_special_tokens=True)
-    return Generation(prompt, text, prompt_tokens, new_tokens, routing, truncated)
+    return Generation(prompt, text, ids, new, prompt_tokens, new_tokens, routing, truncated)
 
 
 @torch.inference_mode()

@@ -19,9 +19,9 @@ import os
 import re
 import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -194,7 +194,9 @@ class Library:
             existing = set(current.names)
             clash = [n for n in names if n in existing]
             if clash and not force:
-                raise LorlibError(f"library {self.path} already has an expert named {clash[0]!r} (use --force to replace it)")
+                raise LorlibError(
+                    f"library {self.path} already has an expert named {clash[0]!r} (use --force to replace it)"
+                )
             staging = self.path / ".staging"
             staging.mkdir(exist_ok=True)
             stored = []
@@ -207,7 +209,7 @@ class Library:
                 folder.rename(final)
                 expert.path = str(final.relative_to(self.path))
                 expert.weights_hash = weights_hash(final)
-                expert.created = expert.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+                expert.created = expert.created or datetime.now(UTC).isoformat(timespec="seconds")
                 stored.append(expert)
             kept = [e for e in current.experts if e.name not in names]
             current.experts = kept + stored
@@ -250,10 +252,9 @@ class Library:
                 out[e.name] = prototypes_for_adapter(adapter.factors)
                 missing = True
         if missing:
-            try:
+            # a read-only library still routes; its prototypes are just recomputed next time
+            with suppress(OSError):
                 self._write_prototype_cache(out)
-            except OSError:
-                pass  # a read-only library still routes; prototypes are just recomputed next time
         return out
 
     def update_prototype_cache(self) -> None:
@@ -270,7 +271,9 @@ class Library:
 
     def _write_prototype_cache(self, protos: dict[str, dict[str, torch.Tensor]]) -> None:
         hashes = {e.name: e.weights_hash for e in self.experts}
-        tensors = {f"{hashes[name]}/{m}": v.contiguous() for name, by_module in protos.items() for m, v in by_module.items()}
+        tensors = {
+            f"{hashes[name]}/{m}": v.contiguous() for name, by_module in protos.items() for m, v in by_module.items()
+        }
         with self._write_lock():
             tmp = self.path / f".{PROTOTYPES}.{uuid.uuid4().hex}"
             save_file(tensors, tmp)

@@ -14,7 +14,6 @@ one small pair of factors once. Add a router by subclassing `Router` and registe
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 

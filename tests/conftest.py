@@ -63,12 +63,14 @@ def make_adapter(
     seed: int,
     rank: int = 4,
     targets: list[str] | None = None,
-    dominant: float = 4.0,
+    dominant: float = 8.0,
+    magnitude: float = 1.0,
     alpha: float | None = None,
 ) -> Path:
-    """A random LoRA saved by PEFT itself. `dominant` > 0 adds a strong rank-1 component to
-    ΔW = B·A so that its top singular value stands well clear of the others (PEFT's 15-step
-    power iteration then converges to the true vector)."""
+    """A random LoRA saved by PEFT itself. Rows of A and columns of B have norm about 1; `dominant`
+    adds a rank-1 component of that norm to each, so the top singular value of ΔW = B·A stands
+    well clear of the others (PEFT's 15-step power iteration then converges to the true vector).
+    `magnitude` scales B, and so the update, without changing any singular vector."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -77,15 +79,16 @@ def make_adapter(
     peft_model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, module in peft_model.named_modules():
+        for module in peft_model.modules():
             if hasattr(module, "lora_A") and "default" in module.lora_A:
                 a = module.lora_A["default"].weight
                 b = module.lora_B["default"].weight
-                a.copy_(torch.randn(a.shape, generator=gen) * 0.2)
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
-                if dominant:
-                    a[0] += dominant * torch.randn(a.shape[1], generator=gen) / a.shape[1] ** 0.5
-                    b[:, 0] += dominant * torch.randn(b.shape[0], generator=gen) / b.shape[0] ** 0.5
+                d_in, d_out = a.shape[1], b.shape[0]
+                a.copy_(torch.randn(a.shape, generator=gen) / d_in**0.5)
+                b.copy_(torch.randn(b.shape, generator=gen) / d_out**0.5)
+                a[0] += dominant * torch.randn(d_in, generator=gen) / d_in**0.5
+                b[:, 0] += dominant * torch.randn(d_out, generator=gen) / d_out**0.5
+                b.mul_(magnitude)
     peft_model.save_pretrained(folder)
     return folder
 

@@ -101,7 +101,10 @@ def test_real_peft_ia3_adapter_is_refused(tmp_path, tiny_base):
     from peft import IA3Config, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base),
+        IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
     model.save_pretrained(tmp_path / "ia3")
     with pytest.raises(Exception, match="IA3 adapter; only LoRA adapters"):
         read_adapter(tmp_path / "ia3")

@@ -91,7 +91,11 @@ def test_wrong_shape_adapter_is_refused(tiny_library, tmp_path):
 
     other_base = build_tiny_llama(tmp_path / "wide", hidden=96)
     wide = make_adapter(tmp_path / "wide_adapter", other_base, seed=0)
-    _refused(tiny_library, [_entry("wide", wide)], r"k_proj is 48x96 in the adapter but 32x64 in the base model \(an adapter for another base model\?\)")
+    _refused(
+        tiny_library,
+        [_entry("wide", wide)],
+        r"k_proj is 48x96 in the adapter but 32x64 in the base model \(an adapter for another base model\?\)",
+    )
 
 
 def test_failed_write_leaves_previous_state(tiny_library, tiny_adapters, monkeypatch):

@@ -5,7 +5,7 @@ from lorlib_ui.prototypes import prototypes_for_adapter, top_right_singular_vect
 
 
 def _svd_top(a, b):
-    return torch.linalg.svd((b.double() @ a.double()))[2][..., 0, :]
+    return torch.linalg.svd(b.double() @ a.double())[2][..., 0, :]
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3, 4, 8, 16])

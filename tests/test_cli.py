@@ -1,0 +1,167 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import build_tiny_llama, library_snapshot, make_adapter
+
+from lorlib_ui.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cli_library(tmp_path, tiny_base, tiny_adapters, capsys):
+    path = tmp_path / "lib"
+    code, out, err = run(capsys, "import-peft", path, *tiny_adapters[:4], "--base-model", tiny_base)
+    assert code == 0, err
+    assert out.count("imported ") == 4
+    return path
+
+
+def test_info(cli_library, capsys):
+    code, out, _ = run(capsys, "info", cli_library)
+    assert code == 0 and "4 experts" in out and "task3" in out
+    code, out, _ = run(capsys, "info", cli_library, "--json")
+    manifest = json.loads(out)
+    assert [e["name"] for e in manifest["experts"]] == ["task0", "task1", "task2", "task3"]
+    assert manifest["experts"][0]["rank"] == 4
+
+
+def test_route_json_contract(cli_library, capsys):
+    code, out, err = run(
+        capsys,
+        "route",
+        cli_library,
+        "--prompt",
+        "the quick brown",
+        "--top-k",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert {"text", "experts", "layers", "layer_expert_weights", "tokens", "top_expert"} <= result.keys()
+    assert result["experts"] == ["task0", "task1", "task2", "task3"]
+    assert len(result["layers"]) == 8 and result["layers"][0] == "model.layers.0.self_attn.q_proj"
+    weights = result["layer_expert_weights"]
+    assert len(weights) == 8 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-4 for row in weights)
+    assert len(result["top_expert"]) == len(result["tokens"])
+    assert all(len(row) == 8 and set(row) <= set(result["experts"]) for row in result["top_expert"])
+
+
+def test_route_single_expert_and_base(cli_library, capsys):
+    code, out, _ = run(
+        capsys, "route", cli_library, "--prompt", "dog", "--router", "expert:task2", "--max-new-tokens", "3", "--json"
+    )
+    result = json.loads(out)
+    assert code == 0 and all(row == ["task2"] * 8 for row in result["top_expert"])
+    code, out, _ = run(
+        capsys, "route", cli_library, "--prompt", "dog", "--router", "base", "--max-new-tokens", "3", "--json"
+    )
+    assert code == 0 and all(v is None for row in json.loads(out)["top_expert"] for v in row)
+
+
+def test_score_json(cli_library, capsys):
+    code, out, err = run(capsys, "score", cli_library, "--text", "the lazy dog", "--router", "uniform", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["tokens"]) == len(result["logprobs"]) >= 2
+    assert result["logprobs"][0] is None and all(lp < 0 for lp in result["logprobs"][1:])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["route", "{missing}", "--prompt", "hi"], "no library at"),
+        (["route", "{lib}", "--prompt", "hi", "--router", "expert:nobody"], "unknown expert 'nobody'"),
+        (["route", "{lib}", "--prompt", ""], "--prompt is empty"),
+        (["route", "{lib}", "--prompt", "hi", "--top-k", "0"], "top-k must be between 1 and the number of experts"),
+        (["route", "{lib}", "--prompt", "hi", "--top-k", "5"], "top-k must be between 1 and the number of experts"),
+        (["route", "{lib}", "--prompt", "hi", "--temperature", "0"], "temperature must be positive"),
+        (["route", "{lib}", "--prompt", "hi", "--max-new-tokens", "0"], "max new tokens must be between"),
+        (["route", "{lib}", "--prompt", "hi", "--base-model", "{wide}"], "does not fit library"),
+        (["route", "{lib}", "--prompt", "hi", "--top-k", "two"], "invalid int value"),
+        (["score", "{lib}", "--text", " "], "--text is empty"),
+        (["info", "{missing}"], "no library at"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line(cli_library, tmp_path, capsys, argv, message):
+    wide = build_tiny_llama(tmp_path / "wide", hidden=96)
+    fill = {"{lib}": str(cli_library), "{missing}": str(tmp_path / "nowhere"), "{wide}": str(wide)}
+    before = library_snapshot(cli_library)
+    code, out, err = run(capsys, *[fill.get(a, a) for a in argv])
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert library_snapshot(cli_library) == before
+
+
+def test_refused_imports_leave_library_unchanged(cli_library, tmp_path, tiny_base, tiny_adapters, capsys):
+    wide_base = build_tiny_llama(tmp_path / "wide", hidden=96)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_adapters[4], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    non_lora = tmp_path / "nonlora"
+    shutil.copytree(tiny_adapters[4], non_lora)
+    config = json.loads((non_lora / "adapter_config.json").read_text())
+    (non_lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    cases = [
+        (
+            [make_adapter(tmp_path / "wide_ad", wide_base, seed=0)],
+            [],
+            "in the base model (an adapter for another base model?)",
+        ),
+        ([corrupt], [], "not a valid safetensors file"),
+        ([non_lora], [], "only LoRA adapters are supported"),
+        ([tiny_adapters[4]], ["--name", "../escape"], "invalid expert name"),
+        ([tiny_adapters[4]], ["--name", "a/b"], "invalid expert name"),
+        ([tiny_adapters[0]], [], "already has an expert named 'task0'"),
+        ([tiny_adapters[4], tiny_adapters[5]], ["--name", "one"], "--name can only be used with a single adapter"),
+        ([tiny_adapters[4], corrupt], [], "not a valid safetensors file"),  # all or nothing
+        ([tiny_adapters[4]], ["--base-model", wide_base], "does not fit library"),
+    ]
+    for adapters, extra, message in cases:
+        before = library_snapshot(cli_library)
+        code, _, err = run(capsys, "import-peft", cli_library, *adapters, *extra)
+        assert code != 0 and message in err and err.count("\n") == 1, (message, err)
+        assert library_snapshot(cli_library) == before, message
+
+
+def test_import_force_replaces(cli_library, tiny_adapters, capsys):
+    code, _, err = run(capsys, "import-peft", cli_library, tiny_adapters[5], "--name", "task0", "--force")
+    assert code == 0, err
+    code, out, _ = run(capsys, "info", cli_library, "--json")
+    assert [e["name"] for e in json.loads(out)["experts"]] == ["task1", "task2", "task3", "task0"]
+
+
+def test_refused_new_library_is_not_created(tmp_path, tiny_base, tiny_adapters, capsys):
+    code, _, err = run(
+        capsys, "import-peft", tmp_path / "new", tiny_adapters[0], "--name", "..", "--base-model", tiny_base
+    )
+    assert code != 0 and not (tmp_path / "new").exists()
+
+
+def test_subprocess_exit_code_and_no_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lorlib_ui", "route", str(tmp_path / "missing"), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: no library at {tmp_path / 'missing'} (manifest.json not found)"
+    ]
