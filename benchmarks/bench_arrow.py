@@ -12,7 +12,9 @@ reports how close PEFT's prototypes come to the exact ones. Prints one markdown 
 
 Memory: "resident MB" is the process after loading the model and experts; "peak MB" is the highest
 resident size while prefilling and decoding (Linux VmHWM, reset after loading), so it holds the
-weights, the experts and the largest transient tensors.
+weights, the experts and the largest transient tensors. "extra peak MB" is peak minus the base
+model's peak; "transient MB" is peak minus resident (what the forward passes add). "setup s" is
+the time to attach the experts to an already loaded base model.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_toke
     torch.manual_seed(0)
     folders = sorted(experts_dir.glob("expert*"))[:n]
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    start = time.perf_counter()
     routing = None
     if method == "peft_lora":
         from peft import PeftModel
@@ -118,6 +121,7 @@ def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_toke
         rm = RoutedModel(model, None, library)
         routing = rm.routing(make_router("arrow", rm.experts, top_k=TOP_K))
         routing.__enter__()
+    setup_s = time.perf_counter() - start
     ids = torch.randint(100, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     prompt = ids[:1, :32]
     setup_mb = _status_mb("VmRSS")
@@ -135,6 +139,7 @@ def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_toke
         "experts": n,
         "prefill_tok_s": BATCH * SEQ / prefill_s,
         "decode_tok_s": decode_tokens / decode_s,
+        "setup_s": setup_s,
         "setup_mb": setup_mb,
         "peak_mb": _status_mb("VmHWM"),
     }
@@ -249,18 +254,19 @@ def render(rows: list[dict], protos: dict, args) -> str:
         f"torch {__import__('torch').__version__}, peft {__import__('peft').__version__}; top-k {TOP_K}, "
         f"prefill batch {BATCH} x {SEQ} tokens, decode {args.decode_tokens} tokens at batch 1.",
         "",
-        "| method | experts | prefill tok/s | x base | decode tok/s | x base | resident MB | peak MB | extra peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | experts | setup s | prefill tok/s | x base | decode tok/s | x base "
+        "| resident MB | peak MB | extra peak MB | transient MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['method']} | {row['experts']} | could not run: {row['error']} | | | | | | |")
+            lines.append(f"| {row['method']} | {row['experts']} | could not run: {row['error']} |" + " |" * 8)
             continue
         lines.append(
-            f"| {row['method']} | {row['experts']} | {row['prefill_tok_s']:.0f} | "
+            f"| {row['method']} | {row['experts']} | {row['setup_s']:.1f} | {row['prefill_tok_s']:.0f} | "
             f"{row['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {row['decode_tok_s']:.1f} | "
             f"{row['decode_tok_s'] / base['decode_tok_s']:.2f} | {row['setup_mb']:.0f} | {row['peak_mb']:.0f} | "
-            f"{row['peak_mb'] - base['peak_mb']:.0f} |"
+            f"{row['peak_mb'] - base['peak_mb']:.0f} | {row['peak_mb'] - row['setup_mb']:.0f} |"
         )
     lines.append("")
     by = {(r.get("method"), r.get("experts")): r for r in rows}
@@ -273,7 +279,8 @@ def render(rows: list[dict], protos: dict, args) -> str:
                 f"- {n} experts: prefill {ours['prefill_tok_s'] / peft['prefill_tok_s']:.2f}x PEFT's Arrow, "
                 f"decode {ours['decode_tok_s'] / peft['decode_tok_s']:.2f}x PEFT's Arrow and "
                 f"{ours['decode_tok_s'] / base['decode_tok_s']:.2f}x base, extra memory "
-                f"{extra_ours / max(extra_peft, 1):.2f}x PEFT's."
+                f"{extra_ours / max(extra_peft, 1):.2f}x PEFT's, transient memory "
+                f"{(ours['peak_mb'] - ours['setup_mb']) / max(peft['peak_mb'] - peft['setup_mb'], 1):.2f}x PEFT's."
             )
     if "error" not in protos:
         lines.append(

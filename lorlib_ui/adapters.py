@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from lorlib_ui.errors import LorlibError
@@ -184,6 +184,21 @@ def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def read_ranks(folder: Path) -> dict[str, int]:
+    """Rank per adapted module, from the safetensors header alone (no tensor is read).
+
+    Only for sizing buffers before `read_adapter` loads and checks the weights themselves."""
+    try:
+        with safe_open(folder / WEIGHTS_FILE, framework="pt") as handle:
+            return {
+                match["module"]: handle.get_slice(key).get_shape()[0]
+                for key in handle.keys()  # noqa: SIM118 (a safe_open handle is not iterable)
+                if (match := _KEY.fullmatch(key)) and match["ab"] == "A"
+            }
+    except (SafetensorError, OSError) as exc:
+        raise LorlibError(f"adapter {folder}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
 
 
 def weights_hash(folder: Path) -> str:

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch-model", help="make the base model available and print its local path")
     fetch.add_argument("--base-model", default=None)
 
+    new = commands.add_parser("new", help="create an empty library on a base model")
+    new.add_argument("library")
+    new.add_argument("--base-model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+
     imp = commands.add_parser("import-peft", help="create or extend a library from PEFT LoRA adapter folders")
     imp.add_argument("library")
     imp.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
@@ -75,6 +79,14 @@ def cmd_fetch_model(args) -> None:
     from lorlib_ui.base_model import resolve_base_model
 
     print(resolve_base_model(args.base_model))
+
+
+def cmd_new(args) -> None:
+    from lorlib_ui.base_model import base_model_info
+    from lorlib_ui.library import Library
+
+    library = Library.create(args.library, base_model_info(args.base_model))
+    print(f"created empty library {library.path} on {library.base_model}")
 
 
 def cmd_import_peft(args) -> None:
@@ -183,6 +195,7 @@ def _check_prompt(text: str, flag: str) -> None:
 
 COMMANDS = {
     "fetch-model": cmd_fetch_model,
+    "new": cmd_new,
     "import-peft": cmd_import_peft,
     "info": cmd_info,
     "route": cmd_route,

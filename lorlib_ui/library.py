@@ -239,7 +239,7 @@ class Library:
                     shutil.rmtree(child, ignore_errors=True)
 
     # ---- Arrow prototypes cache --------------------------------------------------------------
-    def prototypes(self, adapters: dict[str, LoraAdapter] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    def prototypes(self) -> dict[str, dict[str, torch.Tensor]]:
         """expert name -> module -> prototype (d_in,), from the cache where the weights are unchanged."""
         cached = self._read_prototype_cache()
         out, missing = {}, False
@@ -248,8 +248,7 @@ class Library:
             if keys:
                 out[e.name] = {k.split("/", 1)[1]: cached[k] for k in keys}
             else:
-                adapter = adapters[e.name] if adapters and e.name in adapters else self.load_adapter(e.name)
-                out[e.name] = prototypes_for_adapter(adapter.factors)
+                out[e.name] = prototypes_for_adapter(self.load_adapter(e.name).factors)
                 missing = True
         if missing:
             # a read-only library still routes; its prototypes are just recomputed next time

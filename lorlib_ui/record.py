@@ -30,6 +30,8 @@ class RoutingRecord:
 
     def top_expert(self) -> np.ndarray:
         """(tokens, modules): index of each token's highest-weighted expert, -1 where none is used."""
+        if self.weights.size == 0:  # no expert or no LoRA'd layer
+            return np.full((len(self.tokens), len(self.modules)), -1)
         top = self.weights.argmax(axis=2).T
         return np.where(self.weights.max(axis=2).T > 0, top, -1)
 
@@ -64,8 +66,8 @@ class RecordBuilder:
 
     def finish(self, router: str, experts: list[str], tokens: list[str]) -> RoutingRecord:
         def stack(parts: dict[str, list[torch.Tensor]]) -> np.ndarray:
-            if not tokens:
-                return np.zeros((len(self.modules), 0, self.n_experts), dtype=np.float32)
+            if not tokens or not self.modules:
+                return np.zeros((len(self.modules), len(tokens), self.n_experts), dtype=np.float32)
             return torch.stack([torch.cat(parts[m]) for m in self.modules]).cpu().numpy()
 
         weights, logits = stack(self.weights), stack(self.logits)

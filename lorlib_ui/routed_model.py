@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorlib_ui.adapters import LoraAdapter
+from lorlib_ui.adapters import read_ranks
 from lorlib_ui.base_model import linear_shapes, load_base_model, shapes_fingerprint
 from lorlib_ui.errors import LorlibError
 from lorlib_ui.library import Library
@@ -40,38 +40,32 @@ class RoutingState:
 class LibraryLinear(nn.Module):
     """nn.Linear plus every library expert that adapts it."""
 
-    def __init__(
-        self,
-        name: str,
-        base: nn.Linear,
-        factors: list[tuple[torch.Tensor, torch.Tensor, float] | None],
-        prototypes: list[torch.Tensor | None],
-        state: RoutingState,
-    ):
+    def __init__(self, name: str, base: nn.Linear, ranks: list[int], state: RoutingState):
+        """`ranks[e]` is expert e's rank at this layer, 0 where it does not adapt it; the
+        factors are filled in afterwards, one expert at a time, by `set_expert`."""
         super().__init__()
         self.name, self.base, self.state = name, base, state
-        self.n_experts = len(factors)
-        self.rank = max(f[0].shape[0] for f in factors if f is not None)
+        self.n_experts, self.rank = len(ranks), max(ranks)
         d_out, d_in = base.out_features, base.in_features
-        weight = base.weight
-        a = torch.zeros(self.n_experts, self.rank, d_in)
-        b = torch.zeros(d_out, self.n_experts, self.rank)
-        protos = torch.zeros(self.n_experts, d_in)
-        for e, (fac, proto) in enumerate(zip(factors, prototypes)):
-            if fac is None:
-                continue
-            a_e, b_e, scale = fac
-            a[e, : a_e.shape[0]] = a_e.float()
-            b[:, e, : b_e.shape[1]] = b_e.float() * scale
-            protos[e] = proto.float()
-        opts = {"device": weight.device, "dtype": weight.dtype}
-        self.register_buffer("lora_a", a.reshape(-1, d_in).to(**opts), persistent=False)
-        self.register_buffer("lora_b", b.reshape(d_out, -1).to(**opts), persistent=False)
-        self.register_buffer("prototypes", protos.to(**opts), persistent=False)
-        present = torch.tensor([f is not None for f in factors], device=weight.device)
+        opts = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.register_buffer("lora_a", torch.zeros(self.n_experts * self.rank, d_in, **opts), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(d_out, self.n_experts * self.rank, **opts), persistent=False)
+        # prototypes stay float32 even under a bf16 model: routing scores decide top-k, and
+        # bf16 rounding would flip close choices
+        protos = torch.zeros(self.n_experts, d_in, device=base.weight.device)
+        self.register_buffer("prototypes", protos, persistent=False)
+        present = torch.tensor([r > 0 for r in ranks], device=base.weight.device)
         self.register_buffer("present", present, persistent=False)
         self.n_present = int(present.sum())
         self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def set_expert(self, e: int, a: torch.Tensor, b: torch.Tensor, scale: float, prototype: torch.Tensor) -> None:
+        r = a.shape[0]
+        self.lora_a.view(self.n_experts, self.rank, -1)[e, :r] = a.to(self.lora_a.dtype)
+        self.lora_b.view(-1, self.n_experts, self.rank)[:, e, :r] = b.float().mul(scale).to(self.lora_b.dtype)
+        self.prototypes[e] = prototype.float()
+        self._merged.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -120,7 +114,7 @@ class LibraryLinear(nn.Module):
 class RoutedModel:
     """A causal LM with all experts of a library attached to its linear layers."""
 
-    def __init__(self, model: nn.Module, tokenizer, library: Library, adapters: dict[str, LoraAdapter] | None = None):
+    def __init__(self, model: nn.Module, tokenizer, library: Library):
         fingerprint = shapes_fingerprint(linear_shapes(model))
         if fingerprint != library.base_fingerprint:
             raise LorlibError(
@@ -130,16 +124,24 @@ class RoutedModel:
         self.model, self.tokenizer, self.library = model, tokenizer, library
         self.experts = library.names
         self.state = RoutingState()
-        adapters = adapters or {name: library.load_adapter(name) for name in self.experts}
-        protos = library.prototypes(adapters)
-        adapted = {m for a in adapters.values() for m in a.factors}
-        self.modules = [name for name, _ in model.named_modules() if name in adapted]
+        # Experts stream in one at a time into preallocated buffers, so building never holds
+        # the whole library twice (256 experts on SmolLM2 are about 0.5 GB in float32).
+        ranks = {x: read_ranks(library.path / library.expert(x).path) for x in self.experts}
+        self.modules = [name for name, _ in model.named_modules() if any(name in r for r in ranks.values())]
+        layers = {}
         for name in self.modules:
-            factors = [_factor(adapters[x], name) for x in self.experts]
-            vectors = [protos[x].get(name) for x in self.experts]
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, LibraryLinear(name, getattr(parent, child), factors, vectors, self.state))
+            per_expert = [ranks[x].get(name, 0) for x in self.experts]
+            layers[name] = LibraryLinear(name, getattr(parent, child), per_expert, self.state)
+            setattr(parent, child, layers[name])
+        protos = library.prototypes()
+        for e, expert in enumerate(self.experts):
+            adapter = library.load_adapter(expert)
+            if adapter.ranks != ranks[expert]:
+                raise LorlibError(f"expert {expert} changed on disk while the model was being built; try again")
+            for module, (a, b) in adapter.factors.items():
+                layers[module].set_expert(e, a, b, adapter.scales[module], protos[expert][module])
 
     @classmethod
     def load(cls, library: Library, base_model: str | None = None, device: str | None = None, dtype: str | None = None):
@@ -159,10 +161,3 @@ class RoutedModel:
             yield builder
         finally:
             self.state.router, self.state.record = None, None
-
-
-def _factor(adapter: LoraAdapter, module: str):
-    if module not in adapter.factors:
-        return None
-    a, b = adapter.factors[module]
-    return a, b, adapter.scales[module]

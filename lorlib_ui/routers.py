@@ -115,7 +115,7 @@ class ArrowRouter(Router):
         self.top_k, self.temperature, self.mix = top_k, temperature, mix
 
     def route(self, slot, h):
-        logits = (h @ slot.prototypes.T).abs()  # (tokens, experts)
+        logits = (h.float() @ slot.prototypes.T).abs()  # (tokens, experts), float32
         k = min(self.top_k, slot.n_present)
         scores = logits.masked_fill(~slot.present, float("-inf")) if slot.n_present < slot.n_experts else logits
         top, index = torch.topk(scores, k, dim=-1)

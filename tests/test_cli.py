@@ -165,3 +165,18 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: no library at {tmp_path / 'missing'} (manifest.json not found)"
     ]
+
+
+def test_new_library_then_import(tmp_path, tiny_base, tiny_adapters, capsys):
+    path = tmp_path / "fresh"
+    code, out, _ = run(capsys, "new", path, "--base-model", tiny_base)
+    assert code == 0 and "created empty library" in out
+    code, _, err = run(capsys, "new", path, "--base-model", tiny_base)
+    assert code == 1 and "a library already exists" in err
+    code, out, _ = run(capsys, "route", path, "--prompt", "dog", "--router", "base", "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["experts"] == []
+    code, _, err = run(capsys, "route", path, "--prompt", "dog")
+    assert code == 1 and "library is empty" in err
+    assert run(capsys, "import-peft", path, tiny_adapters[0])[0] == 0
+    code, out, _ = run(capsys, "info", path)
+    assert "1 experts" in out
