@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--experts", default="8,64,256")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="base,peft_lora,lorlib_arrow,peft_arrow")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--cell", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--protos", type=int, help=argparse.SUPPRESS)
@@ -236,7 +237,9 @@ def main() -> None:
             library.add_experts(entries)  # prototypes cached here, as in normal use
 
         common = ["--work", str(work), "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
-        cells = [("base", 1), ("peft_lora", 1)] + [(m, n) for n in counts for m in ("lorlib_arrow", "peft_arrow")]
+        methods = args.methods.split(",")
+        cells = [(m, 1) for m in ("base", "peft_lora") if m in methods]
+        cells += [(m, n) for n in counts for m in ("lorlib_arrow", "peft_arrow") if m in methods]
         rows = []
         for method, n in cells:
             rows.append(_subprocess(["--cell", method, str(n), *common], method, n))
@@ -248,7 +251,7 @@ def main() -> None:
 
 
 def render(rows: list[dict], protos: dict, args) -> str:
-    base = rows[0]
+    base = rows[0]  # the table needs the base model's row first
     lines = [
         f"Run {date.today().isoformat()} on {platform.machine()} with {os.cpu_count()} cores, "
         f"torch {__import__('torch').__version__}, peft {__import__('peft').__version__}; top-k {TOP_K}, "

@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _router_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", default="arrow", help="arrow, uniform, mean_delta, base or expert:NAME")
-    parser.add_argument("--top-k", type=int, default=None, help="experts per token for arrow (default: all)")
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token (default 4, or all if fewer)")
     parser.add_argument("--temperature", type=float, default=1.0, help="arrow softmax temperature (> 0)")
     parser.add_argument(
         "--mix",

@@ -2,15 +2,19 @@
 
 Each LoRA'd nn.Linear is replaced by a `LibraryLinear` that keeps, built once:
 
-    lora_a  (E·r, d_in)   all experts' A stacked          (zero-padded to the largest rank r)
-    lora_b  (d_out, E·r)  all experts' s_e·B_e side by side
+    keys_and_a  (E + E·r, d_in)  the routing keys (Arrow's prototypes), then all experts' A stacked
+    lora_bt     (E·r, d_out)     all experts' (s_e·B_e)ᵀ stacked
 
-so the low-rank projections of all E experts cost one matmul, z = h·lora_aᵀ (tokens x E·r), the
-router's per-token weights scale z in place, and one more matmul maps back through lora_b. No
-tokens x experts x d_out tensor is ever built and no weights are re-stacked per forward; these are
-what make PEFT's Arrow slow and memory-hungry with many experts.
+(each expert zero-padded to the largest rank r: zero rows add nothing, so mixed ranks are exact).
 
-Zero padding makes mixed ranks exact: zero rows of A and zero columns of B add nothing.
+Many tokens (prefill, scoring): one matmul gives every token's routing scores and all E experts'
+projections A_e h; the router's weights scale those in place; one more matmul maps back through
+lora_bt. No tokens x experts x d_out tensor is ever built and no weights are re-stacked per
+forward; these are what make PEFT's Arrow slow and memory-hungry with many experts.
+
+One token (decoding) on a CPU: the step is bound by memory traffic, not arithmetic, so after
+scoring the experts we gather the rows of only the top-k chosen, instead of reading every
+expert's weights for one token. (On a GPU the dense path is cheap.)
 """
 
 from __future__ import annotations
@@ -46,25 +50,30 @@ class LibraryLinear(nn.Module):
         super().__init__()
         self.name, self.base, self.state = name, base, state
         self.n_experts, self.rank = len(ranks), max(ranks)
-        d_out, d_in = base.out_features, base.in_features
+        e, r = self.n_experts, self.rank
         opts = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.register_buffer("lora_a", torch.zeros(self.n_experts * self.rank, d_in, **opts), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(d_out, self.n_experts * self.rank, **opts), persistent=False)
-        # prototypes stay float32 even under a bf16 model: routing scores decide top-k, and
-        # bf16 rounding would flip close choices
-        protos = torch.zeros(self.n_experts, d_in, device=base.weight.device)
-        self.register_buffer("prototypes", protos, persistent=False)
-        present = torch.tensor([r > 0 for r in ranks], device=base.weight.device)
+        self.register_buffer("keys_and_a", torch.zeros(e + e * r, base.in_features, **opts), persistent=False)
+        self.register_buffer("lora_bt", torch.zeros(e * r, base.out_features, **opts), persistent=False)
+        present = torch.tensor([rank > 0 for rank in ranks], device=base.weight.device)
         self.register_buffer("present", present, persistent=False)
         self.n_present = int(present.sum())
-        self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.gather_chosen = base.weight.device.type == "cpu"
+        self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        return self.keys_and_a[: self.n_experts]
+
+    @property
+    def lora_a(self) -> torch.Tensor:
+        return self.keys_and_a[self.n_experts :]
 
     @torch.no_grad()
     def set_expert(self, e: int, a: torch.Tensor, b: torch.Tensor, scale: float, prototype: torch.Tensor) -> None:
         r = a.shape[0]
         self.lora_a.view(self.n_experts, self.rank, -1)[e, :r] = a.to(self.lora_a.dtype)
-        self.lora_b.view(-1, self.n_experts, self.rank)[:, e, :r] = b.float().mul(scale).to(self.lora_b.dtype)
-        self.prototypes[e] = prototype.float()
+        self.lora_bt.view(self.n_experts, self.rank, -1)[e, :r] = b.T.float().mul(scale).to(self.lora_bt.dtype)
+        self.prototypes[e] = prototype.to(self.prototypes.dtype)
         self._merged.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,42 +81,60 @@ class LibraryLinear(nn.Module):
         router = self.state.router
         if router is None:
             return y
-        h = x.reshape(-1, x.shape[-1]).to(self.lora_a.dtype)
-        routing = router.route(self, h)
-        if self.state.record is not None:
-            self.state.record.add(self.name, routing.weights, routing.logits, h.shape[0])
-        if not router.applies_experts:
-            return y
+        h = x.reshape(-1, x.shape[-1]).to(self.keys_and_a.dtype)
         if router.static:
-            a, b = self._merged_factors(router, routing.weights)
-            delta = (h @ a.T) @ b.T
+            weights, a, bt = self._merged_factors(router)
+            logits = None
+            delta = (h @ a.T) @ bt if router.applies_experts else None
         else:
-            delta = self._mix(h, routing.weights, router.mix)
+            weights, logits, delta = self._route(router, h)
+        if self.state.record is not None:
+            self.state.record.add(self.name, weights, logits, h.shape[0])
+        if delta is None:
+            return y
         return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
 
-    def _mix(self, h: torch.Tensor, w: torch.Tensor, mix: str) -> torch.Tensor:
-        n, e, r = h.shape[0], self.n_experts, self.rank
-        z = (h @ self.lora_a.T).view(n, e, r)  # every expert's projection A_e h, one matmul
-        w = w.to(z.dtype).unsqueeze(-1)  # (n, e, 1)
+    def _route(self, router: Router, h: torch.Tensor):
+        e, r = self.n_experts, self.rank
+        if self.gather_chosen and h.shape[0] == 1 and router.top_k is not None and 2 * router.top_k <= e:
+            routing = router.route(self, h @ self.prototypes.T)
+            chosen = routing.index[0]
+            a = self.lora_a.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
+            bt = self.lora_bt.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
+            delta = self._mix(h @ a.T, routing.top, bt, router.mix)
+        else:
+            projected = h @ self.keys_and_a.T  # [h·key_e | A_e h for every expert], one matmul
+            routing = router.route(self, projected[:, :e])
+            delta = self._mix(projected[:, e:], routing.dense(), self.lora_bt, router.mix)
+        weights = routing.dense() if self.state.record is not None else None
+        return weights, routing.logits, delta
+
+    def _mix(self, z: torch.Tensor, w: torch.Tensor, bt: torch.Tensor, mix: str) -> torch.Tensor:
+        """z: projections A_e h of m experts (tokens, m·r); w: their weights (tokens, m);
+        bt: their stacked (s_e B_e)ᵀ (m·r, d_out)."""
+        n, m = w.shape
+        z = z.view(n, m, self.rank)
+        w = w.to(z.dtype).unsqueeze(-1)
         if mix == "outputs":  # Σ_e w_e s_e B_e (A_e h)
             z = z * w
         else:  # (Σ_e w_e s_e B_e)(Σ_f w_f A_f h) = Σ_e s_e B_e (w_e · u), u = Σ_f w_f A_f h
             z = w * (z * w).sum(dim=1, keepdim=True)
-        return z.reshape(n, e * r) @ self.lora_b.T
+        return z.flatten(1) @ bt
 
-    def _merged_factors(self, router: Router, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A static router's merge folded into one low-rank pair (a, b), cached per router."""
+    def _merged_factors(self, router: Router) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A static router's weights and its merge folded into one low-rank pair (a, bt), cached."""
         if router.key not in self._merged:
+            w = router.weights(self)
             e, r = self.n_experts, self.rank
             a = self.lora_a.view(e, r, -1)
-            b = self.lora_b.view(-1, e, r)
-            w = w.to(a.dtype)
-            if router.mix == "outputs":  # concatenate the experts with non-zero weight
-                used = torch.nonzero(w).flatten()
-                merged = (a[used].reshape(-1, a.shape[-1]), (b[:, used] * w[used, None]).reshape(b.shape[0], -1))
-            else:  # Σ w_e A_e and Σ w_e s_e B_e
-                merged = (torch.einsum("e,erd->rd", w, a), torch.einsum("e,oer->or", w, b))
-            self._merged[router.key] = merged
+            bt = self.lora_bt.view(e, r, -1)
+            wa = w.to(a.dtype)
+            if router.mix == "outputs":  # the experts with non-zero weight, side by side
+                used = torch.nonzero(wa).flatten()
+                merged = (a[used].flatten(0, 1), (bt[used] * wa[used, None, None]).flatten(0, 1))
+            else:  # Σ w_e A_e and Σ w_e (s_e B_e)ᵀ
+                merged = (torch.einsum("e,erd->rd", wa, a), torch.einsum("e,ero->ro", wa, bt))
+            self._merged[router.key] = (w, *merged)
         return self._merged[router.key]
 
 

@@ -1,14 +1,16 @@
 """Routers: how much each library expert contributes, per token and per LoRA'd layer.
 
-Every router has the same shape: `route(slot, h)` returns the expert weights for the tokens `h`
-entering one layer (`slot`, a `LibraryLinear`), and `mix` says how the weighted experts combine:
+Every router has the same shape, and `mix` says how the weighted experts combine:
 
 - "outputs":    y = W h + Σ_e w_e s_e B_e A_e h              (PEFT's Arrow; mixture of experts)
 - "parameters": y = W h + (Σ_e w_e s_e B_e)(Σ_e w_e A_e) h  (the paper's code: merge, then apply)
 
-A static router gives the same weights to every token (a merge), so the layer can fold them into
-one small pair of factors once. Add a router by subclassing `Router` and registering it in
-`ROUTERS`; TIES, PhatGoose or LoraHub would fit here the same way.
+A static router (a merge) gives every token the same weights, `weights(slot)`, which the layer
+folds once into one small pair of factors. A dynamic router scores each token from its dot
+products with one key vector per expert, `route(slot, dots)`; the layer computes those dots in
+the same matmul as the experts' A projections. Arrow's keys are its prototypes. Add a router by
+subclassing `Router` and registering it in `ROUTERS`: TIES or LoraHub would be static routers,
+PhatGoose (a learned gate vector per expert and layer) a dynamic one.
 """
 
 from __future__ import annotations
@@ -25,12 +27,22 @@ if TYPE_CHECKING:
     from lorlib_ui.routed_model import LibraryLinear
 
 MIXES = ("outputs", "parameters")
+DEFAULT_TOP_K = 4  # capped at the number of experts
 
 
 @dataclass
 class Routing:
-    weights: torch.Tensor  # (tokens, experts); (experts,) for a static router
-    logits: torch.Tensor | None = None  # (tokens, experts) router scores before top-k, if any
+    """A dynamic router's decision for n tokens: dense weights, or the top-k experts per token."""
+
+    logits: torch.Tensor  # (n, experts): the router's scores before top-k
+    weights: torch.Tensor | None = None  # (n, experts)
+    index: torch.Tensor | None = None  # (n, k): the chosen experts ...
+    top: torch.Tensor | None = None  # (n, k): ... and their weights
+
+    def dense(self) -> torch.Tensor:
+        if self.weights is None:
+            self.weights = torch.zeros_like(self.logits).scatter_(-1, self.index, self.top)
+        return self.weights
 
 
 class Router:
@@ -38,13 +50,19 @@ class Router:
     static: ClassVar[bool] = True
     applies_experts: ClassVar[bool] = True
     mix: str = "outputs"
+    top_k: int | None = None  # a dynamic router that picks at most top_k experts per token
 
-    def route(self, slot: LibraryLinear, h: torch.Tensor) -> Routing:
+    def weights(self, slot: LibraryLinear) -> torch.Tensor:
+        """Static routers: one weight per expert (experts,), the same for every token."""
+        raise NotImplementedError
+
+    def route(self, slot: LibraryLinear, dots: torch.Tensor) -> Routing:
+        """Dynamic routers: weights per token from dots = h·key_e, (tokens, experts)."""
         raise NotImplementedError
 
     @property
     def key(self) -> tuple:
-        """Identifies the weights of a static router, for the layers' cache of merged factors."""
+        """Identifies a static router's weights, for the layers' cache of merged factors."""
         return (self.name, self.mix)
 
     def describe(self) -> str:
@@ -57,8 +75,8 @@ class BaseRouter(Router):
     name = "base"
     applies_experts = False
 
-    def route(self, slot, h):
-        return Routing(torch.zeros(slot.n_experts, device=h.device))
+    def weights(self, slot):
+        return torch.zeros(slot.n_experts, device=slot.present.device)
 
 
 class ExpertRouter(Router):
@@ -73,10 +91,10 @@ class ExpertRouter(Router):
     def key(self):
         return (self.name, self.index)
 
-    def route(self, slot, h):
-        weights = torch.zeros(slot.n_experts, device=h.device)
+    def weights(self, slot):
+        weights = torch.zeros(slot.n_experts, device=slot.present.device)
         weights[self.index] = 1.0
-        return Routing(weights)
+        return weights
 
     def describe(self):
         return f"expert:{self.expert}"
@@ -91,9 +109,9 @@ class UniformRouter(Router):
     name = "uniform"
     mix = "parameters"
 
-    def route(self, slot, h):
+    def weights(self, slot):
         present = slot.present.float()
-        return Routing(present / present.sum())
+        return present / present.sum()
 
 
 class MeanDeltaRouter(UniformRouter):
@@ -114,13 +132,12 @@ class ArrowRouter(Router):
     def __init__(self, top_k: int, temperature: float = 1.0, mix: str = "outputs"):
         self.top_k, self.temperature, self.mix = top_k, temperature, mix
 
-    def route(self, slot, h):
-        logits = (h.float() @ slot.prototypes.T).abs()  # (tokens, experts), float32
+    def route(self, slot, dots):
+        logits = dots.float().abs()  # |h·v_e|
         k = min(self.top_k, slot.n_present)
         scores = logits.masked_fill(~slot.present, float("-inf")) if slot.n_present < slot.n_experts else logits
         top, index = torch.topk(scores, k, dim=-1)
-        weights = torch.zeros_like(logits).scatter_(-1, index, torch.softmax(top / self.temperature, dim=-1))
-        return Routing(weights, logits)
+        return Routing(logits, index=index, top=torch.softmax(top / self.temperature, dim=-1))
 
     def describe(self):
         return f"arrow(top_k={self.top_k}, T={self.temperature:g}, mix={self.mix})"
@@ -147,7 +164,7 @@ def make_router(
             raise LorlibError(f"unknown expert {arg!r} (experts: {', '.join(experts) or 'none'})")
         return ExpertRouter(arg, experts.index(arg))
     if name == "arrow":
-        k = len(experts) if top_k is None else top_k
+        k = min(DEFAULT_TOP_K, len(experts)) if top_k is None else top_k
         if not 1 <= k <= len(experts):
             raise LorlibError(f"top-k must be between 1 and the number of experts ({len(experts)}), got {k}")
         if not (math.isfinite(temperature) and temperature > 0):

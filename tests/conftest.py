@@ -64,7 +64,7 @@ def make_adapter(
     rank: int = 4,
     targets: list[str] | None = None,
     dominant: float = 8.0,
-    magnitude: float = 1.0,
+    magnitude: float = 0.25,
     alpha: float | None = None,
 ) -> Path:
     """A random LoRA saved by PEFT itself. Rows of A and columns of B have norm about 1; `dominant`

@@ -42,7 +42,10 @@ def test_record_is_same_with_and_without_cache(tiny_routed):
     with torch.no_grad(), tiny_routed.routing(router, record=True) as builder:
         tiny_routed.model(input_ids=torch.tensor([result.prompt_ids + result.new_ids]))
     again = builder.finish("arrow", tiny_routed.experts, result.record.tokens)
-    assert np.allclose(again.weights, result.record.weights, atol=1e-5)
+    assert np.allclose(again.logits, result.record.logits, rtol=1e-4, atol=1e-5)
+    # weights agree except where float rounding flips a near-tie in the top-k
+    same = np.isclose(again.weights, result.record.weights, atol=1e-5).all(axis=-1)
+    assert same.mean() > 0.98
 
 
 def test_score_logprobs(tiny_routed):

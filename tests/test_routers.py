@@ -184,3 +184,20 @@ def test_routers_need_experts():
     with pytest.raises(LorlibError, match="library is empty"):
         make_router("arrow", [])
     assert make_router("base", []).name == "base"
+
+
+@pytest.mark.parametrize("mix", ["outputs", "parameters"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_one_token_gather_path_equals_dense_path(tiny_routed, mix, top_k):
+    """Decoding one token on a CPU gathers only the chosen experts' rows; it must equal the dense path."""
+    router = make_router("arrow", tiny_routed.experts, top_k=top_k, mix=mix)
+    layer = tiny_routed.model.get_submodule(tiny_routed.modules[5])
+    x = torch.randn(1, 1, layer.base.in_features, generator=torch.Generator().manual_seed(top_k))
+    outputs = {}
+    with torch.no_grad(), tiny_routed.routing(router):
+        for gather in (True, False):
+            layer.gather_chosen = gather
+            outputs[gather] = layer(x)
+    layer.gather_chosen = True
+    assert torch.allclose(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outputs[True], layer.base(x), atol=1e-4)  # experts were applied
