@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     new = commands.add_parser("new", help="create an empty library on a base model")
     new.add_argument("library")
     new.add_argument("--base-model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    new.add_argument("--exist-ok", action="store_true", help="succeed if a library on that base model exists")
 
     imp = commands.add_parser("import-peft", help="create or extend a library from PEFT LoRA adapter folders")
     imp.add_argument("library")
@@ -83,9 +84,15 @@ def cmd_fetch_model(args) -> None:
 
 def cmd_new(args) -> None:
     from lorlib_ui.base_model import base_model_info
-    from lorlib_ui.library import Library
+    from lorlib_ui.library import MANIFEST, Library
 
-    library = Library.create(args.library, base_model_info(args.base_model))
+    base = base_model_info(args.base_model)
+    if args.exist_ok and (Path(args.library) / MANIFEST).is_file():
+        library = Library.open(args.library)
+        library.check_base(base)
+        print(f"library {library.path} exists: {len(library.experts)} experts on {library.base_model}")
+        return
+    library = Library.create(args.library, base)
     print(f"created empty library {library.path} on {library.base_model}")
 
 

@@ -173,6 +173,8 @@ def test_new_library_then_import(tmp_path, tiny_base, tiny_adapters, capsys):
     assert code == 0 and "created empty library" in out
     code, _, err = run(capsys, "new", path, "--base-model", tiny_base)
     assert code == 1 and "a library already exists" in err
+    code, out, _ = run(capsys, "new", path, "--base-model", tiny_base, "--exist-ok")
+    assert code == 0 and "exists: 0 experts" in out
     code, out, _ = run(capsys, "route", path, "--prompt", "dog", "--router", "base", "--max-new-tokens", "2", "--json")
     assert code == 0 and json.loads(out)["experts"] == []
     code, _, err = run(capsys, "route", path, "--prompt", "dog")
