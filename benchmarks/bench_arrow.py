@@ -39,7 +39,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TOP_K, BATCH, SEQ = 4, 8, 128
 
 
-def make_experts(folder: Path, n: int, base_dir: Path) -> list[Path]:
+def make_experts(folder: Path, n: int, base_dir: Path, dtype: str = "bfloat16") -> list[Path]:
     """n random rank-4 PEFT adapters, written straight to safetensors (fast for hundreds)."""
     import torch
 
@@ -62,7 +62,10 @@ def make_experts(folder: Path, n: int, base_dir: Path) -> list[Path]:
     folders = []
     for i in range(n):
         factors = {
-            m: (torch.randn(4, d_in, generator=gen) / d_in**0.5, 0.05 * torch.randn(d_out, 4, generator=gen) / 2)
+            m: (
+                (torch.randn(4, d_in, generator=gen) / d_in**0.5).to(getattr(torch, dtype)),
+                (0.05 * torch.randn(d_out, 4, generator=gen) / 2).to(getattr(torch, dtype)),
+            )
             for m, (d_out, d_in) in shapes.items()
         }
         folders.append(folder / f"expert{i:03d}")
@@ -202,6 +205,12 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="base,peft_lora,lorlib_arrow,peft_arrow")
+    parser.add_argument(
+        "--adapter-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="how the random experts are stored on disk (the library stores trained experts in 16 bits)",
+    )
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--cell", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--protos", type=int, help=argparse.SUPPRESS)
@@ -222,7 +231,7 @@ def main() -> None:
     counts = [int(x) for x in args.experts.split(",")]
     with tempfile.TemporaryDirectory(prefix="lorlib-bench-") as tmp:
         work = Path(tmp)
-        folders = make_experts(work, max(counts), base_dir)
+        folders = make_experts(work, max(counts), base_dir, args.adapter_dtype)
         from lorlib_ui.adapters import read_adapter
         from lorlib_ui.base_model import base_model_info
         from lorlib_ui.library import Library, expert_from_adapter
@@ -255,7 +264,8 @@ def render(rows: list[dict], protos: dict, args) -> str:
     lines = [
         f"Run {date.today().isoformat()} on {platform.machine()} with {os.cpu_count()} cores, "
         f"torch {__import__('torch').__version__}, peft {__import__('peft').__version__}; top-k {TOP_K}, "
-        f"prefill batch {BATCH} x {SEQ} tokens, decode {args.decode_tokens} tokens at batch 1.",
+        f"prefill batch {BATCH} x {SEQ} tokens, decode {args.decode_tokens} tokens at batch 1; "
+        f"experts stored in {args.adapter_dtype}, model in float32.",
         "",
         "| method | experts | setup s | prefill tok/s | x base | decode tok/s | x base "
         "| resident MB | peak MB | extra peak MB | transient MB |",

@@ -186,19 +186,20 @@ def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def read_ranks(folder: Path) -> dict[str, int]:
-    """Rank per adapted module, from the safetensors header alone (no tensor is read).
-
-    Only for sizing buffers before `read_adapter` loads and checks the weights themselves."""
+def read_layout(folder: Path) -> tuple[dict[str, int], set[str]]:
+    """Rank per adapted module and the dtypes of the weights, from the safetensors header alone
+    (no tensor is read). Only for sizing buffers before `read_adapter` loads and checks them."""
     try:
         with safe_open(folder / WEIGHTS_FILE, framework="pt") as handle:
-            return {
-                match["module"]: handle.get_slice(key).get_shape()[0]
-                for key in handle.keys()  # noqa: SIM118 (a safe_open handle is not iterable)
-                if (match := _KEY.fullmatch(key)) and match["ab"] == "A"
-            }
+            slices = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError) as exc:
         raise LorlibError(f"adapter {folder}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
+    ranks = {
+        match["module"]: piece.get_shape()[0]
+        for key, piece in slices.items()
+        if (match := _KEY.fullmatch(key)) and match["ab"] == "A"
+    }
+    return ranks, {piece.get_dtype() for piece in slices.values()}
 
 
 def weights_hash(folder: Path) -> str:

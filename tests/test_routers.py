@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 from conftest import build_library, make_adapter
@@ -201,3 +203,37 @@ def test_one_token_gather_path_equals_dense_path(tiny_routed, mix, top_k):
     layer.gather_chosen = True
     assert torch.allclose(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(outputs[True], layer.base(x), atol=1e-4)  # experts were applied
+
+
+def test_sixteen_bit_experts_stay_sixteen_bit_and_exact(tmp_path, tiny_base, tiny_adapters):
+    """Experts stored in bfloat16 are kept in bfloat16 and widened only for the arithmetic, so the
+    result equals PEFT's, which upcasts such adapters to float32 when it loads them."""
+    from peft import ArrowConfig, create_arrow_model
+    from safetensors.torch import load_file, save_file
+
+    folders = []
+    for src in tiny_adapters[:4]:
+        dst = tmp_path / f"bf16_{src.name}"
+        shutil.copytree(src, dst)
+        tensors = load_file(dst / "adapter_model.safetensors")
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, dst / "adapter_model.safetensors")
+        folders.append(dst)
+    rm = RoutedModel.load(build_library(tmp_path / "lib", tiny_base, folders), device="cpu")
+    layer = rm.model.get_submodule(rm.modules[0])
+    assert layer.lora_a.dtype == torch.bfloat16 and layer.lora_bt.dtype == torch.bfloat16
+    assert layer.prototypes.dtype == torch.float32
+    peft_model = create_arrow_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base), [str(f) for f in folders], ArrowConfig(top_k=2, rng_seed=0)
+    )
+    with torch.no_grad():
+        expected = peft_model(input_ids=_ids(rm)).logits
+    assert _rel(_logits(rm, make_router("arrow", rm.experts, top_k=2)), expected) < 1e-4
+    for mix in ("outputs", "parameters"):  # the one-token gather path widens the chosen rows too
+        router = make_router("arrow", rm.experts, top_k=1, mix=mix)
+        x = torch.randn(1, 1, layer.base.in_features)
+        with torch.no_grad(), rm.routing(router):
+            gathered = layer(x)
+            layer.gather_chosen = False
+            dense = layer(x)
+            layer.gather_chosen = True
+        assert torch.allclose(gathered, dense, rtol=1e-5, atol=1e-6)
