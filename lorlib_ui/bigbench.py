@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import random
 import re
 import shutil
@@ -39,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorlib_ui.cache import cache_dir
 from lorlib_ui.data import SPLITS, assign_splits
 from lorlib_ui.errors import LorlibError
 
@@ -148,9 +148,7 @@ def read_selection(path: Path) -> Selection:
 
 
 def default_tarball() -> Path:
-    # Same cache folder as the embedded model (base_model.cache_dir), read here without importing
-    # torch, which the builder does not need.
-    return Path(os.environ.get("LORLIB_CACHE") or Path.home() / ".cache" / "lorlib") / SDIST_FILE
+    return cache_dir() / SDIST_FILE
 
 
 def fetch_tarball(path: Path) -> Path:
