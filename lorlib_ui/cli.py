@@ -175,6 +175,8 @@ def cmd_route(args) -> None:
         print(json.dumps({"text": result.text, "truncated": result.truncated, **result.record.to_dict()}))
         return
     print(result.text)
+    if not router.applies_experts:
+        return
     print(f"\n[{router.describe()}] mean routing weight per expert over all layers and tokens:", file=sys.stderr)
     means = result.record.layer_expert_weights().mean(axis=0)
     for name, weight in sorted(zip(rm.experts, means), key=lambda x: -x[1])[:10]:

@@ -182,3 +182,10 @@ def test_new_library_then_import(tmp_path, tiny_base, tiny_adapters, capsys):
     assert run(capsys, "import-peft", path, tiny_adapters[0])[0] == 0
     code, out, _ = run(capsys, "info", path)
     assert "1 experts" in out
+
+
+def test_plain_route_output(cli_library, capsys):
+    code, out, err = run(capsys, "route", cli_library, "--prompt", "dog", "--router", "base", "--max-new-tokens", "2")
+    assert code == 0 and out.strip() and err == ""
+    code, out, err = run(capsys, "route", cli_library, "--prompt", "dog", "--top-k", "2", "--max-new-tokens", "2")
+    assert code == 0 and "mean routing weight per expert" in err and err.count("task") == 4
