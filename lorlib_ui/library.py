@@ -117,14 +117,6 @@ class Library:
         library.save_manifest()
         return library
 
-    @classmethod
-    def open_or_create(cls, path: str | Path, base: BaseModelInfo) -> Library:
-        if (Path(path) / MANIFEST).is_file():
-            library = cls.open(path)
-            library.check_base(base)
-            return library
-        return cls.create(path, base)
-
     # ---- reading ---------------------------------------------------------------------------
     @property
     def base_fingerprint(self) -> str:
@@ -216,7 +208,7 @@ class Library:
             current.save_manifest()
             current._sweep()
             self.__dict__.update(current.__dict__)
-        self.update_prototype_cache()
+        self.prototypes()  # computes and caches the new experts' prototypes
         return stored
 
     def remove_expert(self, name: str) -> None:
@@ -255,9 +247,6 @@ class Library:
             with suppress(OSError):
                 self._write_prototype_cache(out)
         return out
-
-    def update_prototype_cache(self) -> None:
-        self.prototypes()
 
     def _read_prototype_cache(self) -> dict[str, torch.Tensor]:
         path = self.path / PROTOTYPES

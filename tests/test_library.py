@@ -187,3 +187,13 @@ def test_import_keeps_original_dtype(tmp_path, tiny_base, tiny_adapters, tiny_li
     tiny_library.add_experts([_entry("half", half)])
     stored = tiny_library.load_adapter("half")
     assert next(iter(stored.factors.values()))[0].dtype == torch.bfloat16
+
+
+def test_remove_expert(tiny_library):
+    name = tiny_library.names[2]
+    folder = tiny_library.path / tiny_library.expert(name).path
+    tiny_library.remove_expert(name)
+    reopened = Library.open(tiny_library.path)
+    assert name not in reopened.names and len(reopened.names) == 5 and not folder.exists()
+    with pytest.raises(LorlibError, match=f"unknown expert '{name}'"):
+        reopened.remove_expert(name)
