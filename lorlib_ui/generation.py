@@ -37,9 +37,8 @@ class Scores:
     record: RoutingRecord | None
 
 
-def encode_prompt(rm: RoutedModel, prompt: str, chat: bool = True) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     """Token ids of a user prompt, wrapped in the chat template when the tokenizer has one."""
-    tokenizer = rm.tokenizer
     if chat and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
@@ -79,7 +78,7 @@ def generate(
     _check_text(prompt, "prompt")
     if not 1 <= max_new_tokens <= 4096:
         raise LorlibError(f"max new tokens must be between 1 and 4096, got {max_new_tokens}")
-    ids = encode_prompt(rm, prompt, chat)
+    ids = encode_prompt(rm.tokenizer, prompt, chat)
     context = getattr(rm.model.config, "max_position_embeddings", None) or 2048
     room = context - max_new_tokens
     if room < 1:

@@ -28,7 +28,7 @@ def test_generation_records_every_token(tiny_routed):
 def test_greedy_decode_matches_transformers_generate(tiny_routed):
     router = make_router("arrow", tiny_routed.experts, top_k=3)
     ours = generate(tiny_routed, "the lazy dog", router, max_new_tokens=8, record=False)
-    ids = torch.tensor([encode_prompt(tiny_routed, "the lazy dog")])
+    ids = torch.tensor([encode_prompt(tiny_routed.tokenizer, "the lazy dog")])
     with tiny_routed.routing(router):
         out = tiny_routed.model.generate(ids, max_new_tokens=8, do_sample=False)
     expected = tiny_routed.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
