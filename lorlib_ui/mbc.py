@@ -1,0 +1,91 @@
+"""Model-based clustering (MBC): group tasks by the similarity of their experts' weights.
+
+Ostapenko et al. (2024, Sec. 4.1) cluster the private experts of a library and train one expert
+per cluster. Following the paper's code, each expert becomes one vector:
+
+1. flatten and concatenate all its A and B factors (every expert must adapt the same modules
+   with the same ranks, so that entries line up);
+2. sparsify: keep the entries whose |w| is above the expert's own `keep_quantile` of |w|, zero
+   the rest;
+3. reduce with TruncatedSVD to at most 64 dimensions and L2-normalise;
+4. cosine similarity between experts, and k-means (k-means++, n_init=10, fixed seed) on the rows
+   of that similarity matrix.
+
+The paper's code offers no way to choose k; `silhouette_by_k` reports silhouette scores over a
+range of k as a suggestion, and `adjusted_rand_index` says how well clusters recover known task
+families. Plain numpy in and out: no torch, so the UI can call it through the worker cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lorlib_ui.errors import LorlibError
+
+MAX_DIMENSIONS = 64
+
+
+@dataclass
+class Embedding:
+    names: list[str]
+    vectors: np.ndarray  # (experts, dims), unit rows
+    similarity: np.ndarray  # (experts, experts), cosine
+
+
+def expert_vector(factors: dict[str, tuple[np.ndarray, np.ndarray]], modules: list[str]) -> np.ndarray:
+    """One expert's A and B factors, flattened in a fixed module order."""
+    return np.concatenate([np.concatenate([factors[m][0].ravel(), factors[m][1].ravel()]) for m in modules])
+
+
+def sparsify(vector: np.ndarray, keep_quantile: float) -> np.ndarray:
+    threshold = np.quantile(np.abs(vector), keep_quantile)
+    return np.where(np.abs(vector) > threshold, vector, 0.0)
+
+
+def embed(names: list[str], vectors: list[np.ndarray], keep_quantile: float = 0.5, seed: int = 0) -> Embedding:
+    """Sparsified, SVD-reduced, unit-norm expert vectors and their cosine similarities."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    if len(names) < 2:
+        raise LorlibError("clustering needs at least 2 experts")
+    if len({v.shape for v in vectors}) != 1:
+        raise LorlibError("clustering needs experts that adapt the same modules with the same ranks")
+    if not 0.0 <= keep_quantile < 1.0:
+        raise LorlibError(f"the sparsity quantile must be in [0, 1), got {keep_quantile}")
+    matrix = np.stack([sparsify(v.astype(np.float64), keep_quantile) for v in vectors])
+    dims = min(MAX_DIMENSIONS, len(names) - 1, matrix.shape[1] - 1)
+    reduced = TruncatedSVD(n_components=max(dims, 1), random_state=seed).fit_transform(matrix)
+    unit = normalize(reduced)
+    return Embedding(list(names), unit, unit @ unit.T)
+
+
+def mbc_cluster(embedding: Embedding, k: int, seed: int = 0) -> np.ndarray:
+    """Cluster index per expert: k-means on the rows of the similarity matrix."""
+    from sklearn.cluster import KMeans
+
+    n = len(embedding.names)
+    if not 1 <= k <= n:
+        raise LorlibError(f"k must be between 1 and the number of experts ({n}), got {k}")
+    return KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=seed).fit_predict(embedding.similarity)
+
+
+def silhouette_by_k(embedding: Embedding, ks: range | list[int], seed: int = 0) -> dict[int, float]:
+    """Silhouette score (cosine distance on the embedding) for each k with 2 <= k < experts."""
+    from sklearn.metrics import silhouette_score
+
+    n = len(embedding.names)
+    scores = {}
+    for k in ks:
+        if 2 <= k < n:
+            labels = mbc_cluster(embedding, k, seed)
+            scores[k] = float(silhouette_score(embedding.vectors, labels, metric="cosine"))
+    return scores
+
+
+def adjusted_rand_index(labels: np.ndarray | list[int], families: list[str]) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(families, labels))

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from lorlib_ui.errors import LorlibError
+from lorlib_ui.mbc import adjusted_rand_index, embed, expert_vector, mbc_cluster, silhouette_by_k, sparsify
+
+
+def _family_experts(n_families=3, per_family=4, dim=400, noise=0.3, seed=0):
+    """Experts whose weights are a family direction plus noise: clustering must recover families."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_families, dim))
+    names, vectors, families = [], [], []
+    for f in range(n_families):
+        for i in range(per_family):
+            names.append(f"f{f}_t{i}")
+            vectors.append(centres[f] + noise * rng.normal(size=dim))
+            families.append(f"family{f}")
+    return names, vectors, families
+
+
+def test_sparsify_keeps_entries_above_quantile():
+    v = np.array([0.1, -0.5, 0.2, -0.05, 0.9, 0.3])
+    kept = sparsify(v, 0.5)
+    assert np.count_nonzero(kept) == 3 and set(kept[kept != 0]) == {-0.5, 0.9, 0.3}
+
+
+def test_expert_vector_order():
+    factors = {"b": (np.ones((1, 2)), np.zeros((2, 1))), "a": (np.full((1, 2), 2.0), np.full((2, 1), 3.0))}
+    assert expert_vector(factors, ["a", "b"]).tolist() == [2, 2, 3, 3, 1, 1, 0, 0]
+
+
+def test_clusters_recover_families():
+    names, vectors, families = _family_experts()
+    embedding = embed(names, vectors)
+    assert embedding.vectors.shape == (12, 11)  # at most experts - 1 dimensions
+    assert np.allclose(np.linalg.norm(embedding.vectors, axis=1), 1.0)
+    assert np.allclose(np.diag(embedding.similarity), 1.0)
+    labels = mbc_cluster(embedding, 3)
+    assert adjusted_rand_index(labels, families) == pytest.approx(1.0)
+    scores = silhouette_by_k(embedding, range(2, 8))
+    assert set(scores) == set(range(2, 8)) and max(scores, key=scores.get) == 3
+
+
+def test_same_seed_same_clusters():
+    names, vectors, _ = _family_experts(noise=2.0)
+    runs = [mbc_cluster(embed(names, vectors, seed=1), 4, seed=1) for _ in range(2)]
+    assert (runs[0] == runs[1]).all()
+
+
+def test_bad_inputs():
+    names, vectors, _ = _family_experts()
+    with pytest.raises(LorlibError, match="k must be between 1 and the number of experts"):
+        mbc_cluster(embed(names, vectors), 13)
+    with pytest.raises(LorlibError, match="at least 2 experts"):
+        embed(names[:1], vectors[:1])
+    with pytest.raises(LorlibError, match="same modules with the same ranks"):
+        embed(names[:2], [vectors[0], vectors[1][:10]])
+    with pytest.raises(LorlibError, match="sparsity quantile"):
+        embed(names, vectors, keep_quantile=1.0)
