@@ -104,6 +104,7 @@ def cmd_import_peft(args) -> None:
     if args.name and len(args.adapters) > 1:
         raise LorlibError("--name can only be used with a single adapter folder")
     # Check everything before touching the library: a refused import leaves it byte-for-byte as it was.
+    # (Library.add_experts checks again under its lock; these checks matter when the library is new.)
     names = [check_name(args.name or Path(d).resolve().name) for d in args.adapters]
     adapters = [read_adapter(d) for d in args.adapters]
     exists = (Path(args.library) / MANIFEST).is_file()
@@ -116,12 +117,6 @@ def cmd_import_peft(args) -> None:
     base_name = library.base_model if library else base.name
     for name, adapter in zip(names, adapters):
         adapter.check_fits(shapes, f"adapter {name}")
-    if library is not None and not args.force:
-        clash = [n for n in names if n in library.names]
-        if clash:
-            raise LorlibError(
-                f"library {args.library} already has an expert named {clash[0]!r} (use --force to replace it)"
-            )
     tasks = [t for t in args.tasks.split(",") if t]
     entries = [
         (expert_from_adapter(n, a, base_name, kind=args.kind, tasks=tasks or [n], family=args.family), a)

@@ -114,6 +114,7 @@ class Library:
             raise LorlibError(f"cannot create a library at {path}: it exists and is not an empty folder")
         path.mkdir(parents=True, exist_ok=True)
         library = cls(path, {"base_model": base.name, "base_shapes": base.linear_shapes, "experts": []})
+        (path / ".lock").touch()  # so that a later refused write changes no file
         library.save_manifest()
         return library
 

@@ -42,9 +42,6 @@ class TrainConfig:
     bf16: bool = False
     max_length: int = 256  # tokens of prompt + answer; longer examples keep their answer
 
-    def as_dict(self) -> dict:
-        return {**self.__dict__, "targets": list(self.targets), "alpha": self.alpha or 2 * self.rank}
-
 
 @dataclass
 class TrainResult:
