@@ -127,6 +127,10 @@ class Library:
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
 
+    def groups(self) -> dict[str, list[str]]:
+        """Expert names by kind (private, cluster, shared, imported): what a router can be limited to."""
+        return {kind: [e.name for e in self.experts if e.kind == kind] for kind in KINDS}
+
     def expert(self, name: str) -> Expert:
         for e in self.experts:
             if e.name == name:

@@ -67,6 +67,7 @@ class LibraryLinear(nn.Module):
         for key, value in buffers.items():
             self.register_buffer(key, value, persistent=False)
         self.n_present = int(self.present.sum())
+        self._usable: dict[tuple[int, ...] | None, tuple[torch.Tensor, int]] = {None: (self.present, self.n_present)}
         self.gather_chosen = device.type == "cpu"
         self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -78,6 +79,15 @@ class LibraryLinear(nn.Module):
         self.scales[e] = scale
         self.prototypes[e] = prototype.to(self.prototypes.dtype)
         self._merged.clear()
+
+    def usable(self, subset: tuple[int, ...] | None) -> tuple[torch.Tensor, int]:
+        """Which experts a router limited to `subset` can use here (they adapt this layer), and how many."""
+        if subset not in self._usable:
+            mask = torch.zeros_like(self.present)
+            mask[list(subset)] = True
+            mask &= self.present
+            self._usable[subset] = (mask, int(mask.sum()))
+        return self._usable[subset]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

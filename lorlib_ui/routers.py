@@ -8,7 +8,9 @@ Every router has the same shape, and `mix` says how the weighted experts combine
 A static router (a merge) gives every token the same weights, `weights(slot)`, which the layer
 folds once into one small pair of factors. A dynamic router scores each token from its dot
 products with one key vector per expert, `route(slot, dots)`; the layer computes those dots in
-the same matmul as the experts' A projections. Arrow's keys are its prototypes. Add a router by
+the same matmul as the experts' A projections. Arrow's keys are its prototypes. A router may be
+limited to a group of the library's experts (`arrow@private`: Arrow over the private experts
+only); the others then get weight 0 everywhere. Add a router by
 subclassing `Router` and registering it in `ROUTERS`: TIES or LoraHub would be static routers,
 PhatGoose (a learned gate vector per expert and layer) a dynamic one.
 """
@@ -51,6 +53,12 @@ class Router:
     applies_experts: ClassVar[bool] = True
     mix: str = "outputs"
     top_k: int | None = None  # a dynamic router that picks at most top_k experts per token
+    group: str | None = None  # the experts it may use: a named group of the library, or all
+    subset: tuple[int, ...] | None = None  # ... and their indices
+
+    def limit(self, group: str, subset: tuple[int, ...]) -> Router:
+        self.group, self.subset = group, subset
+        return self
 
     def weights(self, slot: LibraryLinear) -> torch.Tensor:
         """Static routers: one weight per expert (experts,), the same for every token."""
@@ -63,10 +71,10 @@ class Router:
     @property
     def key(self) -> tuple:
         """Identifies a static router's weights, for the layers' cache of merged factors."""
-        return (self.name, self.mix)
+        return (self.name, self.mix, self.subset)
 
     def describe(self) -> str:
-        return self.name
+        return self.name + (f"@{self.group}" if self.group else "")
 
 
 class BaseRouter(Router):
@@ -110,8 +118,8 @@ class UniformRouter(Router):
     mix = "parameters"
 
     def weights(self, slot):
-        present = slot.present.float()
-        return present / present.sum()
+        usable, n = slot.usable(self.subset)
+        return usable.float() / max(n, 1)
 
 
 class MeanDeltaRouter(UniformRouter):
@@ -134,13 +142,17 @@ class ArrowRouter(Router):
 
     def route(self, slot, dots):
         logits = dots.float().abs()  # |h·v_e|
-        k = min(self.top_k, slot.n_present)
-        scores = logits.masked_fill(~slot.present, float("-inf")) if slot.n_present < slot.n_experts else logits
+        usable, n = slot.usable(self.subset)
+        if n == 0:  # none of this router's experts adapts the layer
+            return Routing(logits, weights=torch.zeros_like(logits))
+        k = min(self.top_k, n)
+        scores = logits.masked_fill(~usable, float("-inf")) if n < slot.n_experts else logits
         top, index = torch.topk(scores, k, dim=-1)
         return Routing(logits, index=index, top=torch.softmax(top / self.temperature, dim=-1))
 
     def describe(self):
-        return f"arrow(top_k={self.top_k}, T={self.temperature:g}, mix={self.mix})"
+        group = f"@{self.group}" if self.group else ""
+        return f"arrow{group}(top_k={self.top_k}, T={self.temperature:g}, mix={self.mix})"
 
 
 ROUTERS: dict[str, type[Router]] = {
@@ -149,12 +161,28 @@ ROUTERS: dict[str, type[Router]] = {
 
 
 def make_router(
-    spec: str, experts: list[str], top_k: int | None = None, temperature: float = 1.0, mix: str = "outputs"
+    spec: str,
+    experts: list[str],
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    mix: str = "outputs",
+    groups: dict[str, list[str]] | None = None,
 ) -> Router:
-    """Build a router from a CLI/UI spec: arrow, uniform, mean_delta, base or expert:NAME."""
+    """Build a router from a CLI/UI spec: arrow, uniform, mean_delta, base or expert:NAME, the
+    first three optionally limited to a group of experts named in `groups` (arrow@private)."""
+    spec, _, group = spec.partition("@")
     name, _, arg = spec.partition(":")
     if name not in ROUTERS:
         raise LorlibError(f"unknown router {spec!r}; use one of arrow, uniform, mean_delta, base, expert:NAME")
+    if group:
+        if name not in ("arrow", "uniform", "mean_delta"):
+            raise LorlibError(f"only arrow, uniform and mean_delta can be limited to a group, not {spec!r}")
+        members = (groups or {}).get(group)
+        if not members:
+            known = ", ".join(g for g, m in (groups or {}).items() if m) or "none"
+            raise LorlibError(f"no experts in group {group!r} (groups: {known})")
+        router = make_router(spec, members, top_k, temperature, mix)
+        return router.limit(group, tuple(experts.index(m) for m in members))
     if name != "base" and not experts:
         raise LorlibError(f"router {spec!r} needs experts, but the library is empty")
     if mix not in MIXES:

@@ -237,3 +237,37 @@ def test_sixteen_bit_experts_stay_sixteen_bit_and_exact(tmp_path, tiny_base, tin
             dense = layer(x)
             layer.gather_chosen = True
         assert torch.allclose(gathered, dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["arrow", "uniform", "mean_delta"])
+def test_router_limited_to_a_group_equals_a_library_of_that_group(tmp_path, tiny_base, tiny_adapters, tiny_routed, spec):
+    """arrow@g over the whole library must route exactly as arrow over a library holding only g."""
+    members = [tiny_routed.experts[i] for i in (1, 3, 4)]
+    small = RoutedModel.load(build_library(tmp_path / "small", tiny_base, [tiny_adapters[i] for i in (1, 3, 4)]))
+    expected = _logits(small, make_router(spec, small.experts, top_k=2))
+    limited = make_router(f"{spec}@g", tiny_routed.experts, top_k=2, groups={"g": members})
+    assert limited.describe().startswith(f"{spec}@g")
+    with torch.no_grad(), tiny_routed.routing(limited, record=True) as builder:
+        ours = tiny_routed.model(input_ids=_ids(tiny_routed)).logits
+    assert _rel(ours, expected) < 1e-5
+    weights = torch.cat(builder.weights[tiny_routed.modules[0]])
+    outside = [i for i in range(len(tiny_routed.experts)) if tiny_routed.experts[i] not in members]
+    assert (weights[:, outside] == 0).all() and (weights.sum(-1) - 1).abs().max() < 1e-5
+    # unlimited, the same router does use the other experts
+    assert _rel(_logits(tiny_routed, make_router(spec, tiny_routed.experts, top_k=2)), expected) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("arrow@nope", "no experts in group 'nope'"),
+        ("arrow@empty", "no experts in group 'empty'"),
+        ("expert:e1@g", "only arrow, uniform and mean_delta can be limited"),
+        ("base@g", "only arrow, uniform and mean_delta can be limited"),
+    ],
+)
+def test_router_groups_are_checked(spec, message):
+    with pytest.raises(LorlibError, match=message):
+        make_router(spec, [f"e{i}" for i in range(6)], groups={"g": ["e1", "e2"], "empty": []})
+    with pytest.raises(LorlibError, match="top-k must be between 1 and the number of experts \\(2\\)"):
+        make_router("arrow@g", [f"e{i}" for i in range(6)], top_k=3, groups={"g": ["e1", "e2"]})
