@@ -24,7 +24,8 @@ def _router_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--router",
         default="arrow",
-        help="arrow, uniform, mean_delta, base or expert:NAME; arrow@KIND (e.g. arrow@private) limits it to the experts of one kind",
+        help="arrow, uniform, mean_delta, base or expert:NAME; arrow@KIND (e.g. arrow@private) "
+        "limits it to the experts of one kind",
     )
     parser.add_argument("--top-k", type=int, default=None, help="experts per token (default 4, or all if fewer)")
     parser.add_argument("--temperature", type=float, default=1.0, help="arrow softmax temperature (> 0)")
@@ -158,9 +159,7 @@ def _routed(args):
     from lorlib_ui.routers import make_router
 
     library = Library.open(args.library)
-    router = make_router(
-        args.router, library.names, args.top_k, args.temperature, args.mix, groups=library.groups()
-    )
+    router = make_router(args.router, library.names, args.top_k, args.temperature, args.mix, groups=library.groups())
     return RoutedModel.load(library, base_model=args.base_model, device=args.device, dtype=args.dtype), router
 
 

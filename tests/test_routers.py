@@ -240,7 +240,7 @@ def test_sixteen_bit_experts_stay_sixteen_bit_and_exact(tmp_path, tiny_base, tin
 
 
 @pytest.mark.parametrize("spec", ["arrow", "uniform", "mean_delta"])
-def test_router_limited_to_a_group_equals_a_library_of_that_group(tmp_path, tiny_base, tiny_adapters, tiny_routed, spec):
+def test_router_limited_to_a_group_equals_that_group_alone(tmp_path, tiny_base, tiny_adapters, tiny_routed, spec):
     """arrow@g over the whole library must route exactly as arrow over a library holding only g."""
     members = [tiny_routed.experts[i] for i in (1, 3, 4)]
     small = RoutedModel.load(build_library(tmp_path / "small", tiny_base, [tiny_adapters[i] for i in (1, 3, 4)]))
