@@ -120,3 +120,32 @@ def score(rm: RoutedModel, text: str, router: Router, record: bool = False) -> S
     tokens = _token_strings(rm, ids)
     routing = builder.finish(router.describe(), rm.experts, tokens) if builder else None
     return Scores(tokens, [None] + logprobs.squeeze(1).tolist(), routing)
+
+
+@torch.inference_mode()
+def score_continuations(
+    rm: RoutedModel, router: Router, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8
+) -> list[list[float]]:
+    """log p(token | everything before it) for each token of each continuation, given its prompt:
+    `pairs` holds (prompt ids, continuation ids). Sequences of similar length are batched together,
+    right-padded (so positions are unaffected) and cut from the left to fit the context."""
+    context = getattr(rm.model.config, "max_position_embeddings", None) or 2048
+    pad = next(i for i in (rm.tokenizer.pad_token_id, rm.tokenizer.eos_token_id, 0) if i is not None)
+    out: list[list[float]] = [[] for _ in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    with rm.routing(router):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            seqs = [(pairs[i][0] + pairs[i][1])[-context:] for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, device=rm.device)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long, device=rm.device)
+            for row, seq in enumerate(seqs):
+                ids[row, : len(seq)] = torch.tensor(seq, device=rm.device)
+                mask[row, : len(seq)] = 1
+            logits = rm.model(input_ids=ids, attention_mask=mask).logits
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+            for row, (i, seq) in enumerate(zip(chunk, seqs)):
+                n = min(len(pairs[i][1]), len(seq) - 1)
+                out[i] = logprobs[row, len(seq) - 1 - n : len(seq) - 1].tolist()
+    return out

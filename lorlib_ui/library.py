@@ -216,14 +216,21 @@ class Library:
         self.prototypes()  # computes and caches the new experts' prototypes
         return stored
 
-    def remove_expert(self, name: str) -> None:
-        self.expert(name)
+    @contextmanager
+    def edit(self):
+        """Change the manifest in one atomic step: yields the library as it is on disk now (under
+        the write lock), saves it when the block ends without an error, and updates `self`."""
         with self._write_lock():
             current = Library.open(self.path)
-            current.experts = [e for e in current.experts if e.name != name]
+            yield current
             current.save_manifest()
             current._sweep()
             self.__dict__.update(current.__dict__)
+
+    def remove_expert(self, name: str) -> None:
+        self.expert(name)
+        with self.edit() as current:
+            current.experts = [e for e in current.experts if e.name != name]
 
     def _sweep(self) -> None:
         """Delete what the manifest no longer names: staging leftovers and replaced experts."""

@@ -56,7 +56,7 @@ def embed(names: list[str], vectors: list[np.ndarray], keep_quantile: float = 0.
     if not 0.0 <= keep_quantile < 1.0:
         raise LorlibError(f"the sparsity quantile must be in [0, 1), got {keep_quantile}")
     matrix = np.stack([sparsify(v.astype(np.float64), keep_quantile) for v in vectors])
-    dims = min(MAX_DIMENSIONS, len(names) - 1, matrix.shape[1] - 1)
+    dims = min(MAX_DIMENSIONS, len(names), matrix.shape[1] - 1)
     reduced = TruncatedSVD(n_components=max(dims, 1), random_state=seed).fit_transform(matrix)
     unit = normalize(reduced)
     return Embedding(list(names), unit, unit @ unit.T)

@@ -8,7 +8,7 @@ chat template when it has one, and fixed seeds. The loop is written out rather t
 - dynamic padding: each batch is padded to its own longest example, never to a fixed length;
 - the output layer (a 49k x 576 matmul on SmolLM2) runs only on the answer positions, which
   are a small share of every sequence, instead of on every position;
-- optional bfloat16 autocast on the CPU.
+- optional bfloat16 autocast (on by default where the hardware computes in bf16, `fast_bf16`).
 
 PEFT injects and removes the LoRA layers, so the base model is reused, unchanged, across experts.
 """
@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,6 +52,21 @@ class TrainResult:
 
 class Cancelled(LorlibError):
     """Training was cancelled by the caller; nothing was written."""
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 autocast pays off here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX
+    (on other CPUs bf16 is emulated and slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def encode_example(tokenizer, prompt: str, answer: str, chat: bool = True) -> tuple[list[int], int]:
@@ -135,7 +151,7 @@ def train_expert(
             if cancel is not None and cancel():
                 raise Cancelled("training cancelled")
             ids, mask, answer = next(batches)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 batch = (t.to(model.device) for t in (ids, mask, answer))
                 loss, n_answer = _answer_loss(peft_model, *batch)
             loss.backward()

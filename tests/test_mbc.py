@@ -32,7 +32,7 @@ def test_expert_vector_order():
 def test_clusters_recover_families():
     names, vectors, families = _family_experts()
     embedding = embed(names, vectors)
-    assert embedding.vectors.shape == (12, 11)  # at most experts - 1 dimensions
+    assert embedding.vectors.shape == (12, 12)  # at most one dimension per expert
     assert np.allclose(np.linalg.norm(embedding.vectors, axis=1), 1.0)
     assert np.allclose(np.diag(embedding.similarity), 1.0)
     labels = mbc_cluster(embedding, 3)
@@ -57,3 +57,13 @@ def test_bad_inputs():
         embed(names[:2], [vectors[0], vectors[1][:10]])
     with pytest.raises(LorlibError, match="sparsity quantile"):
         embed(names, vectors, keep_quantile=1.0)
+
+
+def test_two_experts_can_form_two_clusters():
+    """With one SVD dimension, two experts' unit vectors are +-1 and their similarity rows can
+    coincide; the embedding keeps as many dimensions as experts so they stay apart."""
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=200)  # a shared component: both project onto it with the same sign
+    vectors = [common + 0.5 * rng.normal(size=200), common + 0.5 * rng.normal(size=200)]
+    labels = mbc_cluster(embed(["a", "b"], vectors), k=2)
+    assert sorted(labels.tolist()) == [0, 1]

@@ -1,0 +1,230 @@
+"""Zero-shot evaluation on held-out tasks: does routing over the library beat the alternatives?
+
+Ostapenko et al. (2024, Sec. 6) compare, on tasks no expert was trained on, the base model, the
+uniform merge µ of the private experts, Arrow over the private experts, Arrow over the MBC
+cluster experts, the shared (multi-task) expert, and an oracle. Here the oracle is the cluster
+expert trained on most of the held-out task's own family. Three measures per task, each the mean
+over the task's test rows:
+
+- exact match: the greedy answer (its first line, whitespace collapsed, case and a final '.'
+  ignored) equals the reference;
+- log-likelihood: the mean log-probability per token of the reference answer;
+- multiple-choice accuracy, where a task lists options: the option with the highest total
+  log-probability is the reference (BIG-bench's scoring of multiple-choice tasks).
+
+Tables average over tasks, so that each task weighs the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from lorlib_ui.building import family_cluster
+from lorlib_ui.data import MultiTaskData
+from lorlib_ui.errors import LorlibError
+from lorlib_ui.generation import encode_prompt, generate, score_continuations
+from lorlib_ui.library import Library
+from lorlib_ui.routed_model import RoutedModel
+from lorlib_ui.routers import make_router
+from lorlib_ui.training import Cancelled
+
+# Evaluation names -> router specs; "oracle" is resolved per task.
+NAMED = {
+    "base": "base",
+    "uniform": "uniform@private",
+    "arrow": "arrow@private",
+    "arrow-cluster": "arrow@cluster",
+    "shared": "expert:shared",
+    "oracle": None,
+}
+DEFAULT_ROUTERS = tuple(NAMED)
+EXTRA_TOKENS = 8  # generated beyond the longest training answer of the task
+
+
+@dataclass
+class TaskScore:
+    router: str
+    task: str
+    family: str | None
+    expert: str  # the router as it ran (for the oracle: which expert)
+    examples: int
+    exact_match: float
+    loglik: float
+    mc_accuracy: float | None  # None when the task has no options
+    mc_examples: int
+
+
+def normalize(text: str) -> str:
+    lines = text.strip().splitlines()
+    first = " ".join(lines[0].split()) if lines else ""
+    return first.lower().rstrip(".").strip()
+
+
+def resolve_routers(library: Library, names: list[str], explicit: bool) -> tuple[list[str], list[str]]:
+    """The routers that can run on this library, and notes on those skipped. A router asked for
+    by name that cannot run is an error; one of the defaults is skipped with a note."""
+    groups = library.groups()
+    kept, notes = [], []
+    for name in names:
+        spec = NAMED.get(name, name)
+        problem = None
+        if name == "oracle":
+            if not groups["cluster"]:
+                problem = "the library has no cluster experts (run `cluster`)"
+        elif spec:
+            try:
+                make_router(spec, library.names, groups=groups)
+            except LorlibError as exc:
+                problem = str(exc)
+        if problem and explicit:
+            raise LorlibError(f"router {name!r}: {problem}")
+        if problem:
+            notes.append(f"skipped {name}: {problem}")
+        else:
+            kept.append(name)
+    return kept, notes
+
+
+def evaluate_task(
+    rm: RoutedModel, data: MultiTaskData, task: str, name: str, limit: int | None = None
+) -> TaskScore | None:
+    """Score one router on one task's test rows; None for the oracle when no expert fits."""
+    library = rm.library
+    family = data.family_of(task)
+    spec = NAMED.get(name, name)
+    if name == "oracle":
+        expert = family_cluster(library, family)
+        if expert is None:
+            return None
+        spec = f"expert:{expert}"
+    router = make_router(spec, rm.experts, groups=library.groups())
+    rows = data.rows(task, "test")[:limit]
+    if not rows:
+        raise LorlibError(f"{data.origin}: task {task!r} has no test rows")
+    tok = rm.tokenizer
+    chat = bool(tok.chat_template)
+    answer_ids = _answer_ids(tok, chat)
+    longest = max(len(answer_ids(r["output"])) for r in data.rows(task, "train") or rows)
+    pairs, mc = [], []  # reference answers, then every option of multiple-choice rows
+    for row in rows:
+        prompt = encode_prompt(tok, row["input"], chat)
+        pairs.append((prompt, answer_ids(row["output"])))
+        if row["options"]:
+            mc.append((len(pairs), list(row["options"]), row["output"]))
+            pairs += [(prompt, answer_ids(option)) for option in row["options"]]
+    logprobs = score_continuations(rm, router, pairs)
+    matches = 0
+    for row in rows:
+        text = generate(rm, row["input"], router, max_new_tokens=longest + EXTRA_TOKENS, record=False, chat=chat).text
+        matches += normalize(text) == normalize(row["output"])
+    loglik = [sum(logprobs[i]) / max(len(logprobs[i]), 1) for i in _reference_positions(rows)]
+    correct = 0
+    for first, options, reference in mc:
+        totals = [sum(logprobs[first + j]) for j in range(len(options))]
+        correct += options[max(range(len(options)), key=totals.__getitem__)] == reference
+    return TaskScore(
+        router=name,
+        task=task,
+        family=family,
+        expert=router.describe(),
+        examples=len(rows),
+        exact_match=matches / len(rows),
+        loglik=sum(loglik) / len(loglik),
+        mc_accuracy=correct / len(mc) if mc else None,
+        mc_examples=len(mc),
+    )
+
+
+def _reference_positions(rows: list[dict]) -> list[int]:
+    """Index in `pairs` of each row's reference answer (its options follow it)."""
+    positions, at = [], 0
+    for row in rows:
+        positions.append(at)
+        at += 1 + (len(row["options"]) if row["options"] else 0)
+    return positions
+
+
+def _answer_ids(tokenizer, chat: bool) -> Callable[[str], list[int]]:
+    """How an answer is tokenized after its prompt: as the trainer does, without the EOS."""
+
+    def ids(answer: str) -> list[int]:
+        return tokenizer(answer if chat else " " + answer, add_special_tokens=False)["input_ids"]
+
+    return ids
+
+
+def evaluate(
+    rm: RoutedModel,
+    data: MultiTaskData,
+    tasks: list[str],
+    routers: list[str],
+    limit: int | None = None,
+    progress: Callable[[int, int, str, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> list[TaskScore]:
+    """Every router on every task; `progress(done, total, router, task)` after each pair."""
+    scores, total, done = [], len(routers) * len(tasks), 0
+    for name in routers:
+        for task in tasks:
+            if cancel is not None and cancel():
+                raise Cancelled("evaluation cancelled")
+            score = evaluate_task(rm, data, task, name, limit)
+            if score is not None:
+                scores.append(score)
+            done += 1
+            if progress is not None:
+                progress(done, total, name, task)
+    return scores
+
+
+def summarize(scores: list[TaskScore], routers: list[str]) -> list[dict]:
+    """One row per router: its measures averaged over tasks (multiple choice over tasks with options)."""
+    rows = []
+    for name in routers:
+        mine = [s for s in scores if s.router == name]
+        if not mine:
+            continue
+        mc = [s.mc_accuracy for s in mine if s.mc_accuracy is not None]
+        rows.append(
+            {
+                "router": name,
+                "tasks": len(mine),
+                "exact_match": sum(s.exact_match for s in mine) / len(mine),
+                "loglik": sum(s.loglik for s in mine) / len(mine),
+                "mc_accuracy": sum(mc) / len(mc) if mc else None,
+                "mc_tasks": len(mc),
+            }
+        )
+    return rows
+
+
+def result_record(scores: list[TaskScore], routers: list[str], data: str, limit: int | None, seconds: float) -> dict:
+    """What `evaluate` stores in the library's manifest."""
+    return {
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": data,
+        "limit": limit,
+        "seconds": round(seconds, 1),
+        "summary": summarize(scores, routers),
+        "scores": [asdict(s) for s in scores],
+    }
+
+
+def format_table(summary: list[dict]) -> str:
+    """The summary as a Markdown table (it reads as plain text too)."""
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = [
+        "| router | tasks | exact match (%) | answer log-likelihood | multiple choice (%) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in summary:
+        ll = "-" if not math.isfinite(row["loglik"]) else f"{row['loglik']:.3f}"
+        mc = pct(row["mc_accuracy"]) + (f" ({row['mc_tasks']} tasks)" if row["mc_accuracy"] is not None else "")
+        lines.append(f"| {row['router']} | {row['tasks']} | {pct(row['exact_match'])} | {ll} | {mc} |")
+    return "\n".join(lines)
