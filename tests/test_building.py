@@ -258,4 +258,3 @@ def test_evaluate_skips_or_refuses_routers_the_library_cannot_run(built, capsys)
     code, _, err = run(capsys, "evaluate", built, "--tasks", "nope")
     assert code == 1 and "no task 'nope'" in err
     assert library_snapshot(built) == before
-
