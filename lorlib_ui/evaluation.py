@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from lorlib_ui.building import family_cluster
 from lorlib_ui.data import MultiTaskData
 from lorlib_ui.errors import LorlibError
-from lorlib_ui.generation import encode_prompt, generate, score_continuations
+from lorlib_ui.generation import encode_prompt, generate_batch, score_continuations
 from lorlib_ui.library import Library
 from lorlib_ui.routed_model import RoutedModel
 from lorlib_ui.routers import make_router
@@ -116,10 +116,9 @@ def evaluate_task(
             mc.append((len(pairs), list(row["options"]), row["output"]))
             pairs += [(prompt, answer_ids(option)) for option in row["options"]]
     logprobs = score_continuations(rm, router, pairs)
-    matches = 0
-    for row in rows:
-        text = generate(rm, row["input"], router, max_new_tokens=longest + EXTRA_TOKENS, record=False, chat=chat).text
-        matches += normalize(text) == normalize(row["output"])
+    prompts = [encode_prompt(tok, row["input"], chat) for row in rows]
+    answers = generate_batch(rm, prompts, router, max_new_tokens=longest + EXTRA_TOKENS)
+    matches = sum(normalize(text) == normalize(row["output"]) for text, row in zip(answers, rows))
     loglik = [sum(logprobs[i]) / max(len(logprobs[i]), 1) for i in _reference_positions(rows)]
     correct = 0
     for first, options, reference in mc:

@@ -149,3 +149,38 @@ def score_continuations(
                 n = min(len(pairs[i][1]), len(seq) - 1)
                 out[i] = logprobs[row, len(seq) - 1 - n : len(seq) - 1].tolist()
     return out
+
+
+@torch.inference_mode()
+def generate_batch(
+    rm: RoutedModel, prompts: list[list[int]], router: Router, max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
+    """Greedy answers to many tokenized prompts, batched (left-padded) through `model.generate`;
+    for evaluation, where no routing record is needed. Each token is routed on its own, so a
+    prompt's answer does not depend on the others in its batch."""
+    pad = next(i for i in (rm.tokenizer.pad_token_id, rm.tokenizer.eos_token_id, 0) if i is not None)
+    stops = sorted(_stop_ids(rm))
+    texts = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    with rm.routing(router):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, device=rm.device)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=rm.device)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i], device=rm.device)
+                mask[row, width - len(prompts[i]) :] = 1
+            out = rm.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=stops or None,
+            )
+            for row, i in enumerate(chunk):
+                new = out[row, width:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in stops), len(new))
+                texts[i] = rm.tokenizer.decode(new[:cut], skip_special_tokens=True)
+    return texts

@@ -258,3 +258,15 @@ def test_evaluate_skips_or_refuses_routers_the_library_cannot_run(built, capsys)
     code, _, err = run(capsys, "evaluate", built, "--tasks", "nope")
     assert code == 1 and "no task 'nope'" in err
     assert library_snapshot(built) == before
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_routed):
+    """Left-padded batches give each prompt the answer it gets alone (greedy, Arrow routing)."""
+    from lorlib_ui.generation import encode_prompt, generate, generate_batch
+
+    tok = tiny_routed.tokenizer
+    prompts = ["the quick", "routing tokens to experts with", "a library", "one causal language"]
+    router = make_router("arrow", tiny_routed.experts, top_k=2)
+    batched = generate_batch(tiny_routed, [encode_prompt(tok, p) for p in prompts], router, 6, batch_size=4)
+    alone = [generate(tiny_routed, p, router, max_new_tokens=6, record=False).text for p in prompts]
+    assert batched == alone and any(alone)
