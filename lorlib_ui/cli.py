@@ -356,8 +356,10 @@ def cmd_build(args) -> None:
     if not train_tasks:
         raise LorlibError("no tasks left to train after holding out")
     library = library or Library.create(args.library, base)
+    local = args.data != "default" and Path(args.data).exists()
+    source = str(Path(args.data).resolve()) if local else args.data  # else "default" or a hub id
     with library.edit() as current:
-        current.extra["held_out"] = {"data": args.data, "tasks": held}
+        current.extra["held_out"] = {"data": source, "tasks": held}
     config = TrainConfig(
         rank=args.rank,
         targets=targets,

@@ -130,3 +130,25 @@ def test_fetch_model_cli_prints_path(embedded_dir, capsys):
     assert main(["fetch-model"]) == 0
     assert capsys.readouterr().out.strip() == str(embedded_dir)
     assert os.path.isdir(embedded_dir)
+
+
+def test_shipped_library_routes_a_held_out_prompt(embedded_dir, capsys):
+    """Arrow over the shipped library's private experts, on a prompt of a held-out task: the
+    routing record covers every token and layer, and each token's weights sum to one."""
+    from lorlib_ui.data import load_tasks
+    from lorlib_ui.default_library import OUT
+    from lorlib_ui.library import Library
+
+    library = Library.open(OUT)
+    task = library.extra["held_out"]["tasks"][0]
+    prompt = load_tasks("default").rows(task, "test")[0]["input"]
+    code = main(["route", str(OUT), "--prompt", prompt, "--router", "arrow@private", "--max-new-tokens", "4", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    private = {e.name for e in library.experts if e.kind == "private"}
+    weights = torch.tensor(result["layer_expert_weights"])
+    assert weights.shape == (60, len(library.experts))  # q_proj and v_proj of 30 layers
+    assert torch.allclose(weights.sum(-1), torch.ones(60), atol=1e-4)
+    used = {result["experts"][i] for i in torch.nonzero(weights.sum(0)).flatten().tolist()}
+    assert used <= private and len(used) >= 4

@@ -1,0 +1,71 @@
+"""The default library shipped in assets/library: complete, small, 16-bit, and what its manifest says."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorlib_ui.adapters import read_layout
+from lorlib_ui.data import load_tasks
+from lorlib_ui.default_library import FAMILIES, OUT
+from lorlib_ui.library import Library
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return Library.open(OUT)
+
+
+def test_it_has_private_cluster_and_shared_experts_on_the_embedded_model(shipped):
+    assert shipped.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    kinds = Counter(e.kind for e in shipped.experts)
+    assert kinds["private"] >= 24 and kinds["shared"] == 1 and kinds["cluster"] >= 2
+    families = {e.family for e in shipped.experts if e.kind == "private"}
+    assert len(families) >= 6 and families == set(FAMILIES)
+    for e in shipped.experts:
+        if e.kind == "private":
+            assert len(e.tasks) == 1 and e.metrics["final_loss"] < e.metrics["first_loss"]
+
+
+def test_one_task_per_family_is_held_out_and_never_trained(shipped):
+    data = load_tasks("default")
+    held = shipped.extra["held_out"]["tasks"]
+    assert Counter(data.family_of(t) for t in held) == Counter({f: 1 for f in FAMILIES})
+    trained = {t for e in shipped.experts for t in e.tasks}
+    assert not trained & set(held)
+    assert trained | set(held) == {t for f in FAMILIES for t in data.tasks_in(f)}
+
+
+def test_clusters_cover_the_private_experts(shipped):
+    private = sorted(e.name for e in shipped.experts if e.kind == "private")
+    members = shipped.clusters["members"]
+    assert sorted(n for m in members.values() for n in m) == private
+    for name, group in members.items():
+        assert sorted(shipped.expert(name).tasks) == sorted(t for n in group for t in shipped.expert(n).tasks)
+
+
+def test_small_and_sixteen_bit(shipped):
+    size = sum(p.stat().st_size for p in Path(OUT).rglob("*") if p.is_file())
+    assert size <= 30 * 2**20
+    for e in shipped.experts:
+        _, dtypes = read_layout(Path(OUT) / e.path)
+        assert dtypes == {"BF16"}, e.name
+
+
+def test_manifest_records_the_recipe_and_the_evaluation(shipped):
+    assert shipped.extra["recipe"]["command"] == "python -m lorlib_ui.default_library"
+    commands = [h["command"].split()[3] for h in shipped.extra["history"]]
+    assert {"build", "cluster", "evaluate"} <= set(commands)
+    summary = {row["router"]: row for row in shipped.extra["evaluation"]["summary"]}
+    assert set(summary) == {"base", "uniform", "arrow", "arrow-cluster", "shared", "oracle"}
+    assert all(row["tasks"] == len(FAMILIES) for row in summary.values())
+
+
+def test_prototype_cache_matches_the_experts(shipped):
+    """The shipped cache is used as is: every expert's prototypes are in it, keyed by its weights."""
+    cached = shipped._read_prototype_cache()
+    for e in shipped.experts:
+        keys = [k for k in cached if k.startswith(e.weights_hash + "/")]
+        assert len(keys) == 2 * 30, e.name  # q_proj and v_proj of 30 layers
+        assert all(torch.isfinite(cached[k]).all() for k in keys)
