@@ -25,7 +25,7 @@ FAMILIES = ("algorithmic", "arithmetic", "color_codes", "fact_checking", "infere
 RECIPE = {
     "build": ["--families", ",".join(FAMILIES), "--holdout-per-family", "1", "--targets", "q_proj,v_proj"]
     + ["--rank", "4", "--steps", "60", "--shared-steps", "300", "--batch-size", "8", "--seed", "0"],
-    "cluster": ["--k", str(len(FAMILIES)), "--steps", "120", "--seed", "0"],
+    "cluster": ["--k", str(len(FAMILIES)), "--steps", "80", "--seed", "0"],
     "evaluate": [],
 }
 

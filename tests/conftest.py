@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -135,3 +136,48 @@ def tiny_routed(tiny_library):
 def library_snapshot(path: Path) -> dict[str, bytes]:
     """Every file under a library, byte for byte: refused writes must leave this unchanged."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ---- multi-task data and a library built from it (build, cluster, evaluate) -----------------
+
+WORDS = ["fox", "dog", "lazy", "quick", "brown", "model", "tokens", "experts", "arrow", "library"]
+TRAIN = ["--steps", "3", "--shared-steps", "2", "--batch-size", "2", "--rank", "2", "--targets", "q_proj,v_proj"]
+
+
+def _tasks_file(path):
+    """Two families of three tasks, twelve rows each; the 'pick' family is multiple choice."""
+    rows = []
+    for t in range(3):
+        for i in range(12):
+            word = WORDS[(i + t) % len(WORDS)]
+            rows.append({"task": f"copy{t}", "family": "copy", "input": f"repeat {word}", "output": word})
+            options = [WORDS[(i + t + j) % len(WORDS)] for j in range(3)]
+            rows.append(
+                {"task": f"pick{t}", "family": "pick", "input": f"choose {word}", "output": word, "options": options}
+            )
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def run(capsys, *argv):
+    """Run the command line in-process: (exit code, stdout, stderr)."""
+    from lorlib_ui.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def tasks_file(tmp_path):
+    return _tasks_file(tmp_path / "tasks.jsonl")
+
+
+@pytest.fixture
+def built(tmp_path, tiny_base, tasks_file, capsys):
+    path = tmp_path / "lib"
+    code, out, err = run(
+        capsys, "build", path, "--data", tasks_file, "--holdout-per-family", "1", "--base-model", tiny_base, *TRAIN
+    )
+    assert code == 0, err
+    return path

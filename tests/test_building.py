@@ -1,60 +1,16 @@
-"""Building a library from multi-task data: private and shared experts, MBC clusters, evaluation."""
+"""Building a library from multi-task data: private and shared experts per task, MBC cluster experts."""
 
 import json
 
 import pytest
-import torch
-from conftest import library_snapshot
+from conftest import TRAIN, library_snapshot, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorlib_ui.building import expert_name, hold_out, private_jobs, train_jobs
-from lorlib_ui.cli import main
 from lorlib_ui.data import load_tasks
 from lorlib_ui.errors import LorlibError
-from lorlib_ui.evaluation import normalize
-from lorlib_ui.generation import score, score_continuations
 from lorlib_ui.library import Library
-from lorlib_ui.routers import make_router
 from lorlib_ui.training import TrainConfig
-
-WORDS = ["fox", "dog", "lazy", "quick", "brown", "model", "tokens", "experts", "arrow", "library"]
-TRAIN = ["--steps", "3", "--shared-steps", "2", "--batch-size", "2", "--rank", "2", "--targets", "q_proj,v_proj"]
-
-
-def _tasks_file(path):
-    """Two families of three tasks, twelve rows each; the 'pick' family is multiple choice."""
-    rows = []
-    for t in range(3):
-        for i in range(12):
-            word = WORDS[(i + t) % len(WORDS)]
-            rows.append({"task": f"copy{t}", "family": "copy", "input": f"repeat {word}", "output": word})
-            options = [WORDS[(i + t + j) % len(WORDS)] for j in range(3)]
-            rows.append(
-                {"task": f"pick{t}", "family": "pick", "input": f"choose {word}", "output": word, "options": options}
-            )
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def tasks_file(tmp_path):
-    return _tasks_file(tmp_path / "tasks.jsonl")
-
-
-@pytest.fixture
-def built(tmp_path, tiny_base, tasks_file, capsys):
-    path = tmp_path / "lib"
-    code, out, err = run(
-        capsys, "build", path, "--data", tasks_file, "--holdout-per-family", "1", "--base-model", tiny_base, *TRAIN
-    )
-    assert code == 0, err
-    return path
 
 
 def test_expert_names_are_valid_and_distinct():
@@ -201,72 +157,3 @@ def test_cluster_no_train_only_records(built, capsys):
     library = Library.open(built)
     assert library.clusters["k"] == 2 and not [e for e in library.experts if e.kind == "cluster"]
     assert "suggested k" in out
-
-
-def test_score_continuations_equals_unbatched_score(tiny_routed):
-    """Batched, right-padded scoring gives each continuation the same log-probs as scoring it alone."""
-    tok = tiny_routed.tokenizer
-    texts = ["the quick brown fox", "routing tokens to experts with arrow", "a library of lora adapters"]
-    pairs = []
-    for text in texts:
-        ids = tok(text)["input_ids"]
-        pairs.append((ids[:2], ids[2:]))
-    router = make_router("arrow", tiny_routed.experts, top_k=2)
-    batched = score_continuations(tiny_routed, router, pairs, batch_size=3)
-    for text, (prompt, cont), got in zip(texts, pairs, batched):
-        alone = score(tiny_routed, text, router).logprobs[len(prompt) :]
-        assert len(got) == len(cont) and torch.allclose(torch.tensor(got), torch.tensor(alone), atol=1e-4)
-
-
-def test_normalize_for_exact_match():
-    assert normalize("  Cats.\nThe plural of cat") == "cats"
-    assert normalize("New   York") == normalize("new york")
-    assert normalize("") == ""
-
-
-def test_evaluate_compares_routers_on_held_out_tasks(built, capsys):
-    assert run(capsys, "cluster", built, "--k", "2", "--steps", "2")[0] == 0
-    code, out, err = run(capsys, "evaluate", built, "--limit", "2")
-    assert code == 0, err
-    library = Library.open(built)
-    record = library.extra["evaluation"]
-    routers = [row["router"] for row in record["summary"]]
-    assert routers == ["base", "uniform", "arrow", "arrow-cluster", "shared", "oracle"]
-    held = library.extra["held_out"]["tasks"]
-    for row in record["summary"]:
-        assert row["tasks"] == 2 and 0 <= row["exact_match"] <= 1 and row["loglik"] < 0
-        assert row["mc_tasks"] == 1 and 0 <= row["mc_accuracy"] <= 1  # only the 'pick' family has options
-    assert {s["task"] for s in record["scores"]} == set(held)
-    oracle = [s for s in record["scores"] if s["router"] == "oracle"]
-    assert all(s["expert"].startswith("expert:cluster") for s in oracle)
-    # base and the experts see the same rows but score them differently
-    ll = {row["router"]: row["loglik"] for row in record["summary"]}
-    assert ll["base"] != ll["shared"]
-    assert "| router |" in out and "| arrow-cluster |" in out
-    code, out, _ = run(capsys, "evaluate", built, "--limit", "1", "--routers", "base,shared", "--json")
-    assert code == 0 and [r["router"] for r in json.loads(out)["summary"]] == ["base", "shared"]
-
-
-def test_evaluate_skips_or_refuses_routers_the_library_cannot_run(built, capsys):
-    code, out, err = run(capsys, "evaluate", built, "--limit", "1", "--routers", "base")
-    assert code == 0
-    code, out, err = run(capsys, "evaluate", built, "--limit", "1", "--json")
-    assert code == 0 and "skipped arrow-cluster" in err and "skipped oracle" in err
-    before = library_snapshot(built)
-    code, _, err = run(capsys, "evaluate", built, "--routers", "oracle")
-    assert code == 1 and "no cluster experts" in err
-    code, _, err = run(capsys, "evaluate", built, "--tasks", "nope")
-    assert code == 1 and "no task 'nope'" in err
-    assert library_snapshot(built) == before
-
-
-def test_batched_generation_equals_one_at_a_time(tiny_routed):
-    """Left-padded batches give each prompt the answer it gets alone (greedy, Arrow routing)."""
-    from lorlib_ui.generation import encode_prompt, generate, generate_batch
-
-    tok = tiny_routed.tokenizer
-    prompts = ["the quick", "routing tokens to experts with", "a library", "one causal language"]
-    router = make_router("arrow", tiny_routed.experts, top_k=2)
-    batched = generate_batch(tiny_routed, [encode_prompt(tok, p) for p in prompts], router, 6, batch_size=4)
-    alone = [generate(tiny_routed, p, router, max_new_tokens=6, record=False).text for p in prompts]
-    assert batched == alone and any(alone)
