@@ -1,8 +1,8 @@
 """The routing record: which experts every token used at every LoRA'd layer.
 
-Captured on request while a routed model runs (nothing is kept otherwise) and handed across the
-worker boundary as plain numpy arrays. Figures and the CLI's JSON are built from it by pure
-functions.
+Captured on request while a routed model runs (`routed_model.RecordBuilder`; nothing is kept
+otherwise) and handed across the worker boundary as plain numpy arrays: this module imports no
+torch, so the UI can hold records. Figures and the CLI's JSON are built from it by pure functions.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -45,32 +44,3 @@ class RoutingRecord:
             "layer_expert_weights": np.round(self.layer_expert_weights(), 6).tolist(),
             "top_expert": [[names[i] if i >= 0 else None for i in row] for row in self.top_expert().tolist()],
         }
-
-
-class RecordBuilder:
-    """Collects per-call routing tensors on the model's device; one transfer at the end."""
-
-    def __init__(self, modules: list[str], n_experts: int):
-        self.modules, self.n_experts = modules, n_experts
-        self.weights: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
-        self.logits: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
-
-    def add(self, module: str, weights: torch.Tensor, logits: torch.Tensor | None, n_tokens: int) -> None:
-        weights = weights.detach().float()
-        if weights.dim() == 1:
-            weights = weights.expand(n_tokens, -1)
-        self.weights[module].append(weights)
-        self.logits[module].append(
-            torch.full_like(weights, float("nan")) if logits is None else logits.detach().float()
-        )
-
-    def finish(self, router: str, experts: list[str], tokens: list[str]) -> RoutingRecord:
-        def stack(parts: dict[str, list[torch.Tensor]]) -> np.ndarray:
-            if not tokens or not self.modules:
-                return np.zeros((len(self.modules), len(tokens), self.n_experts), dtype=np.float32)
-            return torch.stack([torch.cat(parts[m]) for m in self.modules]).cpu().numpy()
-
-        weights, logits = stack(self.weights), stack(self.logits)
-        if weights.shape[1] != len(tokens):
-            raise RuntimeError(f"routing record has {weights.shape[1]} tokens but {len(tokens)} were routed")
-        return RoutingRecord(router, experts, self.modules, tokens, weights, logits)

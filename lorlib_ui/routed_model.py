@@ -26,6 +26,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +34,7 @@ from lorlib_ui.adapters import read_layout
 from lorlib_ui.base_model import linear_shapes, load_base_model, shapes_fingerprint
 from lorlib_ui.errors import LorlibError
 from lorlib_ui.library import Library
-from lorlib_ui.record import RecordBuilder
+from lorlib_ui.record import RoutingRecord
 from lorlib_ui.routers import Router
 
 
@@ -214,3 +215,32 @@ def _storage_dtype(stored: set[str], compute: torch.dtype) -> torch.dtype:
     if len(stored) == 1 and (dtype := _SIXTEEN_BIT.get(next(iter(stored)))) is not None:
         return dtype if torch.finfo(dtype).bits < torch.finfo(compute).bits else compute
     return compute
+
+
+class RecordBuilder:
+    """Collects per-call routing tensors on the model's device; one transfer at the end."""
+
+    def __init__(self, modules: list[str], n_experts: int):
+        self.modules, self.n_experts = modules, n_experts
+        self.weights: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+        self.logits: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+
+    def add(self, module: str, weights: torch.Tensor, logits: torch.Tensor | None, n_tokens: int) -> None:
+        weights = weights.detach().float()
+        if weights.dim() == 1:
+            weights = weights.expand(n_tokens, -1)
+        self.weights[module].append(weights)
+        self.logits[module].append(
+            torch.full_like(weights, float("nan")) if logits is None else logits.detach().float()
+        )
+
+    def finish(self, router: str, experts: list[str], tokens: list[str]) -> RoutingRecord:
+        def stack(parts: dict[str, list[torch.Tensor]]) -> np.ndarray:
+            if not tokens or not self.modules:
+                return np.zeros((len(self.modules), len(tokens), self.n_experts), dtype=np.float32)
+            return torch.stack([torch.cat(parts[m]) for m in self.modules]).cpu().numpy()
+
+        weights, logits = stack(self.weights), stack(self.logits)
+        if weights.shape[1] != len(tokens):
+            raise RuntimeError(f"routing record has {weights.shape[1]} tokens but {len(tokens)} were routed")
+        return RoutingRecord(router, experts, self.modules, tokens, weights, logits)
