@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     args = parser.parse_args()
 
-    from lorlib_ui.building import cluster_library, embed_library
+    from lorlib_ui.clusters import cluster_library, embed_library
     from lorlib_ui.mbc import adjusted_rand_index, mbc_cluster, silhouette_by_k
 
     with tempfile.TemporaryDirectory() as tmp:

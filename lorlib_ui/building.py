@@ -16,19 +16,17 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-
-import numpy as np
+from pathlib import Path
 
 from lorlib_ui.data import MultiTaskData
 from lorlib_ui.errors import LorlibError
-from lorlib_ui.library import Expert, Library, check_name, expert_from_adapter
-from lorlib_ui.mbc import adjusted_rand_index, embed, expert_vector, mbc_cluster, silhouette_by_k
+from lorlib_ui.library import Library, check_name, expert_from_adapter
 from lorlib_ui.training import TrainConfig, train_expert
 
 SHARED = "shared"
-TASK_KINDS = ("private", "imported")  # the experts MBC clusters
 
 
 @dataclass
@@ -170,120 +168,91 @@ def train_jobs(
     return report
 
 
-# ---- MBC -----------------------------------------------------------------------------------------
+def bf16_setting(setting: str, device) -> bool:
+    """ "on", "off", or "auto": bf16 autocast where the hardware computes in bf16."""
+    from lorlib_ui.training import fast_bf16
+
+    if setting not in ("auto", "on", "off"):
+        raise LorlibError(f"bf16 must be auto, on or off, not {setting!r}")
+    return setting == "on" or (setting == "auto" and fast_bf16(device))
 
 
-@dataclass
-class Clustering:
-    """MBC over a library's task experts: who is in which cluster, and how good k looks."""
+def load_trainer_model(base_model: str, device: str | None, bf16: str):
+    """The base model in float32 for training, its tokenizer, and whether to autocast to bf16."""
+    from lorlib_ui.base_model import load_base_model
 
-    experts: list[str]
-    labels: list[int]
-    k: int
-    seed: int
-    keep_quantile: float
-    silhouette: dict[int, float]  # k -> score, a suggestion for k
-    families: list[str | None]
-    ari: float | None  # against the families, when every expert has one
-    similarity: np.ndarray
-    vectors: np.ndarray
-
-    def groups(self) -> list[list[str]]:
-        """The experts of each cluster, clusters numbered from 0 in order of first appearance."""
-        out: dict[int, list[str]] = {}
-        for name, label in zip(self.experts, self.labels):
-            out.setdefault(label, []).append(name)
-        return [out[label] for label in sorted(out)]
-
-    def to_manifest(self, names: list[str]) -> dict:
-        """The manifest's record of it, with `names[i]` the expert trained for cluster i."""
-        return {
-            "method": "mbc",
-            "k": self.k,
-            "seed": self.seed,
-            "keep_quantile": self.keep_quantile,
-            "assignment": {e: names[label] for e, label in zip(self.experts, self.labels)},
-            "members": dict(zip(names, self.groups())),
-            "silhouette": {str(k): round(v, 4) for k, v in self.silhouette.items()},
-            "ari_vs_families": None if self.ari is None else round(self.ari, 4),
-        }
+    model, tokenizer = load_base_model(base_model, device=device, dtype="float32")
+    return model, tokenizer, bf16_setting(bf16, model.device)
 
 
-def task_experts(library: Library) -> list[Expert]:
-    experts = [e for e in library.experts if e.kind in TASK_KINDS]
-    if len(experts) < 2:
-        raise LorlibError(f"library {library.path} has {len(experts)} private expert(s); clustering needs 2 or more")
-    return experts
+def build_library(
+    path: str | Path,
+    data: str = "default",
+    tasks: list[str] | None = None,
+    families: list[str] | None = None,
+    holdout_per_family: int = 0,
+    config: TrainConfig | None = None,
+    shared_steps: int | None = None,
+    shared: bool = True,
+    force: bool = False,
+    base_model: str | None = None,
+    device: str | None = None,
+    bf16: str = "auto",
+    progress: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """Train private experts for the selected tasks, then (with `shared`) the shared expert,
+    into the library at `path` (created on `base_model` if there is none). Everything is checked
+    before anything is written: a refused build leaves the library as it was."""
+    from lorlib_ui.base_model import base_model_info
+    from lorlib_ui.data import load_tasks
+    from lorlib_ui.library import MANIFEST
 
-
-def embed_library(library: Library, keep_quantile: float = 0.5, seed: int = 0):
-    """The MBC embedding of the library's task experts (private and imported)."""
-    experts = task_experts(library)
-    modules = sorted(library.load_adapter(experts[0].name).factors)
-    vectors = []
-    for e in experts:
-        factors = library.load_adapter(e.name).factors
-        if sorted(factors) != modules:
-            raise LorlibError(f"expert {e.name} adapts other modules than {experts[0].name}; MBC needs the same")
-        arrays = {m: (a.float().numpy(), b.float().numpy()) for m, (a, b) in factors.items()}
-        vectors.append(expert_vector(arrays, modules))
-    return experts, embed([e.name for e in experts], vectors, keep_quantile, seed)
-
-
-def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: float = 0.5) -> Clustering:
-    experts, embedding = embed_library(library, keep_quantile, seed)
-    raw = mbc_cluster(embedding, k, seed)
-    order = {label: i for i, label in enumerate(dict.fromkeys(raw.tolist()))}  # number by first appearance
-    labels = [order[label] for label in raw.tolist()]
-    families = [e.family for e in experts]
-    ari = adjusted_rand_index(labels, families) if all(families) and len(set(families)) > 1 else None
-    ks = range(2, min(len(experts) - 1, 16) + 1)
-    return Clustering(
-        [e.name for e in experts],
-        labels,
-        k,
-        seed,
-        keep_quantile,
-        silhouette_by_k(embedding, ks, seed),
-        families,
-        ari,
-        embedding.similarity,
-        embedding.vectors,
-    )
-
-
-def cluster_jobs(library: Library, clustering: Clustering, steps: int | None = None) -> list[Job]:
-    """One job per cluster, on the union of its experts' tasks. A cluster expert already in the
-    library with exactly those tasks keeps its name (and is not retrained); new ones take the
-    first free name cluster0, cluster1, ..."""
-    by_tasks = {tuple(sorted(e.tasks)): e.name for e in library.experts if e.kind == "cluster"}
-    task_sets = [sorted({t for n in names for t in library.expert(n).tasks}) for names in clustering.groups()]
-    names = [by_tasks.get(tuple(tasks)) for tasks in task_sets]
-    taken = set(library.names)
-    free = (f"cluster{i}" for i in range(10**6) if f"cluster{i}" not in taken)
-    names = [name or next(free) for name in names]
-    families = [{library.expert(n).family for n in group} for group in clustering.groups()]
-    return [
-        Job(name, "cluster", tasks, fams.pop() if len(fams) == 1 else None, steps)
-        for name, tasks, fams in zip(names, task_sets, families)
-    ]
-
-
-def record_clustering(library: Library, clustering: Clustering, jobs: list[Job], drop_stale: bool = True) -> list[str]:
-    """Store the assignment in the manifest and (with `drop_stale`) drop the cluster experts of
-    an earlier clustering that no cluster of this one reuses. Returns the names dropped."""
-    keep = {job.name for job in jobs}
+    start = time.perf_counter()
+    config = config or TrainConfig()
+    for name, value in {"steps": config.steps, "rank": config.rank, "batch size": config.batch_size}.items():
+        if value < 1:
+            raise LorlibError(f"{name} must be positive, got {value}")
+    if not config.learning_rate > 0 or (shared_steps is not None and shared_steps < 1):
+        raise LorlibError("the learning rate and the shared expert's steps must be positive")
+    if not config.targets:
+        raise LorlibError("no target modules given")
+    if tasks == [] or families == []:
+        raise LorlibError("the list of tasks or families is empty")
+    loaded = load_tasks(data)
+    selected = loaded.select(tasks=tasks, families=families)
+    path = Path(path)
+    library = Library.open(path) if (path / MANIFEST).is_file() else None
+    base = base_model_info(base_model) if library is None or base_model else None
+    if library is not None and base is not None:
+        library.check_base(base)
+    shapes = library.base_shapes if library else base.linear_shapes
+    for target in config.targets:
+        if not any(m == target or m.endswith("." + target) for m in shapes):
+            raise LorlibError(f"the base model has no linear layer named {target!r} to adapt")
+    recorded = set((library.extra.get("held_out") or {}).get("tasks", [])) if library else set()
+    held = sorted(recorded | set(hold_out(selected, holdout_per_family, config.seed)))
+    if tasks and (asked := [t for t in tasks if t in recorded]):
+        raise LorlibError(f"task {asked[0]!r} is held out of library {path} for evaluation")
+    train_tasks = [t for t in selected.tasks if t not in held]
+    if not train_tasks:
+        raise LorlibError("no tasks left to train after holding out")
+    library = library or Library.create(path, base)
+    local = data != "default" and Path(data).exists()
+    source = str(Path(data).resolve()) if local else data  # else "default" or a hub id
     with library.edit() as current:
-        stale = [e.name for e in current.experts if e.kind == "cluster" and e.name not in keep and drop_stale]
-        current.experts = [e for e in current.experts if e.name not in stale]
-        current.clusters = clustering.to_manifest([job.name for job in jobs])
-    return stale
-
-
-def family_cluster(library: Library, family: str) -> str | None:
-    """The cluster expert trained on most of a family's library tasks: the oracle for a held-out
-    task of that family (None when no cluster expert has a task of it)."""
-    family_of = {t: e.family for e in library.experts if e.kind in TASK_KINDS for t in e.tasks}
-    votes = {e.name: sum(family_of.get(t) == family for t in e.tasks) for e in library.experts if e.kind == "cluster"}
-    best = max(sorted(votes), key=lambda name: votes[name], default=None)
-    return best if best is not None and votes[best] > 0 else None
+        current.extra["held_out"] = {"data": source, "tasks": held}
+    model, tokenizer, config.bf16 = load_trainer_model(library.base_model, device, bf16)
+    if held and log is not None:
+        log(f"held out for evaluation: {', '.join(held)}")
+    jobs = private_jobs(loaded, train_tasks)
+    report = train_jobs(library, loaded, jobs, model, tokenizer, config, force, progress, cancel)
+    if shared:
+        job = shared_job(library, loaded, shared_steps or 4 * config.steps)
+        done = train_jobs(library, loaded, [job], model, tokenizer, config, force, progress, cancel)
+        report.trained += done.trained
+        report.skipped += done.skipped
+    report.held_out = held
+    report.seconds = time.perf_counter() - start
+    return report

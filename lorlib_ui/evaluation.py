@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from lorlib_ui.building import family_cluster
+from lorlib_ui.clusters import family_cluster
 from lorlib_ui.data import MultiTaskData
 from lorlib_ui.errors import LorlibError
 from lorlib_ui.generation import encode_prompt, generate_batch, score_continuations
@@ -227,3 +227,51 @@ def format_table(summary: list[dict]) -> str:
         mc = pct(row["mc_accuracy"]) + (f" ({row['mc_tasks']} tasks)" if row["mc_accuracy"] is not None else "")
         lines.append(f"| {row['router']} | {row['tasks']} | {pct(row['exact_match'])} | {ll} | {mc} |")
     return "\n".join(lines)
+
+
+def evaluate_library(
+    path: str,
+    tasks: list[str] | None = None,
+    routers: list[str] | None = None,
+    data: str | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: Callable[[int, int, str, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[dict, list[str]]:
+    """Evaluate routers (default: all of `DEFAULT_ROUTERS` the library allows) on tasks (default:
+    the library's held-out tasks) and store the result in its manifest (`evaluation`).
+    Returns the stored record and notes on routers skipped."""
+    import time
+
+    from lorlib_ui.data import load_tasks
+
+    start = time.perf_counter()
+    if limit is not None and limit < 1:
+        raise LorlibError(f"the limit must be positive, got {limit}")
+    library = Library.open(path)
+    if not library.experts:
+        raise LorlibError(f"library {library.path} has no experts to evaluate")
+    recorded = library.extra.get("held_out") or {}
+    source = data or recorded.get("data") or "default"
+    if tasks is None:
+        tasks = recorded.get("tasks") or []
+        if not tasks:
+            raise LorlibError(f"library {library.path} holds no tasks out; name the tasks to evaluate on")
+    if not tasks:
+        raise LorlibError("the list of tasks is empty")
+    names = list(DEFAULT_ROUTERS) if routers is None else routers
+    if not names:
+        raise LorlibError("the list of routers is empty")
+    kept, notes = resolve_routers(library, names, explicit=routers is not None)
+    loaded = load_tasks(source)
+    for task in tasks:
+        loaded.family_of(task)  # an unknown task fails here, before the model loads
+    rm = RoutedModel.load(library, device=device, dtype=dtype)
+    scores = evaluate(rm, loaded, tasks, kept, limit=limit, progress=progress, cancel=cancel)
+    record = result_record(scores, kept, source, limit, time.perf_counter() - start)
+    record["tasks"] = list(tasks)
+    with library.edit() as current:
+        current.extra["evaluation"] = record
+    return record, notes

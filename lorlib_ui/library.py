@@ -227,6 +227,17 @@ class Library:
             current._sweep()
             self.__dict__.update(current.__dict__)
 
+    def record_history(self, command: str, seconds: float) -> None:
+        """Append a finished command (build, cluster, evaluate) to the manifest's `history`."""
+        with self.edit() as current:
+            current.extra.setdefault("history", []).append(
+                {
+                    "command": command,
+                    "seconds": round(seconds, 1),
+                    "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+            )
+
     def remove_expert(self, name: str) -> None:
         self.expert(name)
         with self.edit() as current:
