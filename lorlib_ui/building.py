@@ -104,9 +104,9 @@ def private_jobs(data: MultiTaskData, tasks: list[str]) -> list[Job]:
     return [Job(expert_name(t), "private", [t], data.family_of(t)) for t in tasks]
 
 
-def shared_job(library: Library, data: MultiTaskData, steps: int | None) -> Job:
-    """One expert on every task of the library's private experts."""
-    tasks = sorted({t for e in library.experts if e.kind == "private" for t in e.tasks})
+def shared_job(library: Library, data: MultiTaskData, steps: int | None, adding: list[str] = ()) -> Job:
+    """One expert on every task of the library's private experts, and of those being `adding`."""
+    tasks = sorted({t for e in library.experts if e.kind == "private" for t in e.tasks} | set(adding))
     if not tasks:
         raise LorlibError(f"library {library.path} has no private experts to train a shared expert on")
     return Job(SHARED, "shared", tasks, _family(data, tasks), steps)
@@ -247,12 +247,9 @@ def build_library(
     if held and log is not None:
         log(f"held out for evaluation: {', '.join(held)}")
     jobs = private_jobs(loaded, train_tasks)
+    if shared:  # last, on all private tasks: those already in the library and these
+        jobs.append(shared_job(library, loaded, shared_steps or 4 * config.steps, adding=train_tasks))
     report = train_jobs(library, loaded, jobs, model, tokenizer, config, force, progress, cancel)
-    if shared:
-        job = shared_job(library, loaded, shared_steps or 4 * config.steps)
-        done = train_jobs(library, loaded, [job], model, tokenizer, config, force, progress, cancel)
-        report.trained += done.trained
-        report.skipped += done.skipped
     report.held_out = held
     report.seconds = time.perf_counter() - start
     return report

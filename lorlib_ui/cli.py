@@ -156,35 +156,22 @@ def cmd_new(args) -> None:
 
 
 def cmd_import_peft(args) -> None:
-    from lorlib_ui.adapters import read_adapter
-    from lorlib_ui.base_model import base_model_info
-    from lorlib_ui.library import MANIFEST, Library, check_name, expert_from_adapter
+    from lorlib_ui.library import import_adapters
 
     if args.name and len(args.adapters) > 1:
         raise LorlibError("--name can only be used with a single adapter folder")
-    # Check everything before touching the library: a refused import leaves it byte-for-byte as it was.
-    # (Library.add_experts checks again under its lock; these checks matter when the library is new.)
-    names = [check_name(args.name or Path(d).resolve().name) for d in args.adapters]
-    adapters = [read_adapter(d) for d in args.adapters]
-    exists = (Path(args.library) / MANIFEST).is_file()
-    library = Library.open(args.library) if exists else None
-    if library is None or args.base_model:
-        base = base_model_info(args.base_model)
-        if library is not None:
-            library.check_base(base)
-    shapes = library.base_shapes if library else base.linear_shapes
-    base_name = library.base_model if library else base.name
-    for name, adapter in zip(names, adapters):
-        adapter.check_fits(shapes, f"adapter {name}")
-    tasks = [t for t in args.tasks.split(",") if t]
-    entries = [
-        (expert_from_adapter(n, a, base_name, kind=args.kind, tasks=tasks or [n], family=args.family), a)
-        for n, a in zip(names, adapters)
-    ]
-    library = library or Library.create(args.library, base)
-    stored = library.add_experts(entries, force=args.force)
+    stored = import_adapters(
+        args.library,
+        args.adapters,
+        names=[args.name] if args.name else None,
+        base_model=args.base_model,
+        kind=args.kind,
+        tasks=[t for t in args.tasks.split(",") if t] or None,
+        family=args.family,
+        force=args.force,
+    )
     for e in stored:
-        print(f"imported {e.name} (rank {e.rank}, {', '.join(e.target_modules)}) into {library.path}")
+        print(f"imported {e.name} (rank {e.rank}, {', '.join(e.target_modules)}) into {args.library}")
 
 
 def cmd_info(args) -> None:

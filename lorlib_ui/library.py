@@ -310,6 +310,44 @@ def expert_from_adapter(name: str, adapter: LoraAdapter, base_model: str, kind: 
     )
 
 
+def import_adapters(
+    path: str | Path,
+    folders: list[str | Path],
+    names: list[str] | None = None,
+    base_model: str | None = None,
+    kind: str = "imported",
+    tasks: list[str] | None = None,
+    family: str | None = None,
+    force: bool = False,
+) -> list[Expert]:
+    """Import PEFT LoRA adapter folders into the library at `path`, creating it on `base_model`
+    (default: the embedded model) if there is none. Every adapter is read and checked before
+    anything is written, so a refused import leaves the library byte-for-byte as it was."""
+    from lorlib_ui.base_model import base_model_info
+
+    if not folders:
+        raise LorlibError("no adapter folders to import")
+    names = [check_name(n) for n in (names or [Path(d).resolve().name for d in folders])]
+    if len(names) != len(folders):
+        raise LorlibError("give one name per adapter folder")
+    adapters = [read_adapter(d) for d in folders]
+    path = Path(path)
+    library = Library.open(path) if (path / MANIFEST).is_file() else None
+    base = base_model_info(base_model) if library is None or base_model else None
+    if library is not None and base is not None:
+        library.check_base(base)
+    shapes = library.base_shapes if library else base.linear_shapes
+    base_name = library.base_model if library else base.name
+    for name, adapter in zip(names, adapters):
+        adapter.check_fits(shapes, f"adapter {name}")
+    entries = [
+        (expert_from_adapter(n, a, base_name, kind=kind, tasks=list(tasks or [n]), family=family), a)
+        for n, a in zip(names, adapters)
+    ]
+    library = library or Library.create(path, base)
+    return library.add_experts(entries, force=force)
+
+
 def _free_folder(experts_dir: Path, name: str, library: Library) -> Path:
     """experts/<name>, or a fresh sibling when that folder is in use (the expert being replaced
     stays in place until the new manifest no longer names it)."""

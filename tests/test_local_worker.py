@@ -1,0 +1,167 @@
+"""The in-process model worker: streamed routing with records, clusters, imports and long jobs."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import library_snapshot
+
+from lorlib_ui.errors import LorlibError
+from lorlib_ui.generation import generate
+from lorlib_ui.local_worker import LocalWorker
+from lorlib_ui.routers import make_router
+from lorlib_ui.worker import JobRequest, RouteRequest
+
+
+@pytest.fixture
+def worker():
+    return LocalWorker(device="cpu")
+
+
+def _final(updates):
+    updates = list(updates)
+    assert updates[-1].done and all(not u.done for u in updates[:-1])
+    return updates
+
+
+def test_route_streams_text_and_ends_with_the_record(worker, tiny_library, tiny_routed):
+    request = RouteRequest(str(tiny_library.path), "the quick brown", router="arrow", top_k=2, max_new_tokens=5)
+    updates = _final(worker.route(request))
+    final = updates[-1]
+    expected = generate(tiny_routed, "the quick brown", make_router("arrow", tiny_routed.experts, top_k=2), 5)
+    assert final.text == expected.text and len(updates) == len(expected.new_ids) + 1
+    assert [u.text for u in updates[:-1]][-1] == expected.text  # streamed text grows to the answer
+    record = final.record
+    assert record.weights.shape == (len(tiny_routed.modules), len(expected.prompt_ids) + 5, 6)
+    assert np.allclose(record.weights.sum(-1), 1.0, atol=1e-5)
+    assert np.allclose(record.weights, expected.record.weights, atol=1e-6)
+    assert final.n_prompt_tokens == len(expected.prompt_ids) and final.first_token_s <= final.total_s
+
+
+def test_concurrent_requests_get_their_own_records(worker, tiny_library):
+    prompts = ["the quick brown fox", "routing tokens", "a library of lora adapters over one", "one"]
+    results = {}
+
+    def ask(prompt):
+        updates = list(worker.route(RouteRequest(str(tiny_library.path), prompt, max_new_tokens=4)))
+        results[prompt] = updates[-1]
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for prompt, final in results.items():
+        alone = list(worker.route(RouteRequest(str(tiny_library.path), prompt, max_new_tokens=4)))[-1]
+        assert final.record.tokens == alone.record.tokens and final.text == alone.text
+        assert "".join(final.record.tokens[: final.n_prompt_tokens]) == prompt
+        assert np.allclose(final.record.weights, alone.record.weights, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt": "  "}, "the prompt is empty"),
+        ({"router": "ties"}, "unknown router"),
+        ({"top_k": 0}, "top-k must be between 1"),
+        ({"temperature": -1.0}, "temperature must be positive"),
+        ({"max_new_tokens": 0}, "max new tokens must be between 1"),
+        ({"library": "/nonexistent/lib"}, "no library at /nonexistent/lib"),
+    ],
+)
+def test_bad_route_requests_are_one_line_errors(worker, tiny_library, change, message):
+    fields = {"library": str(tiny_library.path), "prompt": "the quick", "max_new_tokens": 3, **change}
+    request = RouteRequest(**fields)
+    with pytest.raises(LorlibError, match=message):
+        list(worker.route(request))
+    assert list(worker.route(RouteRequest(str(tiny_library.path), "the quick", max_new_tokens=2)))[-1].done
+
+
+def test_library_changes_are_picked_up(worker, tiny_library, tiny_base, tmp_path):
+    from conftest import make_adapter
+
+    path = str(tiny_library.path)
+    list(worker.route(RouteRequest(path, "the quick", max_new_tokens=2)))
+    extra = make_adapter(tmp_path / "fresh", tiny_base, seed=99)
+    assert worker.import_adapters(path, [str(extra)]) == ["fresh"]
+    final = list(worker.route(RouteRequest(path, "the quick", router="expert:fresh", max_new_tokens=2)))[-1]
+    assert final.record.experts[-1] == "fresh" and final.record.weights[:, :, -1].min() == 1.0
+    assert worker.library(path).experts[-1]["name"] == "fresh"
+
+
+def test_refused_import_leaves_library_unchanged(worker, tiny_library, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    before = library_snapshot(tiny_library.path)
+    with pytest.raises(LorlibError):
+        worker.import_adapters(str(tiny_library.path), [str(bad)])
+    assert library_snapshot(tiny_library.path) == before
+
+
+def _wait(worker, job_id, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = worker.job(job_id)
+        if status.state not in ("queued", "running"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {status.state}")
+
+
+def test_build_cluster_evaluate_jobs(worker, tmp_path, tiny_base, tasks_file):
+    path = str(tmp_path / "lib")
+    options = {"data": str(tasks_file), "holdout_per_family": 1, "steps": 2, "rank": 2, "batch_size": 2}
+    options |= {"targets": ["q_proj", "v_proj"], "shared_steps": 2, "base_model": str(tiny_base)}
+    seen = []
+    job_id = worker.submit(JobRequest("build", path, options))
+    while (status := worker.job(job_id)).state in ("queued", "running"):
+        seen.append(status.fraction)
+        time.sleep(0.01)
+    assert status.state == "done", status.message
+    assert sorted(status.result["trained"]) == sorted(e["name"] for e in worker.library(path).experts)
+    assert all(0 <= f <= 1 for f in seen) and seen == sorted(seen)
+    status = _wait(worker, worker.submit(JobRequest("cluster", path, {"k": 2, "steps": 2})))
+    assert status.state == "done", status.message
+    assert len(status.result["clusters"]["members"]) == 2
+    status = _wait(worker, worker.submit(JobRequest("evaluate", path, {"limit": 1, "routers": ["base", "oracle"]})))
+    assert status.state == "done", status.message
+    info = worker.library(path)
+    assert [r["router"] for r in info.evaluation["summary"]] == ["base", "oracle"]
+    assert [h["command"].split()[1] for h in info.history] == ["build", "cluster", "evaluate"]
+
+
+def test_cancelled_build_keeps_finished_experts(worker, tmp_path, tiny_base, tasks_file):
+    path = str(tmp_path / "lib")
+    options = {"data": str(tasks_file), "steps": 200, "batch_size": 2, "rank": 2, "base_model": str(tiny_base)}
+    job_id = worker.submit(JobRequest("build", path, options))
+    while not worker.job(job_id).message.startswith("expert 2/7 copy1"):  # 6 private + the shared expert
+        assert worker.job(job_id).state in ("queued", "running")
+        time.sleep(0.01)
+    worker.cancel(job_id)
+    status = _wait(worker, job_id)
+    assert status.state == "cancelled" and "cancelled" in status.message
+    assert [e["name"] for e in worker.library(path).experts] == ["copy0"]
+
+
+def test_bad_jobs_are_refused(worker, tiny_library):
+    with pytest.raises(LorlibError, match="unknown job"):
+        worker.submit(JobRequest("train", str(tiny_library.path)))
+    with pytest.raises(LorlibError, match="no library"):
+        worker.submit(JobRequest("cluster", "/nonexistent", {"k": 2}))
+    status = _wait(worker, worker.submit(JobRequest("cluster", str(tiny_library.path), {"k": 99})))
+    assert status.state == "failed" and "k must be between 1 and the number of experts" in status.message
+    with pytest.raises(LorlibError, match="no job"):
+        worker.job("nope")
+
+
+def test_clusters_view(worker, tiny_library):
+    view = worker.clusters(str(tiny_library.path), 2)
+    assert view.coords.shape == (6, 2) and np.isfinite(view.coords).all()
+    assert sorted(set(view.labels)) == [0, 1] and view.similarity.shape == (6, 6)
+    assert sorted(view.clustered) == sorted(view.names) and set(view.silhouette) == {2, 3, 4, 5}
+    ordered = [view.labels[view.names.index(n)] for n in view.clustered]
+    assert ordered == sorted(ordered)  # the similarity matrix is ordered by cluster
+    with pytest.raises(LorlibError, match="k must be between 1"):
+        worker.clusters(str(tiny_library.path), 7)
