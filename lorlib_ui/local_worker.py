@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import tempfile
 import threading
 import time
 import traceback
@@ -41,6 +42,7 @@ class LocalWorker(Worker):
         self._jobs: dict[str, JobStatus] = {}
         self._cancelled: set[str] = set()
         self._queue: queue.Queue[tuple[str, JobRequest]] = queue.Queue()
+        self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): uploads unpack and downloads go here
         self._runner = threading.Thread(target=self._run_jobs, name="lorlib-jobs", daemon=True)
         self._runner.start()
 
@@ -196,6 +198,22 @@ class LocalWorker(Worker):
         from lorlib_ui.library import import_adapters
 
         return [e.name for e in import_adapters(path, folders, force=force)]
+
+    def import_archive(self, path: str, archive: str, force: bool = False) -> list[str]:
+        from lorlib_ui.archives import adapter_folders, safe_extract
+
+        Library.open(path)  # refuse before unpacking anything
+        with tempfile.TemporaryDirectory(dir=self._tmp) as tmp:
+            folders = adapter_folders(safe_extract(archive, Path(tmp) / "unpacked"))
+            return self.import_adapters(path, [str(f) for f in folders], force=force)
+
+    def export(self, path: str, expert: str | None = None) -> str:
+        from lorlib_ui.archives import zip_folder
+
+        library = Library.open(path)
+        folder = library.path / library.expert(expert).path if expert else library.path
+        name = f"{expert or library.path.name}.zip"
+        return str(zip_folder(folder, Path(tempfile.mkdtemp(dir=self._tmp)) / name))
 
     # ---- jobs ------------------------------------------------------------------------------------
     def submit(self, job: JobRequest) -> str:

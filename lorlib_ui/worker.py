@@ -115,6 +115,14 @@ class Worker(ABC):
         """Import checked PEFT adapter folders into a library; returns the names stored."""
 
     @abstractmethod
+    def import_archive(self, path: str, archive: str, force: bool = False) -> list[str]:
+        """Import every adapter folder in an uploaded zip (checked before unpacking)."""
+
+    @abstractmethod
+    def export(self, path: str, expert: str | None = None) -> str:
+        """A zip of the library, or of one expert; returns its path (in the worker's temp folder)."""
+
+    @abstractmethod
     def submit(self, job: JobRequest) -> str:
         """Queue a long job (build, cluster, evaluate); returns its id."""
 

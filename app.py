@@ -1,0 +1,64 @@
+"""The lorlib explorer: `python app.py` serves it at http://127.0.0.1:7860 on the embedded default.
+
+    python app.py [--library DIR] [--host 127.0.0.1] [--port 7860] [--base-model M] [--device cpu|cuda] [--dtype D]
+
+The UI (`lorlib_ui.ui`) talks only to a model worker; this file picks the worker and launches the
+app. It binds to 127.0.0.1 unless --host says otherwise, makes no share link, sends no analytics,
+and keeps uploads in a private temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_LIBRARY = ROOT / "assets" / "library"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The lorlib explorer (Gradio).")
+    parser.add_argument("--library", default=str(DEFAULT_LIBRARY), help="library folder to open first")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--base-model", default=None, help="override the library's base model (must fit it)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    return parser.parse_args(argv)
+
+
+def _offline_environment() -> None:
+    """Before gradio is imported: no analytics, uploads in a private (0700) temporary folder."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="lorlib-uploads-"))
+
+
+def create(args: argparse.Namespace):
+    """The app (not launched) over an in-process worker."""
+    _offline_environment()
+    from lorlib_ui.data import load_tasks
+    from lorlib_ui.local_worker import LocalWorker
+    from lorlib_ui.ui import build_app
+
+    data = load_tasks("default")
+    tasks_by_family = {family: data.tasks_in(family) for family in data.families}
+    worker = LocalWorker(device=args.device, dtype=args.dtype, base_model=args.base_model)
+    return build_app(worker, args.library, tasks_by_family)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    app = create(args)
+    import gradio as gr
+
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    app.queue(default_concurrency_limit=8)
+    app.launch(server_name=args.host, server_port=args.port, share=False, theme=theme, footer_links=["api"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
