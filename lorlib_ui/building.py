@@ -238,6 +238,9 @@ def build_library(
     train_tasks = [t for t in selected.tasks if t not in held]
     if not train_tasks:
         raise LorlibError("no tasks left to train after holding out")
+    sizes = loaded.split_sizes()
+    if empty := [t for t in train_tasks if not sizes[t]["train"]]:
+        raise LorlibError(f"{loaded.origin}: task {empty[0]!r} has no training rows")
     library = library or Library.create(path, base)
     local = data != "default" and Path(data).exists()
     source = str(Path(data).resolve()) if local else data  # else "default" or a hub id

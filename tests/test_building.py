@@ -157,3 +157,13 @@ def test_cluster_no_train_only_records(built, capsys):
     library = Library.open(built)
     assert library.clusters["k"] == 2 and not [e for e in library.experts if e.kind == "cluster"]
     assert "suggested k" in out
+
+
+def test_a_task_without_training_rows_is_refused_before_training(tmp_path, tiny_base, capsys):
+    rows = [{"task": "a", "input": f"x{i}", "output": "y", "split": "train"} for i in range(4)]
+    rows += [{"task": "b", "input": "x", "output": "y", "split": "test"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    code, _, err = run(capsys, "build", tmp_path / "lib", "--data", data, "--base-model", tiny_base, *TRAIN)
+    assert code == 1 and "task 'b' has no training rows" in err
+    assert not (tmp_path / "lib").exists()
