@@ -1,0 +1,108 @@
+"""The explorer's API, driven with gradio_client against a running app on a tiny library."""
+
+import json
+import os
+import socket
+
+import pytest
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from conftest import library_snapshot  # noqa: E402
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ENDPOINTS = {
+    "/open_library",
+    "/route",
+    "/compare",
+    "/clusters",
+    "/import_adapters",
+    "/export_expert",
+    "/export_library",
+    "/build",
+    "/cancel_build",
+    "/evaluate",
+    "/cancel_evaluate",
+    "/health",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def client(tiny_library):
+    from lorlib_ui.local_worker import LocalWorker
+    from lorlib_ui.ui import build_app
+
+    app = build_app(LocalWorker(device="cpu"), str(tiny_library.path), {"copy": ["copy0"]})
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
+    try:
+        yield gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        app.close()
+
+
+def _plot(value) -> dict:
+    return json.loads(value["plot"])
+
+
+def test_every_event_has_a_named_endpoint(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) >= ENDPOINTS
+
+
+def test_route_returns_text_and_layer_heatmap(client, tiny_routed):
+    text, note, plot, *_ = client.predict("the quick brown", "arrow", 2, 1.0, 4, api_name="/route")
+    assert isinstance(text, str) and "first token after" in note
+    heatmap = _plot(plot)["data"][0]
+    assert heatmap["type"] == "heatmap"
+    assert (len(heatmap["z"]), len(heatmap["z"][0])) == (len(tiny_routed.modules), len(tiny_routed.experts))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("", "arrow", 2, 1.0, 4), "the prompt is empty"),
+        (("hi", "ties", 2, 1.0, 4), "unknown router"),
+        (("hi", "arrow", 9, 1.0, 4), "top-k must be between 1 and the number of experts"),
+    ],
+)
+def test_bad_route_input_is_a_visible_error_and_the_app_keeps_serving(client, args, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*args, api_name="/route")
+    assert client.predict(api_name="/health")["backend"] == "local"
+
+
+def test_clusters_and_k_out_of_range(client, tiny_library):
+    scatter, similarity, silhouette, _ = client.predict(2, "cluster", api_name="/clusters")
+    points = sum(len(trace["x"]) for trace in _plot(scatter)["data"])
+    assert points == len(tiny_library.experts)
+    with pytest.raises(AppError, match="k must be between 1"):
+        client.predict(16, "cluster", api_name="/clusters")
+
+
+def test_unknown_library_is_refused(client):
+    with pytest.raises(AppError, match="no library at /nonexistent"):
+        client.predict("/nonexistent", api_name="/open_library")
+
+
+def test_import_zip_and_refuse_a_malformed_one(client, tiny_library, tiny_base, tmp_path):
+    from conftest import make_adapter
+
+    from lorlib_ui.archives import zip_folder
+
+    before = library_snapshot(tiny_library.path)
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(AppError, match="not a zip archive"):
+        client.predict(gradio_client.handle_file(str(tmp_path / "bad.zip")), api_name="/import_adapters")
+    assert library_snapshot(tiny_library.path) == before
+    archive = zip_folder(make_adapter(tmp_path / "newcomer", tiny_base, seed=7), tmp_path / "newcomer.zip")
+    out = client.predict(gradio_client.handle_file(str(archive)), api_name="/import_adapters")
+    assert "newcomer" in [row[0] for row in out[1]["data"]]
