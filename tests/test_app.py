@@ -1,9 +1,11 @@
 """The explorer's API, driven with gradio_client against a running app on a tiny library."""
 
+import base64
 import json
 import os
 import socket
 
+import numpy as np
 import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -53,6 +55,15 @@ def _plot(value) -> dict:
     return json.loads(value["plot"])
 
 
+def _array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array {"dtype", "bdata" (base64), "shape"}."""
+    if isinstance(value, list):
+        return np.asarray(value)
+    flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+    shape = [int(n) for n in str(value.get("shape", len(flat))).split(",")]
+    return flat.reshape(shape)
+
+
 def test_every_event_has_a_named_endpoint(client):
     api = client.view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) >= ENDPOINTS
@@ -63,7 +74,9 @@ def test_route_returns_text_and_layer_heatmap(client, tiny_routed):
     assert isinstance(text, str) and "first token after" in note
     heatmap = _plot(plot)["data"][0]
     assert heatmap["type"] == "heatmap"
-    assert (len(heatmap["z"]), len(heatmap["z"][0])) == (len(tiny_routed.modules), len(tiny_routed.experts))
+    z = _array(heatmap["z"])
+    assert z.shape == (len(tiny_routed.modules), len(tiny_routed.experts))
+    assert np.allclose(z.sum(axis=1), 1.0, atol=1e-4)  # mean weights over tokens: each layer's row sums to 1
 
 
 @pytest.mark.parametrize(
@@ -82,7 +95,7 @@ def test_bad_route_input_is_a_visible_error_and_the_app_keeps_serving(client, ar
 
 def test_clusters_and_k_out_of_range(client, tiny_library):
     scatter, similarity, silhouette, _ = client.predict(2, "cluster", api_name="/clusters")
-    points = sum(len(trace["x"]) for trace in _plot(scatter)["data"])
+    points = sum(len(_array(trace["x"])) for trace in _plot(scatter)["data"])
     assert points == len(tiny_library.experts)
     with pytest.raises(AppError, match="k must be between 1"):
         client.predict(16, "cluster", api_name="/clusters")
