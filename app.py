@@ -46,6 +46,7 @@ def create(args: argparse.Namespace):
     data = load_tasks("default")
     tasks_by_family = {family: data.tasks_in(family) for family in data.families}
     worker = LocalWorker(device=args.device, dtype=args.dtype, base_model=args.base_model)
+    worker.warm_up(args.library)
     return build_app(worker, args.library, tasks_by_family)
 
 

@@ -61,6 +61,20 @@ class LocalWorker(Worker):
             "jobs_queued": queued,
         }
 
+    def warm_up(self, path: str) -> None:
+        """Load the library's routed model and compile UMAP (numba, tens of seconds on first use)
+        on a background thread, so the first route and cluster view do not wait for them."""
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    self._routed_model(path)
+                umap_coords(np.random.default_rng(0).normal(size=(8, 4)))
+            except Exception:  # a bad library shows its error on the first real request
+                traceback.print_exc()
+
+        threading.Thread(target=work, name="lorlib-warm-up", daemon=True).start()
+
     def library(self, path: str) -> LibraryInfo:
         library = Library.open(path)
         assignment = (library.clusters or {}).get("assignment", {})

@@ -97,6 +97,10 @@ class Worker(ABC):
         """device, base models loaded, jobs queued; answers at once, even while busy."""
 
     @abstractmethod
+    def warm_up(self, path: str) -> None:
+        """Start loading what the first requests on a library need, in the background."""
+
+    @abstractmethod
     def library(self, path: str) -> LibraryInfo: ...
 
     @abstractmethod

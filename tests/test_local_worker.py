@@ -165,3 +165,14 @@ def test_clusters_view(worker, tiny_library):
     assert ordered == sorted(ordered)  # the similarity matrix is ordered by cluster
     with pytest.raises(LorlibError, match="k must be between 1"):
         worker.clusters(str(tiny_library.path), 7)
+
+
+def test_warm_up_loads_the_library_in_the_background(worker, tiny_library):
+    worker.warm_up(str(tiny_library.path))
+    deadline = time.time() + 60
+    while str(tiny_library.path.resolve()) not in worker.health()["libraries_loaded"]:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    worker.warm_up("/nonexistent")  # a bad path is reported by the first real request, not here
+    with pytest.raises(LorlibError, match="no library"):
+        worker.library("/nonexistent")
