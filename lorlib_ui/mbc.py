@@ -7,7 +7,8 @@ per cluster. Following the paper's code, each expert becomes one vector:
    with the same ranks, so that entries line up);
 2. sparsify: keep the entries whose |w| is above the expert's own `keep_quantile` of |w|, zero
    the rest;
-3. reduce with TruncatedSVD to at most 64 dimensions and L2-normalise;
+3. reduce to at most 64 dimensions by SVD (exact; the paper's code uses sklearn's randomized
+   TruncatedSVD) and L2-normalise;
 4. cosine similarity between experts, and k-means (k-means++, n_init=10, fixed seed) on the rows
    of that similarity matrix.
 
@@ -40,13 +41,32 @@ def expert_vector(factors: dict[str, tuple[np.ndarray, np.ndarray]], modules: li
 
 
 def sparsify(vector: np.ndarray, keep_quantile: float) -> np.ndarray:
-    threshold = np.quantile(np.abs(vector), keep_quantile)
+    """Zero the entries whose |w| is not above the `keep_quantile` of the row's |w| (each row on its own)."""
+    threshold = np.quantile(np.abs(vector), keep_quantile, axis=-1, keepdims=True)
     return np.where(np.abs(vector) > threshold, vector, 0.0)
 
 
+def svd_coordinates(matrix: np.ndarray, dims: int) -> np.ndarray:
+    """U_k Σ_k of the exact SVD of `matrix` (what TruncatedSVD.fit_transform approximates).
+
+    Written by hand because experts are few and their vectors long (256 x 921,600 for rank 4 on
+    SmolLM2's attention): the experts' Gram matrix X Xᵀ takes one pass over the weights and its
+    eigenvectors give U and Σ² exactly, where sklearn's randomized TruncatedSVD needs several
+    passes, takes 13 s instead of 0.3 s there, and is approximate (cosines off by up to 0.12).
+    """
+    n, d = matrix.shape
+    if n <= d:
+        eigenvalues, u = np.linalg.eigh((matrix @ matrix.T).astype(np.float64))
+        top = np.argsort(eigenvalues)[::-1][:dims]
+        return u[:, top] * np.sqrt(np.clip(eigenvalues[top], 0.0, None))
+    u, sigma, _ = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+    return u[:, :dims] * sigma[:dims]
+
+
 def embed(names: list[str], vectors: list[np.ndarray], keep_quantile: float = 0.5, seed: int = 0) -> Embedding:
-    """Sparsified, SVD-reduced, unit-norm expert vectors and their cosine similarities."""
-    from sklearn.decomposition import TruncatedSVD
+    """Sparsified, SVD-reduced, unit-norm expert vectors and their cosine similarities.
+
+    (`seed` is kept for the interface: the SVD here is exact, so nothing in it is random.)"""
     from sklearn.preprocessing import normalize
 
     if len(names) < 2:
@@ -55,10 +75,9 @@ def embed(names: list[str], vectors: list[np.ndarray], keep_quantile: float = 0.
         raise LorlibError("clustering needs experts that adapt the same modules with the same ranks")
     if not 0.0 <= keep_quantile < 1.0:
         raise LorlibError(f"the sparsity quantile must be in [0, 1), got {keep_quantile}")
-    matrix = np.stack([sparsify(v.astype(np.float64), keep_quantile) for v in vectors])
+    matrix = sparsify(np.stack(vectors).astype(np.float32), keep_quantile)
     dims = min(MAX_DIMENSIONS, len(names), matrix.shape[1] - 1)
-    reduced = TruncatedSVD(n_components=max(dims, 1), random_state=seed).fit_transform(matrix)
-    unit = normalize(reduced)
+    unit = normalize(svd_coordinates(matrix, max(dims, 1)))
     return Embedding(list(names), unit, unit @ unit.T)
 
 

@@ -1,0 +1,132 @@
+"""Explorer speed: time to the first streamed token and to the heatmap; the cluster view at 256 experts.
+
+    python benchmarks/bench_app.py [--repeats 5]
+
+Starts the app in-process on the embedded model and the shipped library (assets/library), waits
+for the worker's warm-up, then drives the /route endpoint with gradio_client as a browser would:
+a 40-token prompt, Arrow over the private experts, 16 new tokens. "first token" is from submitting
+the request to the first streamed text; "heatmap" is to the final update, which carries the routing
+heatmap. Then it writes a library of 256 random experts (benchmarks/bench_mbc.py) and times the
+/clusters endpoint on it: MBC embedding, silhouette sweep, UMAP and the figures, first call
+(nothing cached) and a second call at another k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+PROMPT_TOKENS = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prompt(tokenizer) -> str:
+    words = [
+        "Name",
+        "the",
+        "plural",
+        "form",
+        "of",
+        "each",
+        "of",
+        "these",
+        "nouns",
+        "in",
+        "order:",
+        "goose,",
+        "mouse,",
+        "child,",
+        "tooth,",
+        "ox,",
+        "cactus,",
+        "fungus,",
+        "person",
+    ]
+    text = ""
+    for word in words * 4:
+        candidate = f"{text} {word}".strip()
+        if len(tokenizer(candidate)["input_ids"]) > PROMPT_TOKENS:
+            break
+        text = candidate
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    from bench_mbc import make_library
+    from gradio_client import Client
+    from transformers import AutoTokenizer
+
+    from lorlib_ui.base_model import resolve_base_model
+    from lorlib_ui.local_worker import LocalWorker
+    from lorlib_ui.ui import build_app
+
+    library = str(ROOT / "assets" / "library")
+    worker = LocalWorker(device="cpu")
+    start = time.perf_counter()
+    worker.warm_up(library)
+    app = build_app(worker, library, {})
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    while str(Path(library).resolve()) not in worker.health()["libraries_loaded"]:
+        time.sleep(0.1)
+    warm = time.perf_counter() - start
+    prompt = _prompt(AutoTokenizer.from_pretrained(resolve_base_model(None)))
+    first, final = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        job = client.submit(prompt, "arrow@private", 4, 1.0, 16, api_name="/route")
+        seen = None
+        for _update in job:
+            seen = seen or time.perf_counter() - t0
+        job.result()
+        first.append(seen)
+        final.append(time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_library(Path(tmp) / "lib256", 256, 16)
+        client.predict(str(Path(tmp) / "lib256"), api_name="/open_library")
+        t0 = time.perf_counter()
+        client.predict(16, "cluster", api_name="/clusters")
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        client.predict(12, "family", api_name="/clusters")
+        hot = time.perf_counter() - t0
+    app.close()
+
+    print(
+        f"Run {date.today()} on {platform.machine()} with {os.cpu_count()} cores; embedded SmolLM2-135M-Instruct "
+        f"(float32, CPU), shipped library (34 experts), {PROMPT_TOKENS}-token prompt, 16 new tokens, "
+        f"{args.repeats} requests; warm-up (model load + UMAP compile) {warm:.1f} s.\n"
+    )
+    print("| measure | median s | max s |\n|---|---:|---:|")
+    print(f"| Route: first streamed token | {statistics.median(first):.2f} | {max(first):.2f} |")
+    print(f"| Route: heatmap (final update) | {statistics.median(final):.2f} | {max(final):.2f} |")
+    print(f"| Clusters, 256 experts, first view (nothing cached) | {cold:.2f} | {cold:.2f} |")
+    print(f"| Clusters, 256 experts, another k | {hot:.2f} | {hot:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
