@@ -119,7 +119,7 @@ def main() -> None:
     print(
         f"Run {date.today()} on {platform.machine()} with {os.cpu_count()} cores; embedded SmolLM2-135M-Instruct "
         f"(float32, CPU), shipped library (34 experts), {PROMPT_TOKENS}-token prompt, 16 new tokens, "
-        f"{args.repeats} requests; warm-up (model load + UMAP compile) {warm:.1f} s.\n"
+        f"{args.repeats} requests; model loaded by the warm-up after {warm:.1f} s.\n"
     )
     print("| measure | median s | max s |\n|---|---:|---:|")
     print(f"| Route: first streamed token | {statistics.median(first):.2f} | {max(first):.2f} |")

@@ -6,7 +6,7 @@ Writes a library of random rank-4 bfloat16 LoRA experts (q, k, v, o of every lay
 embedded SmolLM2-135M-Instruct's shapes) in `--families` groups: each expert is its family's
 factors plus noise of the same size, so the clusters are there to be found. Then times what
 `python -m lorlib_ui cluster LIBRARY --k K --no-train` computes: reading every adapter, the
-embedding (flatten, sparsify, TruncatedSVD, L2), k-means at k, and silhouette scores for
+embedding (flatten, sparsify, exact SVD, L2), k-means at k, and silhouette scores for
 k = 2..16. Reports each part, the total and the adjusted Rand index against the families.
 """
 
@@ -95,7 +95,7 @@ def main() -> None:
         f"rank 4 on q, k, v, o of 30 layers (bf16), k = {args.k}; library written in {setup:.1f} s.\n"
     )
     print("| part | seconds |\n|---|---:|")
-    print(f"| read adapters + embedding (sparsify, TruncatedSVD, L2) | {t_embed:.2f} |")
+    print(f"| read adapters + embedding (sparsify, SVD, L2) | {t_embed:.2f} |")
     print(f"| k-means at k = {args.k} (n_init 10) | {t_kmeans:.2f} |")
     print(f"| silhouette for k = 2..16 (15 k-means) | {t_silhouette:.2f} |")
     print(f"| all of `cluster_library` | {t_total:.2f} |")
