@@ -205,9 +205,8 @@ def build_library(
     """Train private experts for the selected tasks, then (with `shared`) the shared expert,
     into the library at `path` (created on `base_model` if there is none). Everything is checked
     before anything is written: a refused build leaves the library as it was."""
-    from lorlib_ui.base_model import base_model_info
     from lorlib_ui.data import load_tasks
-    from lorlib_ui.library import MANIFEST
+    from lorlib_ui.library import existing_or_new
 
     start = time.perf_counter()
     config = config or TrainConfig()
@@ -223,10 +222,7 @@ def build_library(
     loaded = load_tasks(data)
     selected = loaded.select(tasks=tasks, families=families)
     path = Path(path)
-    library = Library.open(path) if (path / MANIFEST).is_file() else None
-    base = base_model_info(base_model) if library is None or base_model else None
-    if library is not None and base is not None:
-        library.check_base(base)
+    library, base = existing_or_new(path, base_model)
     shapes = library.base_shapes if library else base.linear_shapes
     for target in config.targets:
         if not any(m == target or m.endswith("." + target) for m in shapes):

@@ -310,6 +310,20 @@ def expert_from_adapter(name: str, adapter: LoraAdapter, base_model: str, kind: 
     )
 
 
+def existing_or_new(path: str | Path, base_model: str | None) -> tuple[Library | None, BaseModelInfo | None]:
+    """For a write that creates the library if needed: the library at `path` if there is one,
+    and the base model's description when a new library would be made on it or `base_model` is
+    named (then checked to fit the existing library). Nothing is written."""
+    from lorlib_ui.base_model import base_model_info
+
+    path = Path(path)
+    library = Library.open(path) if (path / MANIFEST).is_file() else None
+    base = base_model_info(base_model) if library is None or base_model else None
+    if library is not None and base is not None:
+        library.check_base(base)
+    return library, base
+
+
 def import_adapters(
     path: str | Path,
     folders: list[str | Path],
@@ -323,19 +337,13 @@ def import_adapters(
     """Import PEFT LoRA adapter folders into the library at `path`, creating it on `base_model`
     (default: the embedded model) if there is none. Every adapter is read and checked before
     anything is written, so a refused import leaves the library byte-for-byte as it was."""
-    from lorlib_ui.base_model import base_model_info
-
     if not folders:
         raise LorlibError("no adapter folders to import")
     names = [check_name(n) for n in (names or [Path(d).resolve().name for d in folders])]
     if len(names) != len(folders):
         raise LorlibError("give one name per adapter folder")
     adapters = [read_adapter(d) for d in folders]
-    path = Path(path)
-    library = Library.open(path) if (path / MANIFEST).is_file() else None
-    base = base_model_info(base_model) if library is None or base_model else None
-    if library is not None and base is not None:
-        library.check_base(base)
+    library, base = existing_or_new(path, base_model)
     shapes = library.base_shapes if library else base.linear_shapes
     base_name = library.base_model if library else base.name
     for name, adapter in zip(names, adapters):
