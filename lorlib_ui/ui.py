@@ -198,6 +198,7 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                 raise _error(exc) from None
             names = [e["name"] for e in info.experts]
             n_task = sum(e["kind"] in ("private", "imported") for e in info.experts)
+            has_private = any(e["kind"] == "private" for e in info.experts)
             modules_note = f"{len(names)} experts on {info.base_model}"
             held = f"; held out: {', '.join(info.held_out)}" if info.held_out else ""
             return (
@@ -209,9 +210,11 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                 gr.Slider(1, max(n_task, 1), value=min(max(len(info.held_out), 2), max(n_task, 1)), step=1),
                 evaluation_frame(info.evaluation),
                 figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
+                gr.Dropdown(value="arrow@private" if has_private else "arrow"),
+                gr.Slider(1, max(len(names), 1), value=min(4, max(len(names), 1)), step=1),
             )
 
-        open_outputs = [path, status, table, expert_pick, example_pick, k_slider, eval_table, eval_plot]
+        open_outputs = [path, status, table, expert_pick, example_pick, k_slider, eval_table, eval_plot, router, top_k]
         open_btn.click(open_library, path_box, open_outputs, api_name="open_library")
         app.load(open_library, path_box, open_outputs, api_visibility="private")
 
