@@ -1,0 +1,69 @@
+"""Screenshots of each tab of the explorer, for the README: `python docs/make_screenshots.py`.
+
+Starts the app on the embedded model and the shipped library, drives it with Debian's chromium
+(Playwright, headless), routes one held-out prompt, and writes docs/screenshots/<tab>.png.
+Run it again whenever the UI changes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+OUT = ROOT / "docs" / "screenshots"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+FLAGS += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROMPT = "What is the plural of goose?"
+
+
+def main() -> None:
+    from playwright.sync_api import sync_playwright
+
+    from lorlib_ui.data import load_tasks
+    from lorlib_ui.local_worker import LocalWorker
+    from lorlib_ui.ui import build_app
+
+    data = load_tasks("default")
+    library = str(ROOT / "assets" / "library")
+    worker = LocalWorker(device="cpu")
+    worker.warm_up(library)
+    app = build_app(worker, library, {f: data.tasks_in(f) for f in data.families})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_text("Opened").wait_for(timeout=120_000)
+            page.screenshot(path=OUT / "library.png", full_page=True)
+            page.get_by_role("tab", name="Clusters").click()
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=120_000)
+            page.screenshot(path=OUT / "clusters.png", full_page=True)
+            page.get_by_role("tab", name="Route").click()
+            page.get_by_label("Prompt").fill(PROMPT)
+            page.get_by_role("button", name="Route", exact=True).click()
+            page.get_by_text("done in").wait_for(timeout=120_000)
+            page.wait_for_timeout(3000)  # the layer detail follows the final update
+            page.screenshot(path=OUT / "route.png", full_page=True)
+            for tab in ("Build", "Evaluate"):
+                page.get_by_role("tab", name=tab).click()
+                page.wait_for_timeout(1500)
+                page.screenshot(path=OUT / f"{tab.lower()}.png", full_page=True)
+            browser.close()
+    finally:
+        app.close()
+    print(f"screenshots in {OUT}")
+
+
+if __name__ == "__main__":
+    main()
