@@ -181,3 +181,26 @@ def built(tmp_path, tiny_base, tasks_file, capsys):
     )
     assert code == 0, err
     return path
+
+
+# ---- the explorer app on the tiny library (API and browser tests) ---------------------------------
+
+
+@pytest.fixture
+def explorer_url(tiny_library):
+    """The explorer over an in-process worker on the tiny library, served on a free local port."""
+    import socket
+
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from lorlib_ui.local_worker import LocalWorker
+    from lorlib_ui.ui import build_app
+
+    app = build_app(LocalWorker(device="cpu"), str(tiny_library.path), {"copy": ["copy0"]})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()

@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -31,24 +30,9 @@ ENDPOINTS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def client(tiny_library):
-    from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app
-
-    app = build_app(LocalWorker(device="cpu"), str(tiny_library.path), {"copy": ["copy0"]})
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
-    try:
-        yield gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        app.close()
+def client(explorer_url):
+    return gradio_client.Client(explorer_url, verbose=False)
 
 
 def _plot(value) -> dict:

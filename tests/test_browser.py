@@ -1,7 +1,6 @@
 """The explorer in a real browser: Debian's chromium driven by Playwright (never `playwright install`)."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,36 +24,21 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def page(tiny_library):
+def page(explorer_url):
     from playwright.sync_api import sync_playwright
 
-    from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app
-
-    app = build_app(LocalWorker(device="cpu"), str(tiny_library.path), {"copy": ["copy0"]})
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
     requests = []
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-            page = browser.new_page()
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.get_by_text("Opened").wait_for(timeout=60_000)
-            yield page
-            outside = [u for u in requests if not u.startswith((f"http://127.0.0.1:{port}/", "data:", "blob:"))]
-            assert not outside, f"requests left 127.0.0.1: {outside[:5]}"
-            browser.close()
-    finally:
-        app.close()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        page = browser.new_page()
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(explorer_url)
+        page.get_by_text("Opened").wait_for(timeout=60_000)
+        yield page
+        outside = [u for u in requests if not u.startswith((explorer_url, "data:", "blob:"))]
+        assert not outside, f"requests left 127.0.0.1: {outside[:5]}"
+        browser.close()
 
 
 def _plot_data(page, index: int = 0) -> list[dict]:
