@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from lorlib_ui.building import BuildReport, Job, Progress, train_jobs
 from lorlib_ui.errors import LorlibError
 from lorlib_ui.library import Expert, Library
@@ -34,10 +32,7 @@ class Clustering:
     seed: int
     keep_quantile: float
     silhouette: dict[int, float]  # k -> score, a suggestion for k
-    families: list[str | None]
     ari: float | None  # against the families, when every expert has one
-    similarity: np.ndarray
-    vectors: np.ndarray
 
     def groups(self) -> list[list[str]]:
         """The experts of each cluster, clusters numbered from 0 in order of first appearance."""
@@ -96,10 +91,7 @@ def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: floa
         seed,
         keep_quantile,
         silhouette_by_k(embedding, ks, seed),
-        families,
         ari,
-        embedding.similarity,
-        embedding.vectors,
     )
 
 

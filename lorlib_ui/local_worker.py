@@ -111,12 +111,13 @@ class LocalWorker(Worker):
 
         library = Library.open(path)
         key = str(Path(path).resolve())
+        version = manifest_key(library)
         cached = self._routed.get(key)
-        if cached is not None and cached[0] == manifest_key(library):
+        if cached is not None and cached[0] == version:
             return cached[1]
         self._routed.pop(key, None)  # free the old copy before building the new one
         rm = RoutedModel.load(library, base_model=self.base_model, device=self.device, dtype=self.dtype)
-        self._routed[key] = (manifest_key(library), rm)
+        self._routed[key] = (version, rm)
         return rm
 
     def route(self, request: RouteRequest) -> Iterator[RouteUpdate]:
