@@ -136,11 +136,13 @@ def _split_factors(tensors: dict[str, torch.Tensor], what: str) -> dict[str, tup
             raise LorlibError(f"{what}: unexpected tensor {key!r}; only lora_A/lora_B weights of linear layers")
         if not torch.is_floating_point(tensor) or tensor.dim() != 2:
             raise LorlibError(f"{what}: tensor {key} must be a 2-D floating-point matrix")
-        if not torch.isfinite(tensor).all():
-            raise LorlibError(f"{what}: tensor {key} contains NaN or Inf")
         halves.setdefault(match["module"], {})[match["ab"]] = tensor
     if not halves:
         raise LorlibError(f"{what}: {WEIGHTS_FILE} holds no LoRA weights")
+    # One check over all weights: a call per tensor costs more than the check (240 per adapter).
+    if not torch.isfinite(torch.cat([t.reshape(-1) for t in tensors.values()])).all():
+        bad = next(key for key, t in tensors.items() if not torch.isfinite(t).all())
+        raise LorlibError(f"{what}: tensor {bad} contains NaN or Inf")
     factors = {}
     for module, pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:

@@ -9,14 +9,19 @@ and which cluster expert is a held-out task's oracle.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import numpy as np
+import torch
 
 from lorlib_ui.building import BuildReport, Job, Progress, train_jobs
 from lorlib_ui.errors import LorlibError
 from lorlib_ui.library import Expert, Library
-from lorlib_ui.mbc import adjusted_rand_index, embed, expert_vector, mbc_cluster, silhouette_by_k
+from lorlib_ui.mbc import adjusted_rand_index, embed, mbc_cluster, silhouette_by_k
 from lorlib_ui.training import TrainConfig
 
 TASK_KINDS = ("private", "imported")  # the experts MBC clusters
@@ -62,18 +67,41 @@ def task_experts(library: Library) -> list[Expert]:
     return experts
 
 
+def weight_matrix(library: Library, experts: list[Expert]) -> np.ndarray:
+    """Row i: expert i's A and B factors, flattened module by module in sorted order, as float32.
+
+    MBC's input (`lorlib_ui.mbc`). Filled in place from one thread per core: reading a file and
+    the bf16-to-float32 copy release the GIL, and building a list of vectors to stack would hold
+    two copies of what is a GB at 256 experts."""
+    first = library.load_adapter(experts[0].name).factors
+    modules = sorted(first)
+    layout = [(m, a.numel(), b.numel()) for m, (a, b) in ((m, first[m]) for m in modules)]
+    matrix = np.empty((len(experts), sum(na + nb for _, na, nb in layout)), dtype=np.float32)
+
+    def fill(i: int) -> None:
+        factors = library.load_adapter(experts[i].name).factors
+        if sorted(factors) != modules:
+            raise LorlibError(
+                f"expert {experts[i].name} adapts other modules than {experts[0].name}; MBC needs the same"
+            )
+        row, offset = torch.from_numpy(matrix[i]), 0
+        for module, na, nb in layout:
+            a, b = factors[module]
+            if (a.numel(), b.numel()) != (na, nb):
+                raise LorlibError("clustering needs experts that adapt the same modules with the same ranks")
+            row[offset : offset + na].copy_(a.reshape(-1))
+            row[offset + na : offset + na + nb].copy_(b.reshape(-1))
+            offset += na + nb
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(fill, range(len(experts))))
+    return matrix
+
+
 def embed_library(library: Library, keep_quantile: float = 0.5, seed: int = 0):
     """The MBC embedding of the library's task experts (private and imported)."""
     experts = task_experts(library)
-    modules = sorted(library.load_adapter(experts[0].name).factors)
-    vectors = []
-    for e in experts:
-        factors = library.load_adapter(e.name).factors
-        if sorted(factors) != modules:
-            raise LorlibError(f"expert {e.name} adapts other modules than {experts[0].name}; MBC needs the same")
-        arrays = {m: (a.float().numpy(), b.float().numpy()) for m, (a, b) in factors.items()}
-        vectors.append(expert_vector(arrays, modules))
-    return experts, embed([e.name for e in experts], vectors, keep_quantile, seed)
+    return experts, embed([e.name for e in experts], weight_matrix(library, experts), keep_quantile, seed)
 
 
 def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: float = 0.5) -> Clustering:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lorlib_ui.errors import LorlibError
-from lorlib_ui.mbc import adjusted_rand_index, embed, expert_vector, mbc_cluster, silhouette_by_k, sparsify
+from lorlib_ui.mbc import adjusted_rand_index, embed, mbc_cluster, silhouette_by_k, sparsify
 
 
 def _family_experts(n_families=3, per_family=4, dim=400, noise=0.3, seed=0):
@@ -18,15 +18,12 @@ def _family_experts(n_families=3, per_family=4, dim=400, noise=0.3, seed=0):
     return names, vectors, families
 
 
-def test_sparsify_keeps_entries_above_quantile():
-    v = np.array([0.1, -0.5, 0.2, -0.05, 0.9, 0.3])
-    kept = sparsify(v, 0.5)
-    assert np.count_nonzero(kept) == 3 and set(kept[kept != 0]) == {-0.5, 0.9, 0.3}
-
-
-def test_expert_vector_order():
-    factors = {"b": (np.ones((1, 2)), np.zeros((2, 1))), "a": (np.full((1, 2), 2.0), np.full((2, 1), 3.0))}
-    assert expert_vector(factors, ["a", "b"]).tolist() == [2, 2, 3, 3, 1, 1, 0, 0]
+def test_sparsify_keeps_entries_above_each_rows_quantile():
+    rows = np.array([[0.1, -0.5, 0.2, -0.05, 0.9, 0.3], [4.0, 3.0, -2.0, 1.0, 0.0, -5.0]], dtype=np.float32)
+    expected = np.where(np.abs(rows) > np.quantile(np.abs(rows), 0.5, axis=1, keepdims=True), rows, 0)
+    kept = sparsify(rows, 0.5)
+    assert kept is rows  # in place
+    assert np.array_equal(kept, expected) and (np.count_nonzero(kept, axis=1) == 3).all()
 
 
 def test_clusters_recover_families():
