@@ -42,6 +42,7 @@ class LocalWorker(Worker):
         self._jobs: dict[str, JobStatus] = {}
         self._cancelled: set[str] = set()
         self._queue: queue.Queue[tuple[str, JobRequest]] = queue.Queue()
+        self._warm_ups: list[threading.Thread] = []
         self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): uploads unpack and downloads go here
         self._runner = threading.Thread(target=self._run_jobs, name="lorlib-jobs", daemon=True)
         self._runner.start()
@@ -57,23 +58,31 @@ class LocalWorker(Worker):
             "device": self.device or best_device(),
             "libraries_loaded": sorted(self._routed),
             "busy": self._lock.locked(),
+            "warming_up": any(t.is_alive() for t in self._warm_ups),
             "jobs_running": running,
             "jobs_queued": queued,
         }
 
     def warm_up(self, path: str) -> None:
-        """Load the library's routed model and compile UMAP (numba, tens of seconds on first use)
-        on a background thread, so the first route and cluster view do not wait for them."""
+        """Load the library's routed model, route a few tokens through it (torch's first forward
+        pass sets up kernels and buffers, about a second on CPU) and compile UMAP (numba, tens of
+        seconds on first use), on a background thread, so the first route and cluster view do not
+        wait for them."""
+        from lorlib_ui.generation import generate
+        from lorlib_ui.routers import make_router
 
         def work() -> None:
             try:
                 with self._lock:
-                    self._routed_model(path)
+                    rm = self._routed_model(path)
+                    generate(rm, "Hello", make_router("arrow", rm.experts), max_new_tokens=2)
                 umap_coords(np.random.default_rng(0).normal(size=(8, 4)))
             except Exception:  # a bad library shows its error on the first real request
                 traceback.print_exc()
 
-        threading.Thread(target=work, name="lorlib-warm-up", daemon=True).start()
+        thread = threading.Thread(target=work, name="lorlib-warm-up", daemon=True)
+        self._warm_ups = [t for t in self._warm_ups if t.is_alive()] + [thread]
+        thread.start()
 
     def library(self, path: str) -> LibraryInfo:
         library = Library.open(path)

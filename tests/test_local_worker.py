@@ -170,9 +170,10 @@ def test_clusters_view(worker, tiny_library):
 def test_warm_up_loads_the_library_in_the_background(worker, tiny_library):
     worker.warm_up(str(tiny_library.path))
     deadline = time.time() + 60
-    while str(tiny_library.path.resolve()) not in worker.health()["libraries_loaded"]:
+    while worker.health()["warming_up"]:
         assert time.time() < deadline
         time.sleep(0.05)
+    assert str(tiny_library.path.resolve()) in worker.health()["libraries_loaded"]
     worker.warm_up("/nonexistent")  # a bad path is reported by the first real request, not here
     with pytest.raises(LorlibError, match="no library"):
         worker.library("/nonexistent")
