@@ -53,11 +53,9 @@ def create(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     app = create(args)
-    import gradio as gr
+    from lorlib_ui.ui import launch
 
-    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    app.queue(default_concurrency_limit=8)
-    app.launch(server_name=args.host, server_port=args.port, share=False, theme=theme, footer_links=["api"])
+    launch(app, args.host, args.port)
     return 0
 
 

@@ -80,7 +80,7 @@ def main() -> None:
 
     from lorlib_ui.base_model import resolve_base_model
     from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app
+    from lorlib_ui.ui import build_app, launch
 
     library = str(ROOT / "assets" / "library")
     worker = LocalWorker(device="cpu")
@@ -88,7 +88,7 @@ def main() -> None:
     worker.warm_up(library)
     app = build_app(worker, library, {})
     port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(app, "127.0.0.1", port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     while worker.health()["warming_up"]:
         time.sleep(0.1)

@@ -25,19 +25,14 @@ PROMPT = "What is the plural of goose?"
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    from lorlib_ui.data import load_tasks
-    from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app
+    import app as explorer
+    from lorlib_ui.ui import launch
 
-    data = load_tasks("default")
-    library = str(ROOT / "assets" / "library")
-    worker = LocalWorker(device="cpu")
-    worker.warm_up(library)
-    app = build_app(worker, library, {f: data.tasks_in(f) for f in data.families})
+    app = explorer.create(explorer.parse_args(["--device", "cpu"]))  # what `python app.py` serves
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(app, "127.0.0.1", port, block=False)
     OUT.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as pw:

@@ -90,11 +90,15 @@ def token_heatmap(record: RoutingRecord, module: str) -> go.Figure:
     return fig
 
 
-def token_colours(record: RoutingRecord, module: str) -> list[tuple[str, str | None]]:
-    """(token, its top expert at `module`) for each token; None where no expert is used."""
+def token_colours(record: RoutingRecord, module: str) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
+    """(token, its top expert at `module`) for each token, None where no expert is used; and the
+    colour of each expert that tops some token (only those: a legend of every expert in a library
+    of hundreds says nothing). An expert keeps its colour across layers and prompts."""
     m = record.modules.index(module)
     top = record.top_expert()[:, m]
-    return [(token, record.experts[i] if i >= 0 else None) for token, i in zip(record.tokens, top)]
+    pairs = [(token, record.experts[i] if i >= 0 else None) for token, i in zip(record.tokens, top)]
+    used = {expert for _, expert in pairs if expert}
+    return pairs, {e: c for e, c in colour_of(record.experts).items() if e in used}
 
 
 def cluster_scatter(view: ClusterView, colour_by: str = "cluster") -> go.Figure:

@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,10 +91,19 @@ class LocalWorker(Worker):
         experts = []
         for e in library.manifest()["experts"]:
             experts.append({**e, "cluster": assignment.get(e["name"])})
+        from lorlib_ui.training import TrainConfig
+
+        short = [m.rsplit(".", 1)[-1] for m in library.base_shapes]
+        task = [e for e in library.experts if e.kind in ("private", "imported")] or library.experts
+        targets = Counter(tuple(e.target_modules) for e in task).most_common(1)[0][0] if task else TrainConfig.targets
+        rank = Counter(e.rank for e in task).most_common(1)[0][0] if task else TrainConfig.rank
         return LibraryInfo(
             path=str(library.path),
             base_model=library.base_model,
             experts=experts,
+            modules=[m for m in dict.fromkeys(short) if short.count(m) > 1],  # per layer: not lm_head
+            new_targets=list(targets),
+            new_rank=int(rank),
             held_out=list((library.extra.get("held_out") or {}).get("tasks", [])),
             clusters=library.clusters or {},
             evaluation=library.extra.get("evaluation"),

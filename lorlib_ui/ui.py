@@ -17,6 +17,7 @@ from lorlib_ui import figures
 from lorlib_ui.errors import LorlibError
 from lorlib_ui.worker import JobRequest, RouteRequest, Worker
 
+CONCURRENCY = 8  # events of one kind served at once; model work still queues at the worker's lock
 ROUTERS = ["arrow", "arrow@private", "arrow@cluster", "uniform@private", "mean_delta", "base"]
 POLL_S = 0.5
 
@@ -168,6 +169,9 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                     steps = gr.Slider(1, 500, value=60, step=1, label="steps per expert")
                     rank = gr.Slider(1, 32, value=4, step=1, label="rank")
                     shared = gr.Checkbox(value=False, label="also train the shared expert")
+                build_targets = gr.CheckboxGroup(
+                    [], label="adapted modules (MBC clusters only experts that adapt the same modules at the same rank)"
+                )
                 with gr.Row():
                     build_btn = gr.Button("Build", variant="primary")
                     cancel_build = gr.Button("Cancel")
@@ -212,9 +216,12 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                 figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
                 gr.Dropdown(value="arrow@private" if has_private else "arrow"),
                 gr.Slider(1, max(len(names), 1), value=min(4, max(len(names), 1)), step=1),
+                gr.CheckboxGroup(choices=info.modules, value=info.new_targets),
+                gr.Slider(value=info.new_rank),
             )
 
         open_outputs = [path, status, table, expert_pick, example_pick, k_slider, eval_table, eval_plot, router, top_k]
+        open_outputs += [build_targets, rank]
         open_btn.click(open_library, path_box, open_outputs, api_name="open_library")
         app.load(open_library, path_box, open_outputs, api_visibility="private")
 
@@ -232,7 +239,9 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
             )
 
         cluster_outputs = [scatter, similarity, silhouette, ari]
-        k_slider.release(clusters, [path, k_slider, colour], cluster_outputs, api_name="clusters")
+        k_slider.change(
+            clusters, [path, k_slider, colour], cluster_outputs, api_name="clusters", trigger_mode="always_last"
+        )
         colour.change(clusters, [path, k_slider, colour], cluster_outputs, api_visibility="private")
         table.change(clusters, [path, k_slider, colour], cluster_outputs, api_visibility="private")
 
@@ -269,10 +278,8 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
         def layer_detail(record, module):
             if record is None or not module:
                 return None, None
-            colours = figures.token_colours(record, module)
-            return gr.HighlightedText(colours, color_map=figures.colour_of(record.experts)), figures.token_heatmap(
-                record, module
-            )
+            pairs, colours = figures.token_colours(record, module)
+            return gr.HighlightedText(pairs, color_map=colours), figures.token_heatmap(record, module)
 
         module_pick.change(layer_detail, [record_state, module_pick], [coloured, token_plot], api_visibility="private")
         example_pick.change(lambda p: p or gr.skip(), example_pick, prompt, api_visibility="private")
@@ -331,8 +338,10 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                 raise gr.Error(state.message)
             yield job_id, f"**{state.state}**: {state.message}"
 
-        def build(folder, fams, task_list, upload_file, n_steps, r, with_shared, progress=gr.Progress()):  # noqa: B008 (Gradio fills it in)
-            options = {"steps": int(n_steps), "rank": int(r), "shared": bool(with_shared)}
+        def build(folder, fams, task_list, upload_file, n_steps, r, modules, with_shared, progress=gr.Progress()):  # noqa: B008 (Gradio fills it in)
+            if not modules:
+                raise gr.Error("pick at least one module to adapt")
+            options = {"steps": int(n_steps), "rank": int(r), "targets": list(modules), "shared": bool(with_shared)}
             if upload_file:
                 options["data"] = upload_file
             if task_list:
@@ -345,7 +354,7 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
 
         build_btn.click(
             build,
-            [path, families, tasks, data_file, steps, rank, shared],
+            [path, families, tasks, data_file, steps, rank, build_targets, shared],
             [job_state, build_status],
             api_name="build",
         ).then(open_library, path, open_outputs, api_visibility="private")
@@ -370,3 +379,19 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
             lambda: worker.health(), None, gr.JSON(visible=False), api_name="health"
         )
     return app
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> None:
+    """Serve the explorer: bound to `host` only, no share link, system fonts (nothing fetched from
+    outside), several events at once. `block=False` returns once it serves (tests, benchmarks)."""
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    app.queue(default_concurrency_limit=CONCURRENCY)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        theme=theme,
+        footer_links=["api"],
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )

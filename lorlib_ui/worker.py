@@ -24,6 +24,9 @@ class LibraryInfo:
     path: str
     base_model: str
     experts: list[dict]  # manifest entries, plus "cluster" (MBC assignment) where known
+    modules: list[str]  # short names of the base model's per-layer linear modules: what LoRA can adapt
+    new_targets: list[str]  # what new experts adapt by default: as most task experts do (MBC needs
+    new_rank: int  # the same modules and rank for all), or the trainer's defaults in an empty library
     held_out: list[str]
     clusters: dict
     evaluation: dict | None

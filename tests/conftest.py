@@ -193,13 +193,13 @@ def explorer_url(tiny_library):
 
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app
+    from lorlib_ui.ui import build_app, launch
 
     app = build_app(LocalWorker(device="cpu"), str(tiny_library.path), {"copy": ["copy0"]})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
+    launch(app, "127.0.0.1", port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

@@ -25,20 +25,31 @@ pytestmark = [
 
 
 @pytest.fixture
-def page(explorer_url):
+def open_page(explorer_url):
+    """Opens the explorer in a new browser tab (its own session); afterwards, checks that no tab
+    sent a request anywhere but the app."""
     from playwright.sync_api import sync_playwright
 
     requests = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        page = browser.new_page()
-        page.on("request", lambda r: requests.append(r.url))
-        page.goto(explorer_url)
-        page.get_by_text("Opened").wait_for(timeout=60_000)
-        yield page
+
+        def open_page():
+            page = browser.new_context().new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(explorer_url)
+            page.get_by_text("Opened").wait_for(timeout=60_000)
+            return page
+
+        yield open_page
         outside = [u for u in requests if not u.startswith((explorer_url, "data:", "blob:"))]
         assert not outside, f"requests left 127.0.0.1: {outside[:5]}"
         browser.close()
+
+
+@pytest.fixture
+def page(open_page):
+    return open_page()
 
 
 def _plot_data(page, index: int = 0) -> list[dict]:
@@ -90,3 +101,90 @@ def test_empty_prompt_shows_an_error_and_the_app_keeps_serving(page):
     page.get_by_label("Prompt").fill("the quick")
     page.get_by_role("button", name="Route", exact=True).click()
     page.get_by_text("done in").wait_for(timeout=60_000)
+
+
+def _route(page, prompt: str) -> None:
+    page.get_by_role("tab", name="Route").click()
+    page.get_by_label("Prompt").fill(prompt)
+    page.get_by_role("button", name="Route", exact=True).click()
+
+
+def test_two_tabs_routing_at_once_each_get_their_own_result(open_page, tiny_routed):
+    from lorlib_ui.generation import generate
+    from lorlib_ui.routers import make_router
+
+    prompts = ["the quick brown fox", "one two three four five six seven eight nine ten eleven"]
+    pages = [open_page() for _ in prompts]
+    for page, prompt in zip(pages, prompts):  # both submitted before either finishes
+        _route(page, prompt)
+    for page, prompt in zip(pages, prompts):
+        page.get_by_text("done in").wait_for(timeout=60_000)
+        expected = generate(tiny_routed, prompt, make_router("arrow", tiny_routed.experts, 4), max_new_tokens=32)
+        shown = page.get_by_label("Generated text").input_value()
+        assert shown == expected.text.replace("\r\n", "\n").replace("\r", "\n")  # as a textarea holds it
+        # the tokens x experts heatmap of the chosen layer has one row per token of this prompt
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=30_000)
+        tokens = [d for d in _plot_data(page, 1) if d["type"] == "heatmap"][0]
+        assert tokens["rows"] == len(expected.record.tokens)
+
+
+def test_tiny_build_shows_progress_and_new_experts_appear(page, tasks_file, tiny_library):
+    from lorlib_ui.library import Library
+
+    before = set(tiny_library.names)
+    page.get_by_role("tab", name="Build").click()
+    page.locator("input[type=file][accept*='.jsonl']").set_input_files(str(tasks_file))
+    page.get_by_text(tasks_file.name).first.wait_for(timeout=30_000)  # the upload has finished
+    page.get_by_label("number input for steps per expert").fill("40")
+    for module in ("q_proj", "k_proj", "v_proj", "o_proj"):  # new experts adapt what the library's do
+        assert page.get_by_label(module, exact=True).is_checked()
+    assert page.get_by_label("number input for rank").input_value() == "4"
+    page.get_by_role("button", name="Build", exact=True).click()
+    bar = page.get_by_role("progressbar").first
+    bar.wait_for(timeout=60_000)  # Gradio's progress bar, fed by the worker's job status
+    page.get_by_text("trained 6 experts").wait_for(timeout=180_000)
+    added = set(Library.open(tiny_library.path).names) - before
+    assert added == {f"{kind}{t}" for kind in ("copy", "pick") for t in range(3)}
+    page.get_by_role("tab", name="Library").click()
+    for name in added:  # the table was refreshed from the library
+        page.get_by_role("gridcell", name=name, exact=True).first.wait_for(timeout=30_000)
+    page.get_by_role("tab", name="Clusters").click()  # and the UMAP has a point for each of them too
+    n = len(before) + len(added)
+    page.wait_for_function(
+        """n => { const p = document.querySelectorAll('.js-plotly-plot')[0];
+                  return p && p._fullData.reduce((s, t) => s + (t.x ? t.x.length : 0), 0) === n; }""",
+        arg=n,
+        timeout=60_000,
+    )
+
+
+@pytest.mark.parametrize("case", ["unknown library", "malformed upload", "k above the experts"])
+def test_bad_input_shows_an_error_and_changes_nothing(page, tiny_library, tmp_path, case):
+    from conftest import library_snapshot
+
+    before = library_snapshot(tiny_library.path)
+    if case == "unknown library":
+        page.get_by_label("Library folder").fill(str(tmp_path / "nowhere"))
+        page.get_by_role("button", name="Open", exact=True).click()
+        page.get_by_text("no library").first.wait_for(timeout=30_000)
+        page.get_by_label("Library folder").fill(str(tiny_library.path))  # the app still serves
+        page.get_by_role("button", name="Open", exact=True).click()
+    elif case == "malformed upload":
+        bad = tmp_path / "adapters.zip"
+        bad.write_bytes(b"PK\x03\x04 this is not really a zip")
+        page.locator("input[type=file][accept='.zip']").set_input_files(str(bad))
+        page.get_by_text(bad.name).first.wait_for(timeout=30_000)
+        page.get_by_role("button", name="Import", exact=True).click()
+        page.get_by_text("not a zip archive").first.wait_for(timeout=30_000)
+    else:
+        page.get_by_role("tab", name="Clusters").click()
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1", timeout=60_000)
+        box = page.get_by_label("number input for k (number of clusters)")
+        box.fill("99")
+        box.press("Enter")
+        page.get_by_text("99 is greater than maximum value 6").first.wait_for(timeout=30_000)
+        box.blur()  # the box then holds the largest k, and the view shows that many clusters
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot')[0]._fullData.length === 6", timeout=30_000)
+    _route(page, "still serving")
+    page.get_by_text("done in").wait_for(timeout=60_000)
+    assert library_snapshot(tiny_library.path) == before

@@ -28,12 +28,16 @@ def test_layer_heatmap_is_layers_by_experts():
 def test_token_heatmap_and_colours_at_one_layer():
     record = _record()
     module = record.modules[3]
+    record.weights[3][:, 2] = 0.0  # expert c tops no token at this layer: it stays out of the legend
     trace = figures.token_heatmap(record, module).data[0]
     assert np.asarray(trace.z).shape == (5, 3) and np.allclose(trace.z, record.weights[3])
-    coloured = figures.token_colours(record, module)
+    coloured, legend = figures.token_colours(record, module)
     assert [t for t, _ in coloured] == record.tokens
     expected = ["abc"[i] for i in record.weights[3].argmax(-1)]
     assert [label for _, label in coloured] == [e if i != 2 else None for i, e in enumerate(expected)]
+    used = {e for i, e in enumerate(expected) if i != 2}
+    assert "c" not in used and set(legend) == used
+    assert all(legend[e] == figures.colour_of(record.experts)[e] for e in used)
 
 
 def _view(n=6):
