@@ -138,10 +138,13 @@ def similarity_heatmap(view: ClusterView) -> go.Figure:
             hovertemplate="%{x}<br>%{y}<br>cosine %{z:.3f}<extra></extra>",
         )
     )
-    fig.update_layout(title="Expert similarity, ordered by cluster", height=520, **LAYOUT)
+    n, labelled = len(view.clustered), len(view.clustered) <= 40  # a name per row while they fit
+    fig.update_layout(
+        title="Expert similarity, ordered by cluster", height=max(520, 300 + 16 * n) if labelled else 520, **LAYOUT
+    )
     fig.update_yaxes(autorange="reversed")
-    fig.update_xaxes(showticklabels=len(view.clustered) <= 40)
-    fig.update_yaxes(showticklabels=len(view.clustered) <= 40)
+    fig.update_xaxes(showticklabels=labelled, dtick=1)
+    fig.update_yaxes(showticklabels=labelled, dtick=1)
     return fig
 
 

@@ -40,6 +40,7 @@ class LocalWorker(Worker):
         self._lock = threading.Lock()  # one model computation at a time
         self._routed: dict[str, tuple[str, object]] = {}  # library path -> (manifest key, RoutedModel)
         self._embeddings: dict[tuple[str, str], tuple] = {}
+        self._embedding_lock = threading.Lock()  # two views of one new library: one computes, one waits
         self._jobs: dict[str, JobStatus] = {}
         self._cancelled: set[str] = set()
         self._queue: queue.Queue[tuple[str, JobRequest]] = queue.Queue()
@@ -204,11 +205,12 @@ class LocalWorker(Worker):
         if not 1 <= k <= n:
             raise LorlibError(f"k must be between 1 and the number of clustered experts ({n}), got {k}")
         cache_key = (str(Path(path).resolve()), manifest_key(library))
-        if cache_key not in self._embeddings:
-            experts, embedding = embed_library(library)
-            silhouette = silhouette_by_k(embedding, range(2, min(n - 1, 16) + 1))
-            self._embeddings[cache_key] = (experts, embedding, umap_coords(embedding.vectors), silhouette)
-        experts, embedding, coords, silhouette = self._embeddings[cache_key]
+        with self._embedding_lock:
+            if cache_key not in self._embeddings:
+                experts, embedding = embed_library(library)
+                silhouette = silhouette_by_k(embedding, range(2, min(n - 1, 16) + 1))
+                self._embeddings[cache_key] = (experts, embedding, umap_coords(embedding.vectors), silhouette)
+            experts, embedding, coords, silhouette = self._embeddings[cache_key]
         labels = mbc_cluster(embedding, k).tolist()
         order = sorted(range(n), key=lambda i: (labels[i], i))
         families = [e.family for e in experts]

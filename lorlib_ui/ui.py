@@ -222,8 +222,6 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
 
         open_outputs = [path, status, table, expert_pick, example_pick, k_slider, eval_table, eval_plot, router, top_k]
         open_outputs += [build_targets, rank]
-        open_btn.click(open_library, path_box, open_outputs, api_name="open_library")
-        app.load(open_library, path_box, open_outputs, api_visibility="private")
 
         def clusters(folder: str, k: int, colour_by: str):
             try:
@@ -238,12 +236,18 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                 note,
             )
 
-        cluster_outputs = [scatter, similarity, silhouette, ari]
-        k_slider.change(
-            clusters, [path, k_slider, colour], cluster_outputs, api_name="clusters", trigger_mode="always_last"
-        )
-        colour.change(clusters, [path, k_slider, colour], cluster_outputs, api_visibility="private")
-        table.change(clusters, [path, k_slider, colour], cluster_outputs, api_visibility="private")
+        cluster_inputs, cluster_outputs = [path, k_slider, colour], [scatter, similarity, silhouette, ari]
+        # Any change of k: a drag, a number typed into the box (clamped when it leaves), a new library.
+        k_slider.change(clusters, cluster_inputs, cluster_outputs, api_name="clusters", trigger_mode="always_last")
+        colour.input(clusters, cluster_inputs, cluster_outputs, api_visibility="private")
+
+        def redraw(event):
+            """After `event` opened or changed the library: the cluster view, once the rest is drawn
+            (k may not have changed; when it did, the worker computes the embedding only once)."""
+            return event.success(clusters, cluster_inputs, cluster_outputs, api_visibility="private")
+
+        redraw(open_btn.click(open_library, path_box, open_outputs, api_name="open_library"))
+        redraw(app.load(open_library, path_box, open_outputs, api_visibility="private"))
 
         def route(folder, text, spec, k, temp, max_tokens):
             request = RouteRequest(folder, text, spec, int(k), float(temp), max_new_tokens=int(max_tokens))
@@ -313,7 +317,7 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
             gr.Info(f"imported {', '.join(names)}")
             return open_library(folder)
 
-        import_btn.click(import_zip, [path, upload], open_outputs, api_name="import_adapters")
+        redraw(import_btn.click(import_zip, [path, upload], open_outputs, api_name="import_adapters"))
 
         def export(folder, expert=None):
             try:
@@ -352,12 +356,13 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                 raise gr.Error("pick families or tasks, or upload a data file")
             yield from run_job(JobRequest("build", folder, options), progress)
 
-        build_btn.click(
+        built = build_btn.click(
             build,
             [path, families, tasks, data_file, steps, rank, build_targets, shared],
             [job_state, build_status],
             api_name="build",
-        ).then(open_library, path, open_outputs, api_visibility="private")
+        )
+        redraw(built.then(open_library, path, open_outputs, api_visibility="private"))  # also after a cancel
 
         def evaluate(folder, names, limit, progress=gr.Progress()):  # noqa: B008 (Gradio fills it in)
             if not names:

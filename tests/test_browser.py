@@ -92,6 +92,8 @@ def test_clusters_scatter_has_a_point_per_expert(page, tiny_library):
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1", timeout=60_000)
     traces = [d for d in _plot_data(page) if d["type"] == "scatter"]
     assert sum(t["points"] for t in traces) == len(tiny_library.experts)
+    k = int(page.get_by_label("number input for k (number of clusters)").input_value())
+    assert len(traces) == k == 2  # one colour per cluster, at the k the slider shows
 
 
 def test_empty_prompt_shows_an_error_and_the_app_keeps_serving(page):
