@@ -204,6 +204,7 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
             n_task = sum(e["kind"] in ("private", "imported") for e in info.experts)
             has_private = any(e["kind"] == "private" for e in info.experts)
             modules_note = f"{len(names)} experts on {info.base_model}"
+            routers = [*ROUTERS, *(f"expert:{name}" for name in names)]  # or one expert alone
             held = f"; held out: {', '.join(info.held_out)}" if info.held_out else ""
             return (
                 info.path,
@@ -214,14 +215,15 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                 gr.Slider(1, max(n_task, 1), value=min(max(len(info.held_out), 2), max(n_task, 1)), step=1),
                 evaluation_frame(info.evaluation),
                 figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
-                gr.Dropdown(value="arrow@private" if has_private else "arrow"),
+                gr.Dropdown(choices=routers, value="arrow@private" if has_private else "arrow"),
+                gr.Dropdown(choices=routers, value="base"),
                 gr.Slider(1, max(len(names), 1), value=min(4, max(len(names), 1)), step=1),
                 gr.CheckboxGroup(choices=info.modules, value=info.new_targets),
                 gr.Slider(value=info.new_rank),
             )
 
-        open_outputs = [path, status, table, expert_pick, example_pick, k_slider, eval_table, eval_plot, router, top_k]
-        open_outputs += [build_targets, rank]
+        open_outputs = [path, status, table, expert_pick, example_pick, k_slider, eval_table, eval_plot, router]
+        open_outputs += [compare_router, top_k, build_targets, rank]
 
         def clusters(folder: str, k: int, colour_by: str):
             try:

@@ -48,6 +48,16 @@ def _array(value) -> np.ndarray:
     return flat.reshape(shape)
 
 
+def test_the_ui_never_imports_torch():
+    """The UI talks to a worker; only the worker touches the model."""
+    import subprocess
+    import sys
+
+    code = "import sys, lorlib_ui.ui, lorlib_ui.figures, lorlib_ui.worker; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_every_event_has_a_named_endpoint(client):
     api = client.view_api(print_info=False, return_format="dict")
     assert set(api["named_endpoints"]) >= ENDPOINTS
@@ -61,6 +71,13 @@ def test_route_returns_text_and_layer_heatmap(client, tiny_routed):
     z = _array(heatmap["z"])
     assert z.shape == (len(tiny_routed.modules), len(tiny_routed.experts))
     assert np.allclose(z.sum(axis=1), 1.0, atol=1e-4)  # mean weights over tokens: each layer's row sums to 1
+
+
+def test_route_through_one_expert(client, tiny_routed):
+    _, _, plot, *_ = client.predict("the quick brown", "expert:task2", 2, 1.0, 3, api_name="/route")
+    z = _array(_plot(plot)["data"][0]["z"])
+    one = tiny_routed.experts.index("task2")
+    assert np.allclose(z[:, one], 1.0) and np.allclose(np.delete(z, one, axis=1), 0.0)
 
 
 @pytest.mark.parametrize(

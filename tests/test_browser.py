@@ -85,6 +85,9 @@ def test_route_renders_the_layer_heatmap(page, tiny_routed):
     page.wait_for_selector(".js-plotly-plot", timeout=30_000)
     heatmaps = [d for d in _plot_data(page) if d["type"] == "heatmap"]
     assert heatmaps[0]["rows"] == len(tiny_routed.modules) and heatmaps[0]["cols"] == len(tiny_routed.experts)
+    page.get_by_label("Router", exact=True).click()  # the routers on offer include each expert alone
+    for name in tiny_routed.experts:
+        page.get_by_role("option", name=f"expert:{name}", exact=True).wait_for(timeout=10_000)
 
 
 def test_clusters_scatter_has_a_point_per_expert(page, tiny_library):

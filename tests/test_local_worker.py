@@ -145,6 +145,20 @@ def test_cancelled_build_keeps_finished_experts(worker, tmp_path, tiny_base, tas
     assert [e["name"] for e in worker.library(path).experts] == ["copy0"]
 
 
+def test_routing_is_served_while_a_build_runs(worker, tmp_path, tiny_library, tiny_base, tasks_file):
+    """A long job runs beside the model, not under its lock: another user's route is answered
+    before the build ends."""
+    options = {"data": str(tasks_file), "steps": 400, "batch_size": 2, "rank": 2, "base_model": str(tiny_base)}
+    job_id = worker.submit(JobRequest("build", str(tmp_path / "lib"), options))
+    while not worker.job(job_id).message.startswith("expert"):  # training has started
+        time.sleep(0.01)
+    updates = _final(worker.route(RouteRequest(str(tiny_library.path), "the quick brown", "arrow", 2)))
+    assert updates[-1].record.tokens
+    assert worker.job(job_id).state == "running"
+    worker.cancel(job_id)
+    _wait(worker, job_id)
+
+
 def test_bad_jobs_are_refused(worker, tiny_library):
     with pytest.raises(LorlibError, match="unknown job"):
         worker.submit(JobRequest("train", str(tiny_library.path)))
