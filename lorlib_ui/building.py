@@ -50,6 +50,7 @@ class Progress:
     step: int
     steps: int
     loss: float | None
+    worker: str | None = None  # host:pid of the process training it, in a Ray build
 
 
 @dataclass
@@ -117,6 +118,60 @@ def _up_to_date(library: Library, job: Job) -> bool:
     return existing is not None and existing.kind == job.kind and sorted(existing.tasks) == sorted(job.tasks)
 
 
+def plan(library: Library, jobs: list[Job], force: bool = False) -> tuple[list[Job], list[str]]:
+    """The jobs to train and the names skipped: experts already in the library (same name, kind
+    and tasks) are skipped unless `force`. An expert of the same name but other tasks is replaced
+    only with `force`, except cluster and shared experts, which follow their tasks."""
+    for job in jobs:  # refuse clashes before any training
+        existing = next((e for e in library.experts if e.name == job.name), None)
+        clash = existing is not None and not _up_to_date(library, job) and job.kind == "private"
+        if clash and not force:
+            raise LorlibError(
+                f"library {library.path} already has an expert {job.name!r} ({existing.kind}, tasks "
+                f"{', '.join(existing.tasks) or '-'}); use --force to replace it"
+            )
+    todo = [j for j in jobs if force or not _up_to_date(library, j)]
+    return todo, [j.name for j in jobs if j not in todo]
+
+
+def train_job(
+    library: Library,
+    job: Job,
+    pairs: list[tuple[str, str]],
+    data_origin: str,
+    model,
+    tokenizer,
+    config: TrainConfig,
+    index: int = 1,
+    total: int = 1,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> None:
+    """Train one job's expert on its (prompt, answer) `pairs` and store it in the library at once
+    (job `index` of `total`, for progress)."""
+    job_config = TrainConfig(**{**asdict(config), "steps": job.steps or config.steps})
+
+    def step(done: int, steps: int, loss: float) -> None:
+        if progress is not None:
+            progress(Progress(job.name, index, total, done, steps, loss))
+
+    if progress is not None:
+        progress(Progress(job.name, index, total, 0, job_config.steps, None))
+    result = train_expert(model, tokenizer, pairs, job_config, step, cancel)
+    training = {**asdict(job_config), "targets": list(job_config.targets), "data": data_origin}
+    entry = expert_from_adapter(
+        job.name,
+        result.adapter,
+        library.base_model,
+        kind=job.kind,
+        tasks=job.tasks,
+        family=job.family,
+        training=training,
+        metrics=result.metrics,
+    )
+    library.add_experts([(entry, result.adapter)], force=True)
+
+
 def train_jobs(
     library: Library,
     data: MultiTaskData,
@@ -128,44 +183,39 @@ def train_jobs(
     progress: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> BuildReport:
-    """Train each job's expert and store it at once; skip those already in the library (same
-    name, kind and tasks) unless `force`. An expert of the same name but other tasks is replaced
-    only with `force`, except cluster and shared experts, which follow their tasks."""
-    report = BuildReport()
-    for job in jobs:  # refuse clashes before any training
-        existing = next((e for e in library.experts if e.name == job.name), None)
-        clash = existing is not None and not _up_to_date(library, job) and job.kind == "private"
-        if clash and not force:
-            raise LorlibError(
-                f"library {library.path} already has an expert {job.name!r} ({existing.kind}, tasks "
-                f"{', '.join(existing.tasks) or '-'}); use --force to replace it"
-            )
-    todo = [j for j in jobs if force or not _up_to_date(library, j)]
-    report.skipped = [j.name for j in jobs if j not in todo]
+    """Train the jobs `plan` keeps, one after another on `model`, storing each expert at once."""
+    todo, skipped = plan(library, jobs, force)
+    report = BuildReport(skipped=skipped)
     for index, job in enumerate(todo, 1):
-        job_config = TrainConfig(**{**asdict(config), "steps": job.steps or config.steps})
-
-        def step(done: int, total: int, loss: float, job=job, index=index) -> None:
-            if progress is not None:
-                progress(Progress(job.name, index, len(todo), done, total, loss))
-
-        if progress is not None:
-            progress(Progress(job.name, index, len(todo), 0, job_config.steps, None))
-        result = train_expert(model, tokenizer, examples(data, job.tasks), job_config, step, cancel)
-        training = {**asdict(job_config), "targets": list(job_config.targets), "data": data.origin}
-        entry = expert_from_adapter(
-            job.name,
-            result.adapter,
-            library.base_model,
-            kind=job.kind,
-            tasks=job.tasks,
-            family=job.family,
-            training=training,
-            metrics=result.metrics,
-        )
-        library.add_experts([(entry, result.adapter)], force=True)
+        pairs = examples(data, job.tasks)
+        train_job(library, job, pairs, data.origin, model, tokenizer, config, index, len(todo), progress, cancel)
         report.trained.append(job.name)
     return report
+
+
+class LocalTrainer:
+    """Trains a build's experts one after another in this process, on one copy of the base model
+    (`device`: cuda when present; `bf16`: auto, on or off). `lorlib_ui.ray_backend.RayTrainer`
+    spreads them over a Ray cluster instead."""
+
+    def __init__(self, device: str | None = None, bf16: str = "auto"):
+        bf16_setting(bf16, "cpu")  # refuse a bad setting before any work
+        self.device, self.bf16 = device, bf16
+
+    def train(
+        self,
+        library: Library,
+        data: MultiTaskData,
+        jobs: list[Job],
+        config: TrainConfig,
+        force: bool = False,
+        progress: Callable[[Progress], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> BuildReport:
+        if not plan(library, jobs, force)[0]:
+            return BuildReport(skipped=[j.name for j in jobs])
+        model, tokenizer, config.bf16 = load_trainer_model(library.base_model, self.device, self.bf16)
+        return train_jobs(library, data, jobs, model, tokenizer, config, force, progress, cancel)
 
 
 def bf16_setting(setting: str, device) -> bool:
@@ -196,15 +246,15 @@ def build_library(
     shared: bool = True,
     force: bool = False,
     base_model: str | None = None,
-    device: str | None = None,
-    bf16: str = "auto",
+    trainer: LocalTrainer | None = None,
     progress: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> BuildReport:
     """Train private experts for the selected tasks, then (with `shared`) the shared expert,
-    into the library at `path` (created on `base_model` if there is none). Everything is checked
-    before anything is written: a refused build leaves the library as it was."""
+    into the library at `path` (created on `base_model` if there is none), with `trainer` (by
+    default a `LocalTrainer`). Everything is checked before anything is written: a refused build
+    leaves the library as it was."""
     from lorlib_ui.data import load_tasks
     from lorlib_ui.library import existing_or_new
 
@@ -242,13 +292,12 @@ def build_library(
     source = str(Path(data).resolve()) if local else data  # else "default" or a hub id
     with library.edit() as current:
         current.extra["held_out"] = {"data": source, "tasks": held}
-    model, tokenizer, config.bf16 = load_trainer_model(library.base_model, device, bf16)
     if held and log is not None:
         log(f"held out for evaluation: {', '.join(held)}")
     jobs = private_jobs(loaded, train_tasks)
     if shared:  # last, on all private tasks: those already in the library and these
         jobs.append(shared_job(library, loaded, shared_steps or 4 * config.steps, adding=train_tasks))
-    report = train_jobs(library, loaded, jobs, model, tokenizer, config, force, progress, cancel)
+    report = (trainer or LocalTrainer()).train(library, loaded, jobs, config, force, progress, cancel)
     report.held_out = held
     report.seconds = time.perf_counter() - start
     return report

@@ -49,8 +49,25 @@ def _training_options(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    _trainer_options(parser)
+
+
+def _trainer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: if fast)")
+    parser.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default=os.environ.get("LORLIB_BACKEND", "local"),
+        help="local: one expert after another in this process; ray: one Ray task per expert, in parallel "
+        "(default: $LORLIB_BACKEND or local)",
+    )
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("LORLIB_RAY_ADDRESS"),
+        help="Ray cluster address host:port (default: $LORLIB_RAY_ADDRESS, else a private Ray on this machine)",
+    )
+    parser.add_argument("--cpus-per-task", type=float, default=1, help="Ray: CPUs per expert's task (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--keep-quantile", type=float, default=0.5, help="sparsify: keep |w| above this quantile")
     cluster.add_argument("--data", default=None, help="training data (default: what the library was built from)")
-    cluster.add_argument("--device", default=None)
-    cluster.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
+    _trainer_options(cluster)
     cluster.add_argument("--force", action="store_true", help="retrain cluster experts that are up to date")
     cluster.add_argument("--json", action="store_true", help="print the clustering as one JSON object")
 

@@ -23,26 +23,48 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 class _Bars:
-    """A tqdm bar per expert on stderr, fed by the builder's progress events."""
+    """A tqdm bar per expert in training on stderr, fed by the builder's progress events (several
+    at once in a Ray build; an expert whose worker died starts again from step 0)."""
 
     def __init__(self):
-        self.bar = None
+        self.bars = {}
 
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
-        if event.step == 0:
-            self.close()
-            desc = f"[{event.index}/{event.total}] {event.expert}"
-            self.bar = tqdm(total=event.steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
-            return
-        self.bar.update(event.step - self.bar.n)
-        self.bar.set_postfix(loss=f"{event.loss:.3f}", refresh=False)
+        bar = self.bars.get(event.expert)
+        if bar is None or event.step < bar.n:
+            if bar is not None:
+                bar.close()
+            where = f" on {event.worker}" if event.worker else ""
+            desc = f"[{event.index}/{event.total}] {event.expert}{where}"
+            bar = self.bars[event.expert] = tqdm(
+                total=event.steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
+        bar.update(event.step - bar.n)
+        if event.loss is not None:
+            bar.set_postfix(loss=f"{event.loss:.3f}", refresh=False)
+        if event.step >= event.steps:
+            bar.close()
+            del self.bars[event.expert]
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}
+
+
+def _trainer(args):
+    """The trainer the flags ask for: this process, or one Ray task per expert."""
+    from lorlib_ui.building import LocalTrainer
+
+    if args.backend == "ray":
+        from lorlib_ui.ray_backend import RayTrainer
+
+        return RayTrainer(args.address, args.device, args.bf16, cpus_per_task=args.cpus_per_task)
+    if args.address:
+        raise LorlibError("--address names a Ray cluster: use it with --backend ray")
+    return LocalTrainer(args.device, args.bf16)
 
 
 def _progress_bars(run):
@@ -100,8 +122,7 @@ def cmd_build(args) -> None:
             shared=not args.no_shared,
             force=args.force,
             base_model=args.base_model,
-            device=args.device,
-            bf16=args.bf16,
+            trainer=_trainer(args),
             progress=progress,
             log=_log,
         )
@@ -127,8 +148,7 @@ def cmd_cluster(args) -> None:
             seed=args.seed,
             keep_quantile=args.keep_quantile,
             data=args.data,
-            device=args.device,
-            bf16=args.bf16,
+            trainer=_trainer(args),
             force=args.force,
             progress=progress,
             log=_log,

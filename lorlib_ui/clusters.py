@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorlib_ui.building import BuildReport, Job, Progress, train_jobs
+from lorlib_ui.building import BuildReport, Job, LocalTrainer, Progress
 from lorlib_ui.errors import LorlibError
 from lorlib_ui.library import Expert, Library
 from lorlib_ui.mbc import adjusted_rand_index, embed, mbc_cluster, silhouette_by_k
@@ -61,7 +61,9 @@ class Clustering:
 
 
 def task_experts(library: Library) -> list[Expert]:
-    experts = [e for e in library.experts if e.kind in TASK_KINDS]
+    """The experts MBC clusters, by name: the clusters (and their numbering) do not depend on the
+    order experts were added in, which a parallel build does not fix."""
+    experts = sorted((e for e in library.experts if e.kind in TASK_KINDS), key=lambda e: e.name)
     if len(experts) < 2:
         raise LorlibError(f"library {library.path} has {len(experts)} private expert(s); clustering needs 2 or more")
     return experts
@@ -168,8 +170,7 @@ def cluster_and_train(
     seed: int = 0,
     keep_quantile: float = 0.5,
     data: str | None = None,
-    device: str | None = None,
-    bf16: str = "auto",
+    trainer: LocalTrainer | None = None,
     force: bool = False,
     progress: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -178,9 +179,9 @@ def cluster_and_train(
 ) -> tuple[dict, BuildReport]:
     """MBC at k over the library's task experts, recorded in its manifest; then (with `train`)
     one expert per cluster, with the private experts' training settings and `steps` (default:
-    twice theirs). Returns the manifest's clustering record (also handed to `on_clustering` as soon
-    as it is recorded, before training) and what was trained."""
-    from lorlib_ui.building import load_trainer_model
+    twice theirs), trained by `trainer` (default: a `LocalTrainer`). Returns the manifest's
+    clustering record (also handed to `on_clustering` as soon as it is recorded, before training)
+    and what was trained."""
     from lorlib_ui.data import load_tasks
 
     start = time.perf_counter()
@@ -211,7 +212,6 @@ def cluster_and_train(
             learning_rate=float(recipe.get("learning_rate", 1e-3)),
             seed=seed,
         )
-        model, tokenizer, config.bf16 = load_trainer_model(library.base_model, device, bf16)
-        report = train_jobs(library, loaded, jobs, model, tokenizer, config, force, progress, cancel)
+        report = (trainer or LocalTrainer()).train(library, loaded, jobs, config, force, progress, cancel)
     report.seconds = time.perf_counter() - start
     return library.clusters, report

@@ -320,7 +320,7 @@ def _training_progress(status: JobStatus):
 
 
 def _build_job(job: JobRequest, status: JobStatus, cancel) -> dict:
-    from lorlib_ui.building import build_library
+    from lorlib_ui.building import LocalTrainer, build_library
     from lorlib_ui.training import TrainConfig
 
     o = dict(job.options)
@@ -343,7 +343,7 @@ def _build_job(job: JobRequest, status: JobStatus, cancel) -> dict:
         shared=bool(o.get("shared", True)),
         force=bool(o.get("force", False)),
         base_model=o.get("base_model"),
-        device=o.get("device"),
+        trainer=LocalTrainer(o.get("device")),
         progress=_training_progress(status),
         cancel=cancel,
     )
