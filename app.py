@@ -1,10 +1,11 @@
 """The lorlib explorer: `python app.py` serves it at http://127.0.0.1:7860 on the embedded default.
 
     python app.py [--library DIR] [--host 127.0.0.1] [--port 7860] [--base-model M] [--device cpu|cuda] [--dtype D]
+                  [--backend local|ray] [--ray-address HOST:PORT]
 
-The UI (`lorlib_ui.ui`) talks only to a model worker; this file picks the worker and launches the
-app. It binds to 127.0.0.1 unless --host says otherwise, makes no share link, sends no analytics,
-and keeps uploads in a private temporary folder.
+The UI (`lorlib_ui.ui`) talks only to a model worker; this file picks the worker (in this process,
+or a Ray actor on a cluster) and launches the app. It binds to 127.0.0.1 unless --host says
+otherwise, makes no share link, sends no analytics, and keeps uploads in a private temporary folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+from lorlib_ui.errors import LorlibError
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_LIBRARY = ROOT / "assets" / "library"
@@ -27,6 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-model", default=None, help="override the library's base model (must fit it)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    parser.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default=os.environ.get("LORLIB_BACKEND", "local"),
+        help="where the model worker runs: this process (local) or a Ray actor (default: $LORLIB_BACKEND or local)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=os.environ.get("LORLIB_RAY_ADDRESS"),
+        help="Ray cluster host:port for --backend ray (default: $LORLIB_RAY_ADDRESS, else a private Ray here)",
+    )
     return parser.parse_args(argv)
 
 
@@ -45,14 +59,25 @@ def create(args: argparse.Namespace):
 
     data = load_tasks("default")
     tasks_by_family = {family: data.tasks_in(family) for family in data.families}
-    worker = LocalWorker(device=args.device, dtype=args.dtype, base_model=args.base_model)
+    if args.backend == "ray":
+        from lorlib_ui.ray_backend import RayWorker
+
+        worker = RayWorker(args.ray_address, device=args.device, dtype=args.dtype, base_model=args.base_model)
+    else:
+        if args.ray_address:
+            raise LorlibError("--ray-address names a Ray cluster: use it with --backend ray")
+        worker = LocalWorker(device=args.device, dtype=args.dtype, base_model=args.base_model)
     worker.warm_up(args.library)
     return build_app(worker, args.library, tasks_by_family)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    app = create(args)
+    try:
+        app = create(args)
+    except LorlibError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     from lorlib_ui.ui import launch
 
     launch(app, args.host, args.port)

@@ -13,10 +13,10 @@ module unless asked for the Ray backend. Two parts:
   stores the expert into the library folder itself, under the library's file lock, on storage
   every node shares. Ray re-runs a task whose worker died; experts already stored stay.
 
-How Ray 2.60 behaves here, and what this module does about it: a private Ray (no address) listens
-on every interface unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps it on 127.0.0.1, so that
-is set; `ray.init()` without an address would join any cluster recorded under /tmp/ray, so a
-private one is asked for with address="local"; the dashboard is off and the object store small
+How Ray 2.60 behaves here, and what this module does about it: a private Ray (no address) would
+listen on every interface, so it is kept on 127.0.0.1 (`_loopback_only`); `ray.init()` without an
+address would join any cluster recorded under /tmp/ray, so a private one is asked for with
+address="local"; the dashboard is off and the object store small
 (start-up takes a few seconds and about 0.5 GB on 2 cores); usage reports are off; token
 authentication stays as Ray sets it (on by default; a cluster's token comes from RAY_AUTH_TOKEN or
 ~/.ray/auth_token). This code never runs `ray stop` (it kills every Ray process of the user): a
@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -56,14 +57,16 @@ def connect(address: str | None = None) -> None:
     """Join the Ray cluster at `address` ("host:port"), or start a private one on this machine
     (None, "" or "local"), unless this process is connected already. The lorlib_ui package travels
     to the cluster's workers with the job (Ray's `py_modules`), so nodes need not have it."""
+    private = not address or address == "local"
+    if private:
+        _loopback_only()
     ray = _ray()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     runtime_env = {"py_modules": [str(PACKAGE)], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     try:
-        if not address or address == "local":
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray 2.60: bind 127.0.0.1 only
+        if private:
             ray.init(
                 address="local",
                 namespace=NAMESPACE,
@@ -84,6 +87,18 @@ def connect(address: str | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LorlibError(f"could not start or join Ray at {address or 'a private local cluster'}: {line}") from None
+
+
+def _loopback_only() -> None:
+    """Make a private Ray listen on 127.0.0.1 only. Ray 2.60 binds its node's address, which is
+    loopback only while its ENABLE_RAY_CLUSTER setting is off; ray reads that setting from the
+    environment (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) when it is first imported, and it turns an
+    explicit `_node_ip_address="127.0.0.1"` back into the network address. So: the variable, for
+    this process and the Ray processes it starts, and the setting itself if ray is imported already."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _get(refs):

@@ -186,19 +186,33 @@ def built(tmp_path, tiny_base, tasks_file, capsys):
 # ---- the explorer app on the tiny library (API and browser tests) ---------------------------------
 
 
+def explorer_module():
+    """app.py (the explorer's entry point), imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("explorer_app", Path(__file__).resolve().parent.parent / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def explorer_url(tiny_library):
     """The explorer over an in-process worker on the tiny library, served on a free local port."""
-    import socket
-
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from lorlib_ui.local_worker import LocalWorker
     from lorlib_ui.ui import build_app, launch
 
     app = build_app(LocalWorker(device="cpu"), str(tiny_library.path), {"copy": ["copy0"]})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     launch(app, "127.0.0.1", port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/"

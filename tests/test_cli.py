@@ -189,3 +189,23 @@ def test_plain_route_output(cli_library, capsys):
     assert code == 0 and out.strip() and err == ""
     code, out, err = run(capsys, "route", cli_library, "--prompt", "dog", "--top-k", "2", "--max-new-tokens", "2")
     assert code == 0 and "mean routing weight per expert" in err and err.count("task") == 4
+
+
+def test_ray_backend_without_ray_says_how_to_install_it(tmp_path, tiny_base, tasks_file, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    args = ["--data", tasks_file, "--base-model", tiny_base, "--backend", "ray"]
+    code, _, err = run(capsys, "build", tmp_path / "lib", *args)
+    assert code == 1 and err.strip() == "error: the Ray backend needs ray: pip install -r requirements-ray.txt"
+    assert not (tmp_path / "lib").exists()
+    code, _, err = run(capsys, "build", tmp_path / "lib", "--data", tasks_file, "--address", "10.0.0.1:6379")
+    assert code == 1 and "use it with --backend ray" in err
+
+
+def test_app_on_the_ray_backend_without_ray_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+    from conftest import explorer_module
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    explorer = explorer_module()
+    assert explorer.main(["--backend", "ray"]) == 1
+    assert capsys.readouterr().err.strip() == "error: the Ray backend needs ray: pip install -r requirements-ray.txt"

@@ -2,6 +2,7 @@
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +17,33 @@ from lorlib_ui.ray_backend import RayTrainer, RayWorker, connect  # noqa: E402
 from lorlib_ui.training import TrainConfig  # noqa: E402
 from lorlib_ui.worker import RouteRequest  # noqa: E402
 
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def _listening() -> set[tuple[str, int]]:
+    """(address as the kernel writes it, port) of every listening TCP socket on this machine."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                address, port = fields[1].rsplit(":", 1)
+                out.add((address, int(port, 16)))
+    return out
+
 
 @pytest.fixture(scope="module")
 def local_ray():
-    connect(None)  # private, on 127.0.0.1
-    yield
+    """A private Ray for this module; yields the sockets it opened for listening."""
+    before = _listening()
+    connect(None)
+    yield _listening() - before
     ray.shutdown()
+
+
+def test_a_private_ray_listens_on_loopback_only(local_ray):
+    assert local_ray, "no listening sockets seen"
+    assert {address for address, _ in local_ray} <= LOOPBACK, sorted(local_ray)
 
 
 def _same_experts(a, b) -> None:
@@ -95,3 +117,79 @@ def test_the_app_worker_is_a_named_actor_that_a_new_app_reattaches_to(local_ray,
     again = RayWorker().health()  # what a restarted app does: the same actor, its model still loaded
     assert again["actor"] == first["actor"] and again["backend"] == "ray"
     assert str(tiny_library.path.resolve()) in again["libraries_loaded"]
+
+
+def test_the_app_on_the_ray_backend_routes_a_prompt(local_ray, tiny_library, tiny_routed, monkeypatch, tmp_path):
+    from conftest import explorer_module, free_port
+    from gradio_client import Client
+
+    from lorlib_ui.generation import generate
+    from lorlib_ui.routers import make_router
+    from lorlib_ui.ui import launch
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    explorer = explorer_module()
+    app = explorer.create(explorer.parse_args(["--backend", "ray", "--library", str(tiny_library.path)]))
+    port = free_port()
+    launch(app, "127.0.0.1", port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        text, note, *_ = client.predict("the quick brown", "arrow", 2, 1.0, 5, api_name="/route")
+        expected = generate(tiny_routed, "the quick brown", make_router("arrow", tiny_routed.experts, 2), 5)
+        assert text == expected.text and "done in" in note
+        assert client.predict(api_name="/health")["backend"] == "ray"
+    finally:
+        app.close()
+
+
+HEAD = """
+import sys, ray
+from lorlib_ui.ray_backend import connect
+connect(None)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes stdin
+ray.shutdown()
+"""
+APP = """
+import json, sys
+from lorlib_ui.ray_backend import RayWorker
+from lorlib_ui.worker import RouteRequest
+worker = RayWorker(sys.argv[1])
+if sys.argv[2:]:
+    request = RouteRequest(sys.argv[2], "the quick brown", "arrow", 2, max_new_tokens=3)
+    print(json.dumps({"text": list(worker.route(request))[-1].text}))
+print(json.dumps(worker.health()))
+"""
+
+
+def test_a_restarted_app_reattaches_to_the_running_worker(tiny_library):
+    """Two app processes, one after the other, on one Ray cluster: the second finds the worker the
+    first started, with the library's model still loaded."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    head = subprocess.Popen([sys.executable, "-c", HEAD], cwd=root, **pipes)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the Ray head did not start"
+
+        def app(*args):
+            done = subprocess.run(
+                [sys.executable, "-c", APP, address, *args], cwd=root, capture_output=True, text=True, timeout=300
+            )
+            assert done.returncode == 0, done.stderr[-2000:]
+            return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+        routed, first = app(str(tiny_library.path))
+        (second,) = app()  # the restarted app only asks for health
+        assert routed["text"] and second["actor"] == first["actor"]
+        assert str(tiny_library.path.resolve()) in second["libraries_loaded"]
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
