@@ -23,15 +23,19 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 class _Bars:
-    """A tqdm bar per expert in training on stderr, fed by the builder's progress events (several
-    at once in a Ray build; an expert whose worker died starts again from step 0)."""
+    """On stderr, a tqdm bar of the experts trained so far and one per expert in training, fed by
+    the builder's progress events (several at once in a Ray build; an expert whose worker died
+    starts again from step 0)."""
 
     def __init__(self):
         self.bars = {}
+        self.overall = None
 
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
+        if self.overall is None:
+            self.overall = tqdm(total=event.total, desc="experts trained", unit="expert", file=sys.stderr)
         bar = self.bars.get(event.expert)
         if bar is None or event.step < bar.n:
             if bar is not None:
@@ -47,11 +51,13 @@ class _Bars:
         if event.step >= event.steps:
             bar.close()
             del self.bars[event.expert]
+            self.overall.update()
 
     def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.bars = {}
+        for bar in [*self.bars.values(), self.overall]:
+            if bar is not None:
+                bar.close()
+        self.bars, self.overall = {}, None
 
 
 def _trainer(args):
