@@ -193,3 +193,18 @@ def test_a_restarted_app_reattaches_to_the_running_worker(tiny_library):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+
+
+def test_files_cross_to_and_from_the_actor_as_bytes(local_ray, tiny_library, tiny_base, tmp_path):
+    import zipfile
+
+    from conftest import make_adapter
+
+    from lorlib_ui.archives import zip_folder
+
+    worker = RayWorker()
+    archive = zip_folder(make_adapter(tmp_path / "newcomer", tiny_base, seed=7), tmp_path / "newcomer.zip")
+    assert worker.import_archive(str(tiny_library.path), str(archive)) == ["newcomer"]
+    assert "newcomer" in Library.open(tiny_library.path).names
+    download = Path(worker.export(str(tiny_library.path), "newcomer"))
+    assert download.name == "newcomer.zip" and "adapter_model.safetensors" in str(zipfile.ZipFile(download).namelist())
