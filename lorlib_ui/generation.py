@@ -47,9 +47,12 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def _check_text(text: str, what: str) -> None:
+def _checked_text(text: str, what: str) -> str:
+    """The text, refused when empty. Undecodable bytes (binary pasted in, or command-line bytes that
+    are not UTF-8, which Python keeps as lone surrogates) become U+FFFD: tokenizers refuse them."""
     if not isinstance(text, str) or not text.strip():
         raise LorlibError(f"{what} is empty")
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _token_strings(rm: RoutedModel, ids: list[int]) -> list[str]:
@@ -75,7 +78,7 @@ def generate(
     on_token: Callable[[str], None] | None = None,
 ) -> Generation:
     """Greedy decoding under `router`; `on_token` receives the text generated so far after each token."""
-    _check_text(prompt, "prompt")
+    prompt = _checked_text(prompt, "prompt")
     if not 1 <= max_new_tokens <= 4096:
         raise LorlibError(f"max new tokens must be between 1 and 4096, got {max_new_tokens}")
     ids = encode_prompt(rm.tokenizer, prompt, chat)
@@ -109,7 +112,7 @@ def generate(
 @torch.inference_mode()
 def score(rm: RoutedModel, text: str, router: Router, record: bool = False) -> Scores:
     """Each token's log-probability given the tokens before it, under `router`."""
-    _check_text(text, "text")
+    text = _checked_text(text, "text")
     ids = rm.tokenizer(text)["input_ids"]
     context = getattr(rm.model.config, "max_position_embeddings", None) or 2048
     if len(ids) > context:

@@ -79,8 +79,8 @@ def test_empty_prompt_is_refused(tiny_routed, prompt):
         generate(tiny_routed, prompt, make_router("base", []))
 
 
-def test_binary_prompt_does_not_crash(tiny_routed):
-    result = generate(
-        tiny_routed, "\x00\x01\xff\ufffd bytes", make_router("arrow", tiny_routed.experts), max_new_tokens=2
-    )
+@pytest.mark.parametrize("prompt", ["\x00\x01\xff\ufffd bytes", b"a\xff\xfe\x00b".decode("utf-8", "surrogateescape")])
+def test_binary_prompt_does_not_crash(tiny_routed, prompt):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (command-line arguments)."""
+    result = generate(tiny_routed, prompt, make_router("arrow", tiny_routed.experts), max_new_tokens=2)
     assert len(result.new_tokens) >= 1
