@@ -174,16 +174,21 @@ def cmd_evaluate(args) -> None:
     tasks = None if args.tasks == "held-out" else (_csv(args.tasks) or [])
     routers = None if args.routers is None else (_csv(args.routers) or [])
     _positive(limit=args.limit)
-    with tqdm(desc="evaluate", unit="task", file=sys.stderr) as bar:
+    bars = []  # made at the first progress event: a refusal before it prints one line only
 
-        def progress(done, total, router, task):
-            bar.total = total
-            bar.set_postfix_str(f"{router} on {task}", refresh=False)
-            bar.update(done - bar.n)
+    def progress(done, total, router, task):
+        if not bars:
+            bars.append(tqdm(desc="evaluate", unit="task", total=total, file=sys.stderr))
+        bars[0].set_postfix_str(f"{router} on {task}", refresh=False)
+        bars[0].update(done - bars[0].n)
 
+    try:
         record, notes = evaluate_library(
             args.library, tasks, routers, args.data, args.limit, args.device, args.dtype, progress
         )
+    finally:
+        for bar in bars:
+            bar.close()
     _record_history(args.library, args.argv, record["seconds"])
     for note in notes:
         print(note, file=sys.stderr)

@@ -169,8 +169,12 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                     steps = gr.Slider(1, 500, value=60, step=1, label="steps per expert")
                     rank = gr.Slider(1, 32, value=4, step=1, label="rank")
                     shared = gr.Checkbox(value=False, label="also train the shared expert")
-                build_targets = gr.CheckboxGroup(
-                    [], label="adapted modules (MBC clusters only experts that adapt the same modules at the same rank)"
+                build_targets = gr.Dropdown(  # choices follow the open library; the worker checks the names
+                    [],
+                    multiselect=True,
+                    allow_custom_value=True,
+                    label="adapted modules (MBC clusters only experts that adapt the same modules at the same rank)",
+                    elem_id="build-targets",
                 )
                 with gr.Row():
                     build_btn = gr.Button("Build", variant="primary")
@@ -212,13 +216,14 @@ def build_app(worker: Worker, library: str, tasks_by_family: dict[str, list[str]
                 experts_frame(info),
                 gr.Dropdown(choices=names, value=names[0] if names else None),
                 gr.Dropdown(choices=[(f"{t}: {p[:60]}", p) for t, p in examples], value=None),
-                gr.Slider(1, max(n_task, 1), value=min(max(len(info.held_out), 2), max(n_task, 1)), step=1),
+                # a slider needs max > min: with fewer than 2 experts, the worker explains the refusal
+                gr.Slider(1, max(n_task, 2), value=min(max(len(info.held_out), 2), max(n_task, 1)), step=1),
                 evaluation_frame(info.evaluation),
                 figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
                 gr.Dropdown(choices=routers, value="arrow@private" if has_private else "arrow"),
                 gr.Dropdown(choices=routers, value="base"),
-                gr.Slider(1, max(len(names), 1), value=min(4, max(len(names), 1)), step=1),
-                gr.CheckboxGroup(choices=info.modules, value=info.new_targets),
+                gr.Slider(1, max(len(names), 2), value=min(4, max(len(names), 1)), step=1),
+                gr.Dropdown(choices=info.modules, value=info.new_targets),
                 gr.Slider(value=info.new_rank),
             )
 
