@@ -195,22 +195,28 @@ class Library:
                     f"library {self.path} already has an expert named {clash[0]!r} (use --force to replace it)"
                 )
             staging = self.path / ".staging"
-            staging.mkdir(exist_ok=True)
-            stored = []
-            for expert, adapter in entries:
-                folder = staging / uuid.uuid4().hex
-                write_adapter(folder, adapter)
-                _fsync_tree(folder)
-                final = _free_folder(self.path / "experts", expert.name, current)
-                final.parent.mkdir(exist_ok=True)
-                folder.rename(final)
-                expert.path = str(final.relative_to(self.path))
-                expert.weights_hash = weights_hash(final)
-                expert.created = expert.created or datetime.now(UTC).isoformat(timespec="seconds")
-                stored.append(expert)
-            kept = [e for e in current.experts if e.name not in names]
-            current.experts = kept + stored
-            current.save_manifest()
+            stored, placed = [], []
+            try:
+                staging.mkdir(exist_ok=True)
+                for expert, adapter in entries:
+                    folder = staging / uuid.uuid4().hex
+                    write_adapter(folder, adapter)
+                    _fsync_tree(folder)
+                    final = _free_folder(self.path / "experts", expert.name, current)
+                    final.parent.mkdir(exist_ok=True)
+                    folder.rename(final)
+                    placed.append(final)
+                    expert.path = str(final.relative_to(self.path))
+                    expert.weights_hash = weights_hash(final)
+                    expert.created = expert.created or datetime.now(UTC).isoformat(timespec="seconds")
+                    stored.append(expert)
+                kept = [e for e in current.experts if e.name not in names]
+                current.experts = kept + stored
+                current.save_manifest()
+            except (OSError, SafetensorError) as exc:  # a full disk, say: undo what this call wrote
+                for folder in [staging, *placed]:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise _write_error(self.path, exc) from None
             current._sweep()
             self.__dict__.update(current.__dict__)
         self.prototypes()  # computes and caches the new experts' prototypes
@@ -223,7 +229,10 @@ class Library:
         with self._write_lock():
             current = Library.open(self.path)
             yield current
-            current.save_manifest()
+            try:
+                current.save_manifest()
+            except OSError as exc:
+                raise _write_error(self.path, exc) from None
             current._sweep()
             self.__dict__.update(current.__dict__)
 
@@ -244,8 +253,11 @@ class Library:
             current.experts = [e for e in current.experts if e.name != name]
 
     def _sweep(self) -> None:
-        """Delete what the manifest no longer names: staging leftovers and replaced experts."""
+        """Delete what the manifest no longer names: staging leftovers, replaced experts, and the
+        temporary files of writes that a killed process left (all under the write lock)."""
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
+        for leftover in [*self.path.glob(f".{MANIFEST}.*"), *self.path.glob(f".{PROTOTYPES}.*")]:
+            leftover.unlink(missing_ok=True)
         referenced = {(self.path / e.path).resolve() for e in self.experts}
         experts_dir = self.path / "experts"
         if experts_dir.is_dir():
@@ -287,8 +299,11 @@ class Library:
         }
         with self._write_lock():
             tmp = self.path / f".{PROTOTYPES}.{uuid.uuid4().hex}"
-            save_file(tensors, tmp)
-            os.replace(tmp, self.path / PROTOTYPES)
+            try:
+                save_file(tensors, tmp)
+                os.replace(tmp, self.path / PROTOTYPES)
+            except (OSError, SafetensorError):  # a cache: without room for it, computed again next time
+                tmp.unlink(missing_ok=True)
 
 
 _MANIFEST_KEYS = {"format", "version", "base_model", "base_fingerprint", "base_shapes", "experts", "clusters"}
@@ -364,6 +379,11 @@ def _free_folder(experts_dir: Path, name: str, library: Library) -> Path:
     if candidate.resolve() not in used and not candidate.exists():
         return candidate
     return experts_dir / f"{name}.{uuid.uuid4().hex[:8]}"
+
+
+def _write_error(path: Path, exc: Exception) -> LorlibError:
+    reason = getattr(exc, "strerror", None) or str(exc)  # safetensors' errors carry only a message
+    return LorlibError(f"library {path}: could not write ({reason}); the library is unchanged")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

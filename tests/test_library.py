@@ -108,8 +108,9 @@ def test_failed_write_leaves_previous_state(tiny_library, tiny_adapters, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(library_module, "write_adapter", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(LorlibError, match="could not write \\(No space left on device\\); the library is unchanged"):
         tiny_library.add_experts([_entry("new_one", tiny_adapters[1])])
+    assert not (tiny_library.path / ".staging").exists()
     monkeypatch.undo()
     reopened = Library.open(tiny_library.path)
     assert reopened.manifest() == before_manifest
