@@ -22,7 +22,7 @@ import uuid
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
@@ -103,7 +103,21 @@ class Library:
             library = cls(path, manifest)
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LorlibError(f"library {path}: {MANIFEST} is unreadable ({exc})") from None
+        library._check_folders()
         return library
+
+    def _check_folders(self) -> None:
+        """Every expert's folder is experts/<one name> inside this library, after links: a manifest
+        from elsewhere must not make lorlib read (or zip up for download) any other folder."""
+        experts_dir = (self.path / "experts").resolve()
+        for e in self.experts:
+            check_name(e.name)
+            parts = PurePosixPath(str(e.path)).parts
+            inside = len(parts) == 2 and parts[0] == "experts" and parts[1] not in (".", "..") and "\\" not in e.path
+            if not inside or (self.path / e.path).resolve().parent != experts_dir:
+                raise LorlibError(
+                    f"library {self.path}: expert {e.name!r} names folder {e.path!r}, which is not in its experts/"
+                )
 
     @classmethod
     def create(cls, path: str | Path, base: BaseModelInfo) -> Library:
