@@ -120,3 +120,29 @@ def test_import_zip_and_refuse_a_malformed_one(client, tiny_library, tiny_base, 
     archive = zip_folder(make_adapter(tmp_path / "newcomer", tiny_base, seed=7), tmp_path / "newcomer.zip")
     out = client.predict(gradio_client.handle_file(str(archive)), api_name="/import_adapters")
     assert "newcomer" in [row[0] for row in out[1]["data"]]
+
+
+def test_eight_sessions_at_once_each_get_their_own_routing(explorer_url):
+    """Eight clients (eight sessions) route eight prompts at the same time, three times each: no
+    errors, and every answer and heatmap is the one its own prompt gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"prompt number {i}: " + "word " * (2 + 3 * i) for i in range(8)]
+
+    def route(client, prompt):
+        text, _, plot, *_ = client.predict(prompt, "arrow", 2, 1.0, 4, api_name="/route")
+        return text, _array(_plot(plot)["data"][0]["z"])
+
+    alone = gradio_client.Client(explorer_url, verbose=False)
+    expected = [route(alone, p) for p in prompts]
+    clients = [gradio_client.Client(explorer_url, verbose=False) for _ in prompts]
+
+    def session(i):
+        return [route(clients[i], prompts[i]) for _ in range(3)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(session, range(8)))
+    for (text, z), runs in zip(expected, results):
+        for got_text, got_z in runs:
+            assert got_text == text and np.allclose(got_z, z, atol=1e-6)
+    assert len({z.tobytes() for _, z in expected}) == 8  # the prompts do route differently
