@@ -212,8 +212,9 @@ class LocalTrainer:
         progress: Callable[[Progress], None] | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> BuildReport:
-        if not plan(library, jobs, force)[0]:
-            return BuildReport(skipped=[j.name for j in jobs])
+        todo, skipped = plan(library, jobs, force)
+        if not todo:  # nothing to train: no model to load
+            return BuildReport(skipped=skipped)
         model, tokenizer, config.bf16 = load_trainer_model(library.base_model, self.device, self.bf16)
         return train_jobs(library, data, jobs, model, tokenizer, config, force, progress, cancel)
 

@@ -1,6 +1,7 @@
 """The Ray backend on a private local Ray: parallel builds, a killed training worker, the app's worker."""
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_ray_build_and_cluster_match_the_sequential_ones(local_ray, tmp_path, ti
     assert code == 0, err
     assert "trained 3, skipped 0" in out
     _same_experts(tmp_path / "seq", tmp_path / "par")  # same seeds, same experts, bit for bit
-    workers = {w.split(":")[-1] for w in __import__("re").findall(r" on (\S+:\d+)", err)}
+    workers = {w.split(":")[-1] for w in re.findall(r" on (\S+:\d+)", err)}
     assert len(workers) >= 2, err  # the two private experts trained in two processes at once
 
     for lib, backend in (("seq", []), ("par", ["--backend", "ray"])):
