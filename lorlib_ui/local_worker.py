@@ -35,8 +35,16 @@ def manifest_key(library: Library) -> str:
 
 
 class LocalWorker(Worker):
-    def __init__(self, device: str | None = None, dtype: str | None = None, base_model: str | None = None):
-        self.device, self.dtype, self.base_model = device, dtype, base_model
+    def __init__(
+        self,
+        device: str | None = None,
+        dtype: str | None = None,
+        base_model: str | None = None,
+        trainer: str = "local",
+    ):
+        """`trainer`: how build and cluster jobs train their experts: "local" (one after another
+        on this worker's device) or "ray" (one Ray task each, on the cluster this process is in)."""
+        self.device, self.dtype, self.base_model, self.trainer = device, dtype, base_model, trainer
         self._lock = threading.Lock()  # one model computation at a time
         self._routed: dict[str, tuple[str, object]] = {}  # library path -> (manifest key, RoutedModel)
         self._embeddings: dict[tuple[str, str], tuple] = {}
@@ -281,7 +289,8 @@ class LocalWorker(Worker):
                 continue
             status.state, status.message = "running", "starting"
             try:
-                status.result = JOBS[job.kind](job, status, lambda job_id=job_id: job_id in self._cancelled)
+                cancel = lambda job_id=job_id: job_id in self._cancelled  # noqa: E731
+                status.result = JOBS[job.kind](job, status, cancel, self._new_trainer)
                 status.state, status.fraction = "done", 1.0
                 status.message = status.message if status.message != "starting" else "done"
             except LorlibError as exc:
@@ -291,6 +300,15 @@ class LocalWorker(Worker):
                 status.state = "failed"
                 status.message = f"unexpected {type(exc).__name__}: {exc}"
                 traceback.print_exc()
+
+    def _new_trainer(self):
+        if self.trainer == "ray":
+            from lorlib_ui.ray_backend import RayTrainer
+
+            return RayTrainer()  # joins the cluster this process is part of
+        from lorlib_ui.building import LocalTrainer
+
+        return LocalTrainer(self.device)
 
 
 def umap_coords(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -310,17 +328,22 @@ def umap_coords(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def _training_progress(status: JobStatus):
+    done: dict[str, float] = {}  # expert -> its share done; several train at once in a Ray build
+
     def progress(event) -> None:
-        done = (event.index - 1 + event.step / max(event.steps, 1)) / max(event.total, 1)
-        status.fraction = round(done, 4)
+        done[event.expert] = event.step / max(event.steps, 1)
+        status.fraction = round(sum(done.values()) / max(event.total, 1), 4)
         loss = "" if event.loss is None else f", loss {event.loss:.3f}"
-        status.message = f"expert {event.index}/{event.total} {event.expert}: step {event.step}/{event.steps}{loss}"
+        where = f" (on {event.worker})" if event.worker else ""
+        status.message = (
+            f"expert {event.index}/{event.total} {event.expert}: step {event.step}/{event.steps}{loss}{where}"
+        )
 
     return progress
 
 
-def _build_job(job: JobRequest, status: JobStatus, cancel) -> dict:
-    from lorlib_ui.building import LocalTrainer, build_library
+def _build_job(job: JobRequest, status: JobStatus, cancel, new_trainer) -> dict:
+    from lorlib_ui.building import build_library
     from lorlib_ui.training import TrainConfig
 
     o = dict(job.options)
@@ -343,7 +366,7 @@ def _build_job(job: JobRequest, status: JobStatus, cancel) -> dict:
         shared=bool(o.get("shared", True)),
         force=bool(o.get("force", False)),
         base_model=o.get("base_model"),
-        trainer=LocalTrainer(o.get("device")),
+        trainer=new_trainer(),
         progress=_training_progress(status),
         cancel=cancel,
     )
@@ -352,7 +375,7 @@ def _build_job(job: JobRequest, status: JobStatus, cancel) -> dict:
     return {"trained": report.trained, "skipped": report.skipped, "held_out": report.held_out}
 
 
-def _cluster_job(job: JobRequest, status: JobStatus, cancel) -> dict:
+def _cluster_job(job: JobRequest, status: JobStatus, cancel, new_trainer) -> dict:
     from lorlib_ui.clusters import cluster_and_train
 
     o = dict(job.options)
@@ -362,6 +385,7 @@ def _cluster_job(job: JobRequest, status: JobStatus, cancel) -> dict:
         steps=o.get("steps"),
         train=bool(o.get("train", True)),
         seed=int(o.get("seed", 0)),
+        trainer=new_trainer(),
         progress=_training_progress(status),
         cancel=cancel,
     )
@@ -370,7 +394,7 @@ def _cluster_job(job: JobRequest, status: JobStatus, cancel) -> dict:
     return {"clusters": summary, "trained": report.trained}
 
 
-def _evaluate_job(job: JobRequest, status: JobStatus, cancel) -> dict:
+def _evaluate_job(job: JobRequest, status: JobStatus, cancel, new_trainer) -> dict:
     from lorlib_ui.evaluation import evaluate_library
 
     o = dict(job.options)

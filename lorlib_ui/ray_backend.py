@@ -6,8 +6,9 @@ module unless asked for the Ray backend. Two parts:
 - `RayWorker`, the app's model worker on a cluster: a named, detached actor ("lorlib-worker" in
   namespace "lorlib") holds a `LocalWorker` on whichever node has a GPU for it (or CPUs), and this
   proxy gives the UI the same `Worker` interface. A restarted app re-attaches to the running actor,
-  its models still loaded. Files cross as bytes (uploads in, downloads out), so the app's machine
-  and the actor's need not share a disk; library paths are the actor node's (shared storage).
+  its models still loaded. Its build and cluster jobs train their experts as Ray tasks (below).
+  Files cross as bytes (uploads in, downloads out), so the app's machine and the actor's need not
+  share a disk; library paths are the actor node's (shared storage).
 - `RayTrainer`, the trainer of `build_library` and `cluster_and_train` on a cluster: each expert
   trains as a Ray task (one GPU, or `cpus_per_task` CPUs) that loads the base model, trains and
   stores the expert into the library folder itself, under the library's file lock, on storage
@@ -127,7 +128,7 @@ class _WorkerActor:
     def __init__(self, device: str | None, dtype: str | None, base_model: str | None):
         from lorlib_ui.local_worker import LocalWorker
 
-        self.worker = LocalWorker(device=device, dtype=dtype, base_model=base_model)
+        self.worker = LocalWorker(device=device, dtype=dtype, base_model=base_model, trainer="ray")
         self.started = time.time()
         self.inbox = tempfile.mkdtemp(prefix="lorlib-actor-")  # private (0700): shipped files land here
 

@@ -209,3 +209,32 @@ def test_files_cross_to_and_from_the_actor_as_bytes(local_ray, tiny_library, tin
     assert "newcomer" in Library.open(tiny_library.path).names
     download = Path(worker.export(str(tiny_library.path), "newcomer"))
     assert download.name == "newcomer.zip" and "adapter_model.safetensors" in str(zipfile.ZipFile(download).namelist())
+
+
+def test_a_build_from_the_app_on_the_ray_backend_fans_out(local_ray, tmp_path, tiny_base, tasks_file, capsys):
+    """The app's Build on the Ray backend: the worker actor trains each expert as a Ray task, and
+    gets the experts the sequential command-line build gets."""
+    import time
+
+    from lorlib_ui.worker import JobRequest
+
+    options = {"data": str(tasks_file), "tasks": ["copy0", "pick0"], "steps": 8, "shared_steps": 6}
+    options |= {"batch_size": 2, "rank": 2, "base_model": str(tiny_base)}
+    worker = RayWorker()
+    job_id = worker.submit(JobRequest("build", str(tmp_path / "par"), options))
+    seen, messages = [], []
+    while (status := worker.job(job_id)).state in ("queued", "running"):
+        seen.append(status.fraction)
+        messages.append(status.message)
+        time.sleep(0.05)
+    assert status.state == "done", status.message
+    assert sorted(status.result["trained"]) == ["copy0", "pick0", "shared"]
+    args = ["--data", tasks_file, "--base-model", tiny_base, "--tasks", "copy0,pick0"]
+    args += ["--targets", "q_proj,k_proj,v_proj,o_proj", "--steps", "8", "--shared-steps", "6"]
+    args += ["--batch-size", "2", "--rank", "2"]
+    code, _, err = run(capsys, "build", tmp_path / "seq", *args)
+    assert code == 0, err
+    _same_experts(tmp_path / "seq", tmp_path / "par")
+    assert all(0 <= f <= 1 for f in seen)
+    trainers = {int(m) for m in re.findall(r"\(on \S+:(\d+)\)", " ".join(messages))}
+    assert trainers and worker.health()["actor"]["pid"] not in trainers  # Ray tasks, not the actor
