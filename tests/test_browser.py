@@ -193,3 +193,20 @@ def test_bad_input_shows_an_error_and_changes_nothing(page, tiny_library, tmp_pa
     _route(page, "still serving")
     page.get_by_text("done in").wait_for(timeout=60_000)
     assert library_snapshot(tiny_library.path) == before
+
+
+def test_an_empty_library_opens_and_explains_what_it_lacks(page, tiny_base, tiny_library, tmp_path):
+    from lorlib_ui.base_model import base_model_info
+    from lorlib_ui.library import Library
+
+    empty = Library.create(tmp_path / "empty", base_model_info(str(tiny_base)))
+    page.get_by_label("Library folder").fill(str(empty.path))
+    page.get_by_role("button", name="Open", exact=True).click()
+    page.get_by_text("0 experts on").first.wait_for(timeout=30_000)
+    page.get_by_text("clustering needs 2 or more").first.wait_for(timeout=30_000)  # the cluster view says why
+    _route(page, "hello")
+    page.get_by_text("needs experts, but the library is empty").first.wait_for(timeout=30_000)
+    page.get_by_label("Library folder").fill(str(tiny_library.path))  # and the app goes on serving
+    page.get_by_role("button", name="Open", exact=True).click()
+    _route(page, "hello")
+    page.get_by_text("done in").wait_for(timeout=60_000)
