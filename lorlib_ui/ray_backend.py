@@ -58,36 +58,25 @@ def connect(address: str | None = None) -> None:
     """Join the Ray cluster at `address` ("host:port"), or start a private one on this machine
     (None, "" or "local"), unless this process is connected already. The lorlib_ui package travels
     to the cluster's workers with the job (Ray's `py_modules`), so nodes need not have it."""
-    private = not address or address == "local"
-    if private:
-        _loopback_only()
     ray = _ray()
-    if ray.is_initialized():
+    if ray.is_initialized():  # e.g. a task or actor on the cluster: it is part of one already
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"py_modules": [str(PACKAGE)], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    options = {
+        "namespace": NAMESPACE,
+        "runtime_env": {"py_modules": [str(PACKAGE)], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+    }
+    address = address or "local"
+    if address == "local":
+        _loopback_only()
+        options |= {"include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES}
     try:
-        if private:
-            ray.init(
-                address="local",
-                namespace=NAMESPACE,
-                include_dashboard=False,
-                object_store_memory=OBJECT_STORE_BYTES,
-                runtime_env=runtime_env,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        else:
-            ray.init(
-                address=address,
-                namespace=NAMESPACE,
-                runtime_env=runtime_env,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
+        ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LorlibError(f"could not start or join Ray at {address or 'a private local cluster'}: {line}") from None
+        raise LorlibError(f"could not start or join Ray at {address}: {line}") from None
 
 
 def _loopback_only() -> None:
