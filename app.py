@@ -3,7 +3,7 @@
     python app.py [--library DIR] [--host 127.0.0.1] [--port 7860] [--base-model M] [--device cpu|cuda] [--dtype D]
                   [--backend local|ray] [--ray-address HOST:PORT]
 
-The UI (`lorlib_ui.ui`) talks only to a model worker; this file picks the worker (in this process,
+The UI (`lorlib_ui.app.layout`) talks only to a model worker; this file picks the worker (in this process,
 or a Ray actor on a cluster) and launches the app. It binds to 127.0.0.1 unless --host says
 otherwise, makes no share link, sends no analytics, and keeps uploads in a private temporary folder.
 """
@@ -14,17 +14,17 @@ import argparse
 import os
 import sys
 import tempfile
-from pathlib import Path
+from functools import partial
 
-from lorlib_ui.errors import LorlibError
-
-ROOT = Path(__file__).resolve().parent
-DEFAULT_LIBRARY = ROOT / "assets" / "library"
+from lorlib_ui.core.assets import asset
+from lorlib_ui.core.errors import LorlibError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="The lorlib explorer (Gradio).")
-    parser.add_argument("--library", default=str(DEFAULT_LIBRARY), help="library folder to open first")
+    parser.add_argument(
+        "--library", default=str(asset("library", must_exist=False)), help="library folder to open first"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--base-model", default=None, help="override the library's base model (must fit it)")
@@ -53,20 +53,21 @@ def _offline_environment() -> None:
 def create(args: argparse.Namespace):
     """The app (not launched) over an in-process worker."""
     _offline_environment()
-    from lorlib_ui.data import load_tasks
-    from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app
+    from lorlib_ui.app.layout import build_app
+    from lorlib_ui.build.data import load_tasks
+    from lorlib_ui.worker.local import LocalWorker
 
     data = load_tasks("default")
     tasks_by_family = {family: data.tasks_in(family) for family in data.families}
-    if args.backend == "ray":
-        from lorlib_ui.ray_backend import RayWorker
+    serve = partial(LocalWorker, device=args.device, dtype=args.dtype, base_model=args.base_model)
+    if args.backend == "ray":  # the same worker, in a Ray actor, its jobs training on the cluster
+        from lorlib_ui.worker.ray import RayTrainer, RayWorker
 
-        worker = RayWorker(args.ray_address, device=args.device, dtype=args.dtype, base_model=args.base_model)
+        worker = RayWorker(partial(serve, trainer_factory=RayTrainer), args.ray_address)
     else:
         if args.ray_address:
             raise LorlibError("--ray-address names a Ray cluster: use it with --backend ray")
-        worker = LocalWorker(device=args.device, dtype=args.dtype, base_model=args.base_model)
+        worker = serve()
     worker.warm_up(args.library)
     return build_app(worker, args.library, tasks_by_family)
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except LorlibError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from lorlib_ui.ui import launch
+    from lorlib_ui.app.layout import launch
 
     launch(app, args.host, args.port)
     return 0

@@ -78,9 +78,9 @@ def main() -> None:
     from gradio_client import Client
     from transformers import AutoTokenizer
 
-    from lorlib_ui.base_model import resolve_base_model
-    from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app, launch
+    from lorlib_ui.app.layout import build_app, launch
+    from lorlib_ui.core.base_model import resolve_base_model
+    from lorlib_ui.worker.local import LocalWorker
 
     library = str(ROOT / "assets" / "library")
     worker = LocalWorker(device="cpu")

@@ -43,8 +43,8 @@ def make_experts(folder: Path, n: int, base_dir: Path, dtype: str = "bfloat16") 
     """n random rank-4 PEFT adapters, written straight to safetensors (fast for hundreds)."""
     import torch
 
-    from lorlib_ui.adapters import LoraAdapter, write_adapter
-    from lorlib_ui.base_model import linear_shapes, load_base_model
+    from lorlib_ui.core.adapters import LoraAdapter, write_adapter
+    from lorlib_ui.core.base_model import linear_shapes, load_base_model
 
     model, _ = load_base_model(str(base_dir), device="cpu")
     shapes = {m: s for m, s in linear_shapes(model).items() if m.rsplit(".", 1)[-1] in TARGETS}
@@ -116,9 +116,9 @@ def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_toke
         model = create_arrow_model(model, [str(f) for f in folders], ArrowConfig(top_k=TOP_K, router_temperature=1.0))
         model.eval()
     elif method == "lorlib_arrow":
-        from lorlib_ui.library import Library
-        from lorlib_ui.routed_model import RoutedModel
-        from lorlib_ui.routers import make_router
+        from lorlib_ui.core.library import Library
+        from lorlib_ui.core.routed_model import RoutedModel
+        from lorlib_ui.core.routers import make_router
 
         library = Library.open(experts_dir / f"library{n}")
         rm = RoutedModel(model, None, library)
@@ -153,8 +153,8 @@ def prototype_times(experts_dir: Path, base_dir: Path, n: int) -> dict:
     import torch
     from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
-    from lorlib_ui.adapters import read_adapter
-    from lorlib_ui.prototypes import prototypes_for_adapter, top_right_singular_vectors
+    from lorlib_ui.core.adapters import read_adapter
+    from lorlib_ui.core.prototypes import prototypes_for_adapter, top_right_singular_vectors
 
     adapters = [read_adapter(f) for f in sorted(experts_dir.glob("expert*"))[:n]]
     start = time.perf_counter()
@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from lorlib_ui.base_model import fetch_embedded_model
+    from lorlib_ui.core.base_model import fetch_embedded_model
 
     base_dir = fetch_embedded_model()
     if args.cell:
@@ -232,9 +232,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorlib-bench-") as tmp:
         work = Path(tmp)
         folders = make_experts(work, max(counts), base_dir, args.adapter_dtype)
-        from lorlib_ui.adapters import read_adapter
-        from lorlib_ui.base_model import base_model_info
-        from lorlib_ui.library import Library, expert_from_adapter
+        from lorlib_ui.core.adapters import read_adapter
+        from lorlib_ui.core.base_model import base_model_info
+        from lorlib_ui.core.library import Library, expert_from_adapter
 
         info = base_model_info(str(base_dir))
         for n in counts:

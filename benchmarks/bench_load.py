@@ -49,8 +49,8 @@ def main() -> None:
 
     from gradio_client import Client
 
-    from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app, launch
+    from lorlib_ui.app.layout import build_app, launch
+    from lorlib_ui.worker.local import LocalWorker
 
     library = str(ROOT / "assets" / "library")
     worker = LocalWorker(device="cpu")

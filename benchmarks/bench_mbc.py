@@ -29,9 +29,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def make_library(path: Path, n: int, families: int, seed: int = 0):
     import torch
 
-    from lorlib_ui.adapters import LoraAdapter
-    from lorlib_ui.base_model import base_model_info
-    from lorlib_ui.library import Library, expert_from_adapter
+    from lorlib_ui.core.adapters import LoraAdapter
+    from lorlib_ui.core.base_model import base_model_info
+    from lorlib_ui.core.library import Library, expert_from_adapter
 
     info = base_model_info(None)
     shapes = {m: s for m, s in info.linear_shapes.items() if m.rsplit(".", 1)[-1] in TARGETS}
@@ -67,8 +67,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     args = parser.parse_args()
 
-    from lorlib_ui.clusters import cluster_library, embed_library
-    from lorlib_ui.mbc import adjusted_rand_index, mbc_cluster, silhouette_by_k
+    from lorlib_ui.build.clusters import cluster_library, embed_library
+    from lorlib_ui.build.mbc import adjusted_rand_index, mbc_cluster, silhouette_by_k
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

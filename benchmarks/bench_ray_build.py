@@ -33,11 +33,11 @@ def main() -> None:
 
     import ray
 
-    from lorlib_ui.building import LocalTrainer, build_library
-    from lorlib_ui.data import load_tasks
-    from lorlib_ui.library import Library
-    from lorlib_ui.ray_backend import RayTrainer, connect
-    from lorlib_ui.training import TrainConfig
+    from lorlib_ui.build.building import LocalTrainer, build_library
+    from lorlib_ui.build.config import TrainConfig
+    from lorlib_ui.build.data import load_tasks
+    from lorlib_ui.core.library import Library
+    from lorlib_ui.worker.ray import RayTrainer, connect
 
     tasks = load_tasks("default").tasks[: args.experts]
     config = dict(rank=4, targets=("q_proj", "v_proj"), steps=args.steps, batch_size=8, seed=0)

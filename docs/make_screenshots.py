@@ -26,7 +26,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     import app as explorer
-    from lorlib_ui.ui import launch
+    from lorlib_ui.app.layout import launch
 
     app = explorer.create(explorer.parse_args(["--device", "cpu"]))  # what `python app.py` serves
     with socket.socket() as s:

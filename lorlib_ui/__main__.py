@@ -1,3 +1,3 @@
-from lorlib_ui.cli import main
+from lorlib_ui.cli.main import main
 
 raise SystemExit(main())

@@ -106,9 +106,9 @@ def tiny_adapters(tmp_path_factory, tiny_base) -> list[Path]:
 
 
 def build_library(path: Path, base_path: Path, adapter_dirs: list[Path], names: list[str] | None = None):
-    from lorlib_ui.adapters import read_adapter
-    from lorlib_ui.base_model import base_model_info
-    from lorlib_ui.library import Library, expert_from_adapter
+    from lorlib_ui.core.adapters import read_adapter
+    from lorlib_ui.core.base_model import base_model_info
+    from lorlib_ui.core.library import Library, expert_from_adapter
 
     info = base_model_info(str(base_path))
     library = Library.create(path, info)
@@ -128,7 +128,7 @@ def tiny_library(tmp_path, tiny_base, tiny_adapters):
 
 @pytest.fixture
 def tiny_routed(tiny_library):
-    from lorlib_ui.routed_model import RoutedModel
+    from lorlib_ui.core.routed_model import RoutedModel
 
     return RoutedModel.load(tiny_library, device="cpu")
 
@@ -161,7 +161,7 @@ def _tasks_file(path):
 
 def run(capsys, *argv):
     """Run the command line in-process: (exit code, stdout, stderr)."""
-    from lorlib_ui.cli import main
+    from lorlib_ui.cli.main import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -208,8 +208,8 @@ def free_port() -> int:
 def explorer_url(tiny_library):
     """The explorer over an in-process worker on the tiny library, served on a free local port."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app, launch
+    from lorlib_ui.app.layout import build_app, launch
+    from lorlib_ui.worker.local import LocalWorker
 
     app = build_app(LocalWorker(device="cpu"), str(tiny_library.path), {"copy": ["copy0"]})
     port = free_port()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorlib_ui.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+from lorlib_ui.core.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 
 
 @pytest.fixture

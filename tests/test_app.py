@@ -53,7 +53,9 @@ def test_the_ui_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, lorlib_ui.ui, lorlib_ui.figures, lorlib_ui.worker; print('torch' in sys.modules)"
+    code = (
+        "import sys, lorlib_ui.app.layout, lorlib_ui.app.figures, lorlib_ui.worker.api; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -110,7 +112,7 @@ def test_unknown_library_is_refused(client):
 def test_import_zip_and_refuse_a_malformed_one(client, tiny_library, tiny_base, tmp_path):
     from conftest import make_adapter
 
-    from lorlib_ui.archives import zip_folder
+    from lorlib_ui.core.archives import zip_folder
 
     before = library_snapshot(tiny_library.path)
     (tmp_path / "bad.zip").write_bytes(b"not a zip")

@@ -5,8 +5,8 @@ import zipfile
 
 import pytest
 
-from lorlib_ui.archives import adapter_folders, safe_extract, zip_folder
-from lorlib_ui.errors import LorlibError
+from lorlib_ui.core.archives import adapter_folders, safe_extract, zip_folder
+from lorlib_ui.core.errors import LorlibError
 
 
 def _zip(path, entries):

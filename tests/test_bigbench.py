@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lorlib_ui import bigbench
-from lorlib_ui.bigbench import Example, balance_labels, build, fetch_tarball, instruction_of, main, task_rows
-from lorlib_ui.data import SPLITS, load_tasks
-from lorlib_ui.errors import LorlibError
+from lorlib_ui.build import bigbench
+from lorlib_ui.build.bigbench import Example, balance_labels, build, fetch_tarball, instruction_of, main, task_rows
+from lorlib_ui.build.data import SPLITS, load_tasks
+from lorlib_ui.core.errors import LorlibError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CANARY = "TOY DATA ONLY. canary GUID 00000000-0000-0000-0000-000000000000"
@@ -97,7 +97,7 @@ def test_build_reformats_examples_and_writes_licence_and_notice(toy, tmp_path):
     assert Counter(r["split"] for r in add) == {"train": 24, "validation": 3, "test": 3}
     assert (out.parent / "BIGBENCH_LICENSE.txt").read_text() == LICENCE
     notice = (out.parent / "BIGBENCH_NOTICE.md").read_text()
-    assert CANARY in notice and "python -m lorlib_ui.bigbench" in notice and "33 examples from 2 tasks" in notice
+    assert CANARY in notice and "python -m lorlib_ui.build.bigbench" in notice and "33 examples from 2 tasks" in notice
 
 
 def test_build_gives_the_same_bytes_twice(toy, tmp_path):
@@ -215,7 +215,7 @@ def test_fetch_tarball_downloads_the_sdist_with_pip(tmp_path, monkeypatch):
         fetch_tarball(tmp_path / "elsewhere" / "bigbench-1.0.0.tar.gz")
 
 
-# What `python -m lorlib_ui.bigbench` reported for the committed file.
+# What `python -m lorlib_ui.build.bigbench` reported for the committed file.
 EXPECTED_TASKS = 64
 EXPECTED_FAMILIES = 14
 

@@ -115,8 +115,8 @@ def _route(page, prompt: str) -> None:
 
 
 def test_two_tabs_routing_at_once_each_get_their_own_result(open_page, tiny_routed):
-    from lorlib_ui.generation import generate
-    from lorlib_ui.routers import make_router
+    from lorlib_ui.core.generation import generate
+    from lorlib_ui.core.routers import make_router
 
     prompts = ["the quick brown fox", "one two three four five six seven eight nine ten eleven"]
     pages = [open_page() for _ in prompts]
@@ -134,7 +134,7 @@ def test_two_tabs_routing_at_once_each_get_their_own_result(open_page, tiny_rout
 
 
 def test_tiny_build_shows_progress_and_new_experts_appear(page, tasks_file, tiny_library):
-    from lorlib_ui.library import Library
+    from lorlib_ui.core.library import Library
 
     before = set(tiny_library.names)
     page.get_by_role("tab", name="Build").click()
@@ -196,8 +196,8 @@ def test_bad_input_shows_an_error_and_changes_nothing(page, tiny_library, tmp_pa
 
 
 def test_an_empty_library_opens_and_explains_what_it_lacks(page, tiny_base, tiny_library, tmp_path):
-    from lorlib_ui.base_model import base_model_info
-    from lorlib_ui.library import Library
+    from lorlib_ui.core.base_model import base_model_info
+    from lorlib_ui.core.library import Library
 
     empty = Library.create(tmp_path / "empty", base_model_info(str(tiny_base)))
     page.get_by_label("Library folder").fill(str(empty.path))

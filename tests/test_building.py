@@ -7,11 +7,12 @@ import torch
 from conftest import TRAIN, library_snapshot, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorlib_ui.building import expert_name, hold_out, private_jobs, train_jobs
-from lorlib_ui.data import load_tasks
-from lorlib_ui.errors import LorlibError
-from lorlib_ui.library import Library
-from lorlib_ui.training import TrainConfig
+from lorlib_ui.build.building import expert_name, hold_out, private_jobs
+from lorlib_ui.build.config import TrainConfig
+from lorlib_ui.build.data import load_tasks
+from lorlib_ui.build.trainers import train_jobs
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import Library
 
 
 def test_expert_names_are_valid_and_distinct():
@@ -62,7 +63,7 @@ def test_build_again_resumes_and_skips(built, tasks_file, tiny_base, capsys):
 
 
 def test_interrupted_build_keeps_finished_experts(tmp_path, tiny_base, tasks_file):
-    from lorlib_ui.base_model import base_model_info
+    from lorlib_ui.core.base_model import base_model_info
 
     data = load_tasks(tasks_file)
     library = Library.create(tmp_path / "lib", base_model_info(str(tiny_base)))
@@ -87,7 +88,7 @@ def test_interrupted_build_keeps_finished_experts(tmp_path, tiny_base, tasks_fil
     [
         (["--tasks", "nope"], "no task 'nope'"),
         (["--families", "nope"], "no family 'nope'"),
-        (["--steps", "0"], "--steps must be positive"),
+        (["--steps", "0"], "steps must be a positive integer"),
         (["--targets", "gate_projj"], "no linear layer named 'gate_projj'"),
         (["--holdout-per-family", "3"], "would leave none to train"),
     ],
@@ -153,7 +154,7 @@ def test_cluster_k_out_of_range_changes_nothing(built, capsys, k):
 
 
 def test_weight_matrix_rows_are_each_experts_factors_in_module_order(built):
-    from lorlib_ui.clusters import task_experts, weight_matrix
+    from lorlib_ui.build.clusters import task_experts, weight_matrix
 
     library = Library.open(built)
     experts = task_experts(library)

@@ -17,8 +17,8 @@ import torch
 from conftest import TRAIN, build_library, free_port, library_snapshot, run
 from safetensors.torch import load_file, save_file
 
-from lorlib_ui.adapters import CONFIG_FILE, WEIGHTS_FILE
-from lorlib_ui.errors import LorlibError
+from lorlib_ui.core.adapters import CONFIG_FILE, WEIGHTS_FILE
+from lorlib_ui.core.errors import LorlibError
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
@@ -34,8 +34,8 @@ def library(tmp_path_factory, tiny_base, tiny_adapters):
 @pytest.fixture(scope="module")
 def client(library):
     """The explorer on the catalogue's library, served for the whole module."""
-    from lorlib_ui.local_worker import LocalWorker
-    from lorlib_ui.ui import build_app, launch
+    from lorlib_ui.app.layout import build_app, launch
+    from lorlib_ui.worker.local import LocalWorker
 
     app = build_app(LocalWorker(device="cpu"), str(library.path), {})
     port = free_port()
@@ -143,7 +143,7 @@ def test_bad_adapter_cli(bad_adapter, library, unchanged, capsys):
 
 
 def test_bad_adapter_python(bad_adapter, library, unchanged):
-    from lorlib_ui.library import import_adapters
+    from lorlib_ui.core.library import import_adapters
 
     folder, message, _ = bad_adapter
     with pytest.raises(LorlibError, match=message):
@@ -151,7 +151,7 @@ def test_bad_adapter_python(bad_adapter, library, unchanged):
 
 
 def test_bad_adapter_app(bad_adapter, library, client, unchanged, tmp_path):
-    from lorlib_ui.archives import zip_folder
+    from lorlib_ui.core.archives import zip_folder
 
     folder, _, message = bad_adapter
     archive = zip_folder(folder, tmp_path / "newcomer.zip")
@@ -179,7 +179,7 @@ def _zip_tree(root, archive):
 
 @pytest.mark.parametrize("case", sorted(BAD_NAMES))
 def test_bad_names(case, library, client, unchanged, tiny_adapters, capsys, tmp_path):
-    from lorlib_ui.library import import_adapters
+    from lorlib_ui.core.library import import_adapters
 
     name, message = BAD_NAMES[case]
     _one_line_error(*run(capsys, "import-peft", library.path, tiny_adapters[5], "--name", name), message)
@@ -193,7 +193,7 @@ def test_bad_names(case, library, client, unchanged, tiny_adapters, capsys, tmp_
 
 
 def test_duplicate_names_in_one_import(library, client, unchanged, tiny_adapters, capsys, tmp_path):
-    from lorlib_ui.library import import_adapters
+    from lorlib_ui.core.library import import_adapters
 
     twins = [tmp_path / "tree" / side / "twin" for side in ("a", "b")]
     for twin, source in zip(twins, tiny_adapters[4:6]):
@@ -245,7 +245,7 @@ BAD_ZIPS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_ZIPS))
 def test_bad_zip_uploads(case, library, client, unchanged, tmp_path):
-    from lorlib_ui.local_worker import LocalWorker
+    from lorlib_ui.worker.local import LocalWorker
 
     make, message = BAD_ZIPS[case]
     archive = make(tmp_path / "upload.zip")
@@ -280,9 +280,9 @@ APP_ROUTE_MESSAGES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_ROUTES))
 def test_bad_routes(case, library, client, unchanged, capsys):
-    from lorlib_ui.generation import generate
-    from lorlib_ui.routed_model import RoutedModel
-    from lorlib_ui.routers import make_router
+    from lorlib_ui.core.generation import generate
+    from lorlib_ui.core.routed_model import RoutedModel
+    from lorlib_ui.core.routers import make_router
 
     (prompt, router, top_k, temperature), message = BAD_ROUTES[case]
     argv = ["route", library.path, "--prompt", prompt, "--router", router, "--top-k", top_k]
@@ -311,7 +311,7 @@ def test_binary_and_overlong_prompts_are_answered(prompt, library, client, uncha
 
 @pytest.mark.parametrize("k", [0, 5, 99])
 def test_k_out_of_range(k, library, client, unchanged, capsys):
-    from lorlib_ui.clusters import cluster_library
+    from lorlib_ui.build.clusters import cluster_library
 
     message = "k must be between 1 and the number of"
     _one_line_error(*run(capsys, "cluster", library.path, "--k", k, "--no-train"), message)
@@ -323,9 +323,9 @@ def test_k_out_of_range(k, library, client, unchanged, capsys):
 
 
 def test_an_empty_library(tmp_path, tiny_base, library, client, capsys):
-    from lorlib_ui.base_model import base_model_info
-    from lorlib_ui.library import Library
-    from lorlib_ui.routers import make_router
+    from lorlib_ui.core.base_model import base_model_info
+    from lorlib_ui.core.library import Library
+    from lorlib_ui.core.routers import make_router
 
     empty = Library.create(tmp_path / "empty", base_model_info(str(tiny_base)))
     before = library_snapshot(empty.path)
@@ -365,8 +365,8 @@ BAD_DATA = {
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_files(case, library, client, unchanged, tmp_path, capsys):
-    from lorlib_ui.building import build_library
-    from lorlib_ui.training import TrainConfig
+    from lorlib_ui.build.building import build_library
+    from lorlib_ui.build.config import TrainConfig
 
     content, message = BAD_DATA[case]
     data = tmp_path / "data.jsonl"

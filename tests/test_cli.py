@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import build_tiny_llama, library_snapshot, make_adapter
 
-from lorlib_ui.cli import main
+from lorlib_ui.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

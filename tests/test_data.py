@@ -4,8 +4,8 @@ import json
 import pandas as pd
 import pytest
 
-from lorlib_ui.data import SPLITS, MultiTaskData, assign_splits, load_tasks
-from lorlib_ui.errors import LorlibError
+from lorlib_ui.build.data import SPLITS, MultiTaskData, assign_splits, load_tasks
+from lorlib_ui.core.errors import LorlibError
 
 ROWS = [
     {"task": "add", "family": "math", "input": "1+1", "output": "2", "split": "train"},

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorlib_ui.adapters import read_layout
-from lorlib_ui.data import load_tasks
-from lorlib_ui.default_library import FAMILIES, OUT
-from lorlib_ui.library import Library
+from lorlib_ui.build.data import load_tasks
+from lorlib_ui.cli.default_library import FAMILIES, OUT
+from lorlib_ui.core.adapters import read_layout
+from lorlib_ui.core.library import Library
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_small_and_sixteen_bit(shipped):
 
 
 def test_manifest_records_the_recipe_and_the_evaluation(shipped):
-    assert shipped.extra["recipe"]["command"] == "python -m lorlib_ui.default_library"
+    assert shipped.extra["recipe"]["command"] == "python -m lorlib_ui.cli.default_library"
     commands = [h["command"].split()[3] for h in shipped.extra["history"]]
     assert {"build", "cluster", "evaluate"} <= set(commands)
     summary = {row["router"]: row for row in shipped.extra["evaluation"]["summary"]}

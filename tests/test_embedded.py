@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import make_adapter
 
-from lorlib_ui.base_model import DEFAULT_BASE_MODEL, fetch_embedded_model, load_base_model
-from lorlib_ui.cli import main
+from lorlib_ui.cli.main import main
+from lorlib_ui.core.base_model import DEFAULT_BASE_MODEL, fetch_embedded_model, load_base_model
 
 pytestmark = pytest.mark.embedded
 
@@ -107,9 +107,9 @@ def test_arrow_equals_peft_on_embedded_model(embedded_library, embedded_dir):
     from peft import ArrowConfig, create_arrow_model
     from transformers import AutoModelForCausalLM
 
-    from lorlib_ui.library import Library
-    from lorlib_ui.routed_model import RoutedModel
-    from lorlib_ui.routers import make_router
+    from lorlib_ui.core.library import Library
+    from lorlib_ui.core.routed_model import RoutedModel
+    from lorlib_ui.core.routers import make_router
 
     library, adapters = embedded_library
     ids = torch.tensor([[19556, 905, 28, 1030, 314, 253, 1345, 30]])
@@ -135,9 +135,9 @@ def test_fetch_model_cli_prints_path(embedded_dir, capsys):
 def test_shipped_library_routes_a_held_out_prompt(embedded_dir, capsys):
     """Arrow over the shipped library's private experts, on a prompt of a held-out task: the
     routing record covers every token and layer, and each token's weights sum to one."""
-    from lorlib_ui.data import load_tasks
-    from lorlib_ui.default_library import OUT
-    from lorlib_ui.library import Library
+    from lorlib_ui.build.data import load_tasks
+    from lorlib_ui.cli.default_library import OUT
+    from lorlib_ui.core.library import Library
 
     library = Library.open(OUT)
     task = library.extra["held_out"]["tasks"][0]

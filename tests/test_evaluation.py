@@ -5,10 +5,10 @@ import json
 import torch
 from conftest import library_snapshot, run
 
-from lorlib_ui.evaluation import normalize
-from lorlib_ui.generation import score, score_continuations
-from lorlib_ui.library import Library
-from lorlib_ui.routers import make_router
+from lorlib_ui.build.evaluation import normalize
+from lorlib_ui.core.generation import score, score_continuations
+from lorlib_ui.core.library import Library
+from lorlib_ui.core.routers import make_router
 
 
 def test_score_continuations_equals_unbatched_score(tiny_routed):
@@ -70,7 +70,7 @@ def test_evaluate_skips_or_refuses_routers_the_library_cannot_run(built, capsys)
 
 def test_batched_generation_equals_one_at_a_time(tiny_routed):
     """Left-padded batches give each prompt the answer it gets alone (greedy, Arrow routing)."""
-    from lorlib_ui.generation import encode_prompt, generate, generate_batch
+    from lorlib_ui.core.generation import encode_prompt, generate, generate_batch
 
     tok = tiny_routed.tokenizer
     prompts = ["the quick", "routing tokens to experts with", "a library", "one causal language"]

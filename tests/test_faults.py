@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import build_library, library_snapshot, run
 
-from lorlib_ui.errors import LorlibError
-from lorlib_ui.library import Library, import_adapters
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import Library, import_adapters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,8 +56,8 @@ def test_killed_while_training_keeps_every_finished_expert(tmp_path, tiny_base, 
 
 WRITER = """
 import os, sys, time
-import lorlib_ui.library as library_module
-from lorlib_ui.library import import_adapters
+import lorlib_ui.core.library as library_module
+from lorlib_ui.core.library import import_adapters
 
 real_open = open
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from lorlib_ui import figures
-from lorlib_ui.record import RoutingRecord
-from lorlib_ui.worker import ClusterView
+from lorlib_ui.app import figures
+from lorlib_ui.core.record import RoutingRecord
+from lorlib_ui.worker.api import ClusterView
 
 
 def _record():

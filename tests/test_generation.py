@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from lorlib_ui.errors import LorlibError
-from lorlib_ui.generation import encode_prompt, generate, score
-from lorlib_ui.routers import make_router
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.generation import encode_prompt, generate, score
+from lorlib_ui.core.routers import make_router
 
 
 def test_generation_records_every_token(tiny_routed):

@@ -6,10 +6,10 @@ import torch
 from conftest import build_library, library_snapshot, make_adapter
 from safetensors.torch import load_file, save_file
 
-from lorlib_ui.adapters import WEIGHTS_FILE, read_adapter
-from lorlib_ui.base_model import base_model_info
-from lorlib_ui.errors import LorlibError
-from lorlib_ui.library import PROTOTYPES, Library, check_name, expert_from_adapter
+from lorlib_ui.core.adapters import WEIGHTS_FILE, read_adapter
+from lorlib_ui.core.base_model import base_model_info
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import PROTOTYPES, Library, check_name, expert_from_adapter
 
 
 def _entry(name, folder, base="tiny"):
@@ -100,7 +100,7 @@ def test_wrong_shape_adapter_is_refused(tiny_library, tmp_path):
 
 def test_failed_write_leaves_previous_state(tiny_library, tiny_adapters, monkeypatch):
     """A crash (here: a full disk) while writing an expert leaves the library as it was."""
-    import lorlib_ui.library as library_module
+    import lorlib_ui.core.library as library_module
 
     before_manifest = tiny_library.manifest()
 
@@ -123,7 +123,7 @@ def test_failed_write_leaves_previous_state(tiny_library, tiny_adapters, monkeyp
 
 
 def test_crash_after_folder_before_manifest(tiny_library, tiny_adapters, monkeypatch):
-    import lorlib_ui.library as library_module
+    import lorlib_ui.core.library as library_module
 
     def crash(self):
         raise KeyboardInterrupt  # stands for a kill between the folder rename and the manifest write

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import library_snapshot
 
-from lorlib_ui.errors import LorlibError
-from lorlib_ui.generation import generate
-from lorlib_ui.local_worker import LocalWorker
-from lorlib_ui.routers import make_router
-from lorlib_ui.worker import JobRequest, RouteRequest
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.generation import generate
+from lorlib_ui.core.routers import make_router
+from lorlib_ui.worker.api import JobRequest, RouteRequest
+from lorlib_ui.worker.local import LocalWorker
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lorlib_ui.errors import LorlibError
-from lorlib_ui.mbc import adjusted_rand_index, embed, mbc_cluster, silhouette_by_k, sparsify
+from lorlib_ui.build.mbc import adjusted_rand_index, embed, mbc_cluster, silhouette_by_k, sparsify
+from lorlib_ui.core.errors import LorlibError
 
 
 def _family_experts(n_families=3, per_family=4, dim=400, noise=0.3, seed=0):
@@ -69,7 +69,7 @@ def test_two_experts_can_form_two_clusters():
 def test_svd_coordinates_are_the_exact_truncated_svd():
     """U_k Σ_k from the Gram matrix equals numpy's SVD (up to the sign of each component), for
     wide matrices (experts << weights) and tall ones."""
-    from lorlib_ui.mbc import svd_coordinates
+    from lorlib_ui.build.mbc import svd_coordinates
 
     rng = np.random.default_rng(3)
     for shape in ((12, 500), (40, 9)):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lorlib_ui.prototypes import prototypes_for_adapter, top_right_singular_vectors
+from lorlib_ui.core.prototypes import prototypes_for_adapter, top_right_singular_vectors
 
 
 def _svd_top(a, b):

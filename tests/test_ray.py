@@ -12,11 +12,11 @@ from conftest import run
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray: pip install -r requirements-ray.txt")
 pytestmark = pytest.mark.ray
 
-from lorlib_ui.building import build_library  # noqa: E402
-from lorlib_ui.library import Library  # noqa: E402
-from lorlib_ui.ray_backend import RayTrainer, RayWorker, connect  # noqa: E402
-from lorlib_ui.training import TrainConfig  # noqa: E402
-from lorlib_ui.worker import RouteRequest  # noqa: E402
+from lorlib_ui.build.building import build_library  # noqa: E402
+from lorlib_ui.build.config import TrainConfig  # noqa: E402
+from lorlib_ui.core.library import Library  # noqa: E402
+from lorlib_ui.worker.api import RouteRequest  # noqa: E402
+from lorlib_ui.worker.ray import RayTrainer, RayWorker, connect  # noqa: E402
 
 LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
 
@@ -106,8 +106,8 @@ def test_a_killed_training_worker_is_retried_and_the_library_completes(local_ray
 
 
 def test_the_app_worker_is_a_named_actor_that_a_new_app_reattaches_to(local_ray, tiny_library, tiny_routed):
-    from lorlib_ui.generation import generate
-    from lorlib_ui.routers import make_router
+    from lorlib_ui.core.generation import generate
+    from lorlib_ui.core.routers import make_router
 
     worker = RayWorker()
     updates = list(worker.route(RouteRequest(str(tiny_library.path), "the quick brown", "arrow", 2, max_new_tokens=5)))
@@ -124,9 +124,9 @@ def test_the_app_on_the_ray_backend_routes_a_prompt(local_ray, tiny_library, tin
     from conftest import explorer_module, free_port
     from gradio_client import Client
 
-    from lorlib_ui.generation import generate
-    from lorlib_ui.routers import make_router
-    from lorlib_ui.ui import launch
+    from lorlib_ui.app.layout import launch
+    from lorlib_ui.core.generation import generate
+    from lorlib_ui.core.routers import make_router
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
     explorer = explorer_module()
@@ -145,7 +145,7 @@ def test_the_app_on_the_ray_backend_routes_a_prompt(local_ray, tiny_library, tin
 
 HEAD = """
 import sys, ray
-from lorlib_ui.ray_backend import connect
+from lorlib_ui.worker.ray import connect
 connect(None)
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # until the test closes stdin
@@ -153,8 +153,8 @@ ray.shutdown()
 """
 APP = """
 import json, sys
-from lorlib_ui.ray_backend import RayWorker
-from lorlib_ui.worker import RouteRequest
+from lorlib_ui.worker.ray import RayWorker
+from lorlib_ui.worker.api import RouteRequest
 worker = RayWorker(sys.argv[1])
 if sys.argv[2:]:
     request = RouteRequest(sys.argv[2], "the quick brown", "arrow", 2, max_new_tokens=3)
@@ -201,7 +201,7 @@ def test_files_cross_to_and_from_the_actor_as_bytes(local_ray, tiny_library, tin
 
     from conftest import make_adapter
 
-    from lorlib_ui.archives import zip_folder
+    from lorlib_ui.core.archives import zip_folder
 
     worker = RayWorker()
     archive = zip_folder(make_adapter(tmp_path / "newcomer", tiny_base, seed=7), tmp_path / "newcomer.zip")
@@ -216,7 +216,7 @@ def test_a_build_from_the_app_on_the_ray_backend_fans_out(local_ray, tmp_path, t
     gets the experts the sequential command-line build gets."""
     import time
 
-    from lorlib_ui.worker import JobRequest
+    from lorlib_ui.worker.api import JobRequest
 
     options = {"data": str(tasks_file), "tasks": ["copy0", "pick0"], "steps": 8, "shared_steps": 6}
     options |= {"batch_size": 2, "rank": 2, "base_model": str(tiny_base)}

@@ -5,10 +5,10 @@ import torch
 from conftest import build_library, make_adapter
 from transformers import AutoModelForCausalLM
 
-from lorlib_ui.adapters import read_adapter
-from lorlib_ui.errors import LorlibError
-from lorlib_ui.routed_model import RoutedModel
-from lorlib_ui.routers import make_router
+from lorlib_ui.core.adapters import read_adapter
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.routed_model import RoutedModel
+from lorlib_ui.core.routers import make_router
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import free_port, library_snapshot
 
-from lorlib_ui.errors import LorlibError
-from lorlib_ui.library import Library
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import Library
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def _crafted(tiny_library, tmp_path, folder: str) -> Path:
 def test_a_manifest_cannot_point_outside_its_library(tiny_library, tmp_path, folder, capsys):
     from conftest import run
 
-    from lorlib_ui.local_worker import LocalWorker
+    from lorlib_ui.worker.local import LocalWorker
 
     path = _crafted(tiny_library, tmp_path, folder)
     with pytest.raises(LorlibError, match="which is not in its experts/"):
@@ -140,7 +140,7 @@ def test_a_symlinked_expert_folder_is_refused(tiny_library, tmp_path):
 
 def test_remote_code_is_never_run(tmp_path, tiny_base):
     """A base model folder that asks for its own modelling code (auto_map) is not trusted."""
-    from lorlib_ui.base_model import load_base_model
+    from lorlib_ui.core.base_model import load_base_model
 
     evil = tmp_path / "evil-model"
     shutil.copytree(tiny_base, evil)

@@ -1,8 +1,9 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorlib_ui.adapters import read_adapter, write_adapter
-from lorlib_ui.training import TrainConfig, _batches, encode_example, train_expert
+from lorlib_ui.build.config import TrainConfig
+from lorlib_ui.build.training import _batches, encode_example, train_expert
+from lorlib_ui.core.adapters import read_adapter, write_adapter
 
 EXAMPLES = [("the quick brown", "fox"), ("the lazy", "dog"), ("routing tokens to", "experts"), ("one causal", "model")]
 

@@ -1,0 +1,71 @@
+"""What the explorer's event handlers share: errors shown in the page, and long jobs polled.
+
+Handlers are plain module-level functions that take the worker (and their tab's components) first,
+so tests call them without a server; `shows_errors` is the one place that turns an exception into
+the visible `gr.Error` Gradio shows: a `LorlibError` as its one line, anything else (a bug) as
+"unexpected ..." with its trace printed on the server.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Iterator
+
+import gradio as gr
+
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.worker.api import JobRequest, Worker
+
+POLL_S = 0.5  # how often a running job's progress is read
+
+
+def as_gr_error(exc: Exception) -> gr.Error:
+    if isinstance(exc, gr.Error):
+        return exc
+    message = str(exc) if isinstance(exc, LorlibError) else f"unexpected {type(exc).__name__}: {exc}"
+    return gr.Error(message, print_exception=not isinstance(exc, LorlibError))
+
+
+def shows_errors(handler):
+    """Decorate an event handler (a function or a generator) so that its errors show in the page."""
+    if inspect.isgeneratorfunction(handler):
+
+        @functools.wraps(handler)
+        def streaming(*args, **kwargs):
+            try:
+                yield from handler(*args, **kwargs)
+            except Exception as exc:
+                raise as_gr_error(exc) from None
+
+        return streaming
+
+    @functools.wraps(handler)
+    def answering(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except Exception as exc:
+            raise as_gr_error(exc) from None
+
+    return answering
+
+
+def run_job(worker: Worker, request: JobRequest, progress: gr.Progress) -> Iterator[tuple[str, str]]:
+    """Submit a job and follow it to its end: yields (job id, status line) and drives Gradio's
+    progress bar; a failed job raises its one-line message."""
+    job_id = worker.submit(request)
+    yield job_id, "queued"
+    while (state := worker.job(job_id)).state in ("queued", "running"):
+        progress(state.fraction, desc=state.message)
+        yield job_id, f"**{state.state}**: {state.message}"
+        time.sleep(POLL_S)
+    if state.state == "failed":
+        raise LorlibError(state.message)
+    yield job_id, f"**{state.state}**: {state.message}"
+
+
+def cancel_job(worker: Worker, job_id: str | None) -> str:
+    if job_id:
+        worker.cancel(job_id)
+    return "cancelling..." if job_id else "no job to cancel"

@@ -1,0 +1,170 @@
+"""Figures of the explorer, built by pure functions from plain data (no model, no torch).
+
+Routing figures take a `RoutingRecord`; cluster figures a `ClusterView`; the evaluation chart the
+summary rows that `evaluate` stores. Each returns a plotly figure (or, for the coloured text,
+the (token, label) pairs that Gradio's HighlightedText shows), so they are tested without a UI.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from lorlib_ui.core.record import RoutingRecord
+from lorlib_ui.worker.api import ClusterView
+
+PALETTE = [
+    "#4c78a8",
+    "#f58518",
+    "#54a24b",
+    "#e45756",
+    "#72b7b2",
+    "#eeca3b",
+    "#b279a2",
+    "#ff9da6",
+    "#9d755d",
+    "#bab0ac",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
+LAYOUT = {"margin": {"l": 10, "r": 10, "t": 40, "b": 10}, "template": "plotly_white"}
+
+
+def short_module(name: str) -> str:
+    """model.layers.12.self_attn.q_proj -> L12 q_proj"""
+    parts = name.split(".")
+    layer = next((p for p in parts if p.isdigit()), None)
+    return f"L{layer} {parts[-1]}" if layer is not None else parts[-1]
+
+
+def colour_of(names: list[str]) -> dict[str, str]:
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def layer_heatmap(record: RoutingRecord) -> go.Figure:
+    """Layers x experts: each expert's mean routing weight over all tokens at each LoRA'd layer."""
+    z = record.layer_expert_weights()
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=record.experts,
+            y=[short_module(m) for m in record.modules],
+            colorscale="Blues",
+            zmin=0,
+            zmax=max(float(z.max()), 1e-9),
+            hovertemplate="%{y}<br>%{x}<br>mean weight %{z:.3f}<extra></extra>",
+            colorbar={"title": "weight"},
+        )
+    )
+    fig.update_layout(title=f"Routing per layer ({record.router})", height=max(320, 14 * len(record.modules)), **LAYOUT)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def token_heatmap(record: RoutingRecord, module: str) -> go.Figure:
+    """Tokens x experts at one layer: each token's routing weights."""
+    m = record.modules.index(module)
+    labels = [f"{i}: {t!r}" for i, t in enumerate(record.tokens)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=record.weights[m],
+            x=record.experts,
+            y=labels,
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            hovertemplate="%{y}<br>%{x}<br>weight %{z:.3f}<extra></extra>",
+            colorbar={"title": "weight"},
+        )
+    )
+    fig.update_layout(title=f"Tokens at {short_module(module)}", height=max(320, 16 * len(labels)), **LAYOUT)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def token_colours(record: RoutingRecord, module: str) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
+    """(token, its top expert at `module`) for each token, None where no expert is used; and the
+    colour of each expert that tops some token (only those: a legend of every expert in a library
+    of hundreds says nothing). An expert keeps its colour across layers and prompts."""
+    m = record.modules.index(module)
+    top = record.top_expert()[:, m]
+    pairs = [(token, record.experts[i] if i >= 0 else None) for token, i in zip(record.tokens, top)]
+    used = {expert for _, expert in pairs if expert}
+    return pairs, {e: c for e, c in colour_of(record.experts).items() if e in used}
+
+
+def cluster_scatter(view: ClusterView, colour_by: str = "cluster") -> go.Figure:
+    """The UMAP of the experts' MBC embedding, one point per expert, coloured by cluster or family."""
+    groups = [f"cluster {c}" for c in view.labels] if colour_by == "cluster" else [f or "-" for f in view.families]
+    fig = go.Figure()
+    for group in sorted(set(groups), key=lambda g: (len(g), g)):
+        idx = [i for i, g in enumerate(groups) if g == group]
+        fig.add_trace(
+            go.Scatter(
+                x=view.coords[idx, 0],
+                y=view.coords[idx, 1],
+                mode="markers",
+                name=group,
+                marker={"size": 11},
+                text=[view.names[i] for i in idx],
+                customdata=[[", ".join(view.tasks[i]), view.families[i] or "-", view.labels[i]] for i in idx],
+                hovertemplate="<b>%{text}</b><br>tasks: %{customdata[0]}<br>family: %{customdata[1]}"
+                "<br>cluster: %{customdata[2]}<extra></extra>",
+            )
+        )
+    fig.update_layout(title=f"Experts (UMAP of the MBC embedding), coloured by {colour_by}", height=480, **LAYOUT)
+    fig.update_xaxes(showticklabels=False, title="UMAP 1")
+    fig.update_yaxes(showticklabels=False, title="UMAP 2")
+    return fig
+
+
+def similarity_heatmap(view: ClusterView) -> go.Figure:
+    """Cosine similarity between the clustered experts, ordered by cluster."""
+    fig = go.Figure(
+        go.Heatmap(
+            z=view.similarity,
+            x=view.clustered,
+            y=view.clustered,
+            colorscale="RdBu",
+            zmid=0,
+            hovertemplate="%{x}<br>%{y}<br>cosine %{z:.3f}<extra></extra>",
+        )
+    )
+    n, labelled = len(view.clustered), len(view.clustered) <= 40  # a name per row while they fit
+    fig.update_layout(
+        title="Expert similarity, ordered by cluster", height=max(520, 300 + 16 * n) if labelled else 520, **LAYOUT
+    )
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(showticklabels=labelled, dtick=1)
+    fig.update_yaxes(showticklabels=labelled, dtick=1)
+    return fig
+
+
+def silhouette_curve(view: ClusterView) -> go.Figure:
+    ks = sorted(view.silhouette)
+    fig = go.Figure(go.Scatter(x=ks, y=[view.silhouette[k] for k in ks], mode="lines+markers", name="silhouette"))
+    if view.k in view.silhouette:
+        chosen = go.Scatter(x=[view.k], y=[view.silhouette[view.k]], mode="markers", name=f"k = {view.k}")
+        fig.add_trace(chosen.update(marker={"size": 14}))
+    fig.update_layout(title="Silhouette by k (higher: better separated)", height=300, **LAYOUT)
+    fig.update_xaxes(title="k", dtick=1)
+    return fig
+
+
+def evaluation_bars(summary: list[dict]) -> go.Figure:
+    """One group of bars per measure, one bar per router."""
+    measures = [("exact_match", "exact match"), ("mc_accuracy", "multiple choice")]
+    fig = go.Figure()
+    for i, row in enumerate(summary):
+        values = [np.nan if row[key] is None else 100 * row[key] for key, _ in measures]
+        fig.add_trace(go.Bar(x=[label for _, label in measures], y=values, name=row["router"], marker_color=PALETTE[i]))
+    fig.update_layout(title="Zero-shot on held-out tasks (%)", barmode="group", height=360, **LAYOUT)
+    return fig

@@ -1,0 +1,150 @@
+"""The explorer's page: the library picker above five tabs, each from its own module, over one
+`Worker`.
+
+The UI knows nothing of models or torch: every event asks the worker and draws what comes back
+with `lorlib_ui.app.figures`. Every event has a named API endpoint, so `gradio_client` can drive
+the app as the browser does. A user's mistake (an empty prompt, a bad path, a malformed upload,
+k out of range) shows as a visible error and the app keeps serving. This module assembles the
+tabs and wires what spans them: opening a library fills every tab, and an import, a build or an
+evaluation reopens it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import gradio as gr
+
+from lorlib_ui.app import build, clusters, evaluate, library, route
+from lorlib_ui.app.events import shows_errors
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.worker.api import Worker
+
+CONCURRENCY = 8  # events of one kind served at once; model work still queues at the worker's lock
+INTRO = (
+    "**lorlib** explores a *library* of LoRA experts over one language model (Ostapenko et al., 2024). "
+    "Each expert was trained on one task; **Arrow** routes every token, at every adapted layer, to the "
+    "experts whose main direction its hidden state points along, with no extra training."
+)
+
+
+@dataclass
+class Page:
+    path: gr.State  # the open library
+    path_box: gr.Textbox
+    open_btn: gr.Button
+    status: gr.Markdown
+    library: library.LibraryTab
+    clusters: clusters.ClustersTab
+    route: route.RouteTab
+    build: build.BuildTab
+    evaluate: evaluate.EvaluateTab
+
+    def opened_outputs(self) -> list:
+        """What opening a library updates, in the /open_library endpoint's order."""
+        return [
+            self.path,
+            self.status,
+            self.library.table,
+            self.library.expert_pick,
+            self.route.example_pick,
+            self.clusters.k,
+            self.evaluate.table,
+            self.evaluate.plot,
+            self.route.router,
+            self.route.compare_router,
+            self.route.top_k,
+            self.build.targets,
+            self.build.rank,
+            self.evaluate.routers,
+        ]
+
+
+@shows_errors
+def open_library(worker: Worker, page: Page, folder: str) -> dict:
+    info = worker.library(folder)
+    examples = worker.examples(folder)
+    held = f"; held out: {', '.join(info.held_out)}" if info.held_out else ""
+    return {
+        page.path: info.path,
+        page.status: f"Opened **{info.path}**: {len(info.experts)} experts on {info.base_model}{held}.",
+        **library.opened(page.library, info),
+        **clusters.opened(page.clusters, info),
+        **route.opened(page.route, info, examples),
+        **build.opened(page.build, info),
+        **evaluate.opened(page.evaluate, info),
+    }
+
+
+@shows_errors
+def import_and_reopen(worker: Worker, page: Page, folder: str, archive: str | None) -> dict:
+    library.import_zip(worker, folder, archive)
+    return open_library(worker, page, folder)
+
+
+def build_app(worker: Worker, library_path: str, tasks_by_family: dict[str, list[str]] | None = None) -> gr.Blocks:
+    """The explorer over `worker`, opening `library_path` first; `tasks_by_family` fills the Build
+    tab's pickers (the embedded data's families and tasks)."""
+    try:
+        comparisons = worker.library(library_path).comparisons
+    except LorlibError:  # the page opens anyway and shows why when it loads the library
+        comparisons = []
+    with gr.Blocks(title="lorlib: LoRA library explorer") as app:
+        gr.Markdown(f"# lorlib: LoRA library explorer\n{INTRO}")
+        path = gr.State(library_path)
+        with gr.Row():
+            path_box = gr.Textbox(library_path, label="Library folder", scale=4)
+            open_btn = gr.Button("Open", scale=1)
+        status = gr.Markdown()
+        with gr.Tabs():
+            page = Page(
+                path,
+                path_box,
+                open_btn,
+                status,
+                library.build_tab(),
+                clusters.build_tab(),
+                route.build_tab(),
+                build.build_tab(tasks_by_family or {}),
+                evaluate.build_tab(comparisons),
+            )
+        _wire(page, worker, app)
+        gr.Button("health", visible=False).click(
+            lambda: worker.health(), None, gr.JSON(visible=False), api_name="health"
+        )
+    return app
+
+
+def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
+    reopen, outputs = partial(open_library, worker, page), page.opened_outputs()
+    library.wire(page.library, worker, page.path)
+    redraw = clusters.wire(page.clusters, worker, page.path)
+    route.wire(page.route, worker, page.path)
+    built = build.wire(page.build, worker, page.path)
+    evaluated = evaluate.wire(page.evaluate, worker, page.path)
+
+    redraw(page.open_btn.click(reopen, page.path_box, outputs, api_name="open_library"))
+    redraw(app.load(reopen, page.path_box, outputs, api_visibility="private"))
+    imported = page.library.import_btn.click(
+        partial(import_and_reopen, worker, page), [page.path, page.library.upload], outputs, api_name="import_adapters"
+    )
+    redraw(imported)
+    redraw(built.then(reopen, page.path, outputs, api_visibility="private"))  # also after a cancel
+    evaluated.then(reopen, page.path, outputs, api_visibility="private")
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> None:
+    """Serve the explorer: bound to `host` only, no share link, system fonts (nothing fetched from
+    outside), several events at once. `block=False` returns once it serves (tests, benchmarks)."""
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    app.queue(default_concurrency_limit=CONCURRENCY)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        theme=theme,
+        footer_links=["api"],
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )

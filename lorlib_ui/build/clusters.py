@@ -1,0 +1,214 @@
+"""MBC over a library: cluster its task experts by their weights, then train one expert per cluster.
+
+Ostapenko et al. (2024, Sec. 4.1): the private experts' weights are embedded and clustered
+(`lorlib_ui.build.mbc`); the tasks of each cluster are pooled and one expert is trained on them. This
+module connects that to a library: which experts are clustered (private and imported ones), how
+the assignment is recorded in the manifest, and how cluster experts are named and kept up to
+date. (Which cluster expert is a held-out task's oracle: `lorlib_ui.core.routers.oracle`.)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lorlib_ui.build.config import TrainConfig
+from lorlib_ui.build.mbc import adjusted_rand_index, embed, mbc_cluster, silhouette_by_k
+from lorlib_ui.build.trainers import BuildReport, Job, LocalTrainer, Progress, Trainer
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import TASK_KINDS, Expert, Library
+
+
+@dataclass
+class Clustering:
+    """MBC over a library's task experts: who is in which cluster, and how good k looks."""
+
+    experts: list[str]
+    labels: list[int]
+    k: int
+    seed: int
+    keep_quantile: float
+    silhouette: dict[int, float]  # k -> score, a suggestion for k
+    ari: float | None  # against the families, when every expert has one
+
+    def groups(self) -> list[list[str]]:
+        """The experts of each cluster, clusters numbered from 0 in order of first appearance."""
+        out: dict[int, list[str]] = {}
+        for name, label in zip(self.experts, self.labels):
+            out.setdefault(label, []).append(name)
+        return [out[label] for label in sorted(out)]
+
+    def to_manifest(self, names: list[str]) -> dict:
+        """The manifest's record of it, with `names[i]` the expert trained for cluster i."""
+        return {
+            "method": "mbc",
+            "k": self.k,
+            "seed": self.seed,
+            "keep_quantile": self.keep_quantile,
+            "assignment": {e: names[label] for e, label in zip(self.experts, self.labels)},
+            "members": dict(zip(names, self.groups())),
+            "silhouette": {str(k): round(v, 4) for k, v in self.silhouette.items()},
+            "ari_vs_families": None if self.ari is None else round(self.ari, 4),
+        }
+
+
+def task_experts(library: Library) -> list[Expert]:
+    """The experts MBC clusters, by name: the clusters (and their numbering) do not depend on the
+    order experts were added in, which a parallel build does not fix."""
+    experts = sorted((e for e in library.experts if e.kind in TASK_KINDS), key=lambda e: e.name)
+    if len(experts) < 2:
+        raise LorlibError(f"library {library.path} has {len(experts)} private expert(s); clustering needs 2 or more")
+    return experts
+
+
+def weight_matrix(library: Library, experts: list[Expert]) -> np.ndarray:
+    """Row i: expert i's A and B factors, flattened module by module in sorted order, as float32.
+
+    MBC's input (`lorlib_ui.build.mbc`). Filled in place from one thread per core: reading a file and
+    the bf16-to-float32 copy release the GIL, and building a list of vectors to stack would hold
+    two copies of what is a GB at 256 experts."""
+    first = library.load_adapter(experts[0].name).factors
+    modules = sorted(first)
+    layout = [(m, a.numel(), b.numel()) for m, (a, b) in ((m, first[m]) for m in modules)]
+    matrix = np.empty((len(experts), sum(na + nb for _, na, nb in layout)), dtype=np.float32)
+
+    def fill(i: int) -> None:
+        factors = library.load_adapter(experts[i].name).factors
+        if sorted(factors) != modules:
+            raise LorlibError(
+                f"expert {experts[i].name} adapts other modules than {experts[0].name}; MBC needs the same"
+            )
+        row, offset = torch.from_numpy(matrix[i]), 0
+        for module, na, nb in layout:
+            a, b = factors[module]
+            if (a.numel(), b.numel()) != (na, nb):
+                raise LorlibError("clustering needs experts that adapt the same modules with the same ranks")
+            row[offset : offset + na].copy_(a.reshape(-1))
+            row[offset + na : offset + na + nb].copy_(b.reshape(-1))
+            offset += na + nb
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(fill, range(len(experts))))
+    return matrix
+
+
+def embed_library(library: Library, keep_quantile: float = 0.5, seed: int = 0):
+    """The MBC embedding of the library's task experts (private and imported)."""
+    experts = task_experts(library)
+    return experts, embed([e.name for e in experts], weight_matrix(library, experts), keep_quantile, seed)
+
+
+def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: float = 0.5) -> Clustering:
+    experts, embedding = embed_library(library, keep_quantile, seed)
+    raw = mbc_cluster(embedding, k, seed)
+    order = {label: i for i, label in enumerate(dict.fromkeys(raw.tolist()))}  # number by first appearance
+    labels = [order[label] for label in raw.tolist()]
+    families = [e.family for e in experts]
+    ari = adjusted_rand_index(labels, families) if all(families) and len(set(families)) > 1 else None
+    ks = range(2, min(len(experts) - 1, 16) + 1)
+    return Clustering(
+        [e.name for e in experts],
+        labels,
+        k,
+        seed,
+        keep_quantile,
+        silhouette_by_k(embedding, ks, seed),
+        ari,
+    )
+
+
+def cluster_jobs(library: Library, clustering: Clustering, steps: int | None = None) -> list[Job]:
+    """One job per cluster, on the union of its experts' tasks. A cluster expert already in the
+    library with exactly those tasks keeps its name (and is not retrained); new ones take the
+    first free name cluster0, cluster1, ..."""
+    by_tasks = {tuple(sorted(e.tasks)): e.name for e in library.experts if e.kind == "cluster"}
+    task_sets = [sorted({t for n in names for t in library.expert(n).tasks}) for names in clustering.groups()]
+    names = [by_tasks.get(tuple(tasks)) for tasks in task_sets]
+    taken = set(library.names)
+    free = (f"cluster{i}" for i in range(10**6) if f"cluster{i}" not in taken)
+    names = [name or next(free) for name in names]
+    families = [{library.expert(n).family for n in group} for group in clustering.groups()]
+    return [
+        Job(name, "cluster", tasks, fams.pop() if len(fams) == 1 else None, steps)
+        for name, tasks, fams in zip(names, task_sets, families)
+    ]
+
+
+def record_clustering(library: Library, clustering: Clustering, jobs: list[Job], drop_stale: bool = True) -> list[str]:
+    """Store the assignment in the manifest and (with `drop_stale`) drop the cluster experts of
+    an earlier clustering that no cluster of this one reuses. Returns the names dropped."""
+    keep = {job.name for job in jobs}
+    with library.edit() as current:
+        stale = [e.name for e in current.experts if e.kind == "cluster" and e.name not in keep and drop_stale]
+        current.experts = [e for e in current.experts if e.name not in stale]
+        current.clusters = clustering.to_manifest([job.name for job in jobs])
+    return stale
+
+
+def cluster_and_train(
+    path: str,
+    k: int,
+    steps: int | None = None,
+    train: bool = True,
+    seed: int = 0,
+    keep_quantile: float = 0.5,
+    data: str | None = None,
+    trainer: Trainer | None = None,
+    force: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+    on_clustering: Callable[[dict], None] | None = None,
+) -> tuple[dict, BuildReport]:
+    """MBC at k over the library's task experts, recorded in its manifest; then (with `train`)
+    one expert per cluster, with the private experts' training settings and `steps` (default:
+    twice theirs), trained by `trainer` (default: a `LocalTrainer`). Returns the manifest's
+    clustering record (also handed to `on_clustering` as soon as it is recorded, before training)
+    and what was trained."""
+    from lorlib_ui.build.data import load_tasks
+
+    start = time.perf_counter()
+    if steps is not None and steps < 1:
+        raise LorlibError(f"steps must be positive, got {steps}")
+    library = Library.open(path)
+    clustering = cluster_library(library, k, seed=seed, keep_quantile=keep_quantile)
+    recipe = task_experts(library)[0].training or {}
+    steps = steps or 2 * int(recipe.get("steps", 100))
+    jobs = cluster_jobs(library, clustering, steps)
+    loaded = None
+    if train:  # every task of every cluster must be in the data before anything is written
+        loaded = load_tasks(data or (library.extra.get("held_out") or {}).get("data") or "default")
+        for task in {t for job in jobs for t in job.tasks}:
+            loaded.family_of(task)
+    dropped = record_clustering(library, clustering, jobs, drop_stale=train)
+    if on_clustering is not None:
+        on_clustering(library.clusters)
+    if dropped and log is not None:
+        log(f"removed cluster experts of an earlier clustering: {', '.join(dropped)}")
+    report = BuildReport()
+    if loaded is not None:
+        settings = {key: recipe[key] for key in ("rank", "targets", "batch_size", "learning_rate") if key in recipe}
+        config = TrainConfig.from_options(settings, steps=steps, seed=seed)
+        report = (trainer or LocalTrainer()).train(library, loaded, jobs, config, force, progress, cancel)
+    report.seconds = time.perf_counter() - start
+    return library.clusters, report
+
+
+def umap_coords(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D UMAP (cosine) of expert embeddings, for the cluster view; the first two coordinates
+    when there are too few experts for UMAP."""
+    n = len(vectors)
+    if n < 5:  # UMAP's spectral layout needs a few more points than dimensions
+        out = np.zeros((n, 2))
+        out[:, : min(2, vectors.shape[1])] = vectors[:, :2]
+        return out
+    import umap
+
+    reducer = umap.UMAP(n_neighbors=min(15, n - 1), n_components=2, metric="cosine", random_state=seed)
+    return reducer.fit_transform(vectors).astype(np.float64)

@@ -1,0 +1,64 @@
+"""How one expert is trained: `TrainConfig`, the one place for the training settings' defaults
+and ranges. The command line, the app's jobs and the builders all make one (it checks itself) and
+change it with `dataclasses.replace`. Imports no torch, so the command line can show the defaults
+without loading it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lorlib_ui.core.errors import LorlibError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one expert is trained: the one place for these settings' defaults and ranges (the
+    command line, the app's jobs and the builders all make one, and change it with `replace`)."""
+
+    rank: int = 4
+    alpha: float | None = None  # default 2 x rank
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    seed: int = 0
+    bf16: bool = False
+    max_length: int = 256  # tokens of prompt + answer; longer examples keep their answer
+
+    def __post_init__(self):
+        for name in ("rank", "steps", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LorlibError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise LorlibError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("learning_rate", "alpha"):
+            value = getattr(self, name)
+            if value is None and name == "alpha":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise LorlibError(f"{name.replace('_', ' ')} must be positive, got {value!r}")
+        if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise LorlibError(f"target modules must be a non-empty list of names, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))  # a list from JSON is fine too
+
+    @classmethod
+    def from_options(cls, options: Mapping, **overrides) -> TrainConfig:
+        """From a JSON-like mapping (an app job's options, the `training` record of an expert):
+        its keys that name settings, coerced to their types; other keys are ignored."""
+        kinds = {"rank": int, "steps": int, "batch_size": int, "max_length": int, "seed": int}
+        kinds |= {"alpha": float, "learning_rate": float, "bf16": bool, "targets": tuple}
+        values = {}
+        for name, value in {**options, **overrides}.items():
+            if name not in kinds or value is None:
+                continue
+            try:
+                values[name] = kinds[name](value)
+            except (TypeError, ValueError):
+                raise LorlibError(f"{name.replace('_', ' ')} must be a {kinds[name].__name__}, got {value!r}") from None
+        return cls(**values)

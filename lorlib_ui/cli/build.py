@@ -1,0 +1,211 @@
+"""The library-building commands of the command line: `build`, `cluster` and `evaluate`.
+
+Their options are parsed in `lorlib_ui.cli.main` with the others; these functions do the work, with a
+tqdm bar per expert on stderr, and append each finished command to the library's `history`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lorlib_ui.core.errors import LorlibError
+
+
+def _positive(**values: float | None) -> None:
+    for flag, value in values.items():
+        if value is not None and not value > 0:
+            raise LorlibError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+class _Bars:
+    """On stderr, a tqdm bar of the experts trained so far and one per expert in training, fed by
+    the builder's progress events (several at once in a Ray build; an expert whose worker died
+    starts again from step 0)."""
+
+    def __init__(self):
+        self.bars = {}
+        self.overall = None
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        if self.overall is None:
+            self.overall = tqdm(total=event.total, desc="experts trained", unit="expert", file=sys.stderr)
+        bar = self.bars.get(event.expert)
+        if bar is None or event.step < bar.n:
+            if bar is not None:
+                bar.close()
+            where = f" on {event.worker}" if event.worker else ""
+            desc = f"[{event.index}/{event.total}] {event.expert}{where}"
+            bar = self.bars[event.expert] = tqdm(
+                total=event.steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
+        bar.update(event.step - bar.n)
+        if event.loss is not None:
+            bar.set_postfix(loss=f"{event.loss:.3f}", refresh=False)
+        if event.step >= event.steps:
+            bar.close()
+            del self.bars[event.expert]
+            self.overall.update()
+
+    def close(self) -> None:
+        for bar in [*self.bars.values(), self.overall]:
+            if bar is not None:
+                bar.close()
+        self.bars, self.overall = {}, None
+
+
+def _trainer(args):
+    """The trainer the flags ask for: this process, or one Ray task per expert."""
+    from lorlib_ui.build.trainers import LocalTrainer
+
+    if args.backend == "ray":
+        from lorlib_ui.worker.ray import RayTrainer
+
+        return RayTrainer(args.address, args.device, args.bf16, cpus_per_task=args.cpus_per_task)
+    if args.address:
+        raise LorlibError("--address names a Ray cluster: use it with --backend ray")
+    return LocalTrainer(args.device, args.bf16)
+
+
+def _progress_bars(run):
+    """Run `run(progress)` with a tqdm bar per expert; on Ctrl-C say how to resume."""
+    bars = _Bars()
+    try:
+        return run(bars)
+    except KeyboardInterrupt:
+        bars.close()
+        print("interrupted: finished experts are kept; run the same command again to resume", file=sys.stderr)
+        raise
+    finally:
+        bars.close()
+
+
+def _record_history(path: str, argv: list[str], seconds: float) -> None:
+    import shlex
+
+    from lorlib_ui.core.library import Library
+
+    Library.open(path).record_history("python -m lorlib_ui " + shlex.join(argv), seconds)
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def cmd_build(args) -> None:
+    from lorlib_ui.build.building import build_library
+    from lorlib_ui.build.config import TrainConfig
+    from lorlib_ui.core.library import Library
+
+    _positive(shared_steps=args.shared_steps)
+    targets = tuple(_csv(args.targets) or [])
+    if not targets:
+        raise LorlibError("--targets is empty")
+    config = TrainConfig(  # it checks the values
+        rank=args.rank,
+        targets=targets,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    report = _progress_bars(
+        lambda progress: build_library(
+            args.library,
+            data=args.data,
+            tasks=_csv(args.tasks),
+            families=_csv(args.families),
+            holdout_per_family=args.holdout_per_family,
+            config=config,
+            shared_steps=args.shared_steps,
+            shared=not args.no_shared,
+            force=args.force,
+            base_model=args.base_model,
+            trainer=_trainer(args),
+            progress=progress,
+            log=_log,
+        )
+    )
+    _record_history(args.library, args.argv, report.seconds)
+    library = Library.open(args.library)
+    print(
+        f"library {library.path}: trained {len(report.trained)}, skipped {len(report.skipped)} already there; "
+        f"{len(library.experts)} experts, {len(report.held_out)} tasks held out ({report.seconds:.0f} s)"
+    )
+
+
+def cmd_cluster(args) -> None:
+    from lorlib_ui.build.clusters import cluster_and_train
+
+    _positive(steps=args.steps)
+    _, report = _progress_bars(
+        lambda progress: cluster_and_train(
+            args.library,
+            args.k,
+            steps=args.steps,
+            train=not args.no_train,
+            seed=args.seed,
+            keep_quantile=args.keep_quantile,
+            data=args.data,
+            trainer=_trainer(args),
+            force=args.force,
+            progress=progress,
+            log=_log,
+            on_clustering=lambda summary: print(json.dumps(summary)) if args.json else _print_clustering(summary),
+        )
+    )
+    if not args.no_train:
+        print(f"trained {len(report.trained)} cluster experts, {len(report.skipped)} up to date", file=sys.stderr)
+    _record_history(args.library, args.argv, report.seconds)
+
+
+def cmd_evaluate(args) -> None:
+    from tqdm import tqdm
+
+    from lorlib_ui.build.evaluation import evaluate_library, format_table
+
+    tasks = None if args.tasks == "held-out" else (_csv(args.tasks) or [])
+    routers = None if args.routers is None else (_csv(args.routers) or [])
+    _positive(limit=args.limit)
+    bars = []  # made at the first progress event: a refusal before it prints one line only
+
+    def progress(done, total, router, task):
+        if not bars:
+            bars.append(tqdm(desc="evaluate", unit="task", total=total, file=sys.stderr))
+        bars[0].set_postfix_str(f"{router} on {task}", refresh=False)
+        bars[0].update(done - bars[0].n)
+
+    try:
+        record, notes = evaluate_library(
+            args.library, tasks, routers, args.data, args.limit, args.device, args.dtype, progress
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    _record_history(args.library, args.argv, record["seconds"])
+    for note in notes:
+        print(note, file=sys.stderr)
+    if args.json:
+        print(json.dumps(record))
+        return
+    print(f"zero-shot on {len(record['tasks'])} tasks ({', '.join(record['tasks'])}), {record['seconds']:.0f} s:")
+    print(format_table(record["summary"]))
+
+
+def _print_clustering(summary: dict) -> None:
+    scores = {int(k): v for k, v in summary["silhouette"].items()}
+    print(f"MBC with k={summary['k']}:")
+    for name, members in summary["members"].items():
+        print(f"  {name}: {', '.join(members)}")
+    if summary["ari_vs_families"] is not None:
+        print(f"adjusted Rand index against the task families: {summary['ari_vs_families']:.3f}")
+    if scores:
+        best = max(scores, key=scores.get)
+        print("silhouette by k: " + ", ".join(f"{k}: {v:.3f}" for k, v in scores.items()))
+        print(f"suggested k (highest silhouette): {best}")

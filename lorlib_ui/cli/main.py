@@ -1,0 +1,313 @@
+"""Command line: `python -m lorlib_ui COMMAND`.
+
+The command names, their options and the JSON they print are a contract (README, issue #2).
+Bad input exits non-zero with one line on stderr and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lorlib_ui.build.config import TrainConfig
+from lorlib_ui.cli.build import cmd_build, cmd_cluster, cmd_evaluate
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, help_text, presets
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise LorlibError(f"{self.prog}: {message}")
+
+
+def _router_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--router",
+        default="arrow",
+        help=help_text(),
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help=f"experts per token (default {DEFAULT_TOP_K}, or all if fewer)"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="arrow softmax temperature (> 0)")
+    parser.add_argument(
+        "--mix",
+        default="outputs",
+        choices=MIXES,
+        help="combine the chosen experts' outputs (PEFT) or their parameters (paper's code)",
+    )
+    parser.add_argument("--base-model", default=None, help="override the library's base model (must fit it)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    """TrainConfig's settings, with its defaults (it checks the values)."""
+    defaults = TrainConfig()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per expert")
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--targets", default=",".join(defaults.targets), help="comma-separated module names")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    _trainer_options(parser)
+
+
+def _trainer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: if fast)")
+    parser.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default=os.environ.get("LORLIB_BACKEND", "local"),
+        help="local: one expert after another in this process; ray: one Ray task per expert, in parallel "
+        "(default: $LORLIB_BACKEND or local)",
+    )
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("LORLIB_RAY_ADDRESS"),
+        help="Ray cluster address host:port (default: $LORLIB_RAY_ADDRESS, else a private Ray on this machine)",
+    )
+    parser.add_argument("--cpus-per-task", type=float, default=1, help="Ray: CPUs per expert's task (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lorlib_ui", description="Build and route a library of LoRA experts.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    fetch = commands.add_parser("fetch-model", help="make the base model available and print its local path")
+    fetch.add_argument("--base-model", default=None)
+
+    new = commands.add_parser("new", help="create an empty library on a base model")
+    new.add_argument("library")
+    new.add_argument("--base-model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    new.add_argument("--exist-ok", action="store_true", help="succeed if a library on that base model exists")
+
+    imp = commands.add_parser("import-peft", help="create or extend a library from PEFT LoRA adapter folders")
+    imp.add_argument("library")
+    imp.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    imp.add_argument("--base-model", default=None, help="base model of a new library (default: embedded SmolLM2)")
+    imp.add_argument("--name", default=None, help="expert name (one adapter only; default: the folder name)")
+    imp.add_argument("--kind", default="imported", choices=["private", "cluster", "shared", "imported"])
+    imp.add_argument("--tasks", default="", help="comma-separated tasks the expert was trained on")
+    imp.add_argument("--family", default=None)
+    imp.add_argument("--force", action="store_true", help="replace experts of the same name")
+
+    info = commands.add_parser("info", help="list the experts of a library")
+    info.add_argument("library")
+    info.add_argument("--json", action="store_true")
+
+    route = commands.add_parser("route", help="generate under a router and report the routing")
+    route.add_argument("library")
+    route.add_argument("--prompt", required=True)
+    route.add_argument("--max-new-tokens", type=int, default=64)
+    route.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    _router_options(route)
+
+    build = commands.add_parser("build", help="train private experts per task (and a shared expert) into a library")
+    build.add_argument("library")
+    build.add_argument("--data", default="default", help="default (embedded BIG-bench), a file, a folder or a hub id")
+    pick = build.add_mutually_exclusive_group()
+    pick.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
+    pick.add_argument("--families", default=None, help="comma-separated families")
+    build.add_argument("--holdout-per-family", type=int, default=0, help="tasks per family kept out for evaluation")
+    _training_options(build)
+    build.add_argument("--shared-steps", type=int, default=None, help="steps of the shared expert (default 4 x steps)")
+    build.add_argument("--no-shared", action="store_true", help="do not train the shared (all tasks) expert")
+    build.add_argument("--force", action="store_true", help="retrain experts that are already in the library")
+    build.add_argument("--base-model", default=None, help="base model of a new library (default: embedded SmolLM2)")
+
+    cluster = commands.add_parser("cluster", help="MBC: cluster the private experts, then train one expert per cluster")
+    cluster.add_argument("library")
+    cluster.add_argument("--k", type=int, required=True, help="number of clusters")
+    cluster.add_argument("--steps", type=int, default=None, help="steps per cluster expert (default 2 x private)")
+    cluster.add_argument("--no-train", action="store_true", help="only compute and record the clusters")
+    cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--keep-quantile", type=float, default=0.5, help="sparsify: keep |w| above this quantile")
+    cluster.add_argument("--data", default=None, help="training data (default: what the library was built from)")
+    _trainer_options(cluster)
+    cluster.add_argument("--force", action="store_true", help="retrain cluster experts that are up to date")
+    cluster.add_argument("--json", action="store_true", help="print the clustering as one JSON object")
+
+    evaluate = commands.add_parser("evaluate", help="zero-shot evaluation of routers on held-out tasks")
+    evaluate.add_argument("library")
+    evaluate.add_argument("--tasks", default="held-out", help="held-out (the library's) or comma-separated tasks")
+    evaluate.add_argument(
+        "--routers",
+        default=None,
+        help=f"comma-separated: {', '.join(f'{name} ({spec})' for name, spec in presets().items())} "
+        "(default: all of these that the library allows), or any router spec such as arrow@cluster",
+    )
+    evaluate.add_argument("--data", default=None, help="test data (default: what the library was built from)")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most this many test rows per task")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--dtype", default=None)
+    evaluate.add_argument("--json", action="store_true", help="print the results as one JSON object")
+
+    score = commands.add_parser("score", help="log-probability of each token of a text under a router")
+    score.add_argument("library")
+    score.add_argument("--text", required=True)
+    _router_options(score)
+    return parser
+
+
+def cmd_fetch_model(args) -> None:
+    from lorlib_ui.core.base_model import resolve_base_model
+
+    print(resolve_base_model(args.base_model))
+
+
+def cmd_new(args) -> None:
+    from lorlib_ui.core.base_model import base_model_info
+    from lorlib_ui.core.library import MANIFEST, Library
+
+    base = base_model_info(args.base_model)
+    if args.exist_ok and (Path(args.library) / MANIFEST).is_file():
+        library = Library.open(args.library)
+        library.check_base(base)
+        print(f"library {library.path} exists: {len(library.experts)} experts on {library.base_model}")
+        return
+    library = Library.create(args.library, base)
+    print(f"created empty library {library.path} on {library.base_model}")
+
+
+def cmd_import_peft(args) -> None:
+    from lorlib_ui.core.library import import_adapters
+
+    if args.name and len(args.adapters) > 1:
+        raise LorlibError("--name can only be used with a single adapter folder")
+    stored = import_adapters(
+        args.library,
+        args.adapters,
+        names=[args.name] if args.name else None,
+        base_model=args.base_model,
+        kind=args.kind,
+        tasks=[t for t in args.tasks.split(",") if t] or None,
+        family=args.family,
+        force=args.force,
+    )
+    for e in stored:
+        print(f"imported {e.name} (rank {e.rank}, {', '.join(e.target_modules)}) into {args.library}")
+
+
+def cmd_info(args) -> None:
+    from lorlib_ui.core.library import Library
+
+    library = Library.open(args.library)
+    if args.json:
+        print(json.dumps(library.manifest(), indent=1))
+        return
+    print(f"library {library.path}: {len(library.experts)} experts on {library.base_model}")
+    if not library.experts:
+        return
+    rows = [("name", "kind", "rank", "targets", "family", "tasks")]
+    for e in library.experts:
+        rows.append(
+            (e.name, e.kind, str(e.rank), ",".join(e.target_modules), e.family or "-", ",".join(e.tasks) or "-")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _routed(args):
+    from lorlib_ui.core.library import Library
+    from lorlib_ui.core.routed_model import RoutedModel
+    from lorlib_ui.core.routers import make_router
+
+    library = Library.open(args.library)
+    router = make_router(args.router, library.names, args.top_k, args.temperature, args.mix, groups=library.groups())
+    return RoutedModel.load(library, base_model=args.base_model, device=args.device, dtype=args.dtype), router
+
+
+def cmd_route(args) -> None:
+    from lorlib_ui.core.generation import generate
+
+    _check_prompt(args.prompt, "--prompt")
+    rm, router = _routed(args)
+    result = generate(rm, args.prompt, router, max_new_tokens=args.max_new_tokens, chat=not args.raw)
+    if result.truncated:
+        print("notice: the prompt was longer than the model's context and was cut from the left", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"text": result.text, "truncated": result.truncated, **result.record.to_dict()}))
+        return
+    print(result.text)
+    if not router.applies_experts:
+        return
+    print(f"\n[{router.describe()}] mean routing weight per expert over all layers and tokens:", file=sys.stderr)
+    means = result.record.layer_expert_weights().mean(axis=0)
+    for name, weight in sorted(zip(rm.experts, means), key=lambda x: -x[1])[:10]:
+        print(f"  {name}: {weight:.3f}", file=sys.stderr)
+
+
+def cmd_score(args) -> None:
+    from lorlib_ui.core.generation import score
+
+    _check_prompt(args.text, "--text")
+    rm, router = _routed(args)
+    result = score(rm, args.text, router)
+    if args.json:
+        print(json.dumps({"tokens": result.tokens, "logprobs": result.logprobs}))
+        return
+    for token, lp in zip(result.tokens, result.logprobs):
+        print(f"{'' if lp is None else f'{lp:8.3f}':>8}  {token!r}")
+
+
+def _check_prompt(text: str, flag: str) -> None:
+    """Fail fast, before loading a model, on an empty prompt."""
+    if not text.strip():
+        raise LorlibError(f"{flag} is empty")
+
+
+COMMANDS = {
+    "fetch-model": cmd_fetch_model,
+    "new": cmd_new,
+    "import-peft": cmd_import_peft,
+    "info": cmd_info,
+    "route": cmd_route,
+    "score": cmd_score,
+    "build": cmd_build,
+    "cluster": cmd_cluster,
+    "evaluate": cmd_evaluate,
+}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes between libraries
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        _quiet_libraries()
+        COMMANDS[args.command](args)
+        return 0
+    except LorlibError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader left (`info | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # 128 + SIGPIPE
+    except Exception as exc:  # a bug, not bad input: still one line, full trace on request
+        if os.environ.get("LORLIB_DEBUG"):
+            raise
+        line = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: unexpected {type(exc).__name__}: {line} (set LORLIB_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,171 @@
+"""Generate and score text with a routed model, optionally recording the routing.
+
+Generation is a plain KV-cached decode loop rather than `model.generate`: every token, the prompt's
+and each generated one (the last included), passes through the model exactly once, so the routing
+record lines up token for token with the text, and streaming needs no extra thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.prompting import check_max_new_tokens, checked_text, context_length, encode_prompt
+from lorlib_ui.core.record import RoutingRecord
+from lorlib_ui.core.routed_model import RoutedModel
+from lorlib_ui.core.routers import Router
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the generated continuation, special tokens removed
+    prompt_ids: list[int]
+    new_ids: list[int]
+    prompt_tokens: list[str]
+    new_tokens: list[str]
+    record: RoutingRecord | None
+    truncated: bool  # the prompt was cut (from the left) to fit the model's context
+
+
+@dataclass
+class Scores:
+    tokens: list[str]
+    logprobs: list[float | None]  # log p(token | tokens before it); None for the first token
+    record: RoutingRecord | None
+
+
+def _token_strings(rm: RoutedModel, ids: list[int]) -> list[str]:
+    return [rm.tokenizer.decode([i]) for i in ids]
+
+
+def _stop_ids(rm: RoutedModel) -> set[int]:
+    stops = rm.model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops]) if stops is not None else set()
+    if rm.tokenizer.eos_token_id is not None:
+        stops.add(rm.tokenizer.eos_token_id)
+    return stops
+
+
+@torch.inference_mode()
+def generate(
+    rm: RoutedModel,
+    prompt: str,
+    router: Router,
+    max_new_tokens: int = 64,
+    record: bool = True,
+    chat: bool = True,
+    on_token: Callable[[str], None] | None = None,
+) -> Generation:
+    """Greedy decoding under `router`; `on_token` receives the text generated so far after each token."""
+    prompt = checked_text(prompt, "prompt")
+    check_max_new_tokens(max_new_tokens)
+    ids = encode_prompt(rm.tokenizer, prompt, chat)
+    context = context_length(rm.model)
+    room = context - max_new_tokens
+    if room < 1:
+        raise LorlibError(f"max new tokens ({max_new_tokens}) leaves no room in the model's context of {context}")
+    truncated = len(ids) > room
+    ids = ids[-room:]
+    stops, new = _stop_ids(rm), []
+    with rm.routing(router, record=record) as builder:
+        out = rm.model(input_ids=torch.tensor([ids], device=rm.device), use_cache=True, logits_to_keep=1)
+        while True:
+            token = int(out.logits[0, -1].argmax())
+            new.append(token)
+            if on_token is not None:
+                on_token(rm.tokenizer.decode(new, skip_special_tokens=True))
+            done = token in stops or len(new) >= max_new_tokens
+            if done and builder is None:
+                break
+            step = torch.tensor([[token]], device=rm.device)
+            out = rm.model(input_ids=step, cache=out.cache, use_cache=True, logits_to_keep=1)
+            if done:  # that forward only routed the final token, for the record
+                break
+    prompt_tokens, new_tokens = _token_strings(rm, ids), _token_strings(rm, new)
+    routing = builder.finish(router.describe(), rm.experts, prompt_tokens + new_tokens) if builder else None
+    text = rm.tokenizer.decode(new, skip_special_tokens=True)
+    return Generation(prompt, text, ids, new, prompt_tokens, new_tokens, routing, truncated)
+
+
+@torch.inference_mode()
+def score(rm: RoutedModel, text: str, router: Router, record: bool = False) -> Scores:
+    """Each token's log-probability given the tokens before it, under `router`."""
+    text = checked_text(text, "text")
+    ids = rm.tokenizer(text)["input_ids"]
+    context = context_length(rm.model)
+    if len(ids) > context:
+        raise LorlibError(f"text is {len(ids)} tokens, longer than the model's context of {context}")
+    with rm.routing(router, record=record) as builder:
+        logits = rm.model(input_ids=torch.tensor([ids], device=rm.device)).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None])
+    tokens = _token_strings(rm, ids)
+    routing = builder.finish(router.describe(), rm.experts, tokens) if builder else None
+    return Scores(tokens, [None] + logprobs.squeeze(1).tolist(), routing)
+
+
+@torch.inference_mode()
+def score_continuations(
+    rm: RoutedModel, router: Router, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8
+) -> list[list[float]]:
+    """log p(token | everything before it) for each token of each continuation, given its prompt:
+    `pairs` holds (prompt ids, continuation ids). Sequences of similar length are batched together,
+    right-padded (so positions are unaffected) and cut from the left to fit the context."""
+    context = context_length(rm.model)
+    pad = next(i for i in (rm.tokenizer.pad_token_id, rm.tokenizer.eos_token_id, 0) if i is not None)
+    out: list[list[float]] = [[] for _ in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    with rm.routing(router):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            seqs = [(pairs[i][0] + pairs[i][1])[-context:] for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, device=rm.device)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long, device=rm.device)
+            for row, seq in enumerate(seqs):
+                ids[row, : len(seq)] = torch.tensor(seq, device=rm.device)
+                mask[row, : len(seq)] = 1
+            logits = rm.model(input_ids=ids, attention_mask=mask).logits
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+            for row, (i, seq) in enumerate(zip(chunk, seqs)):
+                n = min(len(pairs[i][1]), len(seq) - 1)
+                out[i] = logprobs[row, len(seq) - 1 - n : len(seq) - 1].tolist()
+    return out
+
+
+@torch.inference_mode()
+def generate_batch(
+    rm: RoutedModel, prompts: list[list[int]], router: Router, max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
+    """Greedy answers to many tokenized prompts, batched (left-padded) through `model.generate`;
+    for evaluation, where no routing record is needed. Each token is routed on its own, so a
+    prompt's answer does not depend on the others in its batch."""
+    pad = next(i for i in (rm.tokenizer.pad_token_id, rm.tokenizer.eos_token_id, 0) if i is not None)
+    stops = sorted(_stop_ids(rm))
+    texts = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    with rm.routing(router):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, device=rm.device)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=rm.device)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i], device=rm.device)
+                mask[row, width - len(prompts[i]) :] = 1
+            out = rm.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=stops or None,
+            )
+            for row, i in enumerate(chunk):
+                new = out[row, width:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in stops), len(new))
+                texts[i] = rm.tokenizer.decode(new[:cut], skip_special_tokens=True)
+    return texts

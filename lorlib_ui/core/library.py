@@ -1,0 +1,429 @@
+"""A library of LoRA experts over one base model, stored as a folder.
+
+    LIBRARY/
+      manifest.json               base model, its linear shapes, experts, clusters
+      experts/<name>/             one standard PEFT adapter folder per expert
+      prototypes.safetensors      cached Arrow prototypes, keyed by a hash of the expert's weights
+
+The manifest is the single source of truth: a folder under experts/ that it does not name is
+ignored (and swept at the next write). Every write goes to a temporary name first and becomes
+visible by one atomic rename, the manifest last, so a crash at any point leaves the previous
+library intact. Writers take an exclusive lock on LIBRARY/.lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
+
+from lorlib_ui.core.adapters import LoraAdapter, read_adapter, weights_hash, write_adapter
+from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.prototypes import prototypes_for_adapter
+
+MANIFEST = "manifest.json"
+PROTOTYPES = "prototypes.safetensors"
+FORMAT = "lorlib-library"
+VERSION = 1
+KINDS = ("private", "cluster", "shared", "imported")
+TASK_KINDS = ("private", "imported")  # experts of one task each: what MBC clusters
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def check_name(name: str) -> str:
+    """Expert names become folder names: letters, digits and _ . + - only, no '..'."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise LorlibError(
+            f"invalid expert name {name!r}: use 1-100 letters, digits, '_', '.', '+' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+@dataclass
+class Expert:
+    """Manifest entry of one expert."""
+
+    name: str
+    kind: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model: str
+    fingerprint: str  # of the (module, shape) pairs this expert adapts
+    weights_hash: str
+    path: str  # adapter folder, relative to the library
+    tasks: list[str] = field(default_factory=list)
+    family: str | None = None
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    created: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Expert:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Library:
+    """A library folder. Opening reads only the manifest; weights load on demand."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.base_model: str = manifest["base_model"]
+        self.base_shapes: dict[str, tuple[int, int]] = {k: tuple(v) for k, v in manifest["base_shapes"].items()}
+        self.experts: list[Expert] = [Expert.from_dict(e) for e in manifest["experts"]]
+        self.clusters: dict = manifest.get("clusters", {})
+        self.extra: dict = {k: v for k, v in manifest.items() if k not in _MANIFEST_KEYS}
+
+    # ---- opening and creating -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> Library:
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise LorlibError(f"no library at {path} ({MANIFEST} not found)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
+            if manifest.get("version", 0) > VERSION:
+                raise ValueError(f"version {manifest['version']} is newer than this lorlib ({VERSION})")
+            library = cls(path, manifest)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LorlibError(f"library {path}: {MANIFEST} is unreadable ({exc})") from None
+        library._check_folders()
+        return library
+
+    def _check_folders(self) -> None:
+        """Every expert's folder is experts/<one name> inside this library, after links: a manifest
+        from elsewhere must not make lorlib read (or zip up for download) any other folder."""
+        experts_dir = (self.path / "experts").resolve()
+        for e in self.experts:
+            check_name(e.name)
+            parts = PurePosixPath(str(e.path)).parts
+            inside = len(parts) == 2 and parts[0] == "experts" and parts[1] not in (".", "..") and "\\" not in e.path
+            if not inside or (self.path / e.path).resolve().parent != experts_dir:
+                raise LorlibError(
+                    f"library {self.path}: expert {e.name!r} names folder {e.path!r}, which is not in its experts/"
+                )
+
+    @classmethod
+    def create(cls, path: str | Path, base: BaseModelInfo) -> Library:
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise LorlibError(f"a library already exists at {path}")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise LorlibError(f"cannot create a library at {path}: it exists and is not an empty folder")
+        path.mkdir(parents=True, exist_ok=True)
+        library = cls(path, {"base_model": base.name, "base_shapes": base.linear_shapes, "experts": []})
+        (path / ".lock").touch()  # so that a later refused write changes no file
+        library.save_manifest()
+        return library
+
+    # ---- reading ---------------------------------------------------------------------------
+    @property
+    def base_fingerprint(self) -> str:
+        return shapes_fingerprint(self.base_shapes)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def groups(self) -> dict[str, list[str]]:
+        """Expert names by kind (private, cluster, shared, imported): what a router can be limited to."""
+        return {kind: [e.name for e in self.experts if e.kind == kind] for kind in KINDS}
+
+    def expert(self, name: str) -> Expert:
+        for e in self.experts:
+            if e.name == name:
+                return e
+        known = ", ".join(self.names) or "none"
+        raise LorlibError(f"unknown expert {name!r} in library {self.path} (experts: {known})")
+
+    def load_adapter(self, name: str) -> LoraAdapter:
+        return read_adapter(self.path / self.expert(name).path)
+
+    def check_base(self, base: BaseModelInfo) -> None:
+        if base.fingerprint != self.base_fingerprint:
+            raise LorlibError(
+                f"base model {base.name!r} does not fit library {self.path}, which was built on "
+                f"{self.base_model!r} (linear layer shapes differ)"
+            )
+
+    def manifest(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "base_shapes": {k: list(v) for k, v in self.base_shapes.items()},
+            "experts": [asdict(e) for e in self.experts],
+            "clusters": self.clusters,
+            **self.extra,
+        }
+
+    # ---- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def _write_lock(self):
+        with open(self.path / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def save_manifest(self) -> None:
+        _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest(), indent=1))
+
+    def add_experts(self, entries: list[tuple[Expert, LoraAdapter]], force: bool = False) -> list[Expert]:
+        """Add experts (or replace them, with force) in one atomic step: all or none.
+
+        Each entry's adapter must already be checked. Returns the stored manifest entries.
+        """
+        names = [e.name for e, _ in entries]
+        if len(set(names)) != len(names):
+            raise LorlibError(f"duplicate expert names in one import: {', '.join(names)}")
+        for expert, adapter in entries:
+            check_name(expert.name)
+            adapter.check_fits(self.base_shapes, f"expert {expert.name}")
+            if expert.kind not in KINDS:
+                raise LorlibError(f"expert kind must be one of {', '.join(KINDS)}, not {expert.kind!r}")
+        with self._write_lock():
+            current = Library.open(self.path)  # another writer may have changed the library
+            existing = set(current.names)
+            clash = [n for n in names if n in existing]
+            if clash and not force:
+                raise LorlibError(
+                    f"library {self.path} already has an expert named {clash[0]!r} (use --force to replace it)"
+                )
+            staging = self.path / ".staging"
+            stored, placed = [], []
+            try:
+                staging.mkdir(exist_ok=True)
+                for expert, adapter in entries:
+                    folder = staging / uuid.uuid4().hex
+                    write_adapter(folder, adapter)
+                    _fsync_tree(folder)
+                    final = _free_folder(self.path / "experts", expert.name, current)
+                    final.parent.mkdir(exist_ok=True)
+                    folder.rename(final)
+                    placed.append(final)
+                    expert.path = str(final.relative_to(self.path))
+                    expert.weights_hash = weights_hash(final)
+                    expert.created = expert.created or datetime.now(UTC).isoformat(timespec="seconds")
+                    stored.append(expert)
+                kept = [e for e in current.experts if e.name not in names]
+                current.experts = kept + stored
+                current.save_manifest()
+            except (OSError, SafetensorError) as exc:  # a full disk, say: undo what this call wrote
+                for folder in [staging, *placed]:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise _write_error(self.path, exc) from None
+            current._sweep()
+            self.__dict__.update(current.__dict__)
+        self.prototypes()  # computes and caches the new experts' prototypes
+        return stored
+
+    @contextmanager
+    def edit(self):
+        """Change the manifest in one atomic step: yields the library as it is on disk now (under
+        the write lock), saves it when the block ends without an error, and updates `self`."""
+        with self._write_lock():
+            current = Library.open(self.path)
+            yield current
+            try:
+                current.save_manifest()
+            except OSError as exc:
+                raise _write_error(self.path, exc) from None
+            current._sweep()
+            self.__dict__.update(current.__dict__)
+
+    def record_history(self, command: str, seconds: float) -> None:
+        """Append a finished command (build, cluster, evaluate) to the manifest's `history`."""
+        with self.edit() as current:
+            current.extra.setdefault("history", []).append(
+                {
+                    "command": command,
+                    "seconds": round(seconds, 1),
+                    "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+            )
+
+    def remove_expert(self, name: str) -> None:
+        self.expert(name)
+        with self.edit() as current:
+            current.experts = [e for e in current.experts if e.name != name]
+
+    def _sweep(self) -> None:
+        """Delete what the manifest no longer names: staging leftovers, replaced experts, and the
+        temporary files of writes that a killed process left (all under the write lock)."""
+        shutil.rmtree(self.path / ".staging", ignore_errors=True)
+        for leftover in [*self.path.glob(f".{MANIFEST}.*"), *self.path.glob(f".{PROTOTYPES}.*")]:
+            leftover.unlink(missing_ok=True)
+        referenced = {(self.path / e.path).resolve() for e in self.experts}
+        experts_dir = self.path / "experts"
+        if experts_dir.is_dir():
+            for child in experts_dir.iterdir():
+                if child.resolve() not in referenced:
+                    shutil.rmtree(child, ignore_errors=True)
+
+    # ---- Arrow prototypes cache --------------------------------------------------------------
+    def prototypes(self) -> dict[str, dict[str, torch.Tensor]]:
+        """expert name -> module -> prototype (d_in,), from the cache where the weights are unchanged."""
+        cached = self._read_prototype_cache()
+        out, missing = {}, False
+        for e in self.experts:
+            keys = [k for k in cached if k.startswith(e.weights_hash + "/")]
+            if keys:
+                out[e.name] = {k.split("/", 1)[1]: cached[k] for k in keys}
+            else:
+                out[e.name] = prototypes_for_adapter(self.load_adapter(e.name).factors)
+                missing = True
+        if missing:
+            # a read-only library still routes; its prototypes are just recomputed next time
+            with suppress(OSError):
+                self._write_prototype_cache(out)
+        return out
+
+    def _read_prototype_cache(self) -> dict[str, torch.Tensor]:
+        path = self.path / PROTOTYPES
+        if not path.is_file():
+            return {}
+        try:
+            return load(path.read_bytes())  # not memory-mapped: see adapters.read_adapter
+        except (SafetensorError, OSError):
+            return {}  # a damaged cache is only a cache: recompute
+
+    def _write_prototype_cache(self, protos: dict[str, dict[str, torch.Tensor]]) -> None:
+        hashes = {e.name: e.weights_hash for e in self.experts}
+        tensors = {
+            f"{hashes[name]}/{m}": v.contiguous() for name, by_module in protos.items() for m, v in by_module.items()
+        }
+        with self._write_lock():
+            tmp = self.path / f".{PROTOTYPES}.{uuid.uuid4().hex}"
+            try:
+                save_file(tensors, tmp)
+                os.replace(tmp, self.path / PROTOTYPES)
+            except (OSError, SafetensorError):  # a cache: without room for it, computed again next time
+                tmp.unlink(missing_ok=True)
+
+
+_MANIFEST_KEYS = {"format", "version", "base_model", "base_fingerprint", "base_shapes", "experts", "clusters"}
+
+
+def expert_from_adapter(name: str, adapter: LoraAdapter, base_model: str, kind: str = "imported", **meta) -> Expert:
+    """A manifest entry describing `adapter`; path and hash are filled in when it is stored."""
+    return Expert(
+        name=name,
+        kind=kind,
+        rank=adapter.rank,
+        alpha=float(adapter.config.get("lora_alpha", adapter.config["r"])),
+        target_modules=adapter.target_modules,
+        base_model=base_model,
+        fingerprint=shapes_fingerprint(adapter.shapes),
+        weights_hash="",
+        path="",
+        **meta,
+    )
+
+
+def existing_or_new(path: str | Path, base_model: str | None) -> tuple[Library | None, BaseModelInfo | None]:
+    """For a write that creates the library if needed: the library at `path` if there is one,
+    and the base model's description when a new library would be made on it or `base_model` is
+    named (then checked to fit the existing library). Nothing is written."""
+    from lorlib_ui.core.base_model import base_model_info
+
+    path = Path(path)
+    library = Library.open(path) if (path / MANIFEST).is_file() else None
+    base = base_model_info(base_model) if library is None or base_model else None
+    if library is not None and base is not None:
+        library.check_base(base)
+    return library, base
+
+
+def import_adapters(
+    path: str | Path,
+    folders: list[str | Path],
+    names: list[str] | None = None,
+    base_model: str | None = None,
+    kind: str = "imported",
+    tasks: list[str] | None = None,
+    family: str | None = None,
+    force: bool = False,
+) -> list[Expert]:
+    """Import PEFT LoRA adapter folders into the library at `path`, creating it on `base_model`
+    (default: the embedded model) if there is none. Every adapter is read and checked before
+    anything is written, so a refused import leaves the library byte-for-byte as it was."""
+    if not folders:
+        raise LorlibError("no adapter folders to import")
+    names = [check_name(n) for n in (names or [Path(d).resolve().name for d in folders])]
+    if len(names) != len(folders):
+        raise LorlibError("give one name per adapter folder")
+    adapters = [read_adapter(d) for d in folders]
+    library, base = existing_or_new(path, base_model)
+    shapes = library.base_shapes if library else base.linear_shapes
+    base_name = library.base_model if library else base.name
+    for name, adapter in zip(names, adapters):
+        adapter.check_fits(shapes, f"adapter {name}")
+    entries = [
+        (expert_from_adapter(n, a, base_name, kind=kind, tasks=list(tasks or [n]), family=family), a)
+        for n, a in zip(names, adapters)
+    ]
+    library = library or Library.create(path, base)
+    return library.add_experts(entries, force=force)
+
+
+def _free_folder(experts_dir: Path, name: str, library: Library) -> Path:
+    """experts/<name>, or a fresh sibling when that folder is in use (the expert being replaced
+    stays in place until the new manifest no longer names it)."""
+    used = {(library.path / e.path).resolve() for e in library.experts}
+    candidate = experts_dir / name
+    if candidate.resolve() not in used and not candidate.exists():
+        return candidate
+    return experts_dir / f"{name}.{uuid.uuid4().hex[:8]}"
+
+
+def _write_error(path: Path, exc: Exception) -> LorlibError:
+    reason = getattr(exc, "strerror", None) or str(exc)  # safetensors' errors carry only a message
+    return LorlibError(f"library {path}: could not write ({reason}); the library is unchanged")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for child in folder.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

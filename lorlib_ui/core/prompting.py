@@ -1,0 +1,40 @@
+"""From a user's text to the token ids the model sees, the same way for routing, scoring,
+training and evaluation: the chat template (when the tokenizer has one), undecodable bytes made
+safe, and the limits of the model's context. Imports no torch, so the worker interface can share
+its constants with the UI.
+"""
+
+from __future__ import annotations
+
+from lorlib_ui.core.errors import LorlibError
+
+MAX_NEW_TOKENS = 512  # the most tokens one request may generate, everywhere (CLI, worker, UI)
+FALLBACK_CONTEXT = 2048  # for model configs that do not state their context
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a user prompt, wrapped in the chat template when the tokenizer has one."""
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return tokenizer(prompt)["input_ids"]
+
+
+def checked_text(text: str, what: str) -> str:
+    """The text, refused when empty. Undecodable bytes (binary pasted in, or command-line bytes that
+    are not UTF-8, which Python keeps as lone surrogates) become U+FFFD: tokenizers refuse them."""
+    if not isinstance(text, str) or not text.strip():
+        raise LorlibError(f"{what} is empty")
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def check_max_new_tokens(n: int) -> None:
+    if not 1 <= n <= MAX_NEW_TOKENS:
+        raise LorlibError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS}, got {n}")
+
+
+def context_length(model) -> int:
+    """How many tokens the model attends to at once, from its config."""
+    return getattr(model.config, "max_position_embeddings", None) or FALLBACK_CONTEXT

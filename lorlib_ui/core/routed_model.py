@@ -1,0 +1,246 @@
+"""A base model with every expert of a library attached, routed per token by a `Router`.
+
+Each LoRA'd nn.Linear is replaced by a `LibraryLinear` that keeps, built once:
+
+    prototypes  (E, d_in)     the routing keys (Arrow's prototypes)
+    lora_a      (E·r, d_in)   all experts' A stacked
+    lora_bt     (E·r, d_out)  all experts' Bᵀ stacked
+    scales      (E,)          each expert's LoRA scale s_e
+
+(each expert zero-padded to the largest rank r: zero rows add nothing, so mixed ranks are exact).
+Experts stored in 16 bits stay in 16 bits in memory and are widened only for the arithmetic,
+which is exact and halves their share of memory under a float32 model.
+
+Many tokens (prefill, scoring): one matmul gives all E experts' projections A_e h; the router's
+weights scale those in place; one more matmul maps back through lora_bt. No tokens x experts x
+d_out tensor is ever built and no weights are re-stacked per forward; these are what make PEFT's
+Arrow slow and memory-hungry with many experts.
+
+One token (decoding) on a CPU: the step is bound by memory traffic, not arithmetic, so after
+scoring the experts we gather the rows of only the top-k chosen, instead of reading every
+expert's weights for one token. (On a GPU the dense path is cheap.)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorlib_ui.core.adapters import read_layout
+from lorlib_ui.core.base_model import linear_shapes, load_base_model, shapes_fingerprint
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import Library
+from lorlib_ui.core.record import RoutingRecord
+from lorlib_ui.core.routers import Router
+
+
+@dataclass
+class RoutingState:
+    """Shared by all layers of one routed model: the active router and, if asked, the record."""
+
+    router: Router | None = None
+    record: RecordBuilder | None = None
+
+
+class LibraryLinear(nn.Module):
+    """nn.Linear plus every library expert that adapts it."""
+
+    def __init__(self, name: str, base: nn.Linear, ranks: list[int], state: RoutingState, storage: torch.dtype):
+        """`ranks[e]` is expert e's rank at this layer, 0 where it does not adapt it; the
+        factors are filled in afterwards, one expert at a time, by `set_expert`. `storage` is
+        the dtype the factors are kept in; the arithmetic runs in the base layer's dtype."""
+        super().__init__()
+        self.name, self.base, self.state = name, base, state
+        self.n_experts, self.rank = len(ranks), max(ranks)
+        e, r, device = self.n_experts, self.rank, base.weight.device
+        compute = base.weight.dtype
+        buffers = {
+            "prototypes": torch.zeros(e, base.in_features, device=device, dtype=compute),
+            "lora_a": torch.zeros(e * r, base.in_features, device=device, dtype=storage),
+            "lora_bt": torch.zeros(e * r, base.out_features, device=device, dtype=storage),
+            "scales": torch.zeros(e, device=device, dtype=compute),
+            "present": torch.tensor([rank > 0 for rank in ranks], device=device),
+        }
+        for key, value in buffers.items():
+            self.register_buffer(key, value, persistent=False)
+        self.n_present = int(self.present.sum())
+        self._usable: dict[tuple[int, ...] | None, tuple[torch.Tensor, int]] = {None: (self.present, self.n_present)}
+        self.gather_chosen = device.type == "cpu"
+        self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def set_expert(self, e: int, a: torch.Tensor, b: torch.Tensor, scale: float, prototype: torch.Tensor) -> None:
+        r = a.shape[0]
+        self.lora_a.view(self.n_experts, self.rank, -1)[e, :r] = a.to(self.lora_a.dtype)
+        self.lora_bt.view(self.n_experts, self.rank, -1)[e, :r] = b.T.to(self.lora_bt.dtype)
+        self.scales[e] = scale
+        self.prototypes[e] = prototype.to(self.prototypes.dtype)
+        self._merged.clear()
+
+    def usable(self, subset: tuple[int, ...] | None) -> tuple[torch.Tensor, int]:
+        """Which experts a router limited to `subset` can use here (they adapt this layer), and how many."""
+        if subset not in self._usable:
+            mask = torch.zeros_like(self.present)
+            mask[list(subset)] = True
+            mask &= self.present
+            self._usable[subset] = (mask, int(mask.sum()))
+        return self._usable[subset]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        router = self.state.router
+        if router is None:
+            return y
+        h = x.reshape(-1, x.shape[-1]).to(self.prototypes.dtype)
+        if router.static:
+            weights, a, bt = self._merged_factors(router)
+            logits = None
+            delta = (h @ a.T) @ bt if router.applies_experts else None
+        else:
+            weights, logits, delta = self._route(router, h)
+        if self.state.record is not None:
+            self.state.record.add(self.name, weights, logits, h.shape[0])
+        if delta is None:
+            return y
+        return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
+
+    def _route(self, router: Router, h: torch.Tensor):
+        e, r = self.n_experts, self.rank
+        routing = router.route(self, h @ self.prototypes.T)
+        if self.gather_chosen and h.shape[0] == 1 and routing.index is not None and 2 * routing.index.shape[1] <= e:
+            chosen = routing.index[0]
+            a = self.lora_a.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
+            bt = self.lora_bt.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
+            delta = self._mix(h @ a.to(h.dtype).T, routing.top, self.scales[chosen], bt, router.mix)
+        else:
+            z = h @ self.lora_a.to(h.dtype).T  # every expert's projection A_e h, one matmul
+            delta = self._mix(z, routing.dense(), self.scales, self.lora_bt, router.mix)
+        weights = routing.dense() if self.state.record is not None else None
+        return weights, routing.logits, delta
+
+    def _mix(self, z: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bt: torch.Tensor, mix: str) -> torch.Tensor:
+        """z: projections A_e h of m experts (tokens, m·r); w: their weights (tokens, m);
+        scales: their s_e (m,); bt: their stacked B_eᵀ (m·r, d_out)."""
+        n, m = w.shape
+        z = z.view(n, m, self.rank)
+        w = w.to(z.dtype)
+        ws = (w * scales).unsqueeze(-1)  # the B side carries w_e s_e
+        if mix == "outputs":  # Σ_e w_e s_e B_e (A_e h)
+            z = z * ws
+        else:  # (Σ_e w_e s_e B_e)(Σ_f w_f A_f h) = Σ_e s_e B_e (w_e · u), u = Σ_f w_f A_f h
+            z = ws * (z * w.unsqueeze(-1)).sum(dim=1, keepdim=True)
+        return z.flatten(1) @ bt.to(z.dtype)
+
+    def _merged_factors(self, router: Router) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A static router's weights and its merge folded into one low-rank pair (a, bt), cached."""
+        if router.key not in self._merged:
+            w = router.weights(self)
+            e, r, dtype = self.n_experts, self.rank, self.prototypes.dtype
+            a = self.lora_a.to(dtype).view(e, r, -1)
+            bt = self.lora_bt.to(dtype).view(e, r, -1)
+            wa = w.to(dtype)
+            ws = wa * self.scales
+            if router.mix == "outputs":  # the experts with non-zero weight, side by side
+                used = torch.nonzero(wa).flatten()
+                merged = (a[used].flatten(0, 1), (bt[used] * ws[used, None, None]).flatten(0, 1))
+            else:  # Σ w_e A_e and Σ w_e s_e B_eᵀ
+                merged = (torch.einsum("e,erd->rd", wa, a), torch.einsum("e,ero->ro", ws, bt))
+            self._merged[router.key] = (w, *merged)
+        return self._merged[router.key]
+
+
+class RoutedModel:
+    """A causal LM with all experts of a library attached to its linear layers."""
+
+    def __init__(self, model: nn.Module, tokenizer, library: Library):
+        fingerprint = shapes_fingerprint(linear_shapes(model))
+        if fingerprint != library.base_fingerprint:
+            raise LorlibError(
+                f"this base model does not fit library {library.path}, which was built on "
+                f"{library.base_model!r} (linear layer shapes differ)"
+            )
+        self.model, self.tokenizer, self.library = model, tokenizer, library
+        self.experts = library.names
+        self.state = RoutingState()
+        # Experts stream in one at a time into preallocated buffers, so building never holds
+        # the whole library twice (256 experts on SmolLM2 are about 0.5 GB in float32).
+        layouts = {x: read_layout(library.path / library.expert(x).path) for x in self.experts}
+        ranks = {x: layout[0] for x, layout in layouts.items()}
+        storage = _storage_dtype({d for _, dtypes in layouts.values() for d in dtypes}, model.dtype)
+        self.modules = [name for name, _ in model.named_modules() if any(name in r for r in ranks.values())]
+        layers = {}
+        for name in self.modules:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            per_expert = [ranks[x].get(name, 0) for x in self.experts]
+            layers[name] = LibraryLinear(name, getattr(parent, child), per_expert, self.state, storage)
+            setattr(parent, child, layers[name])
+        protos = library.prototypes()
+        for e, expert in enumerate(self.experts):
+            adapter = library.load_adapter(expert)
+            if adapter.ranks != ranks[expert]:
+                raise LorlibError(f"expert {expert} changed on disk while the model was being built; try again")
+            for module, (a, b) in adapter.factors.items():
+                layers[module].set_expert(e, a, b, adapter.scales[module], protos[expert][module])
+
+    @classmethod
+    def load(cls, library: Library, base_model: str | None = None, device: str | None = None, dtype: str | None = None):
+        model, tokenizer = load_base_model(base_model or library.base_model, device=device, dtype=dtype)
+        return cls(model, tokenizer, library)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextmanager
+    def routing(self, router: Router, record: bool = False):
+        """Route with `router` inside the block; yields a RecordBuilder when record=True."""
+        builder = RecordBuilder(self.modules, len(self.experts)) if record else None
+        self.state.router, self.state.record = router, builder
+        try:
+            yield builder
+        finally:
+            self.state.router, self.state.record = None, None
+
+
+_SIXTEEN_BIT = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _storage_dtype(stored: set[str], compute: torch.dtype) -> torch.dtype:
+    """Keep the experts in the one 16-bit dtype they are all stored in (exact), else in `compute`."""
+    if len(stored) == 1 and (dtype := _SIXTEEN_BIT.get(next(iter(stored)))) is not None:
+        return dtype if torch.finfo(dtype).bits < torch.finfo(compute).bits else compute
+    return compute
+
+
+class RecordBuilder:
+    """Collects per-call routing tensors on the model's device; one transfer at the end."""
+
+    def __init__(self, modules: list[str], n_experts: int):
+        self.modules, self.n_experts = modules, n_experts
+        self.weights: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+        self.logits: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+
+    def add(self, module: str, weights: torch.Tensor, logits: torch.Tensor | None, n_tokens: int) -> None:
+        weights = weights.detach().float()
+        if weights.dim() == 1:
+            weights = weights.expand(n_tokens, -1)
+        self.weights[module].append(weights)
+        self.logits[module].append(
+            torch.full_like(weights, float("nan")) if logits is None else logits.detach().float()
+        )
+
+    def finish(self, router: str, experts: list[str], tokens: list[str]) -> RoutingRecord:
+        def stack(parts: dict[str, list[torch.Tensor]]) -> np.ndarray:
+            if not tokens or not self.modules:
+                return np.zeros((len(self.modules), len(tokens), self.n_experts), dtype=np.float32)
+            return torch.stack([torch.cat(parts[m]) for m in self.modules]).cpu().numpy()
+
+        weights, logits = stack(self.weights), stack(self.logits)
+        if weights.shape[1] != len(tokens):
+            raise RuntimeError(f"routing record has {weights.shape[1]} tokens but {len(tokens)} were routed")
+        return RoutingRecord(router, experts, self.modules, tokens, weights, logits)

@@ -1,0 +1,102 @@
+"""What every router is: its weights per expert, per token and per LoRA'd layer.
+
+Every router has the same shape, and `mix` says how the weighted experts combine:
+
+- "outputs":    y = W h + Σ_e w_e s_e B_e A_e h              (PEFT's Arrow; mixture of experts)
+- "parameters": y = W h + (Σ_e w_e s_e B_e)(Σ_e w_e A_e) h  (the paper's code: merge, then apply)
+
+A static router (a merge) gives every token the same weights, `weights(slot)`, which the layer
+folds once into one small pair of factors. A dynamic router scores each token from its dot
+products with one key vector per expert, `route(slot, dots)`; the layer computes those dots in
+the same matmul as the experts' A projections. Arrow's keys are its prototypes.
+
+A router class declares what it supports (`static`, `groupable`, `argument`, `options`,
+`per_task`) and builds itself from a spec with `from_spec`; the registry
+(`lorlib_ui.core.routers.registry`) reads those declarations to parse specs, check them, and list
+the routers that menus, help texts and evaluations offer. Routers are immutable: limiting one to a
+group of experts returns a new router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:  # routers only use the tensors they are handed: the registry loads without torch
+    import torch
+
+    from lorlib_ui.core.routed_model import LibraryLinear
+
+MIXES = ("outputs", "parameters")
+DEFAULT_TOP_K = 4  # capped at the number of experts
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """What a user may set on a router; each router class says which of these it takes (`options`)."""
+
+    top_k: int | None = None  # None: DEFAULT_TOP_K, or all experts if fewer
+    temperature: float = 1.0
+    mix: str = "outputs"
+
+
+@dataclass
+class Routing:
+    """A dynamic router's decision for n tokens: dense weights, or the top-k experts per token."""
+
+    logits: torch.Tensor  # (n, experts): the router's scores before top-k
+    weights: torch.Tensor | None = None  # (n, experts)
+    index: torch.Tensor | None = None  # (n, k): the chosen experts ...
+    top: torch.Tensor | None = None  # (n, k): ... and their weights
+
+    def dense(self) -> torch.Tensor:
+        if self.weights is None:
+            self.weights = self.logits.new_zeros(self.logits.shape).scatter_(-1, self.index, self.top)
+        return self.weights
+
+
+@dataclass(frozen=True)
+class Router:
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for help texts
+    static: ClassVar[bool] = True  # the same weights for every token (a merge), or per token
+    applies_experts: ClassVar[bool] = True
+    groupable: ClassVar[bool] = False  # may be limited to a group of experts: arrow@private
+    argument: ClassVar[str | None] = None  # the spec takes an argument: expert:NAME
+    options: ClassVar[tuple[str, ...]] = ()  # the RouterSettings it reads: top_k, temperature, mix
+    per_task: ClassVar[bool] = False  # chooses its experts per evaluation task (the oracle)
+    presets: ClassVar[dict[str, str]] = {}  # the comparisons `evaluate` offers: name -> spec
+
+    mix: str = "outputs"
+    group: str | None = None  # the experts it may use: a named group of the library, or all
+    subset: tuple[int, ...] | None = None  # ... and their indices
+
+    @classmethod
+    def from_spec(cls, argument: str, experts: list[str], settings: RouterSettings) -> Router:
+        """The router for a spec's argument (after ':'), over `experts`; checks what it reads."""
+        return cls()
+
+    @classmethod
+    def unavailable(cls, groups: dict[str, list[str]]) -> str | None:
+        """Why this router cannot run on a library with these groups of experts, or None."""
+        return None
+
+    def limit(self, group: str, subset: tuple[int, ...]) -> Router:
+        """This router, using only the experts at `subset` (a named group); a new router."""
+        return replace(self, group=group, subset=subset)
+
+    def weights(self, slot: LibraryLinear) -> torch.Tensor:
+        """Static routers: one weight per expert (experts,), the same for every token."""
+        raise NotImplementedError
+
+    def route(self, slot: LibraryLinear, dots: torch.Tensor) -> Routing:
+        """Dynamic routers: weights per token from dots = h·key_e, (tokens, experts)."""
+        raise NotImplementedError
+
+    @property
+    def key(self) -> tuple:
+        """Identifies a static router's weights, for the layers' cache of merged factors."""
+        return (self.name, self.mix, self.subset)
+
+    def describe(self) -> str:
+        return self.name + (f"@{self.group}" if self.group else "")

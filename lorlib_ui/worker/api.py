@@ -1,0 +1,143 @@
+"""The model worker interface: everything the UI may ask of the model side, in plain data.
+
+The UI never touches a model and never imports torch; it holds a `Worker` and calls these
+methods. What crosses the boundary is plain: dataclasses of strings, numbers, lists, dicts and
+numpy arrays (the routing record), so that a worker can live in another process or on another
+machine (the Ray backend) behind the same interface as the in-process one (`LocalWorker`).
+
+Errors a user can cause come back as `LorlibError` with a one-line message for the UI to show.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lorlib_ui.core.prompting import MAX_NEW_TOKENS as MAX_NEW_TOKENS  # the UI's limit is the worker's
+from lorlib_ui.core.record import RoutingRecord
+
+
+@dataclass
+class LibraryInfo:
+    path: str
+    base_model: str
+    experts: list[dict]  # manifest entries, plus "cluster" (MBC assignment) where known
+    modules: list[str]  # short names of the base model's per-layer linear modules: what LoRA can adapt
+    new_targets: list[str]  # what new experts adapt by default: as most task experts do (MBC needs
+    new_rank: int  # the same modules and rank for all), or the trainer's defaults in an empty library
+    held_out: list[str]
+    clusters: dict
+    evaluation: dict | None
+    history: list[dict]
+    routers: list[str] = field(default_factory=list)  # router specs to offer, from the router registry
+    comparisons: list[str] = field(default_factory=list)  # what `evaluate` can compare, by name
+
+
+@dataclass
+class RouteRequest:
+    library: str
+    prompt: str
+    router: str = "arrow"  # a router spec: arrow, arrow@private, uniform, base, expert:NAME ...
+    top_k: int | None = None
+    temperature: float = 1.0
+    mix: str = "outputs"
+    max_new_tokens: int = 48
+    chat: bool = True
+
+
+@dataclass
+class RouteUpdate:
+    """One step of a streamed generation; the last has `done` set and carries the record."""
+
+    text: str
+    done: bool = False
+    record: RoutingRecord | None = None
+    n_prompt_tokens: int = 0
+    truncated: bool = False
+    first_token_s: float | None = None  # seconds from the request to the first generated token
+    total_s: float | None = None
+
+
+@dataclass
+class ClusterView:
+    """MBC over the task experts at one k, with a 2-D UMAP of the same embedding."""
+
+    names: list[str]
+    kinds: list[str]
+    families: list[str | None]
+    tasks: list[list[str]]
+    labels: list[int]  # MBC cluster per expert; -1 for experts outside the clustering
+    k: int
+    coords: np.ndarray  # (experts, 2)
+    similarity: np.ndarray  # (clustered experts, clustered experts), cosine
+    clustered: list[str]  # the experts MBC clustered (private and imported), in similarity order
+    silhouette: dict[int, float]
+    ari: float | None
+
+
+@dataclass
+class JobRequest:
+    kind: str  # "build", "cluster" or "evaluate"
+    library: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class JobStatus:
+    id: str
+    kind: str
+    state: str  # queued, running, done, failed, cancelled
+    fraction: float = 0.0
+    message: str = ""
+    result: dict | None = None
+
+
+class Worker(ABC):
+    """The model side, as the UI sees it."""
+
+    @abstractmethod
+    def health(self) -> dict:
+        """device, base models loaded, jobs queued; answers at once, even while busy."""
+
+    @abstractmethod
+    def warm_up(self, path: str) -> None:
+        """Start loading what the first requests on a library need, in the background."""
+
+    @abstractmethod
+    def library(self, path: str) -> LibraryInfo: ...
+
+    @abstractmethod
+    def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
+        """(task, prompt) pairs from the library's held-out tasks, for the prompt box."""
+
+    @abstractmethod
+    def route(self, request: RouteRequest) -> Iterator[RouteUpdate]:
+        """Generate under a router, streaming the text; the last update holds the record."""
+
+    @abstractmethod
+    def clusters(self, path: str, k: int) -> ClusterView: ...
+
+    @abstractmethod
+    def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
+        """Import checked PEFT adapter folders into a library; returns the names stored."""
+
+    @abstractmethod
+    def import_archive(self, path: str, archive: str, force: bool = False) -> list[str]:
+        """Import every adapter folder in an uploaded zip (checked before unpacking)."""
+
+    @abstractmethod
+    def export(self, path: str, expert: str | None = None) -> str:
+        """A zip of the library, or of one expert; returns its path (in the worker's temp folder)."""
+
+    @abstractmethod
+    def submit(self, job: JobRequest) -> str:
+        """Queue a long job (build, cluster, evaluate); returns its id."""
+
+    @abstractmethod
+    def job(self, job_id: str) -> JobStatus: ...
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> None: ...

@@ -1,0 +1,203 @@
+"""The worker's long jobs (build, cluster, evaluate): a queue run one job at a time on a
+background thread, with cancel, progress, and a bounded history.
+
+Jobs arrive as plain `JobRequest`s (options as the app sends them) and are run by the builders of
+`lorlib_ui.build`. Status is written by the job's thread and read by the UI's polls, always under
+one lock and handed out as copies, so a poll never sees half an update. Finished jobs beyond the
+last `KEEP_FINISHED` are forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+
+from lorlib_ui.build.trainers import Trainer
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import Library
+from lorlib_ui.worker.api import JobRequest, JobStatus
+
+KEEP_FINISHED = 20
+ACTIVE = ("queued", "running")
+
+
+class JobContext:
+    """What a running job may do: report progress, ask whether it was cancelled, get a trainer."""
+
+    def __init__(self, board: JobBoard, job_id: str, new_trainer: Callable[[], Trainer]):
+        self._board, self._id, self.new_trainer = board, job_id, new_trainer
+
+    def update(self, fraction: float | None = None, message: str | None = None) -> None:
+        changes = {"fraction": round(fraction, 4)} if fraction is not None else {}
+        self._board._set(self._id, **changes, **({"message": message} if message is not None else {}))
+
+    def cancelled(self) -> bool:
+        return self._board._is_cancelled(self._id)
+
+
+class JobBoard:
+    """Queued, running and recent jobs; runs them one after another on its own thread."""
+
+    def __init__(self, new_trainer: Callable[[], Trainer], keep_finished: int = KEEP_FINISHED):
+        self._new_trainer, self._keep = new_trainer, keep_finished
+        self._lock = threading.Lock()
+        self._jobs: dict[str, JobStatus] = {}  # in submission order
+        self._finished: list[str] = []  # in finishing order
+        self._cancelled: set[str] = set()
+        self._queue: queue.Queue[tuple[str, JobRequest]] = queue.Queue()
+        threading.Thread(target=self._run, name="lorlib-jobs", daemon=True).start()
+
+    def submit(self, job: JobRequest) -> str:
+        if job.kind not in JOBS:
+            raise LorlibError(f"unknown job {job.kind!r}; use one of {', '.join(JOBS)}")
+        job_id = uuid.uuid4().hex[:12]
+        with self._lock:
+            self._jobs[job_id] = JobStatus(job_id, job.kind, "queued", message="waiting for earlier jobs")
+        self._queue.put((job_id, job))
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise LorlibError(f"no job {job_id!r}")
+            return replace(self._jobs[job_id])
+
+    def all(self) -> list[JobStatus]:
+        with self._lock:
+            return [replace(status) for status in self._jobs.values()]
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise LorlibError(f"no job {job_id!r}")
+            if self._jobs[job_id].state in ACTIVE:
+                self._cancelled.add(job_id)
+
+    def _set(self, job_id: str, **changes) -> None:
+        with self._lock:
+            status = self._jobs[job_id]
+            for name, value in changes.items():
+                setattr(status, name, value)
+
+    def _is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def _finish(self, job_id: str, **changes) -> None:
+        with self._lock:
+            status = self._jobs[job_id]
+            for name, value in changes.items():
+                setattr(status, name, value)
+            self._cancelled.discard(job_id)
+            self._finished.append(job_id)
+            while len(self._finished) > self._keep:
+                del self._jobs[self._finished.pop(0)]
+
+    def _run(self) -> None:
+        while True:
+            job_id, job = self._queue.get()
+            if self._is_cancelled(job_id):
+                self._finish(job_id, state="cancelled", message="cancelled before it started")
+                continue
+            self._set(job_id, state="running", message="starting")
+            context = JobContext(self, job_id, self._new_trainer)
+            try:
+                result, message = JOBS[job.kind](job, context)
+                self._finish(job_id, state="done", fraction=1.0, message=message, result=result)
+            except LorlibError as exc:
+                state = "cancelled" if self._is_cancelled(job_id) else "failed"
+                self._finish(job_id, state=state, message=str(exc))
+            except Exception as exc:  # a bug: keep serving, report it
+                traceback.print_exc()
+                self._finish(job_id, state="failed", message=f"unexpected {type(exc).__name__}: {exc}")
+
+
+# ---- the jobs: options as the app sends them -> a builder of lorlib_ui.build ------------------------
+
+
+def _training_progress(context: JobContext):
+    done: dict[str, float] = {}  # expert -> its share done; several train at once in a Ray build
+
+    def progress(event) -> None:
+        done[event.expert] = event.step / max(event.steps, 1)
+        loss = "" if event.loss is None else f", loss {event.loss:.3f}"
+        where = f" (on {event.worker})" if event.worker else ""
+        context.update(
+            sum(done.values()) / max(event.total, 1),
+            f"expert {event.index}/{event.total} {event.expert}: step {event.step}/{event.steps}{loss}{where}",
+        )
+
+    return progress
+
+
+def _history(job: JobRequest, seconds: float) -> None:
+    line = f"app: {job.kind} {json.dumps(job.options, sort_keys=True)}"
+    Library.open(job.library).record_history(line, seconds)
+
+
+def _build_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
+    from lorlib_ui.build.building import build_library
+    from lorlib_ui.build.config import TrainConfig
+
+    o = job.options
+    report = build_library(
+        job.library,
+        data=o.get("data", "default"),
+        tasks=o.get("tasks"),
+        families=o.get("families"),
+        holdout_per_family=int(o.get("holdout_per_family", 0)),
+        config=TrainConfig.from_options(o),
+        shared_steps=o.get("shared_steps"),
+        shared=bool(o.get("shared", True)),
+        force=bool(o.get("force", False)),
+        base_model=o.get("base_model"),
+        trainer=context.new_trainer(),
+        progress=_training_progress(context),
+        cancel=context.cancelled,
+    )
+    _history(job, report.seconds)
+    message = f"trained {len(report.trained)} experts, skipped {len(report.skipped)} already there"
+    return {"trained": report.trained, "skipped": report.skipped, "held_out": report.held_out}, message
+
+
+def _cluster_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
+    from lorlib_ui.build.clusters import cluster_and_train
+
+    o = job.options
+    summary, report = cluster_and_train(
+        job.library,
+        int(o["k"]),
+        steps=o.get("steps"),
+        train=bool(o.get("train", True)),
+        seed=int(o.get("seed", 0)),
+        trainer=context.new_trainer(),
+        progress=_training_progress(context),
+        cancel=context.cancelled,
+    )
+    _history(job, report.seconds)
+    message = f"{len(summary.get('members', {}))} clusters; trained {len(report.trained)} cluster experts"
+    return {"clusters": summary, "trained": report.trained}, message
+
+
+def _evaluate_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
+    from lorlib_ui.build.evaluation import evaluate_library
+
+    o = job.options
+
+    def progress(done, total, router, task):
+        context.update(done / total, f"{done}/{total}: {router} on {task}")
+
+    record, notes = evaluate_library(
+        job.library, o.get("tasks"), o.get("routers"), limit=o.get("limit"), progress=progress, cancel=context.cancelled
+    )
+    _history(job, record["seconds"])
+    message = f"evaluated {len(record['summary'])} routers on {len(record['tasks'])} tasks"
+    return {"evaluation": record, "notes": notes}, message
+
+
+JOBS = {"build": _build_job, "cluster": _cluster_job, "evaluate": _evaluate_job}

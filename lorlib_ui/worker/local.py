@@ -1,0 +1,298 @@
+"""The in-process model worker: the default backend behind the UI.
+
+Routed models are built on first use and rebuilt when the library's manifest changes (after a
+build job, an import); the last `max_models` libraries keep theirs (an LRU), so a long-running
+app holds a bounded number of models however many libraries it opens. Routing calls take the
+worker's lock, so the model serves one request at a time and each gets its own, correct routing
+record. Long jobs (build, cluster, evaluate) run one after another on a background thread with
+their own model copies (`lorlib_ui.worker.jobs`), so they slow routing down (they share the CPU)
+but never block it beyond the lock. How a job trains experts is injected: `trainer_factory`
+(by default a `LocalTrainer` on this worker's device; the Ray backend passes its `RayTrainer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lorlib_ui.build.trainers import LocalTrainer, Trainer
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import Library
+from lorlib_ui.core.prompting import check_max_new_tokens
+from lorlib_ui.worker.api import ClusterView, JobRequest, JobStatus, LibraryInfo, RouteRequest, RouteUpdate, Worker
+from lorlib_ui.worker.jobs import JobBoard
+
+MAX_MODELS_ENV = "LORLIB_MAX_MODELS"
+DEFAULT_MAX_MODELS = 2  # routed models kept: the library on screen and one more
+MAX_EMBEDDINGS = 4  # cluster views' embeddings kept (a few MB to a GB each)
+
+
+def manifest_key(library: Library) -> str:
+    return hashlib.sha256(json.dumps(library.manifest(), sort_keys=True).encode()).hexdigest()
+
+
+def _max_models(value: int | None) -> int:
+    if value is None:
+        raw = os.environ.get(MAX_MODELS_ENV, str(DEFAULT_MAX_MODELS))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise LorlibError(f"{MAX_MODELS_ENV} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise LorlibError(f"the worker must keep at least one routed model, got {value}")
+    return value
+
+
+class LocalWorker(Worker):
+    def __init__(
+        self,
+        device: str | None = None,
+        dtype: str | None = None,
+        base_model: str | None = None,
+        trainer_factory: Callable[[], Trainer] | None = None,
+        max_models: int | None = None,
+    ):
+        """`trainer_factory`: makes the trainer of each build and cluster job (default: a
+        `LocalTrainer` on `device`). `max_models`: routed models kept (default
+        $LORLIB_MAX_MODELS, else 2)."""
+        self.device, self.dtype, self.base_model = device, dtype, base_model
+        self.max_models = _max_models(max_models)
+        self._lock = threading.Lock()  # one model computation at a time; guards _routed
+        self._routed: OrderedDict[str, tuple[str, object]] = OrderedDict()  # path -> (manifest key, RoutedModel)
+        self._embeddings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+        self._embedding_lock = threading.Lock()  # two views of one new library: one computes, one waits
+        self._jobs = JobBoard(trainer_factory or (lambda: LocalTrainer(self.device)))
+        self._warm_ups: list[threading.Thread] = []
+        self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): uploads unpack and downloads go here
+
+    # ---- queries --------------------------------------------------------------------------------
+    def health(self) -> dict:
+        from lorlib_ui.core.base_model import best_device
+
+        jobs = self._jobs.all()
+        return {
+            "backend": "local",
+            "device": self.device or best_device(),
+            "libraries_loaded": list(self._routed),
+            "busy": self._lock.locked(),
+            "warming_up": any(t.is_alive() for t in self._warm_ups),
+            "jobs_running": [j.id for j in jobs if j.state == "running"],
+            "jobs_queued": [j.id for j in jobs if j.state == "queued"],
+        }
+
+    def warm_up(self, path: str) -> None:
+        """Load the library's routed model, route a few tokens through it (torch's first forward
+        pass sets up kernels and buffers, about a second on CPU) and compile UMAP (numba, tens of
+        seconds on first use), on a background thread, so the first route and cluster view do not
+        wait for them."""
+        from lorlib_ui.build.clusters import umap_coords
+        from lorlib_ui.core.generation import generate
+        from lorlib_ui.core.routers import make_router
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    rm = self._routed_model(path)
+                    generate(rm, "Hello", make_router("arrow", rm.experts), max_new_tokens=2)
+                umap_coords(np.random.default_rng(0).normal(size=(8, 4)))
+            except Exception:  # a bad library shows its error on the first real request
+                traceback.print_exc()
+
+        thread = threading.Thread(target=work, name="lorlib-warm-up", daemon=True)
+        self._warm_ups = [t for t in self._warm_ups if t.is_alive()] + [thread]
+        thread.start()
+
+    def library(self, path: str) -> LibraryInfo:
+        from lorlib_ui.build.config import TrainConfig
+        from lorlib_ui.core.routers import menu, presets
+
+        library = Library.open(path)
+        assignment = (library.clusters or {}).get("assignment", {})
+        experts = [{**e, "cluster": assignment.get(e["name"])} for e in library.manifest()["experts"]]
+        short = [m.rsplit(".", 1)[-1] for m in library.base_shapes]
+        task = [e for e in library.experts if e.kind in ("private", "imported")] or library.experts
+        targets = Counter(tuple(e.target_modules) for e in task).most_common(1)[0][0] if task else TrainConfig.targets
+        rank = Counter(e.rank for e in task).most_common(1)[0][0] if task else TrainConfig.rank
+        return LibraryInfo(
+            path=str(library.path),
+            base_model=library.base_model,
+            experts=experts,
+            modules=[m for m in dict.fromkeys(short) if short.count(m) > 1],  # per layer: not lm_head
+            new_targets=list(targets),
+            new_rank=int(rank),
+            held_out=list((library.extra.get("held_out") or {}).get("tasks", [])),
+            clusters=library.clusters or {},
+            evaluation=library.extra.get("evaluation"),
+            history=list(library.extra.get("history", [])),
+            routers=menu(library.names, library.groups()),
+            comparisons=list(presets()),
+        )
+
+    def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
+        from lorlib_ui.build.data import load_tasks
+
+        library = Library.open(path)
+        held = library.extra.get("held_out") or {}
+        if not held.get("tasks"):
+            return []
+        data = load_tasks(held.get("data") or "default")
+        out = []
+        for task in held["tasks"]:
+            out += [(task, row["input"]) for row in data.rows(task, "test")[:per_task]]
+        return out
+
+    # ---- routing --------------------------------------------------------------------------------
+    def _routed_model(self, path: str):
+        """The routed model of a library, rebuilt when its manifest changed; the least recently
+        used beyond `max_models` are dropped (call under the lock)."""
+        from lorlib_ui.core.routed_model import RoutedModel
+
+        library = Library.open(path)
+        key = str(Path(path).resolve())
+        version = manifest_key(library)
+        cached = self._routed.get(key)
+        if cached is not None and cached[0] == version:
+            self._routed.move_to_end(key)
+            return cached[1]
+        self._routed.pop(key, None)  # free the old copy before building the new one
+        while len(self._routed) >= self.max_models:
+            self._routed.popitem(last=False)
+        rm = RoutedModel.load(library, base_model=self.base_model, device=self.device, dtype=self.dtype)
+        self._routed[key] = (version, rm)
+        return rm
+
+    def route(self, request: RouteRequest) -> Iterator[RouteUpdate]:
+        from lorlib_ui.core.generation import generate
+        from lorlib_ui.core.routers import make_router
+
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            raise LorlibError("the prompt is empty")
+        check_max_new_tokens(request.max_new_tokens)
+        library = Library.open(request.library)
+        router = make_router(
+            request.router, library.names, request.top_k, request.temperature, request.mix, groups=library.groups()
+        )
+        start = time.perf_counter()
+        updates: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    rm = self._routed_model(request.library)
+                    if rm.experts != library.names:  # the library changed between the check and now
+                        raise LorlibError("the library changed while the request waited; try again")
+                    result = generate(
+                        rm,
+                        request.prompt,
+                        router,
+                        max_new_tokens=request.max_new_tokens,
+                        chat=request.chat,
+                        on_token=lambda text: updates.put(("text", text)),
+                    )
+                updates.put(("done", result))
+            except Exception as exc:  # handed to the caller's thread
+                updates.put(("error", exc))
+
+        threading.Thread(target=work, name="lorlib-route", daemon=True).start()
+        first = None
+        while True:
+            kind, value = updates.get()
+            if kind == "error":
+                raise value
+            if first is None:
+                first = time.perf_counter() - start
+            if kind == "text":
+                yield RouteUpdate(value, first_token_s=first)
+                continue
+            yield RouteUpdate(
+                value.text,
+                done=True,
+                record=value.record,
+                n_prompt_tokens=len(value.prompt_ids),
+                truncated=value.truncated,
+                first_token_s=first,
+                total_s=time.perf_counter() - start,
+            )
+            return
+
+    # ---- clusters --------------------------------------------------------------------------------
+    def clusters(self, path: str, k: int) -> ClusterView:
+        from lorlib_ui.build.clusters import embed_library, task_experts, umap_coords
+        from lorlib_ui.build.mbc import adjusted_rand_index, mbc_cluster, silhouette_by_k
+
+        library = Library.open(path)
+        n = len(task_experts(library))
+        if not 1 <= k <= n:
+            raise LorlibError(f"k must be between 1 and the number of clustered experts ({n}), got {k}")
+        cache_key = (str(Path(path).resolve()), manifest_key(library))
+        with self._embedding_lock:
+            if cache_key not in self._embeddings:
+                experts, embedding = embed_library(library)
+                silhouette = silhouette_by_k(embedding, range(2, min(n - 1, 16) + 1))
+                self._embeddings[cache_key] = (experts, embedding, umap_coords(embedding.vectors), silhouette)
+                while len(self._embeddings) > MAX_EMBEDDINGS:
+                    self._embeddings.popitem(last=False)
+            self._embeddings.move_to_end(cache_key)
+            experts, embedding, coords, silhouette = self._embeddings[cache_key]
+        labels = mbc_cluster(embedding, k).tolist()
+        order = sorted(range(n), key=lambda i: (labels[i], i))
+        families = [e.family for e in experts]
+        known = all(families) and len(set(families)) > 1
+        return ClusterView(
+            names=[e.name for e in experts],
+            kinds=[e.kind for e in experts],
+            families=families,
+            tasks=[list(e.tasks) for e in experts],
+            labels=labels,
+            k=k,
+            coords=coords,
+            similarity=embedding.similarity[np.ix_(order, order)],
+            clustered=[experts[i].name for i in order],
+            silhouette=silhouette,
+            ari=adjusted_rand_index(labels, families) if known else None,
+        )
+
+    # ---- imports ---------------------------------------------------------------------------------
+    def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
+        from lorlib_ui.core.library import import_adapters
+
+        return [e.name for e in import_adapters(path, folders, force=force)]
+
+    def import_archive(self, path: str, archive: str, force: bool = False) -> list[str]:
+        from lorlib_ui.core.archives import adapter_folders, safe_extract
+
+        Library.open(path)  # refuse before unpacking anything
+        with tempfile.TemporaryDirectory(dir=self._tmp) as tmp:
+            folders = adapter_folders(safe_extract(archive, Path(tmp) / "unpacked"))
+            return self.import_adapters(path, [str(f) for f in folders], force=force)
+
+    def export(self, path: str, expert: str | None = None) -> str:
+        from lorlib_ui.core.archives import zip_folder
+
+        library = Library.open(path)
+        folder = library.path / library.expert(expert).path if expert else library.path
+        name = f"{expert or library.path.name}.zip"
+        return str(zip_folder(folder, Path(tempfile.mkdtemp(dir=self._tmp)) / name))
+
+    # ---- jobs ------------------------------------------------------------------------------------
+    def submit(self, job: JobRequest) -> str:
+        if job.kind in ("cluster", "evaluate"):  # they need an existing library; build may create one
+            Library.open(job.library)
+        return self._jobs.submit(job)
+
+    def job(self, job_id: str) -> JobStatus:
+        return self._jobs.status(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        self._jobs.cancel(job_id)
