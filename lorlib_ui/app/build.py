@@ -55,7 +55,8 @@ def build_tab(tasks_by_family: dict[str, list[str]]) -> BuildTab:
             build_btn = gr.Button("Build", variant="primary")
             cancel_btn = gr.Button("Cancel")
         status = gr.Markdown()
-    return BuildTab(families, tasks, data_file, steps, rank, shared, targets, build_btn, cancel_btn, status, gr.State())
+        job = gr.State()  # inside the tab: a Tabs block holds only tabs
+    return BuildTab(families, tasks, data_file, steps, rank, shared, targets, build_btn, cancel_btn, status, job)
 
 
 def opened(tab: BuildTab, info: LibraryInfo) -> dict:

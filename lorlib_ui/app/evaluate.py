@@ -44,7 +44,8 @@ def build_tab(comparisons: list[str]) -> EvaluateTab:
         status = gr.Markdown()
         plot = gr.Plot(show_label=False)
         table = gr.Dataframe(interactive=False, label="Results")
-    return EvaluateTab(routers, limit, evaluate_btn, cancel_btn, status, plot, table, gr.State())
+        job = gr.State()  # inside the tab: a Tabs block holds only tabs
+    return EvaluateTab(routers, limit, evaluate_btn, cancel_btn, status, plot, table, job)
 
 
 def evaluation_frame(evaluation: dict | None) -> pd.DataFrame:

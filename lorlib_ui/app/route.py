@@ -76,6 +76,7 @@ def build_tab() -> RouteTab:
         with gr.Row():
             compare_plot_a = gr.Plot(show_label=False)
             compare_plot_b = gr.Plot(show_label=False)
+        record = gr.State(None)  # inside the tab: a Tabs block holds only tabs
     return RouteTab(
         prompt,
         example_pick,
@@ -96,7 +97,7 @@ def build_tab() -> RouteTab:
         compare_b,
         compare_plot_a,
         compare_plot_b,
-        gr.State(None),
+        record,
     )
 
 

@@ -92,8 +92,9 @@ def make_router(
 
 
 def menu(experts: list[str], groups: dict[str, list[str]]) -> list[str]:
-    """The router specs to offer for a library: each router, limited to each group of two or more
-    experts where it can be, then each expert alone."""
+    """The router specs to offer for a library: each router (even where the library is empty: the
+    refusal then says what it lacks), limited to each group of two or more experts where it can
+    be, then each expert alone."""
     kinds = [kind for kind, members in groups.items() if len(members) > 1]
     specs: list[str] = []
     for cls in _ordered():
@@ -101,8 +102,6 @@ def menu(experts: list[str], groups: dict[str, list[str]]) -> list[str]:
             continue
         if cls.argument:
             specs += [f"{cls.name}:{name}" for name in experts]
-            continue
-        if cls.applies_experts and not experts:
             continue
         specs.append(cls.name)
         if cls.groupable:
