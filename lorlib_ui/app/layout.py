@@ -86,6 +86,13 @@ def import_and_reopen(worker: Worker, page: Page, folder: str, archive: str | No
 def build_app(worker: Worker, library_path: str, tasks_by_family: dict[str, list[str]] | None = None) -> gr.Blocks:
     """The explorer over `worker`, opening `library_path` first; `tasks_by_family` fills the Build
     tab's pickers (the embedded data's families and tasks)."""
+    return build_page(worker, library_path, tasks_by_family)[0]
+
+
+def build_page(
+    worker: Worker, library_path: str, tasks_by_family: dict[str, list[str]] | None = None
+) -> tuple[gr.Blocks, Page]:
+    """`build_app`, and the page's components (for tests of the handlers)."""
     try:
         comparisons = worker.library(library_path).comparisons
     except LorlibError:  # the page opens anyway and shows why when it loads the library
@@ -113,7 +120,7 @@ def build_app(worker: Worker, library_path: str, tasks_by_family: dict[str, list
         gr.Button("health", visible=False).click(
             lambda: worker.health(), None, gr.JSON(visible=False), api_name="health"
         )
-    return app
+    return app, page
 
 
 def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:

@@ -98,14 +98,14 @@ def weight_matrix(library: Library, experts: list[Expert]) -> np.ndarray:
     return matrix
 
 
-def embed_library(library: Library, keep_quantile: float = 0.5, seed: int = 0):
+def embed_library(library: Library, keep_quantile: float = 0.5):
     """The MBC embedding of the library's task experts (private and imported)."""
     experts = task_experts(library)
-    return experts, embed([e.name for e in experts], weight_matrix(library, experts), keep_quantile, seed)
+    return experts, embed([e.name for e in experts], weight_matrix(library, experts), keep_quantile)
 
 
 def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: float = 0.5) -> Clustering:
-    experts, embedding = embed_library(library, keep_quantile, seed)
+    experts, embedding = embed_library(library, keep_quantile)
     raw = mbc_cluster(embedding, k, seed)
     order = {label: i for i, label in enumerate(dict.fromkeys(raw.tolist()))}  # number by first appearance
     labels = [order[label] for label in raw.tolist()]

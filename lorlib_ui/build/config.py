@@ -60,5 +60,6 @@ class TrainConfig:
             try:
                 values[name] = kinds[name](value)
             except (TypeError, ValueError):
-                raise LorlibError(f"{name.replace('_', ' ')} must be a {kinds[name].__name__}, got {value!r}") from None
+                kind = {int: "an integer", float: "a number", bool: "true or false", tuple: "a list of names"}
+                raise LorlibError(f"{name.replace('_', ' ')} must be {kind[kinds[name]]}, got {value!r}") from None
         return cls(**values)

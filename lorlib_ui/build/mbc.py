@@ -71,12 +71,12 @@ def svd_coordinates(matrix: np.ndarray, dims: int) -> np.ndarray:
     return u[:, :dims] * sigma[:dims]
 
 
-def embed(names: list[str], vectors, keep_quantile: float = 0.5, seed: int = 0) -> Embedding:
+def embed(names: list[str], vectors, keep_quantile: float = 0.5) -> Embedding:
     """Sparsified, SVD-reduced, unit-norm expert vectors and their cosine similarities.
 
     `vectors`: one flattened expert per row. A float32 array is sparsified in place (no copy of
-    what can be a GB); anything else is copied first. (`seed` is kept for the interface: the SVD
-    here is exact, so nothing in it is random.)"""
+    what can be a GB); anything else is copied first. The SVD is exact, so nothing here is random:
+    the seed of MBC is k-means' (`mbc_cluster`)."""
     from sklearn.preprocessing import normalize
 
     if len(names) < 2:

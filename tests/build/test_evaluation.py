@@ -42,8 +42,7 @@ def test_evaluate_compares_routers_on_held_out_tasks(built, capsys):
     assert routers == ["base", "uniform", "arrow", "arrow-cluster", "shared", "oracle"]
     held = library.extra["held_out"]["tasks"]
     for row in record["summary"]:
-        assert row["tasks"] == 2 and 0 <= row["exact_match"] <= 1 and row["loglik"] < 0
-        assert row["mc_tasks"] == 1 and 0 <= row["mc_accuracy"] <= 1  # only the 'pick' family has options
+        assert row["tasks"] == 2 and row["mc_tasks"] == 1  # only the 'pick' family has options
     assert {s["task"] for s in record["scores"]} == set(held)
     oracle = [s for s in record["scores"] if s["router"] == "oracle"]
     assert all(s["expert"].startswith("expert:cluster") for s in oracle)
@@ -78,3 +77,23 @@ def test_batched_generation_equals_one_at_a_time(tiny_routed):
     batched = generate_batch(tiny_routed, [encode_prompt(tok, p) for p in prompts], router, 6, batch_size=4)
     alone = [generate(tiny_routed, p, router, max_new_tokens=6, record=False).text for p in prompts]
     assert batched == alone and any(alone)
+
+
+def test_a_router_known_right_scores_above_ones_known_wrong(tmp_path, tiny_base):
+    """Two tasks with fixed answers ('fox' and 'dog'): the expert trained on a task beats, on that
+    task's test rows, the other task's expert and the base model. Evaluation ranks routers by
+    what they know."""
+    from lorlib_ui.build.building import build_library
+    from lorlib_ui.build.config import TrainConfig
+    from lorlib_ui.build.evaluation import evaluate_library
+
+    rows = [{"task": t, "input": f"say a word {i}", "output": t} for t in ("fox", "dog") for i in range(30)]
+    data = tmp_path / "fixed.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = TrainConfig(steps=60, batch_size=4, learning_rate=3e-2, rank=8)
+    build_library(tmp_path / "lib", str(data), config=config, shared=False, base_model=str(tiny_base))
+    record, _ = evaluate_library(str(tmp_path / "lib"), tasks=["fox"], routers=["expert:fox", "expert:dog", "base"])
+    by = {row["router"]: row for row in record["summary"]}
+    right, wrong, base = by["expert:fox"], by["expert:dog"], by["base"]
+    assert right["loglik"] > max(wrong["loglik"], base["loglik"]) + 0.5, by
+    assert right["exact_match"] == 1.0 and wrong["exact_match"] == base["exact_match"] == 0.0, by

@@ -188,7 +188,7 @@ def test_a_restarted_app_reattaches_to_the_running_worker(tiny_library):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
     head = subprocess.Popen([sys.executable, "-c", HEAD], cwd=root, **pipes)
     try:

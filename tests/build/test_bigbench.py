@@ -16,7 +16,7 @@ from lorlib_ui.build.bigbench import Example, balance_labels, build, fetch_tarba
 from lorlib_ui.build.data import SPLITS, load_tasks
 from lorlib_ui.core.errors import LorlibError
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 CANARY = "TOY DATA ONLY. canary GUID 00000000-0000-0000-0000-000000000000"
 LICENCE = "Apache License\nVersion 2.0, January 2004\n"
 

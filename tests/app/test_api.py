@@ -9,9 +9,8 @@ import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
+import gradio_client  # noqa: E402
 from conftest import library_snapshot  # noqa: E402
-
-gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
 
 ENDPOINTS = {

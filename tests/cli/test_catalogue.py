@@ -12,16 +12,15 @@ import re
 import shutil
 import zipfile
 
+import gradio_client  # noqa: E402
 import pytest
 import torch
 from conftest import TRAIN, build_library, free_port, library_snapshot, run
+from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors.torch import load_file, save_file
 
 from lorlib_ui.core.adapters import CONFIG_FILE, WEIGHTS_FILE
 from lorlib_ui.core.errors import LorlibError
-
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client.exceptions import AppError  # noqa: E402
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 

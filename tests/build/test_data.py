@@ -1,6 +1,7 @@
 import gzip
 import json
 
+import datasets
 import pandas as pd
 import pytest
 
@@ -121,7 +122,6 @@ def test_single_task_source_needs_a_name(tmp_path):
 
 
 def test_saved_dataset_folders(tmp_path):
-    datasets = pytest.importorskip("datasets")
     flat = {"task_name": ["t", "t"], "source": ["a", "b"], "target": ["1", "2"], "split": ["train", "test"]}
     datasets.Dataset.from_dict(flat).save_to_disk(str(tmp_path / "flat"))
     assert load_tasks(tmp_path / "flat").rows("t", "test") == [{"input": "b", "output": "2", "options": None}]
@@ -135,7 +135,6 @@ def test_saved_dataset_folders(tmp_path):
 
 
 def test_hub_ids_go_through_load_dataset(monkeypatch):
-    datasets = pytest.importorskip("datasets")
     calls = []
 
     def fake_load_dataset(name, subset):

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from conftest import build_tiny_llama, library_snapshot, make_adapter
 
 from lorlib_ui.cli.main import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(capsys, *argv):
@@ -92,6 +93,8 @@ def test_score_json(cli_library, capsys):
         (["route", "{lib}", "--prompt", "hi", "--top-k", "5"], "top-k must be between 1 and the number of experts"),
         (["route", "{lib}", "--prompt", "hi", "--temperature", "0"], "temperature must be positive"),
         (["route", "{lib}", "--prompt", "hi", "--max-new-tokens", "0"], "max new tokens must be between"),
+        (["route", "{lib}", "--prompt", "hi", "--max-new-tokens", "513"], "between 1 and 512, got 513"),
+        (["route", "{lib}", "--prompt", "hi", "--router", "oracle"], "picks its expert per evaluated task"),
         (["route", "{lib}", "--prompt", "hi", "--base-model", "{wide}"], "does not fit library"),
         (["route", "{lib}", "--prompt", "hi", "--top-k", "two"], "invalid int value"),
         (["score", "{lib}", "--text", " "], "--text is empty"),
@@ -209,3 +212,26 @@ def test_app_on_the_ray_backend_without_ray_says_how_to_install_it(capsys, monke
     explorer = explorer_module()
     assert explorer.main(["--backend", "ray"]) == 1
     assert capsys.readouterr().err.strip() == "error: the Ray backend needs ray: pip install -r requirements-ray.txt"
+
+
+def test_a_reader_that_leaves_early_gets_no_error(cli_library):
+    """`info | head`: when the reader closes the pipe, the command stops quietly."""
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads: every write fails with EPIPE
+    done = subprocess.run(
+        [sys.executable, "-m", "lorlib_ui", "info", str(cli_library)], stdout=writer, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    os.close(writer)
+    assert done.stderr == b"" and done.returncode == 141
+
+
+def test_the_lorlib_command_is_python_m_lorlib_ui(cli_library):
+    """`pip install -e .` (requirements-test.txt) installs the `lorlib` console script."""
+    lorlib = shutil.which("lorlib")
+    assert lorlib, "the lorlib command is not installed: pip install -e ."
+    ours = subprocess.run([lorlib, "info", str(cli_library), "--json"], capture_output=True, text=True, cwd=ROOT)
+    module = subprocess.run(
+        [sys.executable, "-m", "lorlib_ui", "info", str(cli_library), "--json"], capture_output=True, text=True
+    )
+    assert ours.returncode == module.returncode == 0 and ours.stdout == module.stdout
+    assert json.loads(ours.stdout)["experts"]

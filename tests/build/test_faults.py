@@ -19,7 +19,7 @@ from conftest import build_library, library_snapshot, run
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library, import_adapters
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _whole(path) -> list[str]:

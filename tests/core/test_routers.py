@@ -271,3 +271,63 @@ def test_router_groups_are_checked(spec, message):
         make_router(spec, [f"e{i}" for i in range(6)], groups={"g": ["e1", "e2"], "empty": []})
     with pytest.raises(LorlibError, match="top-k must be between 1 and the number of experts \\(2\\)"):
         make_router("arrow@g", [f"e{i}" for i in range(6)], top_k=3, groups={"g": ["e1", "e2"]})
+
+
+# ---- the registry ------------------------------------------------------------------------------
+
+
+def test_menus_help_and_evaluations_read_the_registry(monkeypatch):
+    """A router added to the registry (one class, one entry) appears in the menus, the help text,
+    make_router and the evaluation's comparisons, with nothing else to edit."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from lorlib_ui.core.routers import Router, help_text, menu, presets, registry
+
+    @dataclass(frozen=True)
+    class HalfRouter(Router):
+        name: ClassVar[str] = "half"
+        summary: ClassVar[str] = "every expert at weight 1/2"
+        groupable: ClassVar[bool] = True
+        presets: ClassVar[dict[str, str]] = {"half-private": "half@private"}
+
+        def weights(self, slot):
+            return slot.usable(self.subset)[0].float() / 2
+
+    experts, groups = ["a", "b", "c"], {"private": ["a", "b"], "cluster": ["c"]}
+    assert "half" not in help_text() and "half" not in menu(experts, groups)
+    monkeypatch.setitem(registry.ROUTERS, "half", HalfRouter)
+    assert "half" in help_text() and {"half", "half@private"} <= set(menu(experts, groups))
+    assert presets()["half-private"] == "half@private"
+    router = make_router("half@private", experts, groups=groups)
+    assert isinstance(router, HalfRouter) and router.subset == (0, 1) and router.describe() == "half@private"
+
+
+def test_the_menu_offers_each_router_each_group_and_each_expert():
+    from lorlib_ui.core.routers import menu
+
+    specs = menu(["a", "b", "c"], {"private": ["a", "b"], "cluster": ["c"], "shared": []})
+    assert specs[:2] == ["arrow", "arrow@private"]  # dynamic routers first
+    assert {"base", "uniform", "uniform@private", "mean_delta"} <= set(specs)
+    assert specs[-3:] == ["expert:a", "expert:b", "expert:c"]
+    assert "arrow@cluster" not in specs and "oracle" not in specs  # one-expert groups; per-task routers
+
+
+def test_routers_are_immutable():
+    import dataclasses
+
+    router = make_router("arrow", [f"e{i}" for i in range(6)], top_k=2)
+    limited = router.limit("g", (1, 2))
+    assert limited is not router and router.subset is None and router.group is None
+    assert limited.subset == (1, 2) and limited.top_k == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        router.top_k = 3
+
+
+def test_the_oracle_runs_only_where_it_is_resolved_per_task():
+    experts, groups = ["e1", "c1"], {"private": ["e1"], "cluster": ["c1"]}
+    with pytest.raises(LorlibError, match="picks its expert per evaluated task"):
+        make_router("oracle", experts, groups=groups)
+    assert make_router("oracle", experts, groups=groups, per_task=True).per_task
+    with pytest.raises(LorlibError, match="no cluster experts"):
+        make_router("oracle", experts, groups={"private": ["e1"], "cluster": []}, per_task=True)

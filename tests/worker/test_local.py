@@ -100,14 +100,17 @@ def test_refused_import_leaves_library_unchanged(worker, tiny_library, tmp_path)
     assert library_snapshot(tiny_library.path) == before
 
 
+def _until(condition, what: str, timeout: float = 120, poll: float = 0.01):
+    """Wait for `condition()` to be true, failing with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(poll)
+
+
 def _wait(worker, job_id, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = worker.job(job_id)
-        if status.state not in ("queued", "running"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {status.state}")
+    _until(lambda: worker.job(job_id).state not in ("queued", "running"), f"job {job_id} to finish", timeout)
+    return worker.job(job_id)
 
 
 def test_build_cluster_evaluate_jobs(worker, tmp_path, tiny_base, tasks_file):
@@ -116,9 +119,14 @@ def test_build_cluster_evaluate_jobs(worker, tmp_path, tiny_base, tasks_file):
     options |= {"targets": ["q_proj", "v_proj"], "shared_steps": 2, "base_model": str(tiny_base)}
     seen = []
     job_id = worker.submit(JobRequest("build", path, options))
-    while (status := worker.job(job_id)).state in ("queued", "running"):
+
+    def finished() -> bool:
+        status = worker.job(job_id)
         seen.append(status.fraction)
-        time.sleep(0.01)
+        return status.state not in ("queued", "running")
+
+    _until(finished, "the build to finish")
+    status = worker.job(job_id)
     assert status.state == "done", status.message
     assert sorted(status.result["trained"]) == sorted(e["name"] for e in worker.library(path).experts)
     assert all(0 <= f <= 1 for f in seen) and seen == sorted(seen)
@@ -136,9 +144,13 @@ def test_cancelled_build_keeps_finished_experts(worker, tmp_path, tiny_base, tas
     path = str(tmp_path / "lib")
     options = {"data": str(tasks_file), "steps": 200, "batch_size": 2, "rank": 2, "base_model": str(tiny_base)}
     job_id = worker.submit(JobRequest("build", path, options))
-    while not worker.job(job_id).message.startswith("expert 2/7 copy1"):  # 6 private + the shared expert
-        assert worker.job(job_id).state in ("queued", "running")
-        time.sleep(0.01)
+
+    def second_expert() -> bool:  # 6 private + the shared expert
+        status = worker.job(job_id)
+        assert status.state in ("queued", "running"), status.message
+        return status.message.startswith("expert 2/7 copy1")
+
+    _until(second_expert, "the second expert to start training")
     worker.cancel(job_id)
     status = _wait(worker, job_id)
     assert status.state == "cancelled" and "cancelled" in status.message
@@ -150,8 +162,7 @@ def test_routing_is_served_while_a_build_runs(worker, tmp_path, tiny_library, ti
     before the build ends."""
     options = {"data": str(tasks_file), "steps": 400, "batch_size": 2, "rank": 2, "base_model": str(tiny_base)}
     job_id = worker.submit(JobRequest("build", str(tmp_path / "lib"), options))
-    while not worker.job(job_id).message.startswith("expert"):  # training has started
-        time.sleep(0.01)
+    _until(lambda: worker.job(job_id).message.startswith("expert"), "training to start")
     updates = _final(worker.route(RouteRequest(str(tiny_library.path), "the quick brown", "arrow", 2)))
     assert updates[-1].record.tokens
     assert worker.job(job_id).state == "running"
@@ -183,11 +194,66 @@ def test_clusters_view(worker, tiny_library):
 
 def test_warm_up_loads_the_library_in_the_background(worker, tiny_library):
     worker.warm_up(str(tiny_library.path))
-    deadline = time.time() + 60
-    while worker.health()["warming_up"]:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    _until(lambda: not worker.health()["warming_up"], "the warm-up to end", timeout=60)
     assert str(tiny_library.path.resolve()) in worker.health()["libraries_loaded"]
     worker.warm_up("/nonexistent")  # a bad path is reported by the first real request, not here
     with pytest.raises(LorlibError, match="no library"):
         worker.library("/nonexistent")
+
+
+def test_opening_five_libraries_keeps_at_most_two_routed_models(worker, tmp_path, tiny_base, tiny_adapters):
+    """The worker keeps the routed models of the last two libraries routed (LRU); the others are
+    freed, not merely forgotten: no reference to them stays behind."""
+    import gc
+    import weakref
+
+    from conftest import build_library
+
+    from lorlib_ui.core.routed_model import RoutedModel
+
+    assert worker.max_models == 2
+    alive = []
+    built = RoutedModel.__init__
+
+    def tracked(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        alive.append(weakref.ref(self))
+
+    paths = [build_library(tmp_path / f"lib{i}", tiny_base, tiny_adapters[i : i + 2]).path for i in range(5)]
+    RoutedModel.__init__ = tracked
+    try:
+        for path in paths:
+            assert list(worker.route(RouteRequest(str(path), "the quick", max_new_tokens=2)))[-1].done
+    finally:
+        RoutedModel.__init__ = built
+    gc.collect()
+    assert len(alive) == 5 and sum(ref() is not None for ref in alive) == 2
+    assert worker.health()["libraries_loaded"] == [str(p.resolve()) for p in paths[-2:]]
+
+
+def test_the_number_of_models_kept_is_a_setting(monkeypatch):
+    monkeypatch.setenv("LORLIB_MAX_MODELS", "3")
+    assert LocalWorker(device="cpu").max_models == 3
+    assert LocalWorker(device="cpu", max_models=1).max_models == 1
+    monkeypatch.setenv("LORLIB_MAX_MODELS", "many")
+    with pytest.raises(LorlibError, match="LORLIB_MAX_MODELS must be a positive integer"):
+        LocalWorker(device="cpu")
+    with pytest.raises(LorlibError, match="at least one routed model"):
+        LocalWorker(device="cpu", max_models=0)
+
+
+def test_jobs_train_with_the_injected_trainer(tmp_path, tiny_base, tasks_file):
+    """The worker's build jobs use the trainer its factory makes (the Ray backend injects its own)."""
+    from lorlib_ui.build.trainers import LocalTrainer
+
+    made = []
+
+    def factory():
+        made.append(LocalTrainer("cpu"))
+        return made[-1]
+
+    worker = LocalWorker(device="cpu", trainer_factory=factory)
+    options = {"data": str(tasks_file), "tasks": ["copy0"], "steps": 2, "rank": 2, "batch_size": 2}
+    options |= {"shared": False, "base_model": str(tiny_base)}
+    status = _wait(worker, worker.submit(JobRequest("build", str(tmp_path / "lib"), options)))
+    assert status.state == "done" and status.result["trained"] == ["copy0"] and len(made) == 1

@@ -21,7 +21,7 @@ from conftest import free_port, library_snapshot
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _listeners(port: int) -> set[str]:
