@@ -28,7 +28,7 @@ import numpy as np
 
 from lorlib_ui.build.trainers import LocalTrainer, Trainer
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.library import Library
+from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import check_max_new_tokens
 from lorlib_ui.worker.api import ClusterView, JobRequest, JobStatus, LibraryInfo, RouteRequest, RouteUpdate, Worker
 from lorlib_ui.worker.jobs import JobBoard
@@ -121,7 +121,7 @@ class LocalWorker(Worker):
         assignment = (library.clusters or {}).get("assignment", {})
         experts = [{**e, "cluster": assignment.get(e["name"])} for e in library.manifest()["experts"]]
         short = [m.rsplit(".", 1)[-1] for m in library.base_shapes]
-        task = [e for e in library.experts if e.kind in ("private", "imported")] or library.experts
+        task = [e for e in library.experts if e.kind in TASK_KINDS] or library.experts
         targets = Counter(tuple(e.target_modules) for e in task).most_common(1)[0][0] if task else TrainConfig.targets
         rank = Counter(e.rank for e in task).most_common(1)[0][0] if task else TrainConfig.rank
         return LibraryInfo(
