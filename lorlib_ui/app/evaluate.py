@@ -32,8 +32,7 @@ class EvaluateTab:
 
 
 def build_tab(comparisons: list[str]) -> EvaluateTab:
-    """`comparisons`: what the worker can compare (the choices API calls are checked against; a
-    library that opens later sets its own)."""
+    """`comparisons`: what the worker can compare, all ticked (API calls are checked against them)."""
     with gr.Tab("Evaluate", id="evaluate"):
         gr.Markdown(HELP)
         routers = gr.CheckboxGroup(comparisons, value=comparisons, label="Routers")
@@ -64,11 +63,11 @@ def evaluation_frame(evaluation: dict | None) -> pd.DataFrame:
 
 
 def opened(tab: EvaluateTab, info: LibraryInfo) -> dict:
-    """The library's last evaluation, and the comparisons it can run (all ticked)."""
+    """The library's last evaluation. (The comparisons on offer are the worker's, the same for
+    every library, and the user's ticks stay as they are.)"""
     return {
         tab.table: evaluation_frame(info.evaluation),
         tab.plot: figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
-        tab.routers: gr.CheckboxGroup(choices=info.comparisons, value=info.comparisons),
     }
 
 

@@ -18,7 +18,6 @@ import gradio as gr
 
 from lorlib_ui.app import build, clusters, evaluate, library, route
 from lorlib_ui.app.events import shows_errors
-from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.worker.api import Worker
 
 CONCURRENCY = 8  # events of one kind served at once; model work still queues at the worker's lock
@@ -57,7 +56,6 @@ class Page:
             self.route.top_k,
             self.build.targets,
             self.build.rank,
-            self.evaluate.routers,
         ]
 
 
@@ -93,10 +91,6 @@ def build_page(
     worker: Worker, library_path: str, tasks_by_family: dict[str, list[str]] | None = None
 ) -> tuple[gr.Blocks, Page]:
     """`build_app`, and the page's components (for tests of the handlers)."""
-    try:
-        comparisons = worker.library(library_path).comparisons
-    except LorlibError:  # the page opens anyway and shows why when it loads the library
-        comparisons = []
     with gr.Blocks(title="lorlib: LoRA library explorer") as app:
         gr.Markdown(f"# lorlib: LoRA library explorer\n{INTRO}")
         path = gr.State(library_path)
@@ -114,7 +108,7 @@ def build_page(
                 clusters.build_tab(),
                 route.build_tab(),
                 build.build_tab(tasks_by_family or {}),
-                evaluate.build_tab(comparisons),
+                evaluate.build_tab(worker.comparisons()),
             )
         _wire(page, worker, app)
         gr.Button("health", visible=False).click(

@@ -401,7 +401,7 @@ https://github.com/google/BIG-bench). They come from the `task.json` files in th
 distribution `{SDIST}` on PyPI. BIG-bench is released under the Apache License 2.0;
 {licence}
 
-The examples were not written by us. `lorlib_ui/bigbench.py` sampled and reformatted them: it
+The examples were not written by us. `lorlib_ui/build/bigbench.py` sampled and reformatted them: it
 kept the tasks and families listed in `bigbench_selection.json`; turned each example into one
 input and one output (the first accepted target, or the best-scored option for multiple-choice
 examples, whose options are kept); shortened each task's instruction; dropped empty, repeated

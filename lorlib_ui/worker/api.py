@@ -33,7 +33,6 @@ class LibraryInfo:
     evaluation: dict | None
     history: list[dict]
     routers: list[str] = field(default_factory=list)  # router specs to offer, from the router registry
-    comparisons: list[str] = field(default_factory=list)  # what `evaluate` can compare, by name
 
 
 @dataclass
@@ -108,6 +107,10 @@ class Worker(ABC):
 
     @abstractmethod
     def library(self, path: str) -> LibraryInfo: ...
+
+    @abstractmethod
+    def comparisons(self) -> list[str]:
+        """The routers an evaluation can compare, by name (the router registry's presets)."""
 
     @abstractmethod
     def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:

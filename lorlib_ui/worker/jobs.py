@@ -32,9 +32,8 @@ class JobContext:
     def __init__(self, board: JobBoard, job_id: str, new_trainer: Callable[[], Trainer]):
         self._board, self._id, self.new_trainer = board, job_id, new_trainer
 
-    def update(self, fraction: float | None = None, message: str | None = None) -> None:
-        changes = {"fraction": round(fraction, 4)} if fraction is not None else {}
-        self._board._set(self._id, **changes, **({"message": message} if message is not None else {}))
+    def update(self, fraction: float, message: str) -> None:
+        self._board._set(self._id, fraction=round(fraction, 4), message=message)
 
     def cancelled(self) -> bool:
         return self._board._is_cancelled(self._id)
@@ -89,10 +88,8 @@ class JobBoard:
             return job_id in self._cancelled
 
     def _finish(self, job_id: str, **changes) -> None:
+        self._set(job_id, **changes)
         with self._lock:
-            status = self._jobs[job_id]
-            for name, value in changes.items():
-                setattr(status, name, value)
             self._cancelled.discard(job_id)
             self._finished.append(job_id)
             while len(self._finished) > self._keep:

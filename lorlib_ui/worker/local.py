@@ -115,7 +115,7 @@ class LocalWorker(Worker):
 
     def library(self, path: str) -> LibraryInfo:
         from lorlib_ui.build.config import TrainConfig
-        from lorlib_ui.core.routers import menu, presets
+        from lorlib_ui.core.routers import menu
 
         library = Library.open(path)
         assignment = (library.clusters or {}).get("assignment", {})
@@ -136,8 +136,12 @@ class LocalWorker(Worker):
             evaluation=library.extra.get("evaluation"),
             history=list(library.extra.get("history", [])),
             routers=menu(library.names, library.groups()),
-            comparisons=list(presets()),
         )
+
+    def comparisons(self) -> list[str]:
+        from lorlib_ui.core.routers import presets
+
+        return list(presets())
 
     def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
         from lorlib_ui.build.data import load_tasks

@@ -114,7 +114,8 @@ class _WorkerActor:
     """Runs on the cluster: the worker `serve` makes (an in-process worker whose jobs train with
     `RayTrainer`), called by name, with files in and out as bytes."""
 
-    CALLS = {"health", "warm_up", "library", "examples", "clusters", "import_adapters", "submit", "job", "cancel"}
+    CALLS = {"health", "warm_up", "library", "comparisons", "examples", "clusters", "import_adapters"}
+    CALLS |= {"submit", "job", "cancel"}
 
     def __init__(self, serve: Callable[[], Worker]):
         self.worker = serve()
@@ -188,6 +189,9 @@ class RayWorker(Worker):
 
     def library(self, path: str) -> LibraryInfo:
         return self._call("library", path)
+
+    def comparisons(self) -> list[str]:
+        return self._call("comparisons")
 
     def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
         return self._call("examples", path, per_task)

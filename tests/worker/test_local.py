@@ -201,7 +201,9 @@ def test_warm_up_loads_the_library_in_the_background(worker, tiny_library):
         worker.library("/nonexistent")
 
 
-def test_opening_five_libraries_keeps_at_most_two_routed_models(worker, tmp_path, tiny_base, tiny_adapters):
+def test_opening_five_libraries_keeps_at_most_two_routed_models(
+    worker, tmp_path, tiny_base, tiny_adapters, monkeypatch
+):
     """The worker keeps the routed models of the last two libraries routed (LRU); the others are
     freed, not merely forgotten: no reference to them stays behind."""
     import gc
@@ -220,12 +222,9 @@ def test_opening_five_libraries_keeps_at_most_two_routed_models(worker, tmp_path
         alive.append(weakref.ref(self))
 
     paths = [build_library(tmp_path / f"lib{i}", tiny_base, tiny_adapters[i : i + 2]).path for i in range(5)]
-    RoutedModel.__init__ = tracked
-    try:
-        for path in paths:
-            assert list(worker.route(RouteRequest(str(path), "the quick", max_new_tokens=2)))[-1].done
-    finally:
-        RoutedModel.__init__ = built
+    monkeypatch.setattr(RoutedModel, "__init__", tracked)
+    for path in paths:
+        assert list(worker.route(RouteRequest(str(path), "the quick", max_new_tokens=2)))[-1].done
     gc.collect()
     assert len(alive) == 5 and sum(ref() is not None for ref in alive) == 2
     assert worker.health()["libraries_loaded"] == [str(p.resolve()) for p in paths[-2:]]
