@@ -40,7 +40,7 @@ def build_tab() -> ClustersTab:
         ari = gr.Markdown()
         scatter = gr.Plot(label="UMAP of experts", show_label=False)
         with gr.Row():
-            similarity = gr.Plot(label="Similarity", show_label=False)
+            similarity = gr.Plot(label="Similarity", show_label=False, elem_id="cluster-similarity")
             silhouette = gr.Plot(label="Silhouette", show_label=False)
     return ClustersTab(k, colour, ari, scatter, similarity, silhouette)
 

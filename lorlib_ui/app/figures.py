@@ -1,11 +1,14 @@
 """Figures of the explorer, built by pure functions from plain data (no model, no torch).
 
-Routing figures take a `RoutingRecord`; cluster figures a `ClusterView`; the evaluation chart the
-summary rows that `evaluate` stores. Each returns a plotly figure (or, for the coloured text,
-the (token, label) pairs that Gradio's HighlightedText shows), so they are tested without a UI.
+Routing figures take a `RoutingRecord` and the experts to show (`shown_experts`: those the
+router could use); cluster figures a `ClusterView`; the evaluation chart the summary rows that
+`evaluate` stores. Each returns a plotly figure (or, for the coloured text, the (token, label)
+pairs that Gradio's HighlightedText shows), so they are tested without a UI.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import numpy as np
 import plotly.graph_objects as go
@@ -36,6 +39,7 @@ PALETTE = [
     "#17becf",
 ]
 LAYOUT = {"margin": {"l": 10, "r": 10, "t": 40, "b": 10}, "template": "plotly_white"}
+CHOSEN, OTHER = "#f58518", "#bab0ac"  # the bars of the experts a token was routed to, and the rest
 
 
 def short_module(name: str) -> str:
@@ -49,17 +53,35 @@ def colour_of(names: list[str]) -> dict[str, str]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
-def layer_heatmap(record: RoutingRecord) -> go.Figure:
+def shown_experts(record: RoutingRecord, members: Collection[str] | None = None) -> list[str]:
+    """The experts a figure of `record` shows: those the router could use. An expert is shown if it
+    got weight somewhere or the router scored it somewhere (a finite logit), and, where the router
+    was limited to a group (`members`, e.g. the private experts of `arrow@private`), if it is in
+    the group: Arrow scores every expert, in the group or not. Where none qualifies (the base
+    router uses no expert), the group, or else every expert, so that a figure is never empty."""
+    used = (record.weights != 0).any(axis=(0, 1)) | np.isfinite(record.logits).any(axis=(0, 1))
+    allowed = [members is None or name in members for name in record.experts]
+    shown = [name for name, u, a in zip(record.experts, used, allowed) if u and a]
+    return shown or [name for name, a in zip(record.experts, allowed) if a] or list(record.experts)
+
+
+def _columns(record: RoutingRecord, shown: list[str] | None) -> tuple[list[str], list[int]]:
+    names = shown_experts(record) if shown is None else shown
+    return names, [record.experts.index(name) for name in names]
+
+
+def layer_heatmap(record: RoutingRecord, shown: list[str] | None = None) -> go.Figure:
     """Layers x experts: each expert's mean routing weight over all tokens at each LoRA'd layer."""
-    z = record.layer_expert_weights()
+    names, columns = _columns(record, shown)
+    z = record.layer_expert_weights()[:, columns]
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=record.experts,
+            x=names,
             y=[short_module(m) for m in record.modules],
             colorscale="Blues",
             zmin=0,
-            zmax=max(float(z.max()), 1e-9),
+            zmax=max(float(z.max(initial=0.0)), 1e-9),
             hovertemplate="%{y}<br>%{x}<br>mean weight %{z:.3f}<extra></extra>",
             colorbar={"title": "weight"},
         )
@@ -69,14 +91,46 @@ def layer_heatmap(record: RoutingRecord) -> go.Figure:
     return fig
 
 
-def token_heatmap(record: RoutingRecord, module: str) -> go.Figure:
-    """Tokens x experts at one layer: each token's routing weights."""
-    m = record.modules.index(module)
-    labels = [f"{i}: {t!r}" for i, t in enumerate(record.tokens)]
+def difference_heatmap(a: RoutingRecord, b: RoutingRecord, shown: list[str] | None = None) -> go.Figure:
+    """Layers x experts: router A's mean weight minus router B's, on a diverging scale centred on 0
+    (red: A gives the expert more weight; blue: B does), over the experts either router shows."""
+    if a.modules != b.modules or a.experts != b.experts:
+        raise ValueError("the two records are not over the same layers and experts")
+    if shown is None:
+        either = set(shown_experts(a)) | set(shown_experts(b))
+        shown = [name for name in a.experts if name in either]
+    names, columns = _columns(a, shown)
+    z = (a.layer_expert_weights() - b.layer_expert_weights())[:, columns]
+    reach = max(float(np.abs(z).max(initial=0.0)), 1e-9)
     fig = go.Figure(
         go.Heatmap(
-            z=record.weights[m],
-            x=record.experts,
+            z=z,
+            x=names,
+            y=[short_module(m) for m in a.modules],
+            colorscale="RdBu_r",
+            zmid=0,
+            zmin=-reach,
+            zmax=reach,
+            hovertemplate="%{y}<br>%{x}<br>A − B %{z:+.3f}<extra></extra>",
+            colorbar={"title": "A − B"},
+        )
+    )
+    fig.update_layout(
+        title=f"Mean weight, A − B: {a.router} minus {b.router}", height=max(320, 14 * len(a.modules)), **LAYOUT
+    )
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def token_heatmap(record: RoutingRecord, module: str, shown: list[str] | None = None) -> go.Figure:
+    """Tokens x experts at one layer: each token's routing weights."""
+    m = record.modules.index(module)
+    names, columns = _columns(record, shown)
+    labels = token_labels(record)
+    fig = go.Figure(
+        go.Heatmap(
+            z=record.weights[m][:, columns],
+            x=names,
             y=labels,
             colorscale="Blues",
             zmin=0,
@@ -87,6 +141,49 @@ def token_heatmap(record: RoutingRecord, module: str) -> go.Figure:
     )
     fig.update_layout(title=f"Tokens at {short_module(module)}", height=max(320, 16 * len(labels)), **LAYOUT)
     fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def token_labels(record: RoutingRecord) -> list[str]:
+    """'3: ' cat'': each routed token with its position, as the heatmap rows and token menu name it."""
+    return [f"{i}: {t!r}" for i, t in enumerate(record.tokens)]
+
+
+def expert_logits(record: RoutingRecord, module: str, token: int, shown: list[str] | None = None) -> go.Figure:
+    """Why these experts: every shown expert's routing logit for one token at one layer (for Arrow,
+    |h·v_e|), tallest first, with the experts the token was routed to in their own colour and
+    labelled with their weights. A router that scores nothing (a static merge: logits all NaN) is
+    drawn by its weights instead, and the title says so."""
+    m = record.modules.index(module)
+    names, columns = _columns(record, shown)
+    logits, weights = record.logits[m, token, columns], record.weights[m, token, columns]
+    scored = bool(np.isfinite(logits).any())
+    values = logits if scored else weights
+    order = sorted(range(len(names)), key=lambda i: -values[i] if np.isfinite(values[i]) else np.inf)
+    chosen = [i for i in order if weights[i] > 0]
+    others = [i for i in order if weights[i] <= 0]
+    fig = go.Figure()
+    for idx, label, colour in ((others, "not chosen", OTHER), (chosen, f"chosen ({len(chosen)})", CHOSEN)):
+        fig.add_trace(
+            go.Bar(
+                x=[names[i] for i in idx],
+                y=values[idx],
+                name=label,
+                marker_color=colour,
+                text=[f"w {weights[i]:.2f}" if weights[i] > 0 else "" for i in idx],
+                textposition="outside",
+                customdata=weights[idx],
+                hovertemplate="%{x}<br>%{y:.3f}<br>weight %{customdata:.3f}<extra></extra>",
+            )
+        )
+    where = f"token {token_labels(record)[token]} at {short_module(module)}"
+    if scored:
+        title = f"Routing logits of {where}"
+    else:
+        title = f"{record.router} computes no routing logits: its weights for {where}"
+    fig.update_layout(title=title, barmode="overlay", height=360, **LAYOUT)
+    fig.update_xaxes(categoryorder="array", categoryarray=[names[i] for i in order])
+    fig.update_yaxes(title="routing logit (Arrow: |h·v|)" if scored else "weight")
     return fig
 
 
@@ -127,20 +224,30 @@ def cluster_scatter(view: ClusterView, colour_by: str = "cluster") -> go.Figure:
 
 
 def similarity_heatmap(view: ClusterView) -> go.Figure:
-    """Cosine similarity between the clustered experts, ordered by cluster."""
+    """Cosine similarity between the clustered experts, ordered by cluster. The colours span the
+    off-diagonal cells' range: the diagonal (each expert with itself, 1) is left blank, as it would
+    otherwise stretch the scale and leave every other cell the same colour."""
+    z = np.array(view.similarity, dtype=float)
+    np.fill_diagonal(z, np.nan)
+    off = z[np.isfinite(z)]
+    low, high = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
     fig = go.Figure(
         go.Heatmap(
-            z=view.similarity,
+            z=z,
             x=view.clustered,
             y=view.clustered,
-            colorscale="RdBu",
-            zmid=0,
+            colorscale="Viridis",
+            zmin=low,
+            zmax=max(high, low + 1e-9),
             hovertemplate="%{x}<br>%{y}<br>cosine %{z:.3f}<extra></extra>",
+            colorbar={"title": "cosine"},
         )
     )
     n, labelled = len(view.clustered), len(view.clustered) <= 40  # a name per row while they fit
     fig.update_layout(
-        title="Expert similarity, ordered by cluster", height=max(520, 300 + 16 * n) if labelled else 520, **LAYOUT
+        title=f"Expert similarity, ordered by cluster (cosine {low:.2f} to {high:.2f} off the diagonal)",
+        height=max(520, 300 + 16 * n) if labelled else 520,
+        **LAYOUT,
     )
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(showticklabels=labelled, dtick=1)

@@ -1,5 +1,10 @@
 """The Route tab: a streamed answer under a router, its routing per layer, each token coloured by
-its top expert at a chosen layer, and two routers side by side."""
+its top expert at a chosen layer, why one token went to its experts (every expert's routing logit,
+for Arrow |h·v_e|, Ostapenko et al., 2024, Sec. 4.2), and two routers side by side.
+
+The figures show only the experts the router could use: a router limited to a group of the library
+(`arrow@private`) gives the others no weight, but Arrow still scores them, so the group is read
+from the router spec and the library's expert kinds (`group_members`)."""
 
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from lorlib_ui.worker.api import MAX_NEW_TOKENS, LibraryInfo, RouteRequest, Work
 HELP = (
     "Type a prompt and pick a router. The heatmap shows, for every adapted layer, how much weight "
     "each expert got on average over the tokens; below, pick one layer to see each token's weights and the "
-    "text coloured by each token's top expert."
+    "text coloured by each token's top expert, and one token to see why it went to its experts: every "
+    "expert's routing score there, the chosen ones highlighted with their weights."
 )
 DEFAULT_ROUTER = "arrow@private"  # Arrow over the task experts, when the library has them
 
@@ -34,18 +40,27 @@ class RouteTab:
     compare_btn: gr.Button
     answer: gr.Textbox
     timing: gr.Markdown
+    layer_box: gr.Column  # the boxes are hidden until a route (or a comparison) fills them
     layer_plot: gr.Plot
+    detail_box: gr.Column
     module_pick: gr.Dropdown
+    token_pick: gr.Dropdown
     coloured: gr.HighlightedText
     token_plot: gr.Plot
+    logits_plot: gr.Plot
+    compare_box: gr.Column
     compare_a: gr.Textbox
     compare_b: gr.Textbox
     compare_plot_a: gr.Plot
     compare_plot_b: gr.Plot
+    compare_diff: gr.Plot
     record: gr.State
+    shown: gr.State  # the names of the experts the record's router could use
 
 
 def build_tab() -> RouteTab:
+    # The plots sit in boxes that stay hidden until a route fills them (an empty frame explains
+    # nothing); the boxes, not the plots, are shown, so that API clients get plain figures.
     with gr.Tab("Route", id="route"):
         gr.Markdown(HELP)
         with gr.Row():
@@ -64,40 +79,54 @@ def build_tab() -> RouteTab:
                     compare_btn = gr.Button("Compare two routers")
                 answer = gr.Textbox(label="Generated text", lines=4, interactive=False)
                 timing = gr.Markdown()
-            with gr.Column(scale=3):
-                layer_plot = gr.Plot(label="Routing per layer", show_label=False)
-        with gr.Row():
-            module_pick = gr.Dropdown([], label="Layer", allow_custom_value=False)
-        coloured = gr.HighlightedText(label="Tokens coloured by their top expert at this layer", show_legend=True)
-        token_plot = gr.Plot(label="Tokens x experts", show_label=False)
-        with gr.Row():
-            compare_a = gr.Textbox(label="Router A", lines=4, interactive=False)
-            compare_b = gr.Textbox(label="Router B", lines=4, interactive=False)
-        with gr.Row():
-            compare_plot_a = gr.Plot(show_label=False)
-            compare_plot_b = gr.Plot(show_label=False)
+            with gr.Column(scale=3, visible=False) as layer_box:
+                layer_plot = gr.Plot(show_label=False, elem_id="route-layer-plot")
+        with gr.Column(visible=False) as detail_box:
+            with gr.Row():
+                module_pick = gr.Dropdown([], label="Layer", allow_custom_value=False)
+                token_pick = gr.Dropdown([], label="Token (why these experts)", allow_custom_value=False)
+            coloured = gr.HighlightedText(label="Tokens coloured by their top expert at this layer", show_legend=True)
+            with gr.Row():
+                token_plot = gr.Plot(show_label=False, elem_id="route-token-plot")
+                logits_plot = gr.Plot(show_label=False, elem_id="route-logits-plot")
+        with gr.Column(visible=False) as compare_box:
+            with gr.Row():
+                compare_a = gr.Textbox(label="Router A", lines=4, interactive=False)
+                compare_b = gr.Textbox(label="Router B", lines=4, interactive=False)
+            with gr.Row():
+                compare_plot_a = gr.Plot(show_label=False, elem_id="route-compare-a")
+                compare_plot_b = gr.Plot(show_label=False, elem_id="route-compare-b")
+            compare_diff = gr.Plot(show_label=False, elem_id="route-compare-diff")
         record = gr.State(None)  # inside the tab: a Tabs block holds only tabs
+        shown = gr.State(None)
     return RouteTab(
-        prompt,
-        example_pick,
-        router,
-        compare_router,
-        top_k,
-        temperature,
-        max_new,
-        route_btn,
-        compare_btn,
-        answer,
-        timing,
-        layer_plot,
-        module_pick,
-        coloured,
-        token_plot,
-        compare_a,
-        compare_b,
-        compare_plot_a,
-        compare_plot_b,
-        record,
+        prompt=prompt,
+        example_pick=example_pick,
+        router=router,
+        compare_router=compare_router,
+        top_k=top_k,
+        temperature=temperature,
+        max_new=max_new,
+        route_btn=route_btn,
+        compare_btn=compare_btn,
+        answer=answer,
+        timing=timing,
+        layer_box=layer_box,
+        layer_plot=layer_plot,
+        detail_box=detail_box,
+        module_pick=module_pick,
+        token_pick=token_pick,
+        coloured=coloured,
+        token_plot=token_plot,
+        logits_plot=logits_plot,
+        compare_box=compare_box,
+        compare_a=compare_a,
+        compare_b=compare_b,
+        compare_plot_a=compare_plot_a,
+        compare_plot_b=compare_plot_b,
+        compare_diff=compare_diff,
+        record=record,
+        shown=shown,
     )
 
 
@@ -113,13 +142,28 @@ def opened(tab: RouteTab, info: LibraryInfo, examples: list[tuple[str, str]]) ->
     }
 
 
+def group_members(spec: str, experts: list[dict]) -> set[str] | None:
+    """The experts a router spec limits itself to: for `arrow@private`, the names of the library's
+    experts of kind private (`experts` as in `LibraryInfo.experts`); None for a spec without a group."""
+    _, at, group = spec.partition("@")
+    return {e["name"] for e in experts if e.get("kind") == group} if at else None
+
+
+def default_token(record: RoutingRecord, n_prompt_tokens: int) -> int | None:
+    """The token whose routing to explain first: the last of the prompt (what the answer starts
+    from), else the first; None for a record of no token."""
+    if not record.tokens:
+        return None
+    return n_prompt_tokens - 1 if 0 < n_prompt_tokens <= len(record.tokens) else 0
+
+
 def _request(folder, text, spec, k, temp, max_tokens) -> RouteRequest:
     return RouteRequest(folder, text, spec, int(k), float(temp), max_new_tokens=int(max_tokens))
 
 
 @shows_errors
 def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens):
-    """Stream the answer; at the end, the routing heatmap and the layers to inspect."""
+    """Stream the answer; at the end, the routing heatmap and the layers and tokens to inspect."""
     for update in worker.route(_request(folder, text, spec, k, temp, max_tokens)):
         if not update.done:
             yield {tab.answer: update.text, tab.timing: f"first token after {update.first_token_s:.2f} s"}
@@ -128,55 +172,88 @@ def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens
         note = f"first token after {update.first_token_s:.2f} s, done in {update.total_s:.2f} s"
         if update.truncated:
             note += " (the prompt was cut to fit the model's context)"
+        shown = figures.shown_experts(record, group_members(spec, worker.library(folder).experts))
         default = record.modules[len(record.modules) // 2] if record.modules else None
+        tokens = [(label, i) for i, label in enumerate(figures.token_labels(record))]
         yield {
             tab.answer: update.text,
             tab.timing: note,
-            tab.layer_plot: figures.layer_heatmap(record),
+            tab.layer_plot: figures.layer_heatmap(record, shown),
+            tab.layer_box: gr.Column(visible=True),
+            tab.detail_box: gr.Column(visible=True),
             tab.record: record,
+            tab.shown: shown,
             tab.module_pick: gr.Dropdown(choices=[(figures.short_module(m), m) for m in record.modules], value=default),
+            tab.token_pick: gr.Dropdown(choices=tokens, value=default_token(record, update.n_prompt_tokens)),
         }
 
 
-def layer_detail(tab: RouteTab, record: RoutingRecord | None, module: str | None) -> dict:
+def layer_detail(tab: RouteTab, record: RoutingRecord | None, module: str | None, token, shown) -> dict:
+    """One layer: the tokens coloured by their top expert, their weights, and the picked token's logits."""
     if record is None or not module:
-        return {tab.coloured: None, tab.token_plot: None}
+        return {tab.coloured: None, tab.token_plot: None, tab.logits_plot: None}
     pairs, colours = figures.token_colours(record, module)
     return {
         tab.coloured: gr.HighlightedText(pairs, color_map=colours),
-        tab.token_plot: figures.token_heatmap(record, module),
+        tab.token_plot: figures.token_heatmap(record, module, shown or None),
+        **token_detail(tab, record, module, token, shown),
     }
+
+
+def token_detail(tab: RouteTab, record: RoutingRecord | None, module: str | None, token, shown) -> dict:
+    """Why one token at one layer went to its experts: every shown expert's routing logit."""
+    if record is None or not module or token is None or not 0 <= int(token) < len(record.tokens):
+        return {tab.logits_plot: None}
+    return {tab.logits_plot: figures.expert_logits(record, module, int(token), shown or None)}
 
 
 @shows_errors
 def compare(worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp, max_tokens) -> dict:
-    out = {}
+    """Both routers' answers and routing per layer, and where their mean weights differ."""
+    out, records, shown, info = {}, [], set(), worker.library(folder)
     for spec, answer, plot in (
         (spec_a, tab.compare_a, tab.compare_plot_a),
         (spec_b, tab.compare_b, tab.compare_plot_b),
     ):
         final = list(worker.route(_request(folder, text, spec, k, temp, max_tokens)))[-1]
-        out |= {answer: final.text, plot: figures.layer_heatmap(final.record)}
-    return out
+        names = figures.shown_experts(final.record, group_members(spec, info.experts))
+        out |= {answer: final.text, plot: figures.layer_heatmap(final.record, names)}
+        records.append(final.record)
+        shown |= set(names)
+    either = [name for name in records[0].experts if name in shown]
+    return out | {
+        tab.compare_diff: figures.difference_heatmap(*records, either),
+        tab.compare_box: gr.Column(visible=True),
+    }
 
 
 def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
-    tab.route_btn.click(
+    detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown]
+    detail_outputs = [tab.coloured, tab.token_plot, tab.logits_plot]
+    routed = tab.route_btn.click(
         partial(route, worker, tab),
         [path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new],
-        [tab.answer, tab.timing, tab.layer_plot, tab.record, tab.module_pick],
+        [
+            tab.answer,
+            tab.timing,
+            tab.layer_plot,
+            tab.record,
+            tab.module_pick,
+            tab.token_pick,
+            tab.shown,
+            tab.layer_box,
+            tab.detail_box,
+        ],
         api_name="route",
     )
-    tab.module_pick.change(
-        partial(layer_detail, tab),
-        [tab.record, tab.module_pick],
-        [tab.coloured, tab.token_plot],
-        api_visibility="private",
-    )
+    # after each route, whether or not the default layer changed; then on the user's picks
+    routed.success(partial(layer_detail, tab), detail_inputs, detail_outputs, api_visibility="private")
+    tab.module_pick.input(partial(layer_detail, tab), detail_inputs, detail_outputs, api_visibility="private")
+    tab.token_pick.input(partial(token_detail, tab), detail_inputs, tab.logits_plot, api_visibility="private")
     tab.example_pick.change(lambda p: p or gr.skip(), tab.example_pick, tab.prompt, api_visibility="private")
     tab.compare_btn.click(
         partial(compare, worker, tab),
         [path, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new],
-        [tab.compare_a, tab.compare_b, tab.compare_plot_a, tab.compare_plot_b],
+        [tab.compare_a, tab.compare_b, tab.compare_plot_a, tab.compare_plot_b, tab.compare_diff, tab.compare_box],
         api_name="compare",
     )

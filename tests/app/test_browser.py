@@ -1,5 +1,6 @@
 """The explorer in a real browser: Debian's chromium driven by Playwright (never `playwright install`)."""
 
+import math
 import os
 from pathlib import Path
 
@@ -210,3 +211,50 @@ def test_an_empty_library_opens_and_explains_what_it_lacks(page, tiny_base, tiny
     page.get_by_role("button", name="Open", exact=True).click()
     _route(page, "hello")
     page.get_by_text("done in").wait_for(timeout=60_000)
+
+
+ROUTE_PLOTS = ["route-layer-plot", "route-token-plot", "route-logits-plot", "route-compare-a", "route-compare-diff"]
+
+
+def _visible_plots(page) -> list[str]:
+    return [name for name in ROUTE_PLOTS if page.locator(f"#{name}").is_visible()]
+
+
+def test_route_plots_appear_only_once_filled_with_a_bar_per_expert(page, tiny_routed):
+    page.get_by_role("tab", name="Route").click()
+    page.get_by_text("Type a prompt and pick a router").wait_for(timeout=10_000)
+    assert _visible_plots(page) == [] and not page.get_by_label("Layer", exact=True).is_visible()
+    page.get_by_label("Prompt").fill("the quick brown")
+    page.get_by_role("button", name="Route", exact=True).click()
+    page.get_by_text("done in").wait_for(timeout=60_000)
+    page.wait_for_selector("#route-logits-plot .js-plotly-plot", timeout=30_000)
+    assert _visible_plots(page) == ROUTE_PLOTS[:3]  # the comparison's stay hidden until it runs
+    bars = page.locator("#route-logits-plot .bars .point")
+    assert bars.count() == len(tiny_routed.experts)  # Arrow over the whole library: every expert
+    top_k = int(page.get_by_label("number input for top-k").input_value())
+    chosen = page.evaluate(
+        """() => document.querySelector('#route-logits-plot .js-plotly-plot')._fullData
+                 .filter(t => t.name.startsWith('chosen')).map(t => Array.from(t.x).length)"""
+    )
+    assert chosen == [top_k]
+    page.get_by_role("button", name="Compare two routers").click()
+    page.wait_for_selector("#route-compare-diff .js-plotly-plot", timeout=60_000)
+    assert _visible_plots(page) == ROUTE_PLOTS
+    diff = page.evaluate(
+        """() => { const t = document.querySelector('#route-compare-diff .js-plotly-plot')._fullData[0];
+                   return {zmin: t.zmin, zmax: t.zmax, cols: Array.from(t.x).length}; }"""
+    )
+    assert diff["cols"] == len(tiny_routed.experts) and diff["zmin"] == -diff["zmax"] < 0  # centred on 0
+
+
+def test_cluster_similarity_colours_span_the_off_diagonal_cells(page):
+    page.get_by_role("tab", name="Clusters").click()
+    page.wait_for_selector("#cluster-similarity .js-plotly-plot", timeout=90_000)
+    trace = page.evaluate(
+        """() => { const t = document.querySelector('#cluster-similarity .js-plotly-plot')._fullData[0];
+                   return {zmin: t.zmin, zmax: t.zmax, z: Array.from(t.z, row => Array.from(row))}; }"""
+    )
+    off = [v for i, row in enumerate(trace["z"]) for j, v in enumerate(row) if i != j]
+    assert all(row[i] is None or math.isnan(row[i]) for i, row in enumerate(trace["z"]))  # the diagonal is blank
+    assert trace["zmin"] == pytest.approx(min(off)) and trace["zmax"] == pytest.approx(max(off))
+    assert trace["zmax"] < 1  # not stretched to the diagonal's 1

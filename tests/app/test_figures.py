@@ -1,6 +1,7 @@
 """Figures from plain data: the right cells, points and labels."""
 
 import numpy as np
+import pytest
 
 from lorlib_ui.app import figures
 from lorlib_ui.core.record import RoutingRecord
@@ -82,3 +83,90 @@ def test_similarity_silhouette_and_evaluation_figures():
     bars = figures.evaluation_bars(summary)
     assert [t.name for t in bars.data] == ["base", "arrow"]
     assert np.isnan(bars.data[0].y[1]) and bars.data[1].y[0] == 40.0
+
+
+def _grouped_record():
+    """Arrow limited to experts a, b, c of four: it scores d too (a finite logit) but never picks it.
+    Each token goes to its top 2 of a, b, c."""
+    rng = np.random.default_rng(2)
+    logits = rng.random((2, 3, 4)) + 0.1
+    weights = np.zeros_like(logits)
+    for m in range(2):
+        for t in range(3):
+            top = np.argsort(-logits[m, t, :3])[:2]
+            weights[m, t, top] = np.exp(logits[m, t, top]) / np.exp(logits[m, t, top]).sum()
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    return RoutingRecord("arrow@private(top_k=2)", ["a", "b", "c", "d"], modules, ["x", "y", "z"], weights, logits)
+
+
+def test_shown_experts_are_those_the_router_could_use():
+    record = _grouped_record()
+    assert figures.shown_experts(record) == ["a", "b", "c", "d"]  # Arrow scores every expert
+    assert figures.shown_experts(record, {"a", "b", "c"}) == ["a", "b", "c"]  # its group, from the spec
+    no_logits = np.full((2, 3, 3), np.nan)  # a static router scores nothing
+    one = RoutingRecord("expert:b", ["a", "b", "c"], record.modules, record.tokens, np.zeros((2, 3, 3)), no_logits)
+    one.weights[:, :, 1] = 1.0
+    assert figures.shown_experts(one) == ["b"]
+    base = RoutingRecord("base", ["a", "b", "c"], record.modules, record.tokens, np.zeros((2, 3, 3)), no_logits)
+    assert figures.shown_experts(base) == ["a", "b", "c"]  # no expert used: all, not an empty figure
+    assert figures.shown_experts(base, {"c"}) == ["c"]
+
+
+def test_heatmaps_show_only_the_shown_experts():
+    record = _grouped_record()
+    shown = ["a", "b", "c"]
+    layer = figures.layer_heatmap(record, shown).data[0]
+    assert list(layer.x) == shown and np.allclose(layer.z, record.weights.mean(axis=1)[:, :3])
+    tokens = figures.token_heatmap(record, record.modules[1], shown).data[0]
+    assert list(tokens.x) == shown and np.allclose(tokens.z, record.weights[1][:, :3])
+
+
+def test_expert_logits_has_a_bar_per_shown_expert_and_highlights_the_top_k():
+    record = _grouped_record()
+    fig = figures.expert_logits(record, record.modules[1], 2, ["a", "b", "c"])
+    others, chosen = fig.data
+    assert len(others.x) + len(chosen.x) == 3  # d, outside the group, has no bar
+    top = [["a", "b", "c"][i] for i in np.argsort(-record.logits[1, 2, :3])[:2]]
+    assert sorted(chosen.x) == sorted(top) and list(others.x) == sorted({"a", "b", "c"} - set(top))
+    assert chosen.marker.color != others.marker.color
+    assert np.allclose(chosen.y, [record.logits[1, 2, "abcd".index(e)] for e in chosen.x])
+    assert list(chosen.text) == [f"w {record.weights[1, 2, 'abcd'.index(e)]:.2f}" for e in chosen.x]
+    order = list(fig.layout.xaxis.categoryarray)  # tallest first
+    assert order == sorted("abc", key=lambda e: -record.logits[1, 2, "abcd".index(e)])
+    assert fig.layout.title.text.startswith("Routing logits of token 2: 'z'")
+
+
+def test_expert_logits_of_a_static_router_shows_its_weights_and_says_so():
+    record = _record()  # weights over a, b, c; no logits
+    record.logits[:] = np.nan
+    record.router = "uniform"
+    fig = figures.expert_logits(record, record.modules[0], 1)
+    assert "uniform computes no routing logits" in fig.layout.title.text
+    bars = {e: y for trace in fig.data for e, y in zip(trace.x, trace.y)}
+    assert bars == pytest.approx({e: record.weights[0, 1, i] for i, e in enumerate("abc")})
+
+
+def test_difference_heatmap_is_a_minus_b_over_either_routers_experts():
+    a = _grouped_record()
+    b = _grouped_record()
+    b.weights = np.zeros_like(b.weights)
+    b.weights[:, :, 3] = 1.0  # B always picks d
+    b.logits = np.full_like(b.logits, np.nan)
+    trace = figures.difference_heatmap(a, b, ["a", "b", "c", "d"]).data[0]
+    assert list(trace.x) == ["a", "b", "c", "d"]
+    assert np.allclose(trace.z, a.weights.mean(axis=1) - b.weights.mean(axis=1))
+    assert trace.zmid == 0 and trace.zmin == -trace.zmax == pytest.approx(-1.0)
+    narrow = figures.difference_heatmap(a, b, ["b", "d"]).data[0]
+    assert list(narrow.x) == ["b", "d"] and np.allclose(narrow.z[:, 1], -1.0)
+
+
+def test_similarity_colours_span_the_off_diagonal_range():
+    view = _view(4)
+    view.similarity = np.array(
+        [[1.0, 0.2, -0.1, 0.4], [0.2, 1.0, 0.3, 0.05], [-0.1, 0.3, 1.0, 0.25], [0.4, 0.05, 0.25, 1.0]]
+    )
+    fig = figures.similarity_heatmap(view)
+    trace = fig.data[0]
+    assert (trace.zmin, trace.zmax) == (-0.1, 0.4)
+    assert np.isnan(np.diag(np.asarray(trace.z, dtype=float))).all()  # the diagonal is left blank
+    assert trace.zmid is None and "-0.10 to 0.40" in fig.layout.title.text  # sequential, its range named

@@ -1,8 +1,10 @@
 """The explorer's event handlers, called directly with a worker: no server, no browser."""
 
 import os
+from types import SimpleNamespace
 
 import gradio as gr
+import numpy as np
 import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -10,6 +12,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 from lorlib_ui.app import evaluate, layout, route  # noqa: E402
 from lorlib_ui.app.events import shows_errors  # noqa: E402
 from lorlib_ui.core.errors import LorlibError  # noqa: E402
+from lorlib_ui.core.record import RoutingRecord  # noqa: E402
+from lorlib_ui.worker.api import RouteUpdate  # noqa: E402
 from lorlib_ui.worker.local import LocalWorker  # noqa: E402
 
 
@@ -38,10 +42,92 @@ def test_route_streams_then_draws_the_record(worker, page, tiny_library):
     updates = list(route.route(worker, page.route, str(tiny_library.path), "the quick brown", "arrow", 2, 1.0, 4))
     assert all(set(u) == {page.route.answer, page.route.timing} for u in updates[:-1])
     final = updates[-1]
-    assert final[page.route.record].weights.shape[0] == len(final[page.route.record].modules)
-    assert "done in" in final[page.route.timing] and final[page.route.layer_plot].data[0].type == "heatmap"
-    detail = route.layer_detail(page.route, final[page.route.record], final[page.route.module_pick].value)
-    assert detail[page.route.token_plot].data[0].type == "heatmap"
+    tab, record = page.route, final[page.route.record]
+    assert record.weights.shape[0] == len(record.modules)
+    assert "done in" in final[tab.timing] and final[tab.layer_plot].data[0].type == "heatmap"
+    assert final[tab.layer_box].visible and final[tab.detail_box].visible  # hidden until now
+    assert final[tab.shown] == record.experts  # arrow over the whole library: every expert
+    token = final[tab.token_pick].value
+    assert 0 < token < len(record.tokens) - 1  # the last prompt token, before the generated ones
+    detail = route.layer_detail(tab, record, final[tab.module_pick].value, token, final[tab.shown])
+    assert detail[tab.token_plot].data[0].type == "heatmap"
+    bars = detail[tab.logits_plot].data
+    assert sum(len(trace.x) for trace in bars) == 6 and len(bars[1].x) == 2  # every expert; the top 2 chosen
+
+
+def test_route_plots_are_hidden_until_a_route_fills_them(page):
+    tab = page.route
+    boxes = {id(box) for box in (tab.layer_box, tab.detail_box, tab.compare_box)}
+    assert not any(box.visible for box in (tab.layer_box, tab.detail_box, tab.compare_box))
+
+    def in_a_box(block) -> bool:
+        while block is not None and id(block) not in boxes:
+            block = block.parent
+        return block is not None
+
+    plots = [tab.layer_plot, tab.token_plot, tab.logits_plot, tab.compare_plot_a, tab.compare_plot_b, tab.compare_diff]
+    assert all(in_a_box(plot) for plot in plots + [tab.module_pick, tab.token_pick, tab.coloured])
+    assert not in_a_box(tab.answer)
+
+
+def test_route_group_members_and_default_token():
+    experts = [{"name": "p0", "kind": "private"}, {"name": "s", "kind": "shared"}, {"name": "p1", "kind": "private"}]
+    assert route.group_members("arrow@private", experts) == {"p0", "p1"}
+    assert route.group_members("uniform@shared", experts) == {"s"}
+    assert route.group_members("arrow", experts) is None and route.group_members("expert:s", experts) is None
+    record = RoutingRecord("arrow", [], [], ["a", "b", "c", "d"], np.zeros((0, 4, 0)), np.zeros((0, 4, 0)))
+    assert route.default_token(record, 3) == 2 and route.default_token(record, 0) == 0
+    assert route.default_token(record, 9) == 0  # a prompt count that does not fit the record
+
+
+class GroupedWorker:
+    """A worker over four experts, three private and one shared, whose Arrow routes each token to
+    its top two private experts but scores the shared one too, as `arrow@private` does."""
+
+    EXPERTS = ["p0", "p1", "p2", "shared"]
+    MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+    def library(self, path):
+        kinds = ["private", "private", "private", "shared"]
+        return SimpleNamespace(experts=[{"name": n, "kind": k} for n, k in zip(self.EXPERTS, kinds)])
+
+    def route(self, request):
+        tokens = ["a", "b", "c", "d", "e"]
+        logits = np.random.default_rng(len(request.router)).random((2, 5, 4)) + 0.1
+        weights = np.zeros_like(logits)
+        if request.router == "arrow@private":
+            top = np.argsort(-logits[..., :3], axis=-1)[..., :2]
+            np.put_along_axis(weights, top, 0.5, axis=-1)
+        else:  # expert:shared
+            weights[..., 3], logits[:] = 1.0, np.nan
+        record = RoutingRecord(request.router, self.EXPERTS, self.MODULES, tokens, weights, logits)
+        yield RouteUpdate("an answer", done=True, record=record, n_prompt_tokens=3, first_token_s=0.1, total_s=0.2)
+
+
+def test_route_hides_experts_outside_the_routers_group(page):
+    tab, worker = page.route, GroupedWorker()
+    final = list(route.route(worker, tab, "lib", "hi", "arrow@private", 2, 1.0, 4))[-1]
+    assert final[tab.shown] == ["p0", "p1", "p2"]
+    assert list(final[tab.layer_plot].data[0].x) == ["p0", "p1", "p2"]
+    assert final[tab.token_pick].value == 2  # the last of the 3 prompt tokens
+    detail = route.layer_detail(tab, final[tab.record], GroupedWorker.MODULES[1], 2, final[tab.shown])
+    assert list(detail[tab.token_plot].data[0].x) == ["p0", "p1", "p2"]
+    others, chosen = detail[tab.logits_plot].data
+    assert len(others.x) == 1 and len(chosen.x) == 2  # three bars, the top 2 highlighted; none for shared
+    moved = route.token_detail(tab, final[tab.record], GroupedWorker.MODULES[0], 4, final[tab.shown])
+    assert "token 4: 'e' at L0 q_proj" in moved[tab.logits_plot].layout.title.text
+
+
+def test_route_compare_draws_both_and_their_difference(page):
+    tab, worker = page.route, GroupedWorker()
+    out = route.compare(worker, tab, "lib", "hi", "arrow@private", "expert:shared", 2, 1.0, 4)
+    assert list(out[tab.compare_plot_a].data[0].x) == ["p0", "p1", "p2"]
+    assert list(out[tab.compare_plot_b].data[0].x) == ["shared"]
+    diff = out[tab.compare_diff].data[0]
+    assert list(diff.x) == GroupedWorker.EXPERTS and diff.zmid == 0  # the experts either router shows
+    a, b = (next(worker.route(SimpleNamespace(router=s))).record for s in ("arrow@private", "expert:shared"))
+    assert np.allclose(diff.z, a.layer_expert_weights() - b.layer_expert_weights())
+    assert out[tab.compare_box].visible
 
 
 def test_errors_become_one_visible_line(worker, page, tiny_library):
