@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from lorlib_ui.core.errors import LorlibError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Test rows per task that the analyses of routing (transfer, routing-stats) use unless told: the
+# full matrix over 33 tasks and 35 columns stays about an hour on two CPU cores.
+ANALYSIS_ROWS = 20
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
+from lorlib_ui.build import stats
 from lorlib_ui.build.data import MultiTaskData
 from lorlib_ui.build.training import Cancelled
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.generation import generate_batch, score_continuations
-from lorlib_ui.core.library import Library
+from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import encode_prompt
 from lorlib_ui.core.routed_model import RoutedModel
-from lorlib_ui.core.routers import make_router, presets
+from lorlib_ui.core.routers import Router, make_router, presets
 
 EXTRA_TOKENS = 8  # generated beyond the longest training answer of the task
 
@@ -45,6 +46,7 @@ class TaskScore:
     loglik: float
     mc_accuracy: float | None  # None when the task has no options
     mc_examples: int
+    rows: dict[str, list[float]] = field(default_factory=dict)  # per test row: exact_match, loglik, mc
 
 
 def normalize(text: str) -> str:
@@ -71,6 +73,70 @@ def resolve_routers(library: Library, names: list[str], explicit: bool) -> tuple
     return kept, notes
 
 
+@dataclass
+class RowScores:
+    """One router's measures on each test row of one task."""
+
+    loglik: list[float]  # mean log-probability per token of the reference answer
+    exact_match: list[float] | None  # 1.0 or 0.0 per row; None when not asked for
+    mc: list[float]  # 1.0 or 0.0 per multiple-choice row (rows with options only)
+
+
+def test_rows(data: MultiTaskData, task: str, limit: int | None = None) -> list[dict]:
+    rows = data.rows(task, "test")[:limit]
+    if not rows:
+        raise LorlibError(f"{data.origin}: task {task!r} has no test rows")
+    return rows
+
+
+def answer_budget(tokenizer, data: MultiTaskData, task: str) -> int:
+    """New tokens to generate for a task: its longest training answer, plus a margin."""
+    answer_ids = _answer_ids(tokenizer, bool(tokenizer.chat_template))
+    rows = data.rows(task, "train") or data.rows(task, "test")
+    return max(len(answer_ids(r["output"])) for r in rows) + EXTRA_TOKENS
+
+
+def score_rows(
+    rm: RoutedModel,
+    router: Router,
+    rows_by_task: dict[str, list[dict]],
+    budgets: dict[str, int] | None = None,
+    choices: bool = True,
+) -> dict[str, RowScores]:
+    """Per-row measures of `router` on each task's rows, every task's rows scored in one batched
+    pass: the reference answer's log-likelihood, multiple choice where a row lists options (and
+    `choices` asks for it), and exact match of the greedy answer when `budgets` gives each task's
+    answer length."""
+    tok = rm.tokenizer
+    chat = bool(tok.chat_template)
+    answer_ids = _answer_ids(tok, chat)
+    pairs, where = [], {}  # (prompt, continuation) pairs; task -> [(reference index, options)]
+    for task, rows in rows_by_task.items():
+        where[task] = []
+        for row in rows:
+            prompt = encode_prompt(tok, row["input"], chat)
+            where[task].append((len(pairs), row))
+            pairs.append((prompt, answer_ids(row["output"])))
+            pairs += [(prompt, answer_ids(option)) for option in (row["options"] or ()) if choices]
+    logprobs = score_continuations(rm, router, pairs)
+    out = {}
+    for task, placed in where.items():
+        loglik, mc = [], []
+        for at, row in placed:
+            loglik.append(sum(logprobs[at]) / max(len(logprobs[at]), 1))
+            if row["options"] and choices:
+                totals = [sum(logprobs[at + 1 + j]) for j in range(len(row["options"]))]
+                best = max(range(len(totals)), key=totals.__getitem__)
+                mc.append(float(row["options"][best] == row["output"]))
+        matches = None
+        if budgets is not None:
+            prompts = [encode_prompt(tok, row["input"], chat) for _, row in placed]
+            answers = generate_batch(rm, prompts, router, max_new_tokens=budgets[task])
+            matches = [float(normalize(text) == normalize(row["output"])) for text, (_, row) in zip(answers, placed)]
+        out[task] = RowScores(loglik, matches, mc)
+    return out
+
+
 def evaluate_task(
     rm: RoutedModel, data: MultiTaskData, task: str, name: str, limit: int | None = None
 ) -> TaskScore | None:
@@ -82,49 +148,24 @@ def evaluate_task(
         router = router.for_task(library, family)
         if router is None:
             return None
-    rows = data.rows(task, "test")[:limit]
-    if not rows:
-        raise LorlibError(f"{data.origin}: task {task!r} has no test rows")
-    tok = rm.tokenizer
-    chat = bool(tok.chat_template)
-    answer_ids = _answer_ids(tok, chat)
-    longest = max(len(answer_ids(r["output"])) for r in data.rows(task, "train") or rows)
-    pairs, mc = [], []  # reference answers, then every option of multiple-choice rows
-    for row in rows:
-        prompt = encode_prompt(tok, row["input"], chat)
-        pairs.append((prompt, answer_ids(row["output"])))
-        if row["options"]:
-            mc.append((len(pairs), list(row["options"]), row["output"]))
-            pairs += [(prompt, answer_ids(option)) for option in row["options"]]
-    logprobs = score_continuations(rm, router, pairs)
-    prompts = [encode_prompt(tok, row["input"], chat) for row in rows]
-    answers = generate_batch(rm, prompts, router, max_new_tokens=longest + EXTRA_TOKENS)
-    matches = sum(normalize(text) == normalize(row["output"]) for text, row in zip(answers, rows))
-    loglik = [sum(logprobs[i]) / max(len(logprobs[i]), 1) for i in _reference_positions(rows)]
-    correct = 0
-    for first, options, reference in mc:
-        totals = [sum(logprobs[first + j]) for j in range(len(options))]
-        correct += options[max(range(len(options)), key=totals.__getitem__)] == reference
+    rows = test_rows(data, task, limit)
+    scores = score_rows(rm, router, {task: rows}, {task: answer_budget(rm.tokenizer, data, task)})[task]
     return TaskScore(
         router=name,
         task=task,
         family=family,
         expert=router.describe(),
         examples=len(rows),
-        exact_match=matches / len(rows),
-        loglik=sum(loglik) / len(loglik),
-        mc_accuracy=correct / len(mc) if mc else None,
-        mc_examples=len(mc),
+        exact_match=_mean(scores.exact_match),
+        loglik=_mean(scores.loglik),
+        mc_accuracy=_mean(scores.mc) if scores.mc else None,
+        mc_examples=len(scores.mc),
+        rows={"exact_match": scores.exact_match, "loglik": [round(x, 5) for x in scores.loglik], "mc": scores.mc},
     )
 
 
-def _reference_positions(rows: list[dict]) -> list[int]:
-    """Index in `pairs` of each row's reference answer (its options follow it)."""
-    positions, at = [], 0
-    for row in rows:
-        positions.append(at)
-        at += 1 + (len(row["options"]) if row["options"] else 0)
-    return positions
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _answer_ids(tokenizer, chat: bool) -> Callable[[str], list[int]]:
@@ -160,25 +201,63 @@ def evaluate(
     return scores
 
 
+MEASURES = ("exact_match", "loglik", "mc")
+# The differences the paper's claims rest on (Sec. 6): Arrow against joint training, against the
+# uniform merge, and Arrow over cluster experts against Arrow over private experts.
+DIFFERENCES = (("arrow", "shared"), ("arrow", "uniform"), ("arrow-cluster", "arrow"))
+
+
+def _per_task(scores: list[TaskScore], measure: str) -> list[list[float]] | None:
+    """Each task's per-row values of a measure (tasks with rows of it), or None when a score was
+    stored without its rows (by an older lorlib)."""
+    if any(not s.rows for s in scores):
+        return None
+    return [s.rows[measure] for s in scores if s.rows.get(measure)]
+
+
 def summarize(scores: list[TaskScore], routers: list[str]) -> list[dict]:
-    """One row per router: its measures averaged over tasks (multiple choice over tasks with options)."""
+    """One row per router: its measures averaged over tasks (multiple choice over tasks with
+    options), each with its 95% bootstrap interval over test rows (`*_ci`) when rows were kept."""
     rows = []
     for name in routers:
         mine = [s for s in scores if s.router == name]
         if not mine:
             continue
         mc = [s.mc_accuracy for s in mine if s.mc_accuracy is not None]
-        rows.append(
-            {
-                "router": name,
-                "tasks": len(mine),
-                "exact_match": sum(s.exact_match for s in mine) / len(mine),
-                "loglik": sum(s.loglik for s in mine) / len(mine),
-                "mc_accuracy": sum(mc) / len(mc) if mc else None,
-                "mc_tasks": len(mc),
-            }
-        )
+        row = {
+            "router": name,
+            "tasks": len(mine),
+            "exact_match": sum(s.exact_match for s in mine) / len(mine),
+            "loglik": sum(s.loglik for s in mine) / len(mine),
+            "mc_accuracy": sum(mc) / len(mc) if mc else None,
+            "mc_tasks": len(mc),
+        }
+        for measure, key in zip(MEASURES, ("exact_match", "loglik", "mc_accuracy")):
+            per_task = _per_task(mine, measure)
+            row[f"{key}_ci"] = list(stats.bootstrap_interval(per_task)) if per_task else None
+        rows.append(row)
     return rows
+
+
+def differences(scores: list[TaskScore], pairs=DIFFERENCES) -> list[dict]:
+    """Paired differences a − b between routers, over the tasks both ran, with paired bootstrap
+    intervals (the same test rows resampled for both)."""
+    out = []
+    for a, b in pairs:
+        mine = {s.task: s for s in scores if s.router == a}
+        theirs = {s.task: s for s in scores if s.router == b}
+        tasks = [t for t in mine if t in theirs]
+        if not tasks or any(not mine[t].rows or not theirs[t].rows for t in tasks):
+            continue
+        row = {"a": a, "b": b, "tasks": len(tasks)}
+        for measure in MEASURES:
+            left = [mine[t].rows[measure] for t in tasks if mine[t].rows.get(measure)]
+            right = [theirs[t].rows[measure] for t in tasks if theirs[t].rows.get(measure)]
+            if left and [len(x) for x in left] == [len(x) for x in right]:
+                diff, low, high = stats.paired_interval(left, right)
+                row[measure] = {"difference": diff, "ci": [low, high]}
+        out.append(row)
+    return out
 
 
 def result_record(scores: list[TaskScore], routers: list[str], data: str, limit: int | None, seconds: float) -> dict:
@@ -189,30 +268,82 @@ def result_record(scores: list[TaskScore], routers: list[str], data: str, limit:
         "limit": limit,
         "seconds": round(seconds, 1),
         "summary": summarize(scores, routers),
+        "differences": differences(scores),
         "scores": [asdict(s) for s in scores],
     }
 
 
+def _interval(value: float | None, ci: list[float] | None, scale: float, digits: int) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    text = f"{scale * value:.{digits}f}"
+    return text if ci is None else f"{text} [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+
+
 def format_table(summary: list[dict]) -> str:
-    """The summary as a Markdown table (it reads as plain text too)."""
-
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}"
-
+    """The summary as a Markdown table (it reads as plain text too); 95% intervals in brackets."""
     lines = [
         "| router | tasks | exact match (%) | answer log-likelihood | multiple choice (%) |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in summary:
-        ll = "-" if not math.isfinite(row["loglik"]) else f"{row['loglik']:.3f}"
-        mc = pct(row["mc_accuracy"]) + (f" ({row['mc_tasks']} tasks)" if row["mc_accuracy"] is not None else "")
-        lines.append(f"| {row['router']} | {row['tasks']} | {pct(row['exact_match'])} | {ll} | {mc} |")
+        em = _interval(row["exact_match"], row.get("exact_match_ci"), 100, 1)
+        ll = _interval(row["loglik"], row.get("loglik_ci"), 1, 3)
+        mc = _interval(row["mc_accuracy"], row.get("mc_accuracy_ci"), 100, 1)
+        mc += f" ({row['mc_tasks']} tasks)" if row["mc_accuracy"] is not None else ""
+        lines.append(f"| {row['router']} | {row['tasks']} | {em} | {ll} | {mc} |")
     return "\n".join(lines)
+
+
+def format_differences(rows: list[dict]) -> str:
+    """Paired differences as a Markdown table, with 95% intervals."""
+    lines = [
+        "| difference | tasks | exact match (points) | answer log-likelihood | multiple choice (points) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = [
+            _interval(row[m]["difference"], row[m]["ci"], scale, digits) if m in row else "-"
+            for m, scale, digits in (("exact_match", 100, 1), ("loglik", 1, 3), ("mc", 100, 1))
+        ]
+        lines.append(f"| {row['a']} − {row['b']} | {row['tasks']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+TASK_SETS = ("held-out", "seen", "all")
+
+
+def held_out_tasks(library: Library) -> list[str]:
+    return list((library.extra.get("held_out") or {}).get("tasks") or [])
+
+
+def seen_tasks(library: Library) -> list[str]:
+    """The tasks the library's task experts were trained on, by family, then name."""
+    family = {t: e.family or "" for e in library.experts if e.kind in TASK_KINDS for t in e.tasks}
+    return sorted(family, key=lambda t: (family[t], t))
+
+
+def select_tasks(library: Library, which: str | list[str] | None) -> list[str]:
+    """Tasks by name, or a set of them: "held-out" (the default), "seen" (trained on by a task
+    expert) or "all" (both)."""
+    if which is None or isinstance(which, str):
+        which = which or "held-out"
+        if which not in TASK_SETS:
+            raise LorlibError(f"unknown set of tasks {which!r}; use {', '.join(TASK_SETS)} or name the tasks")
+        tasks = held_out_tasks(library) if which != "seen" else []
+        tasks += seen_tasks(library) if which != "held-out" else []
+        if not tasks:
+            what = "holds no tasks out" if which == "held-out" else "has no task experts"
+            raise LorlibError(f"library {library.path} {what}; name the tasks")
+        return tasks
+    if not which:
+        raise LorlibError("the list of tasks is empty")
+    return list(dict.fromkeys(which))
 
 
 def evaluate_library(
     path: str,
-    tasks: list[str] | None = None,
+    tasks: str | list[str] | None = None,
     routers: list[str] | None = None,
     data: str | None = None,
     limit: int | None = None,
@@ -221,9 +352,9 @@ def evaluate_library(
     progress: Callable[[int, int, str, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> tuple[dict, list[str]]:
-    """Evaluate routers (default: every preset of the router registry that the library allows) on tasks (default:
-    the library's held-out tasks) and store the result in its manifest (`evaluation`).
-    Returns the stored record and notes on routers skipped."""
+    """Evaluate routers (default: every preset of the router registry that the library allows) on
+    tasks (a list, or a set of `select_tasks`; default: the library's held-out tasks) and store the
+    result in its manifest (`evaluation`). Returns the stored record and notes on routers skipped."""
     import time
 
     from lorlib_ui.build.data import load_tasks
@@ -234,14 +365,8 @@ def evaluate_library(
     library = Library.open(path)
     if not library.experts:
         raise LorlibError(f"library {library.path} has no experts to evaluate")
-    recorded = library.extra.get("held_out") or {}
-    source = data or recorded.get("data") or "default"
-    if tasks is None:
-        tasks = recorded.get("tasks") or []
-        if not tasks:
-            raise LorlibError(f"library {library.path} holds no tasks out; name the tasks to evaluate on")
-    if not tasks:
-        raise LorlibError("the list of tasks is empty")
+    source = data or (library.extra.get("held_out") or {}).get("data") or "default"
+    tasks = select_tasks(library, tasks)
     names = list(presets()) if routers is None else routers
     if not names:
         raise LorlibError("the list of routers is empty")
@@ -253,6 +378,13 @@ def evaluate_library(
     scores = evaluate(rm, loaded, tasks, kept, limit=limit, progress=progress, cancel=cancel)
     record = result_record(scores, kept, source, limit, time.perf_counter() - start)
     record["tasks"] = list(tasks)
+    seen = set(seen_tasks(library))
+    record["seen"] = [t for t in tasks if t in seen]
+    if record["seen"] and len(record["seen"]) < len(tasks):  # both kinds: a summary of each as well
+        record["summary_by"] = {
+            kind: summarize([s for s in scores if (s.task in seen) == (kind == "seen")], kept)
+            for kind in ("held-out", "seen")
+        }
     with library.edit() as current:
         current.extra["evaluation"] = record
     return record, notes

@@ -168,9 +168,9 @@ def cmd_cluster(args) -> None:
 def cmd_evaluate(args) -> None:
     from tqdm import tqdm
 
-    from lorlib_ui.build.evaluation import evaluate_library, format_table
+    from lorlib_ui.build.evaluation import TASK_SETS, evaluate_library, format_differences, format_table
 
-    tasks = None if args.tasks == "held-out" else (_csv(args.tasks) or [])
+    tasks = args.tasks if args.tasks in TASK_SETS else (_csv(args.tasks) or [])
     routers = None if args.routers is None else (_csv(args.routers) or [])
     _positive(limit=args.limit)
     bars = []  # made at the first progress event: a refusal before it prints one line only
@@ -194,8 +194,14 @@ def cmd_evaluate(args) -> None:
     if args.json:
         print(json.dumps(record))
         return
-    print(f"zero-shot on {len(record['tasks'])} tasks ({', '.join(record['tasks'])}), {record['seconds']:.0f} s:")
-    print(format_table(record["summary"]))
+    print(f"zero-shot on {len(record['tasks'])} tasks ({', '.join(record['tasks'])}), {record['seconds']:.0f} s")
+    print("means over tasks; [95% bootstrap interval over test rows]")
+    for kind, summary in (record.get("summary_by") or {"": record["summary"]}).items():
+        print(f"\n{kind} tasks:" if kind else "")
+        print(format_table(summary))
+    if record["differences"]:
+        print("\npaired differences, over the same test rows:")
+        print(format_differences(record["differences"]))
 
 
 def _print_clustering(summary: dict) -> None:

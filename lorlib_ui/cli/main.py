@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from lorlib_ui.build.config import TrainConfig
+from lorlib_ui.build.config import ANALYSIS_ROWS, TrainConfig
 from lorlib_ui.cli.build import cmd_build, cmd_cluster, cmd_evaluate
+from lorlib_ui.cli.insight import cmd_routing_stats, cmd_transfer
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, help_text, presets
 
@@ -23,12 +24,8 @@ class _Parser(argparse.ArgumentParser):
         raise LorlibError(f"{self.prog}: {message}")
 
 
-def _router_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--router",
-        default="arrow",
-        help=help_text(),
-    )
+def _router_options(parser: argparse.ArgumentParser, default: str = "arrow") -> None:
+    parser.add_argument("--router", default=default, help=help_text())
     parser.add_argument(
         "--top-k", type=int, default=None, help=f"experts per token (default {DEFAULT_TOP_K}, or all if fewer)"
     )
@@ -135,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="zero-shot evaluation of routers on held-out tasks")
     evaluate.add_argument("library")
-    evaluate.add_argument("--tasks", default="held-out", help="held-out (the library's) or comma-separated tasks")
+    evaluate.add_argument(
+        "--tasks", default="held-out", help="held-out, seen (tasks the library trained on), all, or comma-separated"
+    )
     evaluate.add_argument(
         "--routers",
         default=None,
@@ -147,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None)
     evaluate.add_argument("--json", action="store_true", help="print the results as one JSON object")
+
+    transfer = commands.add_parser("transfer", help="score every expert alone (and the base model) on every task")
+    transfer.add_argument("library")
+    transfer.add_argument("--tasks", default="held-out", help="held-out, seen, all, or comma-separated tasks")
+    transfer.add_argument("--experts", default=None, help="a kind (private, cluster, ...) or comma-separated experts")
+    transfer.add_argument("--data", default=None, help="test data (default: what the library was built from)")
+    transfer.add_argument("--limit", type=int, default=ANALYSIS_ROWS, help="test rows per task")
+    transfer.add_argument("--exact-match", action="store_true", help="also generate answers for exact match (slower)")
+    transfer.add_argument("--device", default=None)
+    transfer.add_argument("--dtype", default=None)
+    transfer.add_argument("--json", action="store_true", help="print the matrix as one JSON object")
+
+    stats = commands.add_parser("routing-stats", help="where a router sends each task's prompt tokens; is it right?")
+    stats.add_argument("library")
+    stats.add_argument("--tasks", default="held-out", help="held-out, seen, all, or comma-separated tasks")
+    stats.add_argument("--data", default=None, help="test data (default: what the library was built from)")
+    stats.add_argument("--limit", type=int, default=ANALYSIS_ROWS, help="test prompts per task")
+    _router_options(stats, default="arrow@private")
 
     score = commands.add_parser("score", help="log-probability of each token of a text under a router")
     score.add_argument("library")
@@ -273,6 +290,8 @@ COMMANDS = {
     "build": cmd_build,
     "cluster": cmd_cluster,
     "evaluate": cmd_evaluate,
+    "transfer": cmd_transfer,
+    "routing-stats": cmd_routing_stats,
 }
 
 

@@ -4,6 +4,8 @@
       manifest.json               base model, its linear shapes, experts, clusters
       experts/<name>/             one standard PEFT adapter folder per expert
       prototypes.safetensors      cached Arrow prototypes, keyed by a hash of the expert's weights
+      <analysis>.json             side files the manifest names under `side_files` (the transfer
+                                  matrix, say), whose entries carry the weights hash they used
 
 The manifest is the single source of truth: a folder under experts/ that it does not name is
 ignored (and swept at the next write). Every write goes to a temporary name first and becomes
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -29,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from lorlib_ui.core.adapters import LoraAdapter, read_adapter, weights_hash, write_adapter
+from lorlib_ui.core.atomic import atomic_write_text, fsync_tree, temporary_name
 from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.prototypes import prototypes_for_adapter
@@ -186,7 +190,7 @@ class Library:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def save_manifest(self) -> None:
-        _atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest(), indent=1))
+        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest(), indent=1))
 
     def add_experts(self, entries: list[tuple[Expert, LoraAdapter]], force: bool = False) -> list[Expert]:
         """Add experts (or replace them, with force) in one atomic step: all or none.
@@ -216,7 +220,7 @@ class Library:
                 for expert, adapter in entries:
                     folder = staging / uuid.uuid4().hex
                     write_adapter(folder, adapter)
-                    _fsync_tree(folder)
+                    fsync_tree(folder)
                     final = _free_folder(self.path / "experts", expert.name, current)
                     final.parent.mkdir(exist_ok=True)
                     folder.rename(final)
@@ -271,7 +275,8 @@ class Library:
         """Delete what the manifest no longer names: staging leftovers, replaced experts, and the
         temporary files of writes that a killed process left (all under the write lock)."""
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
-        for leftover in [*self.path.glob(f".{MANIFEST}.*"), *self.path.glob(f".{PROTOTYPES}.*")]:
+        written = [MANIFEST, PROTOTYPES, *(entry["file"] for entry in self.extra.get("side_files", {}).values())]
+        for leftover in [p for name in written for p in self.path.glob(f".{name}.*")]:
             leftover.unlink(missing_ok=True)
         referenced = {(self.path / e.path).resolve() for e in self.experts}
         experts_dir = self.path / "experts"
@@ -279,6 +284,33 @@ class Library:
             for child in experts_dir.iterdir():
                 if child.resolve() not in referenced:
                     shutil.rmtree(child, ignore_errors=True)
+
+    # ---- side files ------------------------------------------------------------------------
+    def read_side_file(self, key: str) -> dict | None:
+        """The JSON side file the manifest names under `key`, or None when there is none or it is
+        unreadable (side files hold analyses that can be computed again)."""
+        entry = self.extra.get("side_files", {}).get(key)
+        if entry is None:
+            return None
+        try:
+            return json.loads((self.path / entry["file"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def update_side_file(self, key: str, update: Callable[[dict | None, Library], tuple[dict, dict]]) -> None:
+        """Rewrite LIBRARY/<key>.json atomically under the write lock: `update(stored, library)`
+        gets what is stored now (None if nothing) and the library as it is on disk, and returns
+        the new contents and a summary of them (a few fields) for the manifest, which names the file."""
+        check_name(key)
+        name = f"{key}.json"
+        with self.edit() as current:
+            data, summary = update(current.read_side_file(key), current)
+            try:
+                atomic_write_text(current.path / name, json.dumps(data, separators=(",", ":")))
+            except OSError as exc:
+                raise _write_error(self.path, exc) from None
+            updated = datetime.now(UTC).isoformat(timespec="seconds")
+            current.extra.setdefault("side_files", {})[key] = {"file": name, "updated": updated, **summary}
 
     # ---- Arrow prototypes cache --------------------------------------------------------------
     def prototypes(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -313,7 +345,7 @@ class Library:
             f"{hashes[name]}/{m}": v.contiguous() for name, by_module in protos.items() for m, v in by_module.items()
         }
         with self._write_lock():
-            tmp = self.path / f".{PROTOTYPES}.{uuid.uuid4().hex}"
+            tmp = temporary_name(self.path / PROTOTYPES)
             try:
                 save_file(tensors, tmp)
                 os.replace(tmp, self.path / PROTOTYPES)
@@ -399,31 +431,3 @@ def _free_folder(experts_dir: Path, name: str, library: Library) -> Path:
 def _write_error(path: Path, exc: Exception) -> LorlibError:
     reason = getattr(exc, "strerror", None) or str(exc)  # safetensors' errors carry only a message
     return LorlibError(f"library {path}: could not write ({reason}); the library is unchanged")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for child in folder.iterdir():
-        with open(child, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

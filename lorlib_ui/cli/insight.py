@@ -1,0 +1,146 @@
+"""The commands that judge routing: `transfer` (each expert alone on each task) and
+`routing-stats` (where a router sends each task's tokens, and whether that agrees with transfer).
+Options are parsed in `lorlib_ui.cli.main`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+from lorlib_ui.cli.build import _csv, _record_history
+from lorlib_ui.core.errors import LorlibError
+
+TASK_SETS = ("held-out", "seen", "all")
+
+
+def _tasks(text: str) -> str | list[str]:
+    return text if text in TASK_SETS else (_csv(text) or [])
+
+
+def _bar(desc: str, unit: str):
+    """A progress callback drawing a tqdm bar on stderr from its first event, and the bars to close."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(done: int, total: int, what: str) -> None:
+        if not bars:
+            bars.append(tqdm(desc=desc, unit=unit, total=total, file=sys.stderr))
+        bars[0].set_postfix_str(what, refresh=False)
+        bars[0].update(done - bars[0].n)
+
+    return progress, bars
+
+
+def cmd_transfer(args) -> None:
+    from lorlib_ui.build.transfer import transfer_library
+    from lorlib_ui.core.library import KINDS
+
+    if args.limit is not None and args.limit < 1:
+        raise LorlibError(f"--limit must be positive, got {args.limit}")
+    experts = None if args.experts is None else (args.experts if args.experts in KINDS else _csv(args.experts) or [])
+    progress, bars = _bar("transfer", "expert")
+    start = time.perf_counter()
+    try:
+        matrix, counts = transfer_library(
+            args.library,
+            _tasks(args.tasks),
+            experts,
+            args.data,
+            args.limit,
+            args.exact_match,
+            args.device,
+            args.dtype,
+            progress,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    seconds = time.perf_counter() - start
+    if counts["computed"]:
+        _record_history(args.library, args.argv, seconds)
+    print(f"computed {counts['computed']} cells, reused {counts['reused']}, in {seconds:.0f} s", file=sys.stderr)
+    if args.json:
+        print(json.dumps(matrix.to_dict() | counts))
+        return
+    print(format_matrix(matrix))
+
+
+def format_matrix(matrix) -> str:
+    """Gain in answer log-likelihood over the base model, tasks down, experts across (transposed
+    when there are more experts than tasks, which reads better in a terminal)."""
+    gain = matrix.gain()
+    experts = [c for c in matrix.columns if c != "base"]
+    cols = [matrix.columns.index(c) for c in experts]
+    width = max(len(t) for t in matrix.tasks)
+    lines = ["gain in mean answer log-likelihood over the base model (expert alone, per task):"]
+    lines.append(" " * 42 + "  ".join(f"{t[:width]:>{width}}" for t in matrix.tasks))
+    for j, name in zip(cols, experts):
+        cells = [f"{'-' if not math.isfinite(g) else f'{g:+.2f}':>{width}}" for g in gain[:, j]]
+        lines.append(f"{name[:40]:<40}  " + "  ".join(cells))
+    base = [f"{'-' if not math.isfinite(v) else f'{v:.2f}':>{width}}" for v in matrix.loglik[:, 0]]
+    lines.append(f"{'(base model log-likelihood)':<40}  " + "  ".join(base))
+    return "\n".join(lines)
+
+
+def cmd_routing_stats(args) -> None:
+    from lorlib_ui.build.routing_stats import routing_stats_library
+
+    if args.limit is not None and args.limit < 1:
+        raise LorlibError(f"--limit must be positive, got {args.limit}")
+    progress, bars = _bar("routing", "task")
+    try:
+        results = routing_stats_library(
+            args.library,
+            args.router,
+            _tasks(args.tasks),
+            args.data,
+            args.limit,
+            args.top_k,
+            args.temperature,
+            args.mix,
+            args.base_model,
+            args.device,
+            args.dtype,
+            progress,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    if args.json:
+        print(json.dumps({kind: result.to_dict() for kind, result in results.items()}, allow_nan=False, default=str))
+        return
+    for kind, result in results.items():
+        print(format_stats(result, kind))
+
+
+def format_stats(result, kind: str) -> str:
+    def pct(x) -> str:
+        return "-" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+
+    def num(x, digits=2) -> str:
+        return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+    s = result.summary()
+    what = "all prompt tokens (chat template included)" if kind == "all" else "content tokens (template excluded)"
+    lines = [
+        f"{result.router} over {len(result.tasks)} tasks, {what}:",
+        f"  top-1 is the task's own expert: {pct(s['own_accuracy'])} (chance {pct(s['own_chance'])}, "
+        f"{s['own_tasks']} tasks with an expert of their own)",
+        f"  top-1 is an expert of the task's family: {pct(s['family_accuracy'])} (chance {pct(s['family_chance'])}, "
+        f"{s['family_tasks']} tasks)",
+        f"  routing entropy: {num(s['entropy'])} nats (uniform over the usable experts: {num(s['uniform_entropy'])})",
+        f"  Spearman(routing mass, transfer gain), mean over tasks: {num(s['spearman'])}",
+        "  task | own | family (chance) | most routed | its gain | best gain | Spearman",
+    ]
+    for row in result.per_task():
+        lines.append(
+            f"  {row['task']} | {pct(row['own_accuracy'])} | {pct(row['family_accuracy'])} "
+            f"({pct(row['family_chance'])}) | {row['most_routed']} | {num(row.get('most_routed_gain'))} | "
+            f"{num(row.get('best_gain'))} | {num(row.get('spearman'))}"
+        )
+    if result.transfer.get("note"):
+        lines.append(f"  ({result.transfer['note']})")
+    return "\n".join(lines)
