@@ -119,8 +119,13 @@ def build_page(
 
 def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
     reopen, outputs = partial(open_library, worker, page), page.opened_outputs()
-    library.wire(page.library, worker, page.path)
-    redraw = clusters.wire(page.clusters, worker, page.path)
+    show_expert = library.wire(page.library, worker, page.path)
+    show_clusters = clusters.wire(page.clusters, worker, page.path)
+
+    def redraw(event):  # after the library (re)opens: the picked expert and the cluster view
+        show_expert(event)
+        return show_clusters(event)
+
     route.wire(page.route, worker, page.path)
     built = build.wire(page.build, worker, page.path)
     evaluated = evaluate.wire(page.evaluate, worker, page.path)

@@ -1,4 +1,9 @@
-"""The Library tab: the experts of the open library, import of PEFT adapters (zip), downloads."""
+"""The Library tab: the experts of the open library, one expert up close, import of PEFT adapters
+(zip), downloads.
+
+The picked expert's view shows, per adapted layer, ‖ΔW‖ and the singular values of ΔW = s·B·A
+(the spectrum whose top right singular vector is Arrow's prototype), its nearest experts by the
+cosine of their MBC embeddings (the Clusters tab's), and its training loss curve."""
 
 from __future__ import annotations
 
@@ -8,14 +13,19 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
+from lorlib_ui.app import figures
 from lorlib_ui.app.events import shows_errors
-from lorlib_ui.worker.api import LibraryInfo, Worker
+from lorlib_ui.worker.api import ExpertDetail, LibraryInfo, Worker
 
 HELP = (
     "The experts of the open library. *private* experts learned one task each; *cluster* experts "
     "learned the tasks of one MBC cluster; the *shared* expert learned all tasks at once."
 )
 COLUMNS = ["name", "kind", "family", "cluster", "tasks", "rank", "targets", "steps", "final loss"]
+PICK_INFO = "shown below: its weight update layer by layer, its nearest experts and its training loss"
+NEAREST_LABEL = "Nearest experts (cosine of their MBC embeddings)"
+NO_CURVE_BUILT = "no loss curve recorded (built before curves were kept)"
+NO_CURVE_IMPORTED = "no loss curve recorded (an imported adapter, not trained here)"
 
 
 @dataclass
@@ -27,6 +37,15 @@ class LibraryTab:
     export_btn: gr.Button
     export_lib_btn: gr.Button
     download: gr.File
+    summary: gr.Markdown  # the picked expert: what it is, how it was trained, what is missing
+    norms_plot: gr.Plot
+    loss_plot: gr.Plot
+    spectrum_plot: gr.Plot
+    nearest: gr.Dataframe
+    inspecting: gr.State  # whether the user has picked an expert to see: a reopened library shows it again
+
+    def detail_outputs(self) -> list:
+        return [self.summary, self.norms_plot, self.loss_plot, self.spectrum_plot, self.nearest]
 
 
 def build_tab() -> LibraryTab:
@@ -37,11 +56,34 @@ def build_tab() -> LibraryTab:
             upload = gr.File(label="Import PEFT adapters (zip)", file_types=[".zip"], type="filepath")
             import_btn = gr.Button("Import")
         with gr.Row():
-            expert_pick = gr.Dropdown([], label="Expert", allow_custom_value=False)
+            expert_pick = gr.Dropdown([], label="Expert", allow_custom_value=False, info=PICK_INFO)
             export_btn = gr.Button("Download expert")
             export_lib_btn = gr.Button("Download library")
             download = gr.File(label="Download", interactive=False)
-    return LibraryTab(table, upload, import_btn, expert_pick, export_btn, export_lib_btn, download)
+        # the expert view: nothing of it shows before an expert is picked
+        summary = gr.Markdown(visible=False, elem_id="expert-summary")
+        with gr.Row():
+            norms_plot = gr.Plot(visible=False, show_label=False, elem_id="expert-norms")
+            loss_plot = gr.Plot(visible=False, show_label=False, elem_id="expert-loss")
+        with gr.Row():
+            spectrum_plot = gr.Plot(visible=False, show_label=False, elem_id="expert-spectrum")
+            nearest = gr.Dataframe(visible=False, interactive=False, label=NEAREST_LABEL, elem_id="expert-nearest")
+        inspecting = gr.State(False)
+    return LibraryTab(
+        table,
+        upload,
+        import_btn,
+        expert_pick,
+        export_btn,
+        export_lib_btn,
+        download,
+        summary,
+        norms_plot,
+        loss_plot,
+        spectrum_plot,
+        nearest,
+        inspecting,
+    )
 
 
 def experts_frame(info: LibraryInfo) -> pd.DataFrame:
@@ -73,6 +115,57 @@ def opened(tab: LibraryTab, info: LibraryInfo) -> dict:
     }
 
 
+def describe(detail: ExpertDetail) -> str:
+    """The expert view's heading: what the expert is, how it was trained, and what is not shown."""
+    about = [f"{detail.kind} expert"]
+    about += [f"family {detail.family}"] if detail.family else []
+    about += [f"tasks: {', '.join(detail.tasks)}"] if detail.tasks else []
+    ranks = sorted({len(values) for values in detail.singular_values})
+    lines = [
+        f"### {detail.name}",
+        f"{'; '.join(about)}. Adapts {len(detail.modules)} linear layers at rank {'/'.join(map(str, ranks))}.",
+    ]
+    steps, final = detail.metrics.get("steps"), detail.metrics.get("final_loss")
+    if steps:
+        lines.append(f"Trained {steps} steps" + (f", final loss {final:.3f}." if final is not None else "."))
+    if detail.loss_curve is None:
+        lines.append(NO_CURVE_BUILT if steps else NO_CURVE_IMPORTED)
+    if detail.nearest_note:
+        lines.append(detail.nearest_note)
+    return "\n\n".join(lines)
+
+
+@shows_errors
+def expert_detail(worker: Worker, tab: LibraryTab, folder: str, name: str | None) -> dict:
+    """One expert up close, from now on shown again when the library reopens; with no expert
+    (an empty library) the view hides."""
+    if not name:
+        return {component: gr.update(value=None, visible=False) for component in tab.detail_outputs()}
+    detail = worker.expert_detail(folder, name)
+    nearest = pd.DataFrame(
+        [(other, round(cosine, 3)) for other, cosine in detail.nearest], columns=["expert", "cosine"]
+    )
+    curve = detail.loss_curve
+    return {
+        tab.summary: gr.update(value=describe(detail), visible=True),
+        tab.norms_plot: gr.update(value=figures.delta_norms(name, detail.modules, detail.norms), visible=True),
+        tab.loss_plot: gr.update(value=figures.loss_curve(name, curve) if curve else None, visible=bool(curve)),
+        tab.spectrum_plot: gr.update(
+            value=figures.singular_value_heatmap(name, detail.modules, detail.singular_values), visible=True
+        ),
+        tab.nearest: gr.update(value=nearest, visible=bool(detail.nearest)),
+        tab.inspecting: True,
+    }
+
+
+def reshow(worker: Worker, tab: LibraryTab, folder: str, name: str | None, inspecting: bool) -> dict:
+    """After the library (re)opens: the picked expert again (new neighbours, a new curve) if the
+    view was showing one; else nothing, so that no plot appears before the user picks an expert."""
+    if not inspecting:
+        return {component: gr.update() for component in tab.detail_outputs()}
+    return expert_detail(worker, tab, folder, name)
+
+
 @shows_errors
 def import_zip(worker: Worker, folder: str, archive: str | None) -> list[str]:
     """Import every adapter of an uploaded zip; the caller reopens the library to show them."""
@@ -89,7 +182,18 @@ def export(worker: Worker, folder: str, expert: str | None = None) -> str:
     return worker.export(folder, expert)
 
 
-def wire(tab: LibraryTab, worker: Worker, path: gr.State) -> None:
-    """This tab's own events (the import is wired by the layout: it reopens the library)."""
+def wire(tab: LibraryTab, worker: Worker, path: gr.State):
+    """This tab's own events (the import is wired by the layout: it reopens the library); returns
+    `redraw(event)`, which shows the picked expert again after `event` (opening or changing the
+    library) if the user had picked one."""
     tab.export_btn.click(partial(export, worker), [path, tab.expert_pick], tab.download, api_name="export_expert")
     tab.export_lib_btn.click(partial(export, worker), path, tab.download, api_name="export_library")
+    inputs, outputs = [path, tab.expert_pick], [*tab.detail_outputs(), tab.inspecting]
+    # select: once per pick, the same expert again included (input fires twice per pick in Gradio 6)
+    tab.expert_pick.select(partial(expert_detail, worker, tab), inputs, outputs, api_name="expert_detail")
+
+    def redraw(event):
+        again = partial(reshow, worker, tab)
+        return event.success(again, [*inputs, tab.inspecting], outputs, api_visibility="private")
+
+    return redraw

@@ -175,5 +175,6 @@ def train_expert(
         "seconds": round(seconds, 2),
         "answer_tokens_per_s": round(answer_tokens / seconds, 1),
         "examples": len(examples),
+        "loss_curve": [round(loss, 4) for loss in losses],  # one per optimizer step, for the expert view
     }
     return TrainResult(adapter, metrics)

@@ -78,6 +78,23 @@ class ClusterView:
 
 
 @dataclass
+class ExpertDetail:
+    """One expert up close: its ΔW = s·B·A layer by layer, its nearest experts, its training."""
+
+    name: str
+    kind: str
+    tasks: list[str]
+    family: str | None
+    modules: list[str]  # the LoRA'd layers, in the model's order
+    norms: list[float]  # per module: Frobenius norm of ΔW
+    singular_values: list[list[float]]  # per module: the singular values of ΔW, descending (r of them)
+    nearest: list[tuple[str, float]]  # the most similar other experts by MBC cosine, most similar first
+    loss_curve: list[float] | None  # training loss per step; None where none was recorded
+    metrics: dict  # the manifest's training metrics, without the curve
+    nearest_note: str = ""  # why `nearest` is empty, where it is
+
+
+@dataclass
 class JobRequest:
     kind: str  # "build", "cluster" or "evaluate"
     library: str
@@ -122,6 +139,11 @@ class Worker(ABC):
 
     @abstractmethod
     def clusters(self, path: str, k: int) -> ClusterView: ...
+
+    @abstractmethod
+    def expert_detail(self, path: str, name: str) -> ExpertDetail:
+        """One expert's ΔW norms and singular values per layer, its nearest experts by MBC
+        similarity, and its training loss curve."""
 
     @abstractmethod
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:

@@ -30,7 +30,16 @@ from lorlib_ui.build.trainers import LocalTrainer, Trainer
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import check_max_new_tokens
-from lorlib_ui.worker.api import ClusterView, JobRequest, JobStatus, LibraryInfo, RouteRequest, RouteUpdate, Worker
+from lorlib_ui.worker.api import (
+    ClusterView,
+    ExpertDetail,
+    JobRequest,
+    JobStatus,
+    LibraryInfo,
+    RouteRequest,
+    RouteUpdate,
+    Worker,
+)
 from lorlib_ui.worker.jobs import JobBoard
 
 MAX_MODELS_ENV = "LORLIB_MAX_MODELS"
@@ -231,24 +240,36 @@ class LocalWorker(Worker):
             return
 
     # ---- clusters --------------------------------------------------------------------------------
+    def _embedding(self, path: str, library: Library) -> dict:
+        """The library's MBC embedding from the LRU: {"experts", "embedding"}, and "coords" (UMAP)
+        and "silhouette" once a cluster view has needed them. Call under the embedding lock."""
+        from lorlib_ui.build.clusters import embed_library
+
+        cache_key = (str(Path(path).resolve()), manifest_key(library))
+        if cache_key not in self._embeddings:
+            experts, embedding = embed_library(library)
+            self._embeddings[cache_key] = {"experts": experts, "embedding": embedding}
+            while len(self._embeddings) > MAX_EMBEDDINGS:
+                self._embeddings.popitem(last=False)
+        self._embeddings.move_to_end(cache_key)
+        return self._embeddings[cache_key]
+
     def clusters(self, path: str, k: int) -> ClusterView:
-        from lorlib_ui.build.clusters import embed_library, task_experts, umap_coords
+        from lorlib_ui.build.clusters import task_experts, umap_coords
         from lorlib_ui.build.mbc import adjusted_rand_index, mbc_cluster, silhouette_by_k
 
         library = Library.open(path)
         n = len(task_experts(library))
         if not 1 <= k <= n:
             raise LorlibError(f"k must be between 1 and the number of clustered experts ({n}), got {k}")
-        cache_key = (str(Path(path).resolve()), manifest_key(library))
         with self._embedding_lock:
-            if cache_key not in self._embeddings:
-                experts, embedding = embed_library(library)
-                silhouette = silhouette_by_k(embedding, range(2, min(n - 1, 16) + 1))
-                self._embeddings[cache_key] = (experts, embedding, umap_coords(embedding.vectors), silhouette)
-                while len(self._embeddings) > MAX_EMBEDDINGS:
-                    self._embeddings.popitem(last=False)
-            self._embeddings.move_to_end(cache_key)
-            experts, embedding, coords, silhouette = self._embeddings[cache_key]
+            entry = self._embedding(path, library)
+            if "coords" not in entry:  # an expert view may have embedded the library without them
+                entry["coords"] = umap_coords(entry["embedding"].vectors)
+                entry["silhouette"] = silhouette_by_k(entry["embedding"], range(2, min(n - 1, 16) + 1))
+            experts, embedding, coords, silhouette = (
+                entry[key] for key in ("experts", "embedding", "coords", "silhouette")
+            )
         labels = mbc_cluster(embedding, k).tolist()
         order = sorted(range(n), key=lambda i: (labels[i], i))
         families = [e.family for e in experts]
@@ -266,6 +287,50 @@ class LocalWorker(Worker):
             silhouette=silhouette,
             ari=adjusted_rand_index(labels, families) if known else None,
         )
+
+    # ---- one expert --------------------------------------------------------------------------------
+    def expert_detail(self, path: str, name: str) -> ExpertDetail:
+        from lorlib_ui.core.spectrum import expert_spectrum
+
+        library = Library.open(path)
+        expert = library.expert(name)  # an unknown name: a one-line error naming it
+        adapter = library.load_adapter(name)
+        order = [m for m in library.base_shapes if m in adapter.factors]  # as the model runs them
+        spectrum = expert_spectrum(adapter, order + sorted(set(adapter.factors) - set(order)))
+        nearest, note = self._nearest(path, library, expert)
+        metrics = {key: value for key, value in expert.metrics.items() if key != "loss_curve"}
+        curve = expert.metrics.get("loss_curve")
+        return ExpertDetail(
+            name=expert.name,
+            kind=expert.kind,
+            tasks=list(expert.tasks),
+            family=expert.family,
+            modules=spectrum.modules,
+            norms=spectrum.norms.tolist(),
+            singular_values=[values.tolist() for values in spectrum.singular_values],
+            nearest=nearest,
+            loss_curve=[float(x) for x in curve] if curve else None,
+            metrics=metrics,
+            nearest_note=note,
+        )
+
+    def _nearest(self, path: str, library: Library, expert, count: int = 5) -> tuple[list[tuple[str, float]], str]:
+        """The `count` experts most similar to `expert` by the cosine of their MBC embeddings (the
+        cluster view's, from the same cache), or none and why."""
+        if expert.kind not in TASK_KINDS:
+            return (
+                [],
+                f"no nearest experts: MBC embeds private and imported experts, and {expert.name} is {expert.kind}",
+            )
+        try:
+            with self._embedding_lock:
+                entry = self._embedding(path, library)
+        except LorlibError as exc:  # too few experts, or experts MBC cannot compare
+            return [], f"no MBC similarity: {exc}"
+        names, similarity = entry["embedding"].names, entry["embedding"].similarity
+        row = similarity[names.index(expert.name)]
+        others = sorted((i for i in range(len(names)) if names[i] != expert.name), key=lambda i: -row[i])
+        return [(names[i], float(row[i])) for i in others[:count]], ""
 
     # ---- imports ---------------------------------------------------------------------------------
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:

@@ -38,7 +38,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.worker.api import ClusterView, JobRequest, JobStatus, LibraryInfo, RouteRequest, RouteUpdate, Worker
+from lorlib_ui.worker.api import (
+    ClusterView,
+    ExpertDetail,
+    JobRequest,
+    JobStatus,
+    LibraryInfo,
+    RouteRequest,
+    RouteUpdate,
+    Worker,
+)
 
 NAMESPACE = "lorlib"
 ACTOR = "lorlib-worker"
@@ -116,6 +125,7 @@ class _WorkerActor:
 
     CALLS = {"health", "warm_up", "library", "comparisons", "examples", "clusters", "import_adapters"}
     CALLS |= {"submit", "job", "cancel"}
+    CALLS |= {"expert_detail"}
 
     def __init__(self, serve: Callable[[], Worker]):
         self.worker = serve()
@@ -202,6 +212,9 @@ class RayWorker(Worker):
 
     def clusters(self, path: str, k: int) -> ClusterView:
         return self._call("clusters", path, k)
+
+    def expert_detail(self, path: str, name: str) -> ExpertDetail:
+        return self._call("expert_detail", path, name)
 
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
         return self._call("import_adapters", path, folders, force)

@@ -26,6 +26,7 @@ ENDPOINTS = {
     "/evaluate",
     "/cancel_evaluate",
     "/health",
+    "/expert_detail",
 }
 
 
@@ -149,3 +150,21 @@ def test_eight_sessions_at_once_each_get_their_own_routing(explorer_url):
         for got_text, got_z in runs:
             assert got_text == text and np.allclose(got_z, z, atol=1e-6)
     assert len({z.tobytes() for _, z in expected}) == 8  # the prompts do route differently
+
+
+def test_expert_detail_returns_the_spectrum_and_the_nearest_experts(client, tiny_library):
+    client.predict(str(tiny_library.path), api_name="/open_library")  # fills the session's expert menu
+    updates = client.predict("task1", api_name="/expert_detail")  # (value, visible) updates: the view shows
+    assert [u["visible"] for u in updates] == [True, True, False, True, True]  # no curve for an import
+    summary, norms, _, spectrum, nearest = (u["value"] for u in updates)
+    adapter = tiny_library.load_adapter("task1")
+    a, b = adapter.factors["model.layers.1.self_attn.v_proj"]
+    dense = adapter.scales["model.layers.1.self_attn.v_proj"] * b.double().numpy() @ a.double().numpy()
+    v_proj = next(t for t in _plot(norms)["data"] if t["name"] == "v_proj")
+    assert np.isclose(_array(v_proj["y"])[1], np.linalg.norm(dense), rtol=1e-5)
+    z = _array(_plot(spectrum)["data"][0]["z"])  # rows: q, k, v, o_proj's σ1..σ4; columns: layers 0, 1
+    assert z.shape == (16, 2) and np.allclose(z[8:12, 1], np.linalg.svd(dense, compute_uv=False)[:4], rtol=1e-5)
+    names = [row[0] for row in nearest["data"]]
+    assert len(names) == 5 and "task1" not in names and "### task1" in summary
+    with pytest.raises(AppError, match="nobody is not in the list of choices"):  # the menu refuses it first
+        client.predict("nobody", api_name="/expert_detail")

@@ -258,3 +258,41 @@ def test_cluster_similarity_colours_span_the_off_diagonal_cells(page):
     assert all(row[i] is None or math.isnan(row[i]) for i, row in enumerate(trace["z"]))  # the diagonal is blank
     assert trace["zmin"] == pytest.approx(min(off)) and trace["zmax"] == pytest.approx(max(off))
     assert trace["zmax"] < 1  # not stretched to the diagonal's 1
+
+
+def test_expert_detail_appears_when_an_expert_is_picked(page, tiny_library):
+    import numpy as np
+
+    from lorlib_ui.app.library import NO_CURVE_IMPORTED
+    from lorlib_ui.worker.local import LocalWorker
+
+    assert page.locator("#expert-norms .js-plotly-plot").count() == 0  # no frames before a pick
+    assert not page.locator("#expert-nearest").is_visible()
+    page.get_by_label("Expert", exact=True).click()
+    page.get_by_role("option", name="task3", exact=True).click()
+    page.get_by_role("heading", name="task3").wait_for(timeout=60_000)
+    page.wait_for_selector("#expert-spectrum .js-plotly-plot", timeout=30_000)
+    norms = page.evaluate(
+        """() => document.querySelector('#expert-norms .js-plotly-plot')._fullData
+                 .map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}))"""
+    )
+    adapter = tiny_library.load_adapter("task3")
+    assert [t["name"] for t in norms] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    for trace in norms:
+        assert trace["x"] == [0, 1]
+        for layer, shown in zip(trace["x"], trace["y"]):
+            a, b = adapter.factors[f"model.layers.{layer}.self_attn.{trace['name']}"]
+            assert shown == pytest.approx(2.0 * np.linalg.norm(b.double().numpy() @ a.double().numpy()), rel=1e-5)
+    spectrum = page.evaluate(
+        """() => { const z = document.querySelector('#expert-spectrum .js-plotly-plot')._fullData[0].z;
+                   return Array.from(z, row => Array.from(row)); }"""
+    )
+    assert np.shape(spectrum) == (16, 2)  # q, k, v, o_proj's σ1..σ4 down, layers 0 and 1 across
+    assert all(list(col) == sorted(col, reverse=True) for block in np.split(np.array(spectrum), 4) for col in block.T)
+    nearest = LocalWorker(device="cpu").expert_detail(str(tiny_library.path), "task3").nearest
+    cells = page.locator("#expert-nearest").inner_text().split()
+    rows = cells[cells.index("cosine") + 1 :]  # expert, cosine, expert, cosine, ...
+    assert rows[::2] == [name for name, _ in nearest] and "task3" not in rows  # most similar first
+    assert [float(c) for c in rows[1::2]] == pytest.approx([round(c, 3) for _, c in nearest], abs=1e-9)
+    page.get_by_text(NO_CURVE_IMPORTED).wait_for(timeout=10_000)
+    assert not page.locator("#expert-loss").is_visible()  # no empty frame for the missing curve

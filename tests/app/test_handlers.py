@@ -153,3 +153,87 @@ def test_shows_errors_names_a_bug_as_unexpected():
     with pytest.raises(gr.Error) as refusal:
         refused()
     assert refusal.value.message == "a clear line"
+
+
+# ---- the Library tab's expert view -------------------------------------------------------------
+
+
+def test_expert_view_is_hidden_until_an_expert_is_picked(worker, page, tiny_library):
+    from lorlib_ui.app import library
+
+    tab = page.library
+    assert not any(component.visible for component in tab.detail_outputs())  # no empty frames at start
+    out = library.expert_detail(worker, tab, str(tiny_library.path), None)  # an empty library picks none
+    assert set(out) == set(tab.detail_outputs()) and not any(update["visible"] for update in out.values())
+    # a library (re)opening shows nothing new until the user has picked an expert, and then the pick
+    untouched = library.reshow(worker, tab, str(tiny_library.path), "task0", False)
+    assert all(update == gr.update() for update in untouched.values())
+    again = library.reshow(worker, tab, str(tiny_library.path), "task0", True)
+    assert again[tab.summary]["visible"] and "### task0" in again[tab.summary]["value"]
+
+
+def test_expert_view_draws_the_spectrum_and_neighbours_of_the_picked_expert(worker, page, tiny_library):
+    from lorlib_ui.app import library
+
+    tab, path = page.library, str(tiny_library.path)
+    out = library.expert_detail(worker, tab, path, "task3")
+    adapter = tiny_library.load_adapter("task3")
+
+    def dense(module):
+        a, b = adapter.factors[module]
+        return adapter.scales[module] * b.double().numpy() @ a.double().numpy()
+
+    norms = out[tab.norms_plot]["value"].data
+    assert [t.name for t in norms] == ["q_proj", "k_proj", "v_proj", "o_proj"]  # the model's order
+    for trace in norms:
+        assert list(trace.x) == [0, 1]  # one point per layer
+        expected = [np.linalg.norm(dense(f"model.layers.{i}.self_attn.{trace.name}")) for i in (0, 1)]
+        np.testing.assert_allclose(trace.y, expected, rtol=1e-5)
+    heatmap = out[tab.spectrum_plot]["value"].data[0]  # layers across; kind and singular value down
+    assert list(heatmap.x) == [0, 1] and np.shape(heatmap.z) == (16, 2)
+    assert list(heatmap.y)[:5] == ["q_proj σ1", "q_proj σ2", "q_proj σ3", "q_proj σ4", "k_proj σ1"]
+    for k, kind in enumerate(["q_proj", "k_proj", "v_proj", "o_proj"]):
+        for layer in (0, 1):
+            expected = np.linalg.svd(dense(f"model.layers.{layer}.self_attn.{kind}"), compute_uv=False)[:4]
+            np.testing.assert_allclose(np.asarray(heatmap.z)[4 * k : 4 * k + 4, layer], expected, rtol=1e-5)
+    table = out[tab.nearest]["value"]
+    assert out[tab.nearest]["visible"] and len(table) == 5 and "task3" not in set(table["expert"])
+    assert list(table["cosine"]) == sorted(table["cosine"], reverse=True) and table["cosine"].abs().max() <= 1
+    summary = out[tab.summary]["value"]
+    assert out[tab.summary]["visible"] and "### task3" in summary and "at rank 4" in summary
+    assert library.NO_CURVE_IMPORTED in summary  # an imported adapter: no curve to draw
+    assert out[tab.loss_plot]["visible"] is False and out[tab.norms_plot]["visible"]
+    with pytest.raises(gr.Error, match="unknown expert 'nobody'"):
+        library.expert_detail(worker, tab, path, "nobody")
+
+
+def test_expert_view_of_the_shipped_library_says_its_curves_were_not_kept(worker, page):
+    from lorlib_ui.app import library
+    from lorlib_ui.core.assets import asset
+
+    tab, path = page.library, str(asset("library"))
+    info = worker.library(path)
+    first = next(e for e in info.experts if e["kind"] == "private")
+    out = library.expert_detail(worker, tab, path, first["name"])
+    assert library.NO_CURVE_BUILT in out[tab.summary]["value"] and out[tab.loss_plot]["visible"] is False
+    assert f"Trained {first['metrics']['steps']} steps" in out[tab.summary]["value"]
+    norms = out[tab.norms_plot]["value"].data
+    assert first["target_modules"] == ["q_proj", "v_proj"] and [t.name for t in norms] == ["q_proj", "v_proj"]
+    assert all(list(t.x) == list(range(30)) for t in norms)  # SmolLM2's 30 layers, in order
+    cluster = next(e["name"] for e in info.experts if e["kind"] == "cluster")
+    out = library.expert_detail(worker, tab, path, cluster)
+    assert out[tab.nearest]["visible"] is False and "no nearest experts: MBC embeds" in out[tab.summary]["value"]
+
+
+def test_expert_view_draws_the_recorded_loss_curve(worker, page, built):
+    import json
+
+    from lorlib_ui.app import library
+
+    experts = json.loads((built / "manifest.json").read_text())["experts"]
+    private = next(e for e in experts if e["kind"] == "private")
+    out = library.expert_detail(worker, page.library, str(built), private["name"])
+    curve = out[page.library.loss_plot]
+    assert curve["visible"] and list(curve["value"].data[0].y) == private["metrics"]["loss_curve"]
+    assert list(curve["value"].data[0].x) == [1, 2, 3]
+    assert "no loss curve" not in out[page.library.summary]["value"]

@@ -51,3 +51,34 @@ def test_same_seed_same_expert(tiny_base):
         runs.append(train_expert(model, tokenizer, EXAMPLES, TrainConfig(steps=5, batch_size=2, seed=3)).adapter)
     for module, (a, b) in runs[0].factors.items():
         assert torch.equal(a, runs[1].factors[module][0]) and torch.equal(b, runs[1].factors[module][1])
+
+
+def test_the_loss_curve_holds_each_steps_loss_rounded(tiny_base):
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    losses = []
+    config = TrainConfig(steps=12, batch_size=2, learning_rate=3e-2, rank=2)
+    result = train_expert(model, tokenizer, EXAMPLES, config, progress=lambda step, total, loss: losses.append(loss))
+    curve = result.metrics["loss_curve"]
+    assert len(curve) == 12 and curve == [round(loss, 4) for loss in losses]
+    assert curve[0] == round(result.metrics["first_loss"], 4)
+    assert abs(curve[-1] - result.metrics["final_loss"]) < 1e-4  # at 12 steps the last tenth is the last step
+
+
+def test_every_kind_of_expert_keeps_its_curve_in_the_manifest(built, capsys):
+    """Private and shared experts (build) and cluster experts (MBC) carry their curve into the
+    manifest, one loss per step of their own."""
+    import json
+
+    from conftest import run
+
+    code, _, err = run(capsys, "cluster", built, "--k", "2", "--steps", "5")
+    assert code == 0, err
+    experts = json.loads((built / "manifest.json").read_text())["experts"]
+    steps = {e["name"]: len(e["metrics"]["loss_curve"]) for e in experts}
+    kinds = {e["name"]: e["kind"] for e in experts}
+    want = {"private": 3, "shared": 2, "cluster": 5}  # conftest.TRAIN: --steps 3 --shared-steps 2
+    assert sorted(set(kinds.values())) == ["cluster", "private", "shared"]
+    assert steps == {name: want[kind] for name, kind in kinds.items()}
+    for e in experts:
+        assert all(isinstance(x, float) and x == round(x, 4) for x in e["metrics"]["loss_curve"])

@@ -256,3 +256,66 @@ def test_jobs_train_with_the_injected_trainer(tmp_path, tiny_base, tasks_file):
     options |= {"shared": False, "base_model": str(tiny_base)}
     status = _wait(worker, worker.submit(JobRequest("build", str(tmp_path / "lib"), options)))
     assert status.state == "done" and status.result["trained"] == ["copy0"] and len(made) == 1
+
+
+def _dense_delta(library, name: str, module: str) -> np.ndarray:
+    adapter = library.load_adapter(name)
+    a, b = adapter.factors[module]
+    return adapter.scales[module] * b.double().numpy() @ a.double().numpy()
+
+
+def test_expert_detail_spectrum_nearest_and_missing_curve(worker, tiny_library):
+    path = str(tiny_library.path)
+    detail = worker.expert_detail(path, "task3")
+    assert (detail.name, detail.kind, detail.tasks, detail.family) == ("task3", "imported", [], None)
+    # the model's order: layer 0's q, k, v, o, then layer 1's (sorted names would put k before q)
+    assert detail.modules == [
+        m for m in tiny_library.base_shapes if m.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+    ]
+    assert detail.modules != sorted(detail.modules) and len(detail.modules) == 8
+    for module, norm, values in zip(detail.modules, detail.norms, detail.singular_values):
+        dense = _dense_delta(tiny_library, "task3", module)
+        np.testing.assert_allclose(values, np.linalg.svd(dense, compute_uv=False)[:4], rtol=1e-5)
+        np.testing.assert_allclose(norm, np.linalg.norm(dense), rtol=1e-5)
+    # nearest: the other five task experts by the cluster view's cosine, most similar first
+    view = worker.clusters(path, 2)
+    row = view.similarity[view.clustered.index("task3")]
+    expected = sorted(((n, row[i]) for i, n in enumerate(view.clustered) if n != "task3"), key=lambda p: -p[1])
+    assert [n for n, _ in detail.nearest] == [n for n, _ in expected]
+    np.testing.assert_allclose([c for _, c in detail.nearest], [c for _, c in expected], atol=1e-12)
+    assert detail.loss_curve is None and detail.metrics == {} and detail.nearest_note == ""
+
+
+def test_expert_detail_refuses_an_unknown_expert_in_one_line(worker, tiny_library):
+    with pytest.raises(LorlibError, match="unknown expert 'nobody'") as caught:
+        worker.expert_detail(str(tiny_library.path), "nobody")
+    assert "\n" not in str(caught.value)
+
+
+def test_expert_detail_and_cluster_view_share_one_embedding(worker, tiny_library, monkeypatch):
+    from lorlib_ui.build import clusters
+
+    calls = []
+    embed = clusters.embed_library
+    monkeypatch.setattr(clusters, "embed_library", lambda *a, **kw: calls.append(1) or embed(*a, **kw))
+    path = str(tiny_library.path)
+    worker.expert_detail(path, "task0")
+    view = worker.clusters(path, 3)  # UMAP and silhouettes are added to the cached embedding
+    worker.expert_detail(path, "task1")
+    assert len(calls) == 1 and view.coords.shape == (6, 2) and set(view.silhouette) == {2, 3, 4, 5}
+
+
+def test_expert_detail_of_a_built_library_shows_its_loss_curve(worker, built):
+    import json
+
+    manifest = {e["name"]: e for e in json.loads((built / "manifest.json").read_text())["experts"]}
+    private = next(n for n, e in manifest.items() if e["kind"] == "private")
+    detail = worker.expert_detail(str(built), private)
+    assert detail.loss_curve == manifest[private]["metrics"]["loss_curve"] and len(detail.loss_curve) == 3
+    assert "loss_curve" not in detail.metrics and detail.metrics["steps"] == 3
+    others = sorted(n for n, e in manifest.items() if e["kind"] == "private" and n != private)
+    assert sorted(n for n, _ in detail.nearest) == others  # fewer than five: all the other private ones
+    shared = worker.expert_detail(str(built), "shared")
+    assert len(shared.loss_curve) == 2 and shared.nearest == []
+    assert shared.nearest_note == "no nearest experts: MBC embeds private and imported experts, and shared is shared"
+    assert [len(v) for v in shared.singular_values] == [2] * len(shared.modules)  # rank 2 (conftest.TRAIN)

@@ -259,3 +259,18 @@ def test_a_build_from_the_app_on_the_ray_backend_fans_out(
     assert all(0 <= f <= 1 for f in seen)
     trainers = {int(m) for m in re.findall(r"\(on \S+:(\d+)\)", " ".join(messages))}
     assert trainers and worker.health()["actor"]["pid"] not in trainers  # Ray tasks, not the actor
+
+
+def test_expert_detail_crosses_from_the_actor(local_ray, tiny_library):
+    from lorlib_ui.core.errors import LorlibError
+
+    path = str(tiny_library.path)
+    remote = RayWorker(SERVE).expert_detail(path, "task2")
+    local = LocalWorker(device="cpu").expert_detail(path, "task2")
+    # the same dataclass; numbers to rounding (the actor's BLAS may split sums over other threads)
+    assert type(remote) is type(local) and (remote.name, remote.modules) == (local.name, local.modules)
+    assert [n for n, _ in remote.nearest] == [n for n, _ in local.nearest] and len(remote.nearest) == 5
+    assert [c for _, c in remote.nearest] == pytest.approx([c for _, c in local.nearest], abs=1e-6)
+    assert remote.norms == pytest.approx(local.norms, rel=1e-9) and remote.loss_curve is local.loss_curve is None
+    with pytest.raises(LorlibError, match="unknown expert 'nobody'"):
+        RayWorker(SERVE).expert_detail(path, "nobody")
