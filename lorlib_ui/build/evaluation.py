@@ -150,6 +150,7 @@ def evaluate_task(
             return None
     rows = test_rows(data, task, limit)
     scores = score_rows(rm, router, {task: rows}, {task: answer_budget(rm.tokenizer, data, task)})[task]
+    scores.loglik = [round(x, 5) for x in scores.loglik]  # as stored: means and intervals agree with the rows
     return TaskScore(
         router=name,
         task=task,
@@ -160,7 +161,7 @@ def evaluate_task(
         loglik=_mean(scores.loglik),
         mc_accuracy=_mean(scores.mc) if scores.mc else None,
         mc_examples=len(scores.mc),
-        rows={"exact_match": scores.exact_match, "loglik": [round(x, 5) for x in scores.loglik], "mc": scores.mc},
+        rows={"exact_match": scores.exact_match, "loglik": scores.loglik, "mc": scores.mc},
     )
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from conftest import library_snapshot, run
 
@@ -97,3 +99,30 @@ def test_a_router_known_right_scores_above_ones_known_wrong(tmp_path, tiny_base)
     right, wrong, base = by["expert:fox"], by["expert:dog"], by["base"]
     assert right["loglik"] > max(wrong["loglik"], base["loglik"]) + 0.5, by
     assert right["exact_match"] == 1.0 and wrong["exact_match"] == base["exact_match"] == 0.0, by
+
+
+def test_evaluate_gives_intervals_paired_differences_and_seen_tasks(built, capsys):
+    code, out, err = run(
+        capsys, "evaluate", built, "--tasks", "all", "--limit", "2", "--routers", "base,uniform,arrow,shared"
+    )
+    assert code == 0, err
+    record = Library.open(built).extra["evaluation"]
+    held, seen = Library.open(built).extra["held_out"]["tasks"], record["seen"]
+    assert set(record["tasks"]) == set(held) | set(seen) and len(seen) == 4 and not set(seen) & set(held)
+    assert set(record["summary_by"]) == {"held-out", "seen"}
+    assert record["summary_by"]["seen"][0]["tasks"] == 4
+    for row in record["summary"]:
+        low, high = row["loglik_ci"]
+        assert low <= row["loglik"] <= high
+        assert row["exact_match_ci"][0] <= row["exact_match"] <= row["exact_match_ci"][1]
+    scores = {(s["router"], s["task"]): s for s in record["scores"]}
+    differences = {(d["a"], d["b"]): d for d in record["differences"]}
+    assert set(differences) == {("arrow", "shared"), ("arrow", "uniform")}  # no cluster experts: no arrow-cluster
+    arrow_shared = differences["arrow", "shared"]["loglik"]
+    by_hand = [
+        np.mean(scores["arrow", t]["rows"]["loglik"]) - np.mean(scores["shared", t]["rows"]["loglik"])
+        for t in record["tasks"]
+    ]
+    assert arrow_shared["difference"] == pytest.approx(np.mean(by_hand), abs=1e-4)
+    assert arrow_shared["ci"][0] <= arrow_shared["difference"] <= arrow_shared["ci"][1]
+    assert "held-out tasks:" in out and "seen tasks:" in out and "arrow − shared" in out and " [" in out
