@@ -23,9 +23,7 @@ def fox_dog(tmp_path_factory, tiny_base):
     from lorlib_ui.build.config import TrainConfig
 
     root = tmp_path_factory.mktemp("foxdog")
-    rows = [
-        {"task": t, "family": "animals", "input": f"say a word {i}", "output": t} for t in TASKS for i in range(30)
-    ]
+    rows = [{"task": t, "family": "animals", "input": f"say a word {i}", "output": t} for t in TASKS for i in range(30)]
     data = root / "fixed.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = TrainConfig(steps=60, batch_size=4, learning_rate=3e-2, rank=8, targets=("v_proj",))
