@@ -1,4 +1,4 @@
-"""The explorer's page: the library picker above five tabs, each from its own module, over one
+"""The explorer's page: the library picker above six tabs, each from its own module, over one
 `Worker`.
 
 The UI knows nothing of models or torch: every event asks the worker and draws what comes back
@@ -16,7 +16,7 @@ from functools import partial
 
 import gradio as gr
 
-from lorlib_ui.app import build, clusters, evaluate, library, route
+from lorlib_ui.app import build, clusters, evaluate, insight, library, route
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.worker.api import Worker
 
@@ -39,6 +39,7 @@ class Page:
     route: route.RouteTab
     build: build.BuildTab
     evaluate: evaluate.EvaluateTab
+    insight: insight.InsightTab
 
     def opened_outputs(self) -> list:
         """What opening a library updates, in the /open_library endpoint's order."""
@@ -109,6 +110,7 @@ def build_page(
                 route.build_tab(),
                 build.build_tab(tasks_by_family or {}),
                 evaluate.build_tab(worker.comparisons()),
+                insight.build_tab(),
             )
         _wire(page, worker, app)
         gr.Button("health", visible=False).click(
@@ -121,9 +123,11 @@ def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
     reopen, outputs = partial(open_library, worker, page), page.opened_outputs()
     show_expert = library.wire(page.library, worker, page.path)
     show_clusters = clusters.wire(page.clusters, worker, page.path)
+    show_insight = insight.wire(page.insight, worker, page.path)
 
-    def redraw(event):  # after the library (re)opens: the picked expert and the cluster view
+    def redraw(event):  # after the library (re)opens: the picked expert, the cluster view, insight
         show_expert(event)
+        show_insight(event)
         return show_clusters(event)
 
     route.wire(page.route, worker, page.path)

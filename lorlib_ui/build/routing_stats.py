@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,6 +147,7 @@ class RoutingStats:
             "experts": self.experts,
             "layers": self.modules,
             "mass": rounded(self.mass),
+            "mass_by_layer": np.round(self.mass_by_layer, 4).tolist(),
             "summary": self.summary(),
             "per_task": self.per_task(),
             "by_layer": {
@@ -337,6 +339,35 @@ def agree_with_transfer(result: RoutingStats, library: Library, top: int = 4) ->
     result.transfer = {"tasks": rows}
 
 
+SIDE_FILE = "routing"  # LIBRARY/routing.json: the last statistics of each router, for the app
+
+
+def library_key(library: Library) -> str:
+    """Identifies the experts statistics were computed over: they are stale once any changes."""
+    return ",".join(f"{e.name}={e.weights_hash}" for e in library.experts)
+
+
+def store_routing(library: Library, spec: str, results: dict[str, RoutingStats], limit: int | None) -> None:
+    """Keep these statistics in the library under the router's spec (replacing that router's last
+    ones; other routers' are kept while the experts are unchanged)."""
+    entry = {"key": library_key(library), "limit": limit} | {kind: r.to_dict() for kind, r in results.items()}
+
+    def update(stored: dict | None, current: Library) -> tuple[dict, dict]:
+        key = library_key(current)
+        routers = {s: e for s, e in (stored or {}).get("routers", {}).items() if e.get("key") == key}
+        routers[spec] = entry
+        return {"format": "lorlib-routing", "version": 1, "routers": routers}, {"routers": sorted(routers)}
+
+    library.update_side_file(SIDE_FILE, update)
+
+
+def load_routing(library: Library) -> dict[str, dict]:
+    """router spec -> {"all": statistics, "content": statistics, "limit": ...}, for the current experts."""
+    stored = library.read_side_file(SIDE_FILE) or {}
+    key = library_key(library)
+    return {s: e for s, e in stored.get("routers", {}).items() if isinstance(e, dict) and e.get("key") == key}
+
+
 def routing_stats_library(
     path: str,
     router: str = "arrow@private",
@@ -351,9 +382,11 @@ def routing_stats_library(
     dtype: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    store: bool = True,
 ) -> dict[str, RoutingStats]:
     """Routing statistics of one router over the library's tasks (a list, or held-out, seen, all),
-    compared with the stored transfer matrix where it has the tasks. Nothing is written."""
+    compared with the stored transfer matrix where it has the tasks; stored in the library under
+    the router's spec when `store` says so."""
     if limit is not None and limit < 1:
         raise LorlibError(f"the limit must be positive, got {limit}")
     library = Library.open(path)
@@ -369,4 +402,7 @@ def routing_stats_library(
     results = route_dataset(rm, spec, loaded, tasks, limit, progress, cancel)
     for result in results.values():
         agree_with_transfer(result, library, top=getattr(spec, "top_k", 1))
+    if store:
+        with suppress(LorlibError):  # a read-only library still reports its statistics
+            store_routing(library, router, results, limit)
     return results

@@ -95,8 +95,21 @@ class ExpertDetail:
 
 
 @dataclass
+class InsightView:
+    """What judges routing, as stored in the library: the transfer matrix (each expert alone on
+    each task) and the last routing statistics of each router, in one order for both."""
+
+    tasks: list[str]  # by family, then name
+    families: list[str | None]
+    experts: list[str]  # by MBC cluster (task experts), then cluster and shared experts
+    groups: list[str]  # per expert: its cluster, or its kind outside the clustering
+    transfer: dict | None  # TransferMatrix.to_dict(), or None when none is stored
+    routing: dict[str, dict]  # router spec -> {"all": ..., "content": ...} (RoutingStats.to_dict)
+
+
+@dataclass
 class JobRequest:
-    kind: str  # "build", "cluster" or "evaluate"
+    kind: str  # "build", "cluster", "evaluate", "transfer" or "routing"
     library: str
     options: dict = field(default_factory=dict)
 
@@ -144,6 +157,11 @@ class Worker(ABC):
     def expert_detail(self, path: str, name: str) -> ExpertDetail:
         """One expert's ΔW norms and singular values per layer, its nearest experts by MBC
         similarity, and its training loss curve."""
+
+    @abstractmethod
+    def insight(self, path: str) -> InsightView:
+        """The library's stored transfer matrix and routing statistics (the `transfer` and
+        `routing` jobs compute them)."""
 
     @abstractmethod
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:

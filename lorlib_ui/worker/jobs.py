@@ -1,4 +1,4 @@
-"""The worker's long jobs (build, cluster, evaluate): a queue run one job at a time on a
+"""The worker's long jobs (build, cluster, evaluate, transfer, routing statistics): a queue run one job at a time on a
 background thread, with cancel, progress, and a bounded history.
 
 Jobs arrive as plain `JobRequest`s (options as the app sends them) and are run by the builders of
@@ -197,4 +197,58 @@ def _evaluate_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
     return {"evaluation": record, "notes": notes}, message
 
 
-JOBS = {"build": _build_job, "cluster": _cluster_job, "evaluate": _evaluate_job}
+def _transfer_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
+    import time
+
+    from lorlib_ui.build.transfer import DEFAULT_LIMIT, transfer_library
+
+    o = job.options
+    start = time.perf_counter()
+
+    def progress(done, total, column):
+        context.update(done / total, f"{done}/{total} experts scored: {column}")
+
+    matrix, counts = transfer_library(
+        job.library,
+        o.get("tasks", "held-out"),
+        o.get("experts"),
+        limit=o.get("limit", DEFAULT_LIMIT),
+        exact_match=bool(o.get("exact_match", False)),
+        progress=progress,
+        cancel=context.cancelled,
+    )
+    if counts["computed"]:
+        _history(job, time.perf_counter() - start)
+    message = f"{len(matrix.tasks)} tasks x {len(matrix.columns)} columns; computed {counts['computed']} cells"
+    return {"computed": counts["computed"], "reused": counts["reused"]}, message + f", reused {counts['reused']}"
+
+
+def _routing_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
+    from lorlib_ui.build.routing_stats import DEFAULT_LIMIT, routing_stats_library
+
+    o = job.options
+
+    def progress(done, total, task):
+        context.update(done / total, f"{done}/{total} tasks routed: {task}")
+
+    results = routing_stats_library(
+        job.library,
+        o.get("router", "arrow@private"),
+        o.get("tasks", "held-out"),
+        limit=o.get("limit", DEFAULT_LIMIT),
+        top_k=o.get("top_k"),
+        temperature=float(o.get("temperature", 1.0)),
+        progress=progress,
+        cancel=context.cancelled,
+    )
+    summary = results["content"].summary()
+    return {"summary": summary}, f"routed {len(results['all'].tasks)} tasks with {results['all'].router}"
+
+
+JOBS = {
+    "build": _build_job,
+    "cluster": _cluster_job,
+    "evaluate": _evaluate_job,
+    "transfer": _transfer_job,
+    "routing": _routing_job,
+}

@@ -33,6 +33,7 @@ from lorlib_ui.core.prompting import check_max_new_tokens
 from lorlib_ui.worker.api import (
     ClusterView,
     ExpertDetail,
+    InsightView,
     JobRequest,
     JobStatus,
     LibraryInfo,
@@ -333,6 +334,36 @@ class LocalWorker(Worker):
         return [(names[i], float(row[i])) for i in others[:count]], ""
 
     # ---- imports ---------------------------------------------------------------------------------
+    # ---- judging routing ------------------------------------------------------------------------
+    def insight(self, path: str) -> InsightView:
+        from lorlib_ui.build.routing_stats import load_routing
+        from lorlib_ui.build.transfer import load_transfer
+
+        library = Library.open(path)
+        matrix = load_transfer(library)
+        routing = load_routing(library)
+        families = dict(zip(matrix.tasks, matrix.families)) if matrix else {}
+        for entry in routing.values():
+            families |= dict(zip(entry["all"]["tasks"], entry["all"]["families"]))
+        tasks = sorted(families, key=lambda t: (families[t] or "", t))
+        assignment = (library.clusters or {}).get("assignment", {})
+        groups = {  # a task expert's MBC cluster; other experts go by kind, after them
+            e.name: next((assignment[t] for t in [e.name, *e.tasks] if t in assignment), e.kind)
+            if e.kind in TASK_KINDS
+            else e.kind
+            for e in library.experts
+        }
+        kinds_last = {e.name: e.kind not in TASK_KINDS for e in library.experts}
+        experts = sorted(library.names, key=lambda n: (kinds_last[n], groups[n], n))
+        return InsightView(
+            tasks=tasks,
+            families=[families[t] for t in tasks],
+            experts=experts,
+            groups=[groups[n] for n in experts],
+            transfer=matrix.to_dict() if matrix else None,
+            routing=routing,
+        )
+
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
         from lorlib_ui.core.library import import_adapters
 

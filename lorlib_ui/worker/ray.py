@@ -41,6 +41,7 @@ from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.worker.api import (
     ClusterView,
     ExpertDetail,
+    InsightView,
     JobRequest,
     JobStatus,
     LibraryInfo,
@@ -125,7 +126,7 @@ class _WorkerActor:
 
     CALLS = {"health", "warm_up", "library", "comparisons", "examples", "clusters", "import_adapters"}
     CALLS |= {"submit", "job", "cancel"}
-    CALLS |= {"expert_detail"}
+    CALLS |= {"expert_detail", "insight"}
 
     def __init__(self, serve: Callable[[], Worker]):
         self.worker = serve()
@@ -215,6 +216,9 @@ class RayWorker(Worker):
 
     def expert_detail(self, path: str, name: str) -> ExpertDetail:
         return self._call("expert_detail", path, name)
+
+    def insight(self, path: str) -> InsightView:
+        return self._call("insight", path)
 
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
         return self._call("import_adapters", path, folders, force)

@@ -26,6 +26,10 @@ ENDPOINTS = {
     "/evaluate",
     "/cancel_evaluate",
     "/health",
+    "/insight",
+    "/transfer",
+    "/routing_stats",
+    "/cancel_insight",
     "/expert_detail",
 }
 

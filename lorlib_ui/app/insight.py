@@ -1,0 +1,196 @@
+"""The Insight tab: is the routing right? The transfer matrix (each expert alone on each task)
+beside a router's routing matrix over the same tasks, routing accuracy and entropy per layer, and
+per task the agreement between where routing goes and where the gain is. Both are computed by
+worker jobs and stored in the library, so the tab shows them as soon as a library opens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import gradio as gr
+
+from lorlib_ui.app import insight_figures as figs
+from lorlib_ui.app.events import cancel_job, run_job, shows_errors
+from lorlib_ui.worker.api import JobRequest, Worker
+
+HELP = (
+    "Does routing pick the experts that help? **Transfer** scores every expert alone on every task's test "
+    "rows (gain in answer log-likelihood over the base model: red helps, blue hurts). **Routing** shows where "
+    "a router sends each task's prompt tokens, in the same order. Both are computed once and kept in the "
+    "library; a re-run computes only what is missing."
+)
+TASK_SETS = ["held-out", "seen", "all"]
+TOKENS = [("content tokens (template left out)", "content"), ("all prompt tokens", "all")]
+DEFAULT_ROUTER = "arrow@private"
+
+
+@dataclass
+class InsightTab:
+    router: gr.Dropdown
+    tokens: gr.Radio
+    layer: gr.Dropdown
+    tasks: gr.Radio
+    limit: gr.Slider
+    transfer_btn: gr.Button
+    routing_btn: gr.Button
+    cancel_btn: gr.Button
+    status: gr.Markdown
+    notes: gr.Markdown
+    matrices: gr.Column
+    transfer_plot: gr.Plot
+    routing_plot: gr.Plot
+    per_layer: gr.Column
+    accuracy_plot: gr.Plot
+    entropy_plot: gr.Plot
+    summary: gr.Markdown
+    table: gr.Dataframe
+    job: gr.State
+
+    def shown(self) -> list:
+        """What `show` updates."""
+        return [
+            self.router,
+            self.layer,
+            self.notes,
+            self.matrices,
+            self.transfer_plot,
+            self.routing_plot,
+            self.per_layer,
+            self.accuracy_plot,
+            self.entropy_plot,
+            self.summary,
+            self.table,
+        ]
+
+
+def build_tab() -> InsightTab:
+    with gr.Tab("Insight", id="insight"):
+        gr.Markdown(HELP)
+        with gr.Row():
+            router = gr.Dropdown([], label="Router", allow_custom_value=True)
+            tokens = gr.Radio(TOKENS, value="content", label="Tokens")
+            layer = gr.Dropdown([figs.ALL_LAYERS], value=figs.ALL_LAYERS, label="Layer")
+        with gr.Row():
+            tasks = gr.Radio(TASK_SETS, value="held-out", label="Tasks")
+            limit = gr.Slider(1, 40, value=20, step=1, label="test rows per task")
+        with gr.Row():
+            transfer_btn = gr.Button("Compute transfer")
+            routing_btn = gr.Button("Route the tasks", variant="primary")
+            cancel_btn = gr.Button("Cancel")
+        status = gr.Markdown()
+        notes = gr.Markdown()
+        with gr.Column(visible=False) as matrices, gr.Row():  # hidden until there is something to draw
+            transfer_plot = gr.Plot(show_label=False, elem_id="insight-transfer")
+            routing_plot = gr.Plot(show_label=False, elem_id="insight-routing")
+        with gr.Column(visible=False) as per_layer:
+            summary = gr.Markdown()
+            with gr.Row():
+                accuracy_plot = gr.Plot(show_label=False, elem_id="insight-accuracy")
+                entropy_plot = gr.Plot(show_label=False, elem_id="insight-entropy")
+            table = gr.Dataframe(interactive=False, label="Per task (click a header to sort)")
+        job = gr.State()  # inside the tab: a Tabs block holds only tabs
+    return InsightTab(
+        router=router,
+        tokens=tokens,
+        layer=layer,
+        tasks=tasks,
+        limit=limit,
+        transfer_btn=transfer_btn,
+        routing_btn=routing_btn,
+        cancel_btn=cancel_btn,
+        status=status,
+        notes=notes,
+        matrices=matrices,
+        transfer_plot=transfer_plot,
+        routing_plot=routing_plot,
+        per_layer=per_layer,
+        accuracy_plot=accuracy_plot,
+        entropy_plot=entropy_plot,
+        summary=summary,
+        table=table,
+        job=job,
+    )
+
+
+@shows_errors
+def show(worker: Worker, tab: InsightTab, folder: str, spec: str | None, tokens: str, layer: str | None) -> dict:
+    """Draw what the library holds for the router `spec` (its stored statistics, if any)."""
+    view = worker.insight(folder)
+    choices = list(dict.fromkeys(list(view.routing) + worker.library(folder).routers))  # stored ones first
+    if spec not in choices:
+        spec = DEFAULT_ROUTER if DEFAULT_ROUTER in choices else (choices or [None])[0]
+    stats = view.routing.get(spec)
+    layers = [figs.ALL_LAYERS] + (stats[tokens]["layers"] if stats else [])
+    layer = layer if layer in layers else figs.ALL_LAYERS
+    notes = []
+    if view.transfer is None:
+        notes.append("No transfer matrix yet: press **Compute transfer** (held-out tasks: minutes on a CPU).")
+    if stats is None:
+        notes.append(f"No routing statistics for **{spec}** yet: press **Route the tasks**.")
+    out = {
+        tab.router: gr.Dropdown(choices=choices, value=spec),
+        tab.layer: gr.Dropdown(
+            choices=[(figs.short_module(m), m) if m != figs.ALL_LAYERS else (m, m) for m in layers], value=layer
+        ),
+        tab.notes: " ".join(notes),
+        tab.matrices: gr.Column(visible=view.transfer is not None or stats is not None),
+        tab.transfer_plot: figs.transfer_heatmap(view) if view.transfer is not None else None,
+        tab.routing_plot: figs.routing_heatmap(view, spec, tokens, layer) if stats else None,
+        tab.per_layer: gr.Column(visible=stats is not None),
+    }
+    if stats is not None:
+        out |= {
+            tab.accuracy_plot: figs.accuracy_by_layer(view, spec, tokens),
+            tab.entropy_plot: figs.entropy_by_layer(view, spec, tokens),
+            tab.summary: figs.summary_text(view, spec, tokens),
+            tab.table: figs.per_task_table(view, spec, tokens),
+        }
+    else:
+        out |= {tab.accuracy_plot: None, tab.entropy_plot: None, tab.summary: "", tab.table: None}
+    return out
+
+
+@shows_errors
+def compute_transfer(worker: Worker, tab: InsightTab, folder, tasks, limit, progress=gr.Progress()):  # noqa: B008 (Gradio fills it in)
+    request = JobRequest("transfer", folder, {"tasks": tasks, "limit": int(limit)})
+    for job_id, line in run_job(worker, request, progress):
+        yield {tab.job: job_id, tab.status: line}
+
+
+@shows_errors
+def route_tasks(worker: Worker, tab: InsightTab, folder, spec, tasks, limit, progress=gr.Progress()):  # noqa: B008
+    if not spec:
+        raise gr.Error("pick a router")
+    request = JobRequest("routing", folder, {"router": spec, "tasks": tasks, "limit": int(limit)})
+    for job_id, line in run_job(worker, request, progress):
+        yield {tab.job: job_id, tab.status: line}
+
+
+def wire(tab: InsightTab, worker: Worker, path: gr.State):
+    """This tab's events; returns `redraw(event)`, which shows the stored results after `event`."""
+    inputs = [path, tab.router, tab.tokens, tab.layer]
+    draw = partial(show, worker, tab)
+
+    def redraw(event):
+        return event.then(draw, inputs, tab.shown(), api_visibility="private")
+
+    tab.router.input(draw, inputs, tab.shown(), api_name="insight")
+    tab.tokens.input(draw, inputs, tab.shown(), api_visibility="private")
+    tab.layer.input(draw, inputs, tab.shown(), api_visibility="private")
+    transferred = tab.transfer_btn.click(
+        partial(compute_transfer, worker, tab),
+        [path, tab.tasks, tab.limit],
+        [tab.job, tab.status],
+        api_name="transfer",
+    )
+    routed = tab.routing_btn.click(
+        partial(route_tasks, worker, tab),
+        [path, tab.router, tab.tasks, tab.limit],
+        [tab.job, tab.status],
+        api_name="routing_stats",
+    )
+    tab.cancel_btn.click(partial(cancel_job, worker), tab.job, tab.status, api_name="cancel_insight", queue=False)
+    redraw(transferred)
+    redraw(routed)
+    return redraw
