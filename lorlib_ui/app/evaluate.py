@@ -13,21 +13,29 @@ from lorlib_ui.app.events import cancel_job, run_job, shows_errors
 from lorlib_ui.worker.api import JobRequest, LibraryInfo, Worker
 
 HELP = (
-    "Compare routers zero-shot on the library's held-out tasks (no expert saw them): exact "
-    "match of the answer, and multiple-choice accuracy where the task has options."
+    "Compare routers zero-shot on the library's held-out tasks (no expert saw them), or on the tasks it was "
+    "trained on (seen): exact match of the answer, the answer's log-likelihood, and multiple-choice accuracy "
+    "where the task has options. Means are over tasks; brackets give 95% bootstrap intervals over test rows, "
+    "and differences between routers are paired (the same rows resampled for both)."
 )
-COLUMNS = ["router", "tasks", "exact match %", "answer log-lik.", "multiple choice %"]
+COLUMNS = ["router", "tasks", "exact match %", "EM 95% CI", "answer log-lik.", "LL 95% CI", "multiple choice %"]
+DIFFERENCE_COLUMNS = ["difference", "tasks", "exact match (points)", "answer log-lik.", "multiple choice (points)"]
+MEASURES = [("exact match", "exact_match"), ("answer log-likelihood", "loglik"), ("multiple choice", "mc_accuracy")]
 
 
 @dataclass
 class EvaluateTab:
     routers: gr.CheckboxGroup
+    tasks: gr.Radio
     limit: gr.Slider
     evaluate_btn: gr.Button
     cancel_btn: gr.Button
     status: gr.Markdown
     plot: gr.Plot
     table: gr.Dataframe
+    differences: gr.Dataframe
+    measure: gr.Radio
+    task_plot: gr.Plot
     job: gr.State
 
 
@@ -36,15 +44,26 @@ def build_tab(comparisons: list[str]) -> EvaluateTab:
     with gr.Tab("Evaluate", id="evaluate"):
         gr.Markdown(HELP)
         routers = gr.CheckboxGroup(comparisons, value=comparisons, label="Routers")
-        limit = gr.Slider(1, 200, value=20, step=1, label="test rows per task")
+        with gr.Row():
+            tasks = gr.Radio(["held-out", "seen", "all"], value="held-out", label="Tasks")
+            limit = gr.Slider(1, 200, value=40, step=1, label="test rows per task (at most)")
         with gr.Row():
             evaluate_btn = gr.Button("Evaluate", variant="primary")
             cancel_btn = gr.Button("Cancel")
         status = gr.Markdown()
         plot = gr.Plot(show_label=False)
-        table = gr.Dataframe(interactive=False, label="Results")
+        table = gr.Dataframe(interactive=False, label="Means over tasks")
+        differences = gr.Dataframe(interactive=False, label="Paired differences, 95% intervals")
+        measure = gr.Radio(MEASURES, value="exact_match", label="Per task")
+        task_plot = gr.Plot(show_label=False, elem_id="evaluate-per-task")
         job = gr.State()  # inside the tab: a Tabs block holds only tabs
-    return EvaluateTab(routers, limit, evaluate_btn, cancel_btn, status, plot, table, job)
+    return EvaluateTab(
+        routers, tasks, limit, evaluate_btn, cancel_btn, status, plot, table, differences, measure, task_plot, job
+    )
+
+
+def _interval(ci: list[float] | None, scale: float, digits: int) -> str:
+    return "" if ci is None else f"[{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
 
 
 def evaluation_frame(evaluation: dict | None) -> pd.DataFrame:
@@ -55,11 +74,39 @@ def evaluation_frame(evaluation: dict | None) -> pd.DataFrame:
                 "router": r["router"],
                 "tasks": r["tasks"],
                 "exact match %": round(100 * r["exact_match"], 1),
+                "EM 95% CI": _interval(r.get("exact_match_ci"), 100, 1),
                 "answer log-lik.": round(r["loglik"], 3),
+                "LL 95% CI": _interval(r.get("loglik_ci"), 1, 3),
                 "multiple choice %": "" if r["mc_accuracy"] is None else round(100 * r["mc_accuracy"], 1),
             }
         )
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def differences_frame(evaluation: dict | None) -> pd.DataFrame:
+    def cell(row, key, scale, digits):
+        if key not in row:
+            return ""
+        d = row[key]
+        return f"{scale * d['difference']:+.{digits}f} {_interval(d['ci'], scale, digits)}"
+
+    rows = [
+        {
+            "difference": f"{r['a']} − {r['b']}",
+            "tasks": r["tasks"],
+            "exact match (points)": cell(r, "exact_match", 100, 1),
+            "answer log-lik.": cell(r, "loglik", 1, 3),
+            "multiple choice (points)": cell(r, "mc", 100, 1),
+        }
+        for r in (evaluation or {}).get("differences", [])
+    ]
+    return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
+
+
+def per_task(evaluation: dict | None, measure: str):
+    evaluation = evaluation or {}
+    routers = [r["router"] for r in evaluation.get("summary", [])]
+    return figures.per_task_bars(evaluation.get("scores", []), routers, measure)
 
 
 def opened(tab: EvaluateTab, info: LibraryInfo) -> dict:
@@ -67,15 +114,22 @@ def opened(tab: EvaluateTab, info: LibraryInfo) -> dict:
     every library, and the user's ticks stay as they are.)"""
     return {
         tab.table: evaluation_frame(info.evaluation),
+        tab.differences: differences_frame(info.evaluation),
         tab.plot: figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
+        tab.task_plot: per_task(info.evaluation, "exact_match"),
     }
 
 
 @shows_errors
-def evaluate(worker: Worker, tab: EvaluateTab, folder, names, limit, progress=gr.Progress()):  # noqa: B008 (Gradio fills it in)
+def draw_per_task(worker: Worker, folder: str, measure: str):
+    return per_task(worker.library(folder).evaluation, measure)
+
+
+@shows_errors
+def evaluate(worker: Worker, tab: EvaluateTab, folder, names, tasks, limit, progress=gr.Progress()):  # noqa: B008 (Gradio fills it in)
     if not names:
         raise gr.Error("pick at least one router")
-    request = JobRequest("evaluate", folder, {"routers": list(names), "limit": int(limit)})
+    request = JobRequest("evaluate", folder, {"routers": list(names), "tasks": tasks, "limit": int(limit)})
     for job_id, line in run_job(worker, request, progress):
         yield {tab.job: job_id, tab.status: line}
 
@@ -83,7 +137,11 @@ def evaluate(worker: Worker, tab: EvaluateTab, folder, names, limit, progress=gr
 def wire(tab: EvaluateTab, worker: Worker, path: gr.State):
     """This tab's events; returns the evaluate event, after which the layout reopens the library."""
     evaluated = tab.evaluate_btn.click(
-        partial(evaluate, worker, tab), [path, tab.routers, tab.limit], [tab.job, tab.status], api_name="evaluate"
+        partial(evaluate, worker, tab),
+        [path, tab.routers, tab.tasks, tab.limit],
+        [tab.job, tab.status],
+        api_name="evaluate",
     )
+    tab.measure.input(partial(draw_per_task, worker), [path, tab.measure], tab.task_plot, api_name="per_task")
     tab.cancel_btn.click(partial(cancel_job, worker), tab.job, tab.status, api_name="cancel_evaluate", queue=False)
     return evaluated

@@ -30,6 +30,7 @@ ENDPOINTS = {
     "/transfer",
     "/routing_stats",
     "/cancel_insight",
+    "/per_task",
     "/expert_detail",
 }
 

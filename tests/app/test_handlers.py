@@ -134,7 +134,7 @@ def test_errors_become_one_visible_line(worker, page, tiny_library):
     with pytest.raises(gr.Error, match="the prompt is empty"):
         list(route.route(worker, page.route, str(tiny_library.path), "  ", "arrow", 2, 1.0, 4))
     with pytest.raises(gr.Error, match="pick at least one router"):
-        list(evaluate.evaluate(worker, page.evaluate, str(tiny_library.path), [], 5))
+        list(evaluate.evaluate(worker, page.evaluate, str(tiny_library.path), [], "held-out", 5))
     with pytest.raises(gr.Error, match="no library at /nonexistent"):
         layout.open_library(worker, page, "/nonexistent")
 
