@@ -128,11 +128,19 @@ def score_continuations(
             for row, seq in enumerate(seqs):
                 ids[row, : len(seq)] = torch.tensor(seq, device=rm.device)
                 mask[row, : len(seq)] = 1
-            logits = rm.model(input_ids=ids, attention_mask=mask).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
-            for row, (i, seq) in enumerate(zip(chunk, seqs)):
-                n = min(len(pairs[i][1]), len(seq) - 1)
-                out[i] = logprobs[row, len(seq) - 1 - n : len(seq) - 1].tolist()
+            # Only the positions that predict a continuation token need the vocabulary projection
+            # and its softmax (a prompt is many times longer than its answer): ask the model for
+            # those alone, the union over the batch (rows of similar length need similar ones).
+            spans = [
+                range(len(seq) - 1 - min(len(pairs[i][1]), len(seq) - 1), len(seq) - 1) for i, seq in zip(chunk, seqs)
+            ]
+            keep = sorted(set().union(*spans))
+            at = {p: j for j, p in enumerate(keep)}
+            index = torch.tensor(keep, device=rm.device)
+            logits = rm.model(input_ids=ids, attention_mask=mask, logits_to_keep=index).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, ids[:, index + 1, None])[..., 0]
+            for row, (i, span) in enumerate(zip(chunk, spans)):
+                out[i] = logprobs[row, [at[p] for p in span]].tolist()
     return out
 
 
