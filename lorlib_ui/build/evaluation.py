@@ -82,10 +82,15 @@ class RowScores:
     mc: list[float]  # 1.0 or 0.0 per multiple-choice row (rows with options only)
 
 
-def test_rows(data: MultiTaskData, task: str, limit: int | None = None) -> list[dict]:
-    rows = data.rows(task, "test")[:limit]
+SPLITS = ("test", "validation")  # what evaluations score; ablations choose on validation rows
+
+
+def test_rows(data: MultiTaskData, task: str, limit: int | None = None, split: str = "test") -> list[dict]:
+    if split not in SPLITS:
+        raise LorlibError(f"unknown split {split!r}; use {' or '.join(SPLITS)}")
+    rows = data.rows(task, split)[:limit]
     if not rows:
-        raise LorlibError(f"{data.origin}: task {task!r} has no test rows")
+        raise LorlibError(f"{data.origin}: task {task!r} has no {split} rows")
     return rows
 
 
@@ -138,7 +143,7 @@ def score_rows(
 
 
 def evaluate_task(
-    rm: RoutedModel, data: MultiTaskData, task: str, name: str, limit: int | None = None
+    rm: RoutedModel, data: MultiTaskData, task: str, name: str, limit: int | None = None, split: str = "test"
 ) -> TaskScore | None:
     """Score one router on one task's test rows; None for the oracle when no expert fits."""
     library = rm.library
@@ -148,7 +153,7 @@ def evaluate_task(
         router = router.for_task(library, family)
         if router is None:
             return None
-    rows = test_rows(data, task, limit)
+    rows = test_rows(data, task, limit, split)
     scores = score_rows(rm, router, {task: rows}, {task: answer_budget(rm.tokenizer, data, task)})[task]
     scores.loglik = [round(x, 5) for x in scores.loglik]  # as stored: means and intervals agree with the rows
     return TaskScore(
@@ -186,6 +191,7 @@ def evaluate(
     limit: int | None = None,
     progress: Callable[[int, int, str, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    split: str = "test",
 ) -> list[TaskScore]:
     """Every router on every task; `progress(done, total, router, task)` after each pair."""
     scores, total, done = [], len(routers) * len(tasks), 0
@@ -193,7 +199,7 @@ def evaluate(
         for task in tasks:
             if cancel is not None and cancel():
                 raise Cancelled("evaluation cancelled")
-            score = evaluate_task(rm, data, task, name, limit)
+            score = evaluate_task(rm, data, task, name, limit, split)
             if score is not None:
                 scores.append(score)
             done += 1
@@ -352,6 +358,7 @@ def evaluate_library(
     dtype: str | None = None,
     progress: Callable[[int, int, str, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    split: str = "test",
 ) -> tuple[dict, list[str]]:
     """Evaluate routers (default: every preset of the router registry that the library allows) on
     tasks (a list, or a set of `select_tasks`; default: the library's held-out tasks) and store the
@@ -376,9 +383,9 @@ def evaluate_library(
     for task in tasks:
         loaded.family_of(task)  # an unknown task fails here, before the model loads
     rm = RoutedModel.load(library, device=device, dtype=dtype)
-    scores = evaluate(rm, loaded, tasks, kept, limit=limit, progress=progress, cancel=cancel)
+    scores = evaluate(rm, loaded, tasks, kept, limit=limit, progress=progress, cancel=cancel, split=split)
     record = result_record(scores, kept, source, limit, time.perf_counter() - start)
-    record["tasks"] = list(tasks)
+    record["tasks"], record["split"] = list(tasks), split
     seen = set(seen_tasks(library))
     record["seen"] = [t for t in tasks if t in seen]
     if record["seen"] and len(record["seen"]) < len(tasks):  # both kinds: a summary of each as well

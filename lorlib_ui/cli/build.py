@@ -183,7 +183,7 @@ def cmd_evaluate(args) -> None:
 
     try:
         record, notes = evaluate_library(
-            args.library, tasks, routers, args.data, args.limit, args.device, args.dtype, progress
+            args.library, tasks, routers, args.data, args.limit, args.device, args.dtype, progress, split=args.split
         )
     finally:
         for bar in bars:
@@ -194,7 +194,8 @@ def cmd_evaluate(args) -> None:
     if args.json:
         print(json.dumps(record))
         return
-    print(f"zero-shot on {len(record['tasks'])} tasks ({', '.join(record['tasks'])}), {record['seconds']:.0f} s")
+    rows = "" if record["split"] == "test" else f", on {record['split']} rows"
+    print(f"zero-shot on {len(record['tasks'])} tasks ({', '.join(record['tasks'])}){rows}, {record['seconds']:.0f} s")
     print("means over tasks; [95% bootstrap interval over test rows]")
     for kind, summary in (record.get("summary_by") or {"": record["summary"]}).items():
         print(f"\n{kind} tasks:" if kind else "")

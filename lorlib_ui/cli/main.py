@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--data", default=None, help="test data (default: what the library was built from)")
     evaluate.add_argument("--limit", type=int, default=None, help="at most this many test rows per task")
+    evaluate.add_argument(
+        "--split", default="test", choices=["test", "validation"], help="validation: for ablations (default test)"
+    )
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None)
     evaluate.add_argument("--json", action="store_true", help="print the results as one JSON object")

@@ -126,3 +126,22 @@ def test_evaluate_gives_intervals_paired_differences_and_seen_tasks(built, capsy
     assert arrow_shared["difference"] == pytest.approx(np.mean(by_hand), abs=1e-4)
     assert arrow_shared["ci"][0] <= arrow_shared["difference"] <= arrow_shared["ci"][1]
     assert "held-out tasks:" in out and "seen tasks:" in out and "arrow − shared" in out and " [" in out
+
+
+def test_evaluate_on_validation_rows_for_ablations(built, capsys, tasks_file):
+    from lorlib_ui.build.data import load_tasks
+    from lorlib_ui.build.evaluation import test_rows
+
+    code, out, err = run(capsys, "evaluate", built, "--split", "validation", "--routers", "base", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    data = load_tasks(str(tasks_file))
+    assert record["split"] == "validation"
+    for score in record["scores"]:
+        assert score["examples"] == len(data.rows(score["task"], "validation"))
+    task = record["scores"][0]["task"]
+    assert test_rows(data, task, split="validation") == data.rows(task, "validation") != data.rows(task, "test")
+    code, out, _ = run(capsys, "evaluate", built, "--split", "validation", "--routers", "base")
+    assert code == 0 and "on validation rows" in out
+    code, _, err = run(capsys, "evaluate", built, "--split", "train")
+    assert code == 1 and "invalid choice" in err
