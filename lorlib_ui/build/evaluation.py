@@ -55,7 +55,9 @@ def normalize(text: str) -> str:
     return first.lower().rstrip(".").strip()
 
 
-def resolve_routers(library: Library, names: list[str], explicit: bool) -> tuple[list[str], list[str]]:
+def resolve_routers(
+    library: Library, names: list[str], explicit: bool, top_k: int | None = None
+) -> tuple[list[str], list[str]]:
     """The routers that can run on this library, and notes on those skipped. A router asked for
     by name that cannot run is an error; one of the defaults is skipped with a note. Names are the
     registry's presets (arrow, shared, oracle, ...) or any router spec (arrow@cluster, expert:NAME)."""
@@ -63,7 +65,7 @@ def resolve_routers(library: Library, names: list[str], explicit: bool) -> tuple
     kept, notes = [], []
     for name in names:
         try:
-            make_router(named.get(name, name), library.names, groups=groups, per_task=True)
+            make_router(named.get(name, name), library.names, top_k, groups=groups, per_task=True)
         except LorlibError as exc:
             if explicit:
                 raise LorlibError(f"router {name!r}: {exc}") from None
@@ -143,12 +145,18 @@ def score_rows(
 
 
 def evaluate_task(
-    rm: RoutedModel, data: MultiTaskData, task: str, name: str, limit: int | None = None, split: str = "test"
+    rm: RoutedModel,
+    data: MultiTaskData,
+    task: str,
+    name: str,
+    limit: int | None = None,
+    split: str = "test",
+    top_k: int | None = None,
 ) -> TaskScore | None:
     """Score one router on one task's test rows; None for the oracle when no expert fits."""
     library = rm.library
     family = data.family_of(task)
-    router = make_router(presets().get(name, name), rm.experts, groups=library.groups(), per_task=True)
+    router = make_router(presets().get(name, name), rm.experts, top_k, groups=library.groups(), per_task=True)
     if router.per_task:
         router = router.for_task(library, family)
         if router is None:
@@ -192,6 +200,7 @@ def evaluate(
     progress: Callable[[int, int, str, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     split: str = "test",
+    top_k: int | None = None,
 ) -> list[TaskScore]:
     """Every router on every task; `progress(done, total, router, task)` after each pair."""
     scores, total, done = [], len(routers) * len(tasks), 0
@@ -199,7 +208,7 @@ def evaluate(
         for task in tasks:
             if cancel is not None and cancel():
                 raise Cancelled("evaluation cancelled")
-            score = evaluate_task(rm, data, task, name, limit, split)
+            score = evaluate_task(rm, data, task, name, limit, split, top_k)
             if score is not None:
                 scores.append(score)
             done += 1
@@ -359,6 +368,7 @@ def evaluate_library(
     progress: Callable[[int, int, str, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     split: str = "test",
+    top_k: int | None = None,
 ) -> tuple[dict, list[str]]:
     """Evaluate routers (default: every preset of the router registry that the library allows) on
     tasks (a list, or a set of `select_tasks`; default: the library's held-out tasks) and store the
@@ -378,14 +388,14 @@ def evaluate_library(
     names = list(presets()) if routers is None else routers
     if not names:
         raise LorlibError("the list of routers is empty")
-    kept, notes = resolve_routers(library, names, explicit=routers is not None)
+    kept, notes = resolve_routers(library, names, explicit=routers is not None, top_k=top_k)
     loaded = load_tasks(source)
     for task in tasks:
         loaded.family_of(task)  # an unknown task fails here, before the model loads
     rm = RoutedModel.load(library, device=device, dtype=dtype)
-    scores = evaluate(rm, loaded, tasks, kept, limit=limit, progress=progress, cancel=cancel, split=split)
+    scores = evaluate(rm, loaded, tasks, kept, limit, progress, cancel, split, top_k)
     record = result_record(scores, kept, source, limit, time.perf_counter() - start)
-    record["tasks"], record["split"] = list(tasks), split
+    record["tasks"], record["split"], record["top_k"] = list(tasks), split, top_k
     seen = set(seen_tasks(library))
     record["seen"] = [t for t in tasks if t in seen]
     if record["seen"] and len(record["seen"]) < len(tasks):  # both kinds: a summary of each as well

@@ -183,7 +183,16 @@ def cmd_evaluate(args) -> None:
 
     try:
         record, notes = evaluate_library(
-            args.library, tasks, routers, args.data, args.limit, args.device, args.dtype, progress, split=args.split
+            args.library,
+            tasks,
+            routers,
+            args.data,
+            args.limit,
+            args.device,
+            args.dtype,
+            progress,
+            split=args.split,
+            top_k=args.top_k,
         )
     finally:
         for bar in bars:

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--split", default="test", choices=["test", "validation"], help="validation: for ablations (default test)"
     )
+    evaluate.add_argument(
+        "--top-k", type=int, default=None, help=f"experts per token for arrow (default {DEFAULT_TOP_K})"
+    )
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None)
     evaluate.add_argument("--json", action="store_true", help="print the results as one JSON object")

@@ -7,10 +7,11 @@ import numpy as np
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
+from test_insight import _finish  # noqa: E402
+
 from lorlib_ui.app import evaluate, layout  # noqa: E402
 from lorlib_ui.worker.api import JobRequest  # noqa: E402
 from lorlib_ui.worker.local import LocalWorker  # noqa: E402
-from test_insight import _finish  # noqa: E402
 
 
 def test_an_evaluation_shows_intervals_differences_and_each_task(built):

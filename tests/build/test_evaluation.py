@@ -137,11 +137,17 @@ def test_evaluate_on_validation_rows_for_ablations(built, capsys, tasks_file):
     record = json.loads(out)
     data = load_tasks(str(tasks_file))
     assert record["split"] == "validation"
-    for score in record["scores"]:
-        assert score["examples"] == len(data.rows(score["task"], "validation"))
+    for row in record["scores"]:
+        assert row["examples"] == len(data.rows(row["task"], "validation"))
     task = record["scores"][0]["task"]
     assert test_rows(data, task, split="validation") == data.rows(task, "validation") != data.rows(task, "test")
-    code, out, _ = run(capsys, "evaluate", built, "--split", "validation", "--routers", "base")
+    code, out, _ = run(capsys, "evaluate", built, "--split", "validation", "--routers", "base,arrow", "--top-k", "1")
     assert code == 0 and "on validation rows" in out
+    record = Library.open(built).extra["evaluation"]
+    assert record["top_k"] == 1 and {s["expert"] for s in record["scores"]} >= {
+        "arrow@private(top_k=1, T=1, mix=outputs)"
+    }
+    code, _, err = run(capsys, "evaluate", built, "--routers", "arrow", "--top-k", "99")
+    assert code == 1 and "top-k must be between" in err
     code, _, err = run(capsys, "evaluate", built, "--split", "train")
     assert code == 1 and "invalid choice" in err
