@@ -88,7 +88,10 @@ def build_tab() -> InsightTab:
             with gr.Row():
                 accuracy_plot = gr.Plot(show_label=False, elem_id="insight-accuracy")
                 entropy_plot = gr.Plot(show_label=False, elem_id="insight-entropy")
-            table = gr.Dataframe(interactive=False, label="Per task (click a header to sort)")
+        # outside the hidden column: a table first drawn inside a hidden block keeps zero height
+        table = gr.Dataframe(
+            interactive=False, label="Per task (click a header to sort)", elem_id="insight-table", visible=False
+        )
         job = gr.State()  # inside the tab: a Tabs block holds only tabs
     return InsightTab(
         router=router,
@@ -144,10 +147,15 @@ def show(worker: Worker, tab: InsightTab, folder: str, spec: str | None, tokens:
             tab.accuracy_plot: figs.accuracy_by_layer(view, spec, tokens),
             tab.entropy_plot: figs.entropy_by_layer(view, spec, tokens),
             tab.summary: figs.summary_text(view, spec, tokens),
-            tab.table: figs.per_task_table(view, spec, tokens),
+            tab.table: gr.Dataframe(figs.per_task_table(view, spec, tokens), visible=True),
         }
     else:
-        out |= {tab.accuracy_plot: None, tab.entropy_plot: None, tab.summary: "", tab.table: None}
+        out |= {
+            tab.accuracy_plot: None,
+            tab.entropy_plot: None,
+            tab.summary: "",
+            tab.table: gr.Dataframe(visible=False),
+        }
     return out
 
 

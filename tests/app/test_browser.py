@@ -73,6 +73,7 @@ def test_every_tab_opens_and_explains_itself(page):
         ("Route", "Type a prompt and pick a router"),
         ("Build", "Train one expert per task"),
         ("Evaluate", "Compare routers zero-shot"),
+        ("Insight", "Does routing pick the experts that help?"),
     ]:
         page.get_by_role("tab", name=tab).click()
         page.get_by_text(words).first.wait_for(timeout=10_000)
@@ -296,3 +297,54 @@ def test_expert_detail_appears_when_an_expert_is_picked(page, tiny_library):
     assert [float(c) for c in rows[1::2]] == pytest.approx([round(c, 3) for _, c in nearest], abs=1e-9)
     page.get_by_text(NO_CURVE_IMPORTED).wait_for(timeout=10_000)
     assert not page.locator("#expert-loss").is_visible()  # no empty frame for the missing curve
+
+
+@pytest.fixture
+def judged_url(built):
+    """The explorer on a library whose transfer matrix and routing statistics are stored."""
+    from conftest import free_port
+
+    from lorlib_ui.app.layout import build_app, launch
+    from lorlib_ui.build.routing_stats import routing_stats_library
+    from lorlib_ui.build.transfer import transfer_library
+    from lorlib_ui.worker.local import LocalWorker
+
+    transfer_library(str(built), "held-out", limit=2)
+    routing_stats_library(str(built), "arrow@private", "held-out", limit=2)
+    app = build_app(LocalWorker(device="cpu"), str(built))
+    port = free_port()
+    launch(app, "127.0.0.1", port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()
+
+
+def test_insight_draws_transfer_and_routing_with_a_cell_per_task_and_expert(judged_url, built):
+    from playwright.sync_api import sync_playwright
+
+    from lorlib_ui.core.library import Library
+
+    library = Library.open(built)
+    tasks, experts = library.extra["held_out"]["tasks"], library.names
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        page = browser.new_context().new_page()
+        page.goto(judged_url)
+        page.get_by_text("Opened").wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Insight").click()
+        for plot in ("#insight-transfer", "#insight-routing", "#insight-accuracy", "#insight-entropy"):
+            page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=60_000)
+        shapes = page.evaluate(
+            """() => ['#insight-transfer', '#insight-routing'].map(id => {
+                const t = document.querySelector(id + ' .js-plotly-plot')._fullData[0];
+                return {rows: t.z.length, cols: t.z[0].length, x: Array.from(t.x), y: Array.from(t.y)};
+            })"""
+        )
+        for shape in shapes:
+            assert (shape["rows"], shape["cols"]) == (len(tasks), len(experts))
+            assert sorted(shape["y"]) == sorted(tasks)
+        assert shapes[0]["x"] == shapes[1]["x"] and shapes[0]["y"] == shapes[1]["y"]  # one order for both
+        for task in tasks:  # a row per task (the dataframe also keeps a hidden copy of its cells)
+            page.locator(f"#insight-table :text-is('{task}'):visible").first.wait_for(timeout=10_000)
+        browser.close()

@@ -121,7 +121,9 @@ def test_jobs_store_what_the_tab_draws(built):
     assert list(transfer.x) == list(routing.x) and list(transfer.y) == list(routing.y) == view.tasks
     private = [i for i, g in enumerate(view.groups) if g != "shared"]
     assert np.allclose(np.nansum(np.array(routing.z, dtype=float)[:, private], axis=1), 1.0, atol=1e-4)
-    assert len(after[tab.table]) == 2 and "arrow@private" in after[tab.summary]
+    assert (
+        len(after[tab.table].value["data"]) == 2 and after[tab.table].visible and "arrow@private" in after[tab.summary]
+    )
     layers = [value for _, value in after[tab.layer].choices][1:]
     one = insight.show(worker, tab, path, "arrow@private", "all", layers[0])
     stats = worker.insight(path).routing["arrow@private"]["all"]
