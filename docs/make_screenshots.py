@@ -40,6 +40,9 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/")
             page.get_by_text("Opened").wait_for(timeout=120_000)
+            page.get_by_label("Expert", exact=True).click()
+            page.get_by_role("option", name="color.rgb", exact=True).click()
+            page.wait_for_selector("#expert-spectrum .js-plotly-plot", timeout=60_000)
             page.screenshot(path=OUT / "library.png", full_page=True)
             page.get_by_role("tab", name="Clusters").click()
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=120_000)
@@ -48,8 +51,11 @@ def main() -> None:
             page.get_by_label("Prompt").fill(PROMPT)
             page.get_by_role("button", name="Route", exact=True).click()
             page.get_by_text("done in").wait_for(timeout=120_000)
-            page.wait_for_timeout(3000)  # the layer detail follows the final update
+            page.wait_for_selector("#route-logits-plot .js-plotly-plot", timeout=60_000)  # the layer detail follows
             page.screenshot(path=OUT / "route.png", full_page=True)
+            page.get_by_role("tab", name="Insight").click()
+            page.wait_for_selector("#insight-entropy .js-plotly-plot", timeout=120_000)
+            page.screenshot(path=OUT / "insight.png", full_page=True)
             for tab in ("Build", "Evaluate"):
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(1500)
