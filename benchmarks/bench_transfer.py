@@ -50,9 +50,8 @@ def main() -> None:
         experts = len(Library.open(copy).experts)
     columns = len(matrix.columns)
     print(f"{len(matrix.tasks)} tasks x {columns} columns (base + {experts} experts), {rows} rows per column")
-    print(
-        f"total {seconds:.0f} s; {seconds / columns:.1f} s per column; {1000 * seconds / (rows * columns):.0f} ms per row"
-    )
+    per_row = 1000 * seconds / (rows * columns)
+    print(f"total {seconds:.0f} s; {seconds / columns:.1f} s per column; {per_row:.0f} ms per row")
     cpu = platform.processor() or platform.machine()
     print(
         f"| {date.today()} | {args.tasks} | {len(matrix.tasks)} | {columns} | {args.limit} | {rows * columns} "
