@@ -10,7 +10,7 @@ import pandas as pd
 
 from lorlib_ui.app import figures
 from lorlib_ui.app.events import cancel_job, run_job, shows_errors
-from lorlib_ui.worker.api import JobRequest, LibraryInfo, Worker
+from lorlib_ui.worker.api import TASK_SETS, JobRequest, LibraryInfo, Worker
 
 HELP = (
     "Compare routers zero-shot on the library's held-out tasks (no expert saw them), or on the tasks it was "
@@ -45,7 +45,7 @@ def build_tab(comparisons: list[str]) -> EvaluateTab:
         gr.Markdown(HELP)
         routers = gr.CheckboxGroup(comparisons, value=comparisons, label="Routers")
         with gr.Row():
-            tasks = gr.Radio(["held-out", "seen", "all"], value="held-out", label="Tasks")
+            tasks = gr.Radio(list(TASK_SETS), value="held-out", label="Tasks")
             limit = gr.Slider(1, 200, value=40, step=1, label="test rows per task (at most)")
         with gr.Row():
             evaluate_btn = gr.Button("Evaluate", variant="primary")

@@ -12,7 +12,7 @@ import gradio as gr
 
 from lorlib_ui.app import insight_figures as figs
 from lorlib_ui.app.events import cancel_job, run_job, shows_errors
-from lorlib_ui.worker.api import JobRequest, Worker
+from lorlib_ui.worker.api import TASK_SETS, JobRequest, Worker
 
 HELP = (
     "Does routing pick the experts that help? **Transfer** scores every expert alone on every task's test "
@@ -20,7 +20,6 @@ HELP = (
     "a router sends each task's prompt tokens, in the same order. Both are computed once and kept in the "
     "library; a re-run computes only what is missing."
 )
-TASK_SETS = ["held-out", "seen", "all"]
 TOKENS = [("content tokens (template left out)", "content"), ("all prompt tokens", "all")]
 DEFAULT_ROUTER = "arrow@private"
 
@@ -72,7 +71,7 @@ def build_tab() -> InsightTab:
             tokens = gr.Radio(TOKENS, value="content", label="Tokens")
             layer = gr.Dropdown([figs.ALL_LAYERS], value=figs.ALL_LAYERS, label="Layer")
         with gr.Row():
-            tasks = gr.Radio(TASK_SETS, value="held-out", label="Tasks")
+            tasks = gr.Radio(list(TASK_SETS), value="held-out", label="Tasks")
             limit = gr.Slider(1, 40, value=20, step=1, label="test rows per task")
         with gr.Row():
             transfer_btn = gr.Button("Compute transfer")

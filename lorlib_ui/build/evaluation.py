@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from lorlib_ui.build import stats
+from lorlib_ui.build.config import TASK_SETS
 from lorlib_ui.build.data import MultiTaskData
 from lorlib_ui.build.training import Cancelled
 from lorlib_ui.core.errors import LorlibError
@@ -324,9 +325,6 @@ def format_differences(rows: list[dict]) -> str:
         ]
         lines.append(f"| {row['a']} − {row['b']} | {row['tasks']} | {' | '.join(cells)} |")
     return "\n".join(lines)
-
-
-TASK_SETS = ("held-out", "seen", "all")
 
 
 def held_out_tasks(library: Library) -> list[str]:

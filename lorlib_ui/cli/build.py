@@ -168,7 +168,8 @@ def cmd_cluster(args) -> None:
 def cmd_evaluate(args) -> None:
     from tqdm import tqdm
 
-    from lorlib_ui.build.evaluation import TASK_SETS, evaluate_library, format_differences, format_table
+    from lorlib_ui.build.config import TASK_SETS
+    from lorlib_ui.build.evaluation import evaluate_library, format_differences, format_table
 
     tasks = args.tasks if args.tasks in TASK_SETS else (_csv(args.tasks) or [])
     routers = None if args.routers is None else (_csv(args.routers) or [])

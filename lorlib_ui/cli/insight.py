@@ -9,10 +9,9 @@ import math
 import sys
 import time
 
+from lorlib_ui.build.config import TASK_SETS
 from lorlib_ui.cli.build import _csv, _record_history
 from lorlib_ui.core.errors import LorlibError
-
-TASK_SETS = ("held-out", "seen", "all")
 
 
 def _tasks(text: str) -> str | list[str]:

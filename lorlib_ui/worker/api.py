@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lorlib_ui.build.config import TASK_SETS as TASK_SETS  # the sets of tasks jobs take by name
 from lorlib_ui.core.prompting import MAX_NEW_TOKENS as MAX_NEW_TOKENS  # the UI's limit is the worker's
 from lorlib_ui.core.record import RoutingRecord
 

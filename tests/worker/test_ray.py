@@ -274,3 +274,14 @@ def test_expert_detail_crosses_from_the_actor(local_ray, tiny_library):
     assert remote.norms == pytest.approx(local.norms, rel=1e-9) and remote.loss_curve is local.loss_curve is None
     with pytest.raises(LorlibError, match="unknown expert 'nobody'"):
         RayWorker(SERVE).expert_detail(path, "nobody")
+
+
+def test_insight_crosses_from_the_actor(local_ray, built):
+    from lorlib_ui.build.transfer import transfer_library
+
+    path = str(built)
+    transfer_library(path, "held-out", limit=1)
+    remote, local = RayWorker(SERVE).insight(path), LocalWorker(device="cpu").insight(path)
+    assert (remote.tasks, remote.experts, remote.groups) == (local.tasks, local.experts, local.groups)
+    assert remote.transfer == local.transfer and remote.transfer["rows"][0][0] == 1
+    assert remote.routing == local.routing == {}
