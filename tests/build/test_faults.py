@@ -56,7 +56,7 @@ def test_killed_while_training_keeps_every_finished_expert(tmp_path, tiny_base, 
 
 WRITER = """
 import os, sys, time
-import lorlib_ui.core.library as library_module
+import lorlib_ui.core.atomic as atomic_module
 from lorlib_ui.core.library import import_adapters
 
 real_open = open
@@ -80,7 +80,7 @@ def stalling_open(file, *args, **kwargs):
     handle = real_open(file, *args, **kwargs)
     return Stalling(handle) if os.path.basename(str(file)).startswith(".manifest.json.") else handle
 
-library_module.open = stalling_open  # only the library module's writes see it
+atomic_module.open = stalling_open  # only the atomic writes (of the manifest, here) see it
 import_adapters(sys.argv[1], [sys.argv[2]])
 """
 
