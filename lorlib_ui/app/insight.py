@@ -16,7 +16,7 @@ from lorlib_ui.worker.api import TASK_SETS, JobRequest, Worker
 
 HELP = (
     "Does routing pick the experts that help? **Transfer** scores every expert alone on every task's test "
-    "rows (gain in answer log-likelihood over the base model: red helps, blue hurts). **Routing** shows where "
+    "rows (gain in answer log-likelihood over the base model: blue helps, red hurts). **Routing** shows where "
     "a router sends each task's prompt tokens, in the same order. Both are computed once and kept in the "
     "library; a re-run computes only what is missing."
 )

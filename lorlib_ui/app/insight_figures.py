@@ -21,8 +21,15 @@ from lorlib_ui.worker.api import InsightView
 ALL_LAYERS = "all layers"
 
 
+LABEL = 26  # characters of an expert's name on an axis; the whole name is in the hover
+
+
 def _height(rows: int) -> int:
-    return max(360, 160 + 18 * rows)
+    return max(480, 260 + 22 * rows)  # room below for the experts' names, written at an angle
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= LABEL else name[: LABEL - 1] + "…"
 
 
 def _cell(x) -> float:
@@ -42,7 +49,12 @@ def _reordered(values: list[list], rows: list[str], cols: list[str], want_rows: 
 
 
 def _labels(view: InsightView) -> list[str]:
-    return [f"{e} ({g})" if g else e for e, g in zip(view.experts, view.groups)]
+    """Axis labels: the name, shortened (two long names may shorten alike: the index keeps them apart)."""
+    return [f"{_short(e)} ·{i}" if _short(e) != e else e for i, e in enumerate(view.experts)]
+
+
+def _hover(view: InsightView) -> np.ndarray:
+    return np.array([f"{e} ({g})" for e, g in zip(view.experts, view.groups)])
 
 
 def transfer_heatmap(view: InsightView) -> go.Figure:
@@ -52,7 +64,9 @@ def transfer_heatmap(view: InsightView) -> go.Figure:
     loglik = _reordered(t["loglik"], t["tasks"], t["columns"], view.tasks, view.experts)
     base = _reordered(t["loglik"], t["tasks"], t["columns"], view.tasks, ["base"])[:, 0]
     limit = float(np.nanmax(np.abs(gain))) if np.isfinite(gain).any() else 1.0
-    custom = np.dstack([loglik, np.repeat(base[:, None], len(view.experts), axis=1)])
+    names = np.broadcast_to(_hover(view), gain.shape)
+    custom = np.dstack([loglik, np.repeat(base[:, None], len(view.experts), axis=1)]).astype(object)
+    custom = np.dstack([custom, names])
     fig = go.Figure(
         go.Heatmap(
             z=gain,
@@ -64,13 +78,13 @@ def transfer_heatmap(view: InsightView) -> go.Figure:
             zmin=-limit,
             zmax=limit,
             colorbar={"title": "gain"},
-            hovertemplate="task %{y}<br>expert %{x}<br>gain over base %{z:+.3f}"
+            hovertemplate="task %{y}<br>expert %{customdata[2]}<br>gain over base %{z:+.3f}"
             "<br>log-lik. %{customdata[0]:.3f} (base %{customdata[1]:.3f})<extra></extra>",
         )
     )
-    fig.update_layout(title="Transfer: each expert alone, gain over the base model", height=_height(len(view.tasks)))
+    fig.update_layout(title="Transfer: each expert alone, gain over base (blue helps)", height=_height(len(view.tasks)))
     fig.update_layout(**LAYOUT)
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_xaxes(showticklabels=len(view.experts) <= 60, tickangle=60)
     return fig
 
@@ -97,13 +111,14 @@ def routing_heatmap(view: InsightView, spec: str, tokens: str = "content", layer
             colorscale="Viridis",
             zmin=0,
             colorbar={"title": "weight"},
-            hovertemplate="task %{y}<br>expert %{x}<br>mean routing weight %{z:.3f}<extra></extra>",
+            customdata=np.broadcast_to(_hover(view), mass.shape),
+            hovertemplate="task %{y}<br>expert %{customdata}<br>mean routing weight %{z:.3f}<extra></extra>",
         )
     )
     what = "content tokens" if tokens == "content" else "all prompt tokens"
     fig.update_layout(title=f"Routing: {spec}, mean weight {where} ({what})", height=_height(len(view.tasks)))
     fig.update_layout(**LAYOUT)
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_xaxes(showticklabels=len(view.experts) <= 60, tickangle=60)
     return fig
 
@@ -120,7 +135,8 @@ def accuracy_by_layer(view: InsightView, spec: str, tokens: str = "content") -> 
         ("family_chance", "family: chance", "dot"),
     ):
         values = [np.nan if v is None else 100 * v for v in by[key]]
-        if not np.isfinite(values).any():
+        measured = by[key.replace("chance", "accuracy")]
+        if not np.isfinite(values).any() or all(v is None for v in measured):  # no accuracy: no chance line
             continue
         fig.add_trace(go.Scatter(x=layers, y=values, mode="lines", name=name, line={"dash": dash}))
     fig.update_layout(title="Top-1 expert per token: right expert (%)", height=320, **LAYOUT)
@@ -189,10 +205,15 @@ def summary_text(view: InsightView, spec: str, tokens: str = "content") -> str:
         return "-" if x is None else f"{x:.2f}"
 
     what = "content tokens (chat template left out)" if tokens == "content" else "all prompt tokens"
+    own = (
+        f"the task's own expert in **{pct(s['own_accuracy'])}** (chance {pct(s['own_chance'])}, "
+        f"{s['own_tasks']} tasks have one), "
+        if s["own_tasks"]
+        else ""
+    )
     return (
-        f"**{spec}** over {len(view.routing[spec][tokens]['tasks'])} tasks, {what}: the top-1 expert is the "
-        f"task's own in **{pct(s['own_accuracy'])}** of tokens x layers (chance {pct(s['own_chance'])}, "
-        f"{s['own_tasks']} tasks have one), of its family in **{pct(s['family_accuracy'])}** (chance "
+        f"**{spec}** over {len(view.routing[spec][tokens]['tasks'])} tasks, {what}: of all tokens x layers, "
+        f"the top-1 expert is {own}an expert of the task's family in **{pct(s['family_accuracy'])}** (chance "
         f"{pct(s['family_chance'])}). Entropy {num(s['entropy'])} nats against {num(s['uniform_entropy'])} "
         f"for uniform weights. Spearman(routing mass, transfer gain), mean over tasks: **{num(s['spearman'])}**."
     )

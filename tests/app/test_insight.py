@@ -67,11 +67,13 @@ def view():
 
 def test_transfer_and_routing_share_one_order_and_transfer_centres_on_no_gain(view):
     transfer = figs.transfer_heatmap(view).data[0]
-    assert list(transfer.y) == ["t1", "t2"] and list(transfer.x) == ["e1 (c0)", "e2 (c1)", "e3 (shared)"]
+    assert list(transfer.y) == ["t1", "t2"] and list(transfer.x) == ["e1", "e2", "e3"]
     z = np.array(transfer.z, dtype=float)
     assert z[0, 0] == -3.0 and z[0, 1] == 1.5 and np.isnan(z[0, 2]) and z[1, 0] == 2.0
     assert transfer.zmid == 0 and transfer.zmin == -3.0 and transfer.zmax == 3.0
-    assert np.allclose(np.array(transfer.customdata)[1, :, 1], -4.0)  # base log-likelihood on hover
+    hover = np.array(transfer.customdata)
+    assert np.allclose(hover[1, :, 1].astype(float), -4.0)  # base log-likelihood on hover
+    assert list(hover[0, :, 2]) == ["e1 (c0)", "e2 (c1)", "e3 (shared)"]  # each expert's group too
     routing = figs.routing_heatmap(view, "arrow@private").data[0]
     assert list(routing.x) == list(transfer.x) and list(routing.y) == list(transfer.y)
     mass = np.array(routing.z, dtype=float)
@@ -132,3 +134,13 @@ def test_jobs_store_what_the_tab_draws(built):
     columns = [view.experts.index(e) for e in stats["experts"]]
     rows = [view.tasks.index(t) for t in stats["tasks"]]
     assert np.allclose(got[np.ix_(rows, columns)], expected, atol=1e-4)
+
+
+def test_long_names_are_shortened_on_the_axis_and_kept_apart(view):
+    from dataclasses import replace
+
+    long = replace(
+        view, experts=["linguistic_mappings.past_tense_regular_json", "linguistic_mappings.past_tense_x", "e3"]
+    )
+    labels = list(figs.routing_heatmap(long, "arrow@private").data[0].x)
+    assert len(set(labels)) == 3 and all(len(label) <= figs.LABEL + 3 for label in labels) and labels[2] == "e3"
