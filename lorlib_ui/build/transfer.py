@@ -100,15 +100,20 @@ def _stored_cells(library: Library) -> dict[str, dict[str, dict]]:
     return stored["cells"]
 
 
+def _fresh(cells: dict[str, dict[str, dict]], keys: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """The cells whose column is still what it was computed with (an expert unchanged)."""
+    kept = {
+        task: {col: c for col, c in by_column.items() if keys.get(col) == c.get("key")}
+        for task, by_column in cells.items()
+    }
+    return {task: by_column for task, by_column in kept.items() if by_column}
+
+
 def load_transfer(library: Library) -> TransferMatrix | None:
     """The stored matrix, keeping only cells whose expert is unchanged; None when there are none.
     Tasks in stored order, columns in library order (the base model first)."""
     keys = column_keys(library)
-    cells = {
-        task: {col: cell for col, cell in by_column.items() if keys.get(col) == cell.get("key")}
-        for task, by_column in _stored_cells(library).items()
-    }
-    cells = {task: by_column for task, by_column in cells.items() if by_column}
+    cells = _fresh(_stored_cells(library), keys)
     if not cells:
         return None
     used = {col for by_column in cells.values() for col in by_column}
@@ -195,12 +200,8 @@ def _store(library: Library, column: str, fresh: dict[str, dict]) -> None:
     have added cells meanwhile), dropping the cells of experts that changed or left."""
 
     def update(stored: dict | None, current: Library) -> tuple[dict, dict]:
-        keys = column_keys(current)
         old = stored["cells"] if stored and stored.get("format") == FORMAT else {}
-        cells = {
-            task: {col: cell for col, cell in by_column.items() if keys.get(col) == cell.get("key")}
-            for task, by_column in old.items()
-        }
+        cells = _fresh(old, column_keys(current))
         for task, cell in fresh.items():
             cells.setdefault(task, {})[column] = cell
         return {"format": FORMAT, "version": 1, "cells": cells}, {"cells": sum(map(len, cells.values()))}

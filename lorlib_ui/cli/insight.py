@@ -11,7 +11,6 @@ import time
 
 from lorlib_ui.build.config import TASK_SETS
 from lorlib_ui.cli.build import _csv, _record_history
-from lorlib_ui.core.errors import LorlibError
 
 
 def _tasks(text: str) -> str | list[str]:
@@ -37,8 +36,6 @@ def cmd_transfer(args) -> None:
     from lorlib_ui.build.transfer import transfer_library
     from lorlib_ui.core.library import KINDS
 
-    if args.limit is not None and args.limit < 1:
-        raise LorlibError(f"--limit must be positive, got {args.limit}")
     experts = None if args.experts is None else (args.experts if args.experts in KINDS else _csv(args.experts) or [])
     progress, bars = _bar("transfer", "expert")
     start = time.perf_counter()
@@ -87,8 +84,6 @@ def format_matrix(matrix) -> str:
 def cmd_routing_stats(args) -> None:
     from lorlib_ui.build.routing_stats import routing_stats_library
 
-    if args.limit is not None and args.limit < 1:
-        raise LorlibError(f"--limit must be positive, got {args.limit}")
     progress, bars = _bar("routing", "task")
     try:
         results = routing_stats_library(
