@@ -7,6 +7,7 @@ record lines up token for token with the text, and streaming needs no extra thre
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,35 +114,58 @@ def score_continuations(
 ) -> list[list[float]]:
     """log p(token | everything before it) for each token of each continuation, given its prompt:
     `pairs` holds (prompt ids, continuation ids). Sequences of similar length are batched together,
-    right-padded (so positions are unaffected) and cut from the left to fit the context."""
+    right-padded (so positions are unaffected) and cut from the left to fit the context.
+
+    The tokens every sequence starts with (the chat template's system prompt: a third of a
+    typical evaluation row) go through the model once, and each batch continues from their
+    cache. That is exact because every router decides each token from that token's own hidden
+    state, which causal attention makes independent of what follows."""
     context = context_length(rm.model)
     pad = next(i for i in (rm.tokenizer.pad_token_id, rm.tokenizer.eos_token_id, 0) if i is not None)
     out: list[list[float]] = [[] for _ in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    seqs = [(prompt + cont)[-context:] for prompt, cont in pairs]
+    # the first scored position of each sequence must come after the shared prefix
+    shared = min([_common_prefix(seqs)] + [len(s) - 1 - min(len(c), len(s) - 1) for s, (_, c) in zip(seqs, pairs)])
+    order = sorted(range(len(pairs)), key=lambda i: len(seqs[i]))
     with rm.routing(router):
+        prefix = None
+        if shared > 0 and len(pairs) > 1:
+            ids = torch.tensor([seqs[0][:shared]], device=rm.device)
+            prefix = rm.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+        else:
+            shared = 0
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            seqs = [(pairs[i][0] + pairs[i][1])[-context:] for i in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, device=rm.device)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long, device=rm.device)
-            for row, seq in enumerate(seqs):
-                ids[row, : len(seq)] = torch.tensor(seq, device=rm.device)
-                mask[row, : len(seq)] = 1
+            width = max(len(seqs[i]) for i in chunk)
+            ids = torch.full((len(chunk), width - shared), pad, device=rm.device)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=rm.device)
+            for row, i in enumerate(chunk):
+                ids[row, : len(seqs[i]) - shared] = torch.tensor(seqs[i][shared:], device=rm.device)
+                mask[row, : len(seqs[i])] = 1
             # Only the positions that predict a continuation token need the vocabulary projection
             # and its softmax (a prompt is many times longer than its answer): ask the model for
             # those alone, the union over the batch (rows of similar length need similar ones).
-            spans = [
-                range(len(seq) - 1 - min(len(pairs[i][1]), len(seq) - 1), len(seq) - 1) for i, seq in zip(chunk, seqs)
-            ]
+            spans = [range(len(seqs[i]) - 1 - min(len(pairs[i][1]), len(seqs[i]) - 1), len(seqs[i]) - 1) for i in chunk]
             keep = sorted(set().union(*spans))
             at = {p: j for j, p in enumerate(keep)}
-            index = torch.tensor(keep, device=rm.device)
-            logits = rm.model(input_ids=ids, attention_mask=mask, logits_to_keep=index).logits
+            index = torch.tensor(keep, device=rm.device) - shared
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(chunk))
+            logits = rm.model(
+                input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None, logits_to_keep=index
+            ).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, ids[:, index + 1, None])[..., 0]
             for row, (i, span) in enumerate(zip(chunk, spans)):
                 out[i] = logprobs[row, [at[p] for p in span]].tolist()
     return out
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens all of `seqs` share."""
+    first, n = seqs[0], min(map(len, seqs))
+    return next((j for j in range(n) if any(s[j] != first[j] for s in seqs)), n)
 
 
 @torch.inference_mode()

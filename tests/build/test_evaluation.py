@@ -28,6 +28,25 @@ def test_score_continuations_equals_unbatched_score(tiny_routed):
         assert len(got) == len(cont) and torch.allclose(torch.tensor(got), torch.tensor(alone), atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", ["arrow", "uniform", "base"])
+def test_score_continuations_shares_a_common_prefix_exactly(tiny_routed, spec):
+    """Sequences that start alike (the chat template's system prompt) are scored from one cached
+    prefix: each continuation's log-probs are those of scoring its whole text alone."""
+    tok = tiny_routed.tokenizer
+    head = "a library of lora adapters routes"
+    texts = [head + tail for tail in (" every token", " tokens to experts with arrow", " the quick brown fox", " x")]
+    shared = len(tok(head)["input_ids"])
+    pairs = []
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        pairs.append((ids[: shared + 1], ids[shared + 1 :]))
+    router = make_router(spec, tiny_routed.experts, top_k=2)
+    batched = score_continuations(tiny_routed, router, pairs, batch_size=3)
+    for text, (prompt, cont), got in zip(texts, pairs, batched):
+        alone = score(tiny_routed, text, router).logprobs[len(prompt) :]
+        assert len(got) == len(cont) and torch.allclose(torch.tensor(got), torch.tensor(alone), atol=1e-4)
+
+
 def test_normalize_for_exact_match():
     assert normalize("  Cats.\nThe plural of cat") == "cats"
     assert normalize("New   York") == normalize("new york")
