@@ -55,6 +55,8 @@ class _Tally:
     routed: np.ndarray  # (modules,) tokens with a top-1 expert (some weight)
     entropy: np.ndarray  # (modules,) summed entropy of the weights
     tokens: int = 0
+    # per prompt, (own, family, routed) counts per layer: intervals over the task's prompts
+    prompts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @classmethod
     def zeros(cls, modules: int, experts: int) -> _Tally:
@@ -81,6 +83,9 @@ class RoutingStats:
     entropy: np.ndarray  # (tasks, modules) mean entropy of a token's weights, in nats
     uniform_entropy: np.ndarray  # (modules,) log of the number of usable experts
     transfer: dict = field(default_factory=dict)  # agreement with the transfer matrix, where stored
+    # 95% bootstrap intervals of the summary's accuracies, resampling each task's prompts
+    own_accuracy_ci: tuple[float, float] | None = None
+    family_accuracy_ci: tuple[float, float] | None = None
 
     @property
     def mass(self) -> np.ndarray:
@@ -97,9 +102,11 @@ class RoutingStats:
         fam = ~np.isnan(self.family_accuracy).all(axis=1)
         return {
             "own_accuracy": mean(self.own_accuracy),
+            "own_accuracy_ci": self.own_accuracy_ci,
             "own_chance": mean(np.broadcast_to(self.own_chance, self.own_accuracy.shape)[own]) if own.any() else None,
             "own_tasks": int(own.sum()),
             "family_accuracy": mean(self.family_accuracy),
+            "family_accuracy_ci": self.family_accuracy_ci,
             "family_chance": mean(np.where(np.isnan(self.family_accuracy), np.nan, self.family_chance)),
             "family_tasks": int(fam.sum()),
             "entropy": mean(self.entropy),
@@ -252,9 +259,11 @@ def _add(tally: _Tally, weights: np.ndarray, own: int, in_family: np.ndarray) ->
     tally.mass += weights.sum(axis=1)
     top = weights.argmax(axis=2)  # (M, T)
     some = weights.max(axis=2) > 0
-    tally.routed += some.sum(axis=1)
-    tally.own += ((top == own) & some).sum(axis=1)
-    tally.family += (in_family[top] & some).sum(axis=1)
+    prompt = (((top == own) & some).sum(axis=1), (in_family[top] & some).sum(axis=1), some.sum(axis=1))
+    tally.prompts.append(prompt)
+    tally.own += prompt[0]
+    tally.family += prompt[1]
+    tally.routed += prompt[2]
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(weights > 0, -weights * np.log(weights), 0.0)
     tally.entropy += terms.sum(axis=2).sum(axis=1)
@@ -268,6 +277,7 @@ def _finish(router, kind, tasks, task_families, own_experts, tallies, usable, n_
     fam_acc = np.full((n_tasks, n_modules), np.nan)
     fam_chance = np.full((n_tasks, n_modules), np.nan)
     entropy = np.zeros((n_tasks, n_modules))
+    own_parts, fam_parts = ([], []), ([], [])  # per task, per prompt: (hits, counts) over layers
     with np.errstate(divide="ignore", invalid="ignore"):
         own_chance = np.where(n_usable > 0, 1 / n_usable, np.nan)
         for i, tally in enumerate(tallies):
@@ -278,8 +288,11 @@ def _finish(router, kind, tasks, task_families, own_experts, tallies, usable, n_
             own = own_experts[i]
             if own is not None:
                 own_acc[i] = np.where(usable[:, rm.experts.index(own)], tally.own / routed, np.nan)
+                _prompt_counts(own_parts, tally, 0, usable[:, rm.experts.index(own)])
             in_family = np.array([task_families[i] in f for f in families])
             hits = (usable & in_family).sum(axis=1)
+            if (hits > 0).any():
+                _prompt_counts(fam_parts, tally, 1, hits > 0)
             fam_acc[i] = np.where(hits > 0, tally.family / routed, np.nan)
             fam_chance[i] = np.where(hits > 0, hits / n_usable, np.nan)
         uniform = np.where(n_usable > 0, np.log(np.maximum(n_usable, 1)), np.nan)
@@ -299,7 +312,18 @@ def _finish(router, kind, tasks, task_families, own_experts, tallies, usable, n_
         family_chance=fam_chance,
         entropy=entropy,
         uniform_entropy=uniform,
+        own_accuracy_ci=stats.pooled_ratio_interval(*own_parts),
+        family_accuracy_ci=stats.pooled_ratio_interval(*fam_parts),
     )
+
+
+def _prompt_counts(parts: tuple[list, list], tally: _Tally, which: int, defined: np.ndarray) -> None:
+    """Append one task's per-prompt hits and counts (prompts, layers), counting only the layers
+    where the accuracy is defined, for `stats.pooled_ratio_interval`."""
+    if not tally.prompts:
+        return
+    parts[0].append(np.stack([p[which] for p in tally.prompts]))
+    parts[1].append(np.stack([p[2] * defined for p in tally.prompts]))
 
 
 def agree_with_transfer(result: RoutingStats, library: Library, top: int = 4) -> None:

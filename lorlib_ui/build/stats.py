@@ -73,6 +73,37 @@ def paired_interval(
     return task_mean(diff), low, high
 
 
+def pooled_ratio_interval(
+    hits: Sequence[np.ndarray],
+    counts: Sequence[np.ndarray],
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of a rate pooled over each task's prompts: per task,
+    `hits` and `counts` are (prompts, parts) arrays (a part: one layer, say); the statistic is the
+    mean over every (task, part) with a count of summed hits / summed counts. Prompts are resampled
+    within each task, so the interval is over the prompts the tasks happen to have. None when no
+    task has a prompt."""
+    rng = np.random.default_rng(seed)
+    total, cells = np.zeros(resamples), np.zeros(resamples)
+    for h, c in zip(hits, counts):
+        h, c = np.asarray(h, dtype=float), np.asarray(c, dtype=float)
+        if len(h) == 0:
+            continue
+        picks = rng.integers(0, len(h), size=(resamples, len(h)))
+        summed_h, summed_c = h[picks].sum(axis=1), c[picks].sum(axis=1)  # (resamples, parts)
+        defined = summed_c > 0
+        total += np.where(defined, summed_h / np.where(defined, summed_c, 1), 0).sum(axis=1)
+        cells += defined.sum(axis=1)
+    if not cells.any():
+        return None
+    rates = total[cells > 0] / cells[cells > 0]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(rates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (ties get their mean rank); NaN when either side is constant
     or fewer than three pairs are finite."""

@@ -117,13 +117,18 @@ def format_stats(result, kind: str) -> str:
     def num(x, digits=2) -> str:
         return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
+    def ci(pair) -> str:
+        return "" if pair is None else f" [{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
+
     s = result.summary()
     what = "all prompt tokens (chat template included)" if kind == "all" else "content tokens (template excluded)"
     lines = [
         f"{result.router} over {len(result.tasks)} tasks, {what}:",
-        f"  top-1 is the task's own expert: {pct(s['own_accuracy'])} (chance {pct(s['own_chance'])}, "
+        f"  top-1 is the task's own expert: {pct(s['own_accuracy'])}{ci(s['own_accuracy_ci'])} "
+        f"(chance {pct(s['own_chance'])}, "
         f"{s['own_tasks']} tasks with an expert of their own)",
-        f"  top-1 is an expert of the task's family: {pct(s['family_accuracy'])} (chance {pct(s['family_chance'])}, "
+        f"  top-1 is an expert of the task's family: {pct(s['family_accuracy'])}{ci(s['family_accuracy_ci'])} "
+        f"(chance {pct(s['family_chance'])}, "
         f"{s['family_tasks']} tasks)",
         f"  routing entropy: {num(s['entropy'])} nats (uniform over the usable experts: {num(s['uniform_entropy'])})",
         f"  Spearman(routing mass, transfer gain), mean over tasks: {num(s['spearman'])}",

@@ -19,6 +19,7 @@ def _stats(tasks, experts, mass):
     by_layer = {k: [0.5, 0.25] for k in ("own_accuracy", "own_chance", "family_accuracy", "family_chance")}
     summary = {k: 0.5 for k in ("own_accuracy", "own_chance", "family_accuracy", "family_chance", "spearman")}
     summary |= {"own_tasks": 1, "family_tasks": 2, "entropy": 0.7, "uniform_entropy": 1.1}
+    summary |= {"own_accuracy_ci": [0.25, 0.75], "family_accuracy_ci": None}
     return {
         "tasks": tasks,
         "families": ["f"] * len(tasks),
@@ -90,7 +91,8 @@ def test_per_layer_plots_and_the_table(view):
     assert list(entropy.data[0].y) == [0.6, 0.8] and list(entropy.data[1].y) == [1.1, 1.1]
     table = figs.per_task_table(view, "arrow@private")
     assert list(table["task"]) == ["t1", "t2"] and list(table["family chance %"]) == [25.0, 25.0]
-    assert "50.0%" in figs.summary_text(view, "arrow@private")
+    text = figs.summary_text(view, "arrow@private")
+    assert "50.0%** [25.0, 75.0]" in text and "family in **50.0%** (chance" in text
 
 
 def _finish(worker, request, deadline_s=300):

@@ -92,6 +92,8 @@ def test_routing_accuracy_is_one_when_prototypes_match_the_tasks(matched):
     assert np.allclose(result.entropy, 0.0) and np.allclose(result.uniform_entropy, np.log(4))
     summary = result.summary()
     assert summary["own_accuracy"] == pytest.approx(1.0) and summary["own_tasks"] == 4
+    assert summary["own_accuracy_ci"] == pytest.approx((1.0, 1.0))  # every prompt hits: no spread
+    assert summary["family_accuracy_ci"] == pytest.approx((1.0, 1.0))
     assert [row["most_routed"] for row in result.per_task()] == list(TASKS)
 
 
@@ -173,7 +175,7 @@ def test_command_line_reports_accuracy_beside_chance(matched, capsys):
     path, data, _ = matched
     code, out, err = run(capsys, "routing-stats", path, "--tasks", ",".join(TASKS), "--data", data, "--top-k", "1")
     assert code == 0, err
-    assert "own expert: 100.0% (chance 25.0%" in out and "content tokens" in out
+    assert "own expert: 100.0% [100.0, 100.0] (chance 25.0%" in out and "content tokens" in out
     code, out, err = run(
         capsys, "routing-stats", path, "--tasks", "t0,t2", "--data", data, "--top-k", "1", "--json", "--limit", "1"
     )
@@ -181,6 +183,7 @@ def test_command_line_reports_accuracy_beside_chance(matched, capsys):
     printed = json.loads(out)
     assert set(printed) == {"all", "content"} and printed["all"]["tasks"] == ["t0", "t2"]
     assert printed["all"]["summary"]["family_accuracy"] == 1.0 and printed["all"]["per_task"][0]["tokens"] == 1
+    assert printed["all"]["summary"]["family_accuracy_ci"] == [1.0, 1.0]
     for argv, message in (
         (["--router", "nope"], "unknown router"),
         (["--tasks", "t9"], "no task 't9'"),

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lorlib_ui.build.stats import bootstrap_interval, paired_interval, spearman, task_mean
+from lorlib_ui.build.stats import bootstrap_interval, paired_interval, pooled_ratio_interval, spearman, task_mean
 
 
 def test_the_interval_covers_the_mean_and_shrinks_with_more_rows():
@@ -22,6 +22,30 @@ def test_the_interval_covers_the_mean_and_shrinks_with_more_rows():
     p = np.array([x.mean() for x in small])
     se = math.sqrt(sum(p * (1 - p) / 20)) / 2
     assert widths[0] == pytest.approx(2 * 1.96 * se, rel=0.25)
+
+
+def test_a_pooled_rate_interval_covers_the_rate_and_shrinks_with_more_prompts():
+    """Per task, prompts of several tokens at two layers; the rate is hits over tokens pooled over
+    a task's prompts, averaged over (task, layer); layers without a count do not enter."""
+    rng = np.random.default_rng(2)
+
+    def prompts(n, p):
+        counts = rng.integers(5, 15, size=(n, 2)).astype(float)
+        return rng.binomial(counts.astype(int), p).astype(float), counts
+
+    widths = []
+    for n in (10, 250):
+        (h1, c1), (h2, c2) = prompts(n, 0.2), prompts(n, 0.7)
+        c2[:, 1] = 0  # the second task has no count at the second layer
+        rate = np.mean(
+            [h1[:, 0].sum() / c1[:, 0].sum(), h1[:, 1].sum() / c1[:, 1].sum(), h2[:, 0].sum() / c2[:, 0].sum()]
+        )
+        low, high = pooled_ratio_interval([h1, h2], [c1, c2])
+        assert low < rate < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 3
+    assert pooled_ratio_interval([np.ones((3, 2))], [np.ones((3, 2))]) == (1.0, 1.0)
+    assert pooled_ratio_interval([np.zeros((0, 2))], [np.zeros((0, 2))]) is None
 
 
 def test_each_task_weighs_the_same():
