@@ -119,7 +119,7 @@ def build_tab() -> InsightTab:
 def show(worker: Worker, tab: InsightTab, folder: str, spec: str | None, tokens: str, layer: str | None) -> dict:
     """Draw what the library holds for the router `spec` (its stored statistics, if any)."""
     view = worker.insight(folder)
-    choices = list(dict.fromkeys(list(view.routing) + worker.library(folder).routers))  # stored ones first
+    choices = list(dict.fromkeys(list(view.routing) + view.routers))  # stored ones first
     if spec not in choices:
         spec = DEFAULT_ROUTER if DEFAULT_ROUTER in choices else (choices or [None])[0]
     stats = view.routing.get(spec)

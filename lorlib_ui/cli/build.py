@@ -60,6 +60,21 @@ class _Bars:
         self.bars, self.overall = {}, None
 
 
+def _bar(desc: str, unit: str):
+    """A progress callback drawing a tqdm bar on stderr from its first event, and the bars to close."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(done: int, total: int, what: str) -> None:
+        if not bars:
+            bars.append(tqdm(desc=desc, unit=unit, total=total, file=sys.stderr))
+        bars[0].set_postfix_str(what, refresh=False)
+        bars[0].update(done - bars[0].n)
+
+    return progress, bars
+
+
 def _trainer(args):
     """The trainer the flags ask for: this process, or one Ray task per expert."""
     from lorlib_ui.build.trainers import LocalTrainer
@@ -166,21 +181,16 @@ def cmd_cluster(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from tqdm import tqdm
-
     from lorlib_ui.build.config import TASK_SETS
     from lorlib_ui.build.evaluation import evaluate_library, format_differences, format_table
 
     tasks = args.tasks if args.tasks in TASK_SETS else (_csv(args.tasks) or [])
     routers = None if args.routers is None else (_csv(args.routers) or [])
     _positive(limit=args.limit)
-    bars = []  # made at the first progress event: a refusal before it prints one line only
+    bar, bars = _bar("evaluate", "task")  # made at the first progress event: a refusal prints one line only
 
     def progress(done, total, router, task):
-        if not bars:
-            bars.append(tqdm(desc="evaluate", unit="task", total=total, file=sys.stderr))
-        bars[0].set_postfix_str(f"{router} on {task}", refresh=False)
-        bars[0].update(done - bars[0].n)
+        bar(done, total, f"{router} on {task}")
 
     try:
         record, notes = evaluate_library(

@@ -10,26 +10,11 @@ import sys
 import time
 
 from lorlib_ui.build.config import TASK_SETS
-from lorlib_ui.cli.build import _csv, _record_history
+from lorlib_ui.cli.build import _bar, _csv, _record_history
 
 
 def _tasks(text: str) -> str | list[str]:
     return text if text in TASK_SETS else (_csv(text) or [])
-
-
-def _bar(desc: str, unit: str):
-    """A progress callback drawing a tqdm bar on stderr from its first event, and the bars to close."""
-    from tqdm import tqdm
-
-    bars = []
-
-    def progress(done: int, total: int, what: str) -> None:
-        if not bars:
-            bars.append(tqdm(desc=desc, unit=unit, total=total, file=sys.stderr))
-        bars[0].set_postfix_str(what, refresh=False)
-        bars[0].update(done - bars[0].n)
-
-    return progress, bars
 
 
 def cmd_transfer(args) -> None:

@@ -42,6 +42,15 @@ def _router_options(parser: argparse.ArgumentParser, default: str = "arrow") -> 
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _dataset_options(parser: argparse.ArgumentParser, limit: int | None, limit_help: str) -> None:
+    """Which tasks' test rows a command reads (evaluate, transfer, routing-stats)."""
+    parser.add_argument(
+        "--tasks", default="held-out", help="held-out, seen (tasks the library trained on), all, or comma-separated"
+    )
+    parser.add_argument("--data", default=None, help="test data (default: what the library was built from)")
+    parser.add_argument("--limit", type=int, default=limit, help=limit_help)
+
+
 def _training_options(parser: argparse.ArgumentParser) -> None:
     """TrainConfig's settings, with its defaults (it checks the values)."""
     defaults = TrainConfig()
@@ -132,17 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="zero-shot evaluation of routers on held-out tasks")
     evaluate.add_argument("library")
-    evaluate.add_argument(
-        "--tasks", default="held-out", help="held-out, seen (tasks the library trained on), all, or comma-separated"
-    )
+    _dataset_options(evaluate, None, "at most this many test rows per task (default: all)")
     evaluate.add_argument(
         "--routers",
         default=None,
         help=f"comma-separated: {', '.join(f'{name} ({spec})' for name, spec in presets().items())} "
         "(default: all of these that the library allows), or any router spec such as arrow@cluster",
     )
-    evaluate.add_argument("--data", default=None, help="test data (default: what the library was built from)")
-    evaluate.add_argument("--limit", type=int, default=None, help="at most this many test rows per task")
     evaluate.add_argument(
         "--split", default="test", choices=["test", "validation"], help="validation: for ablations (default test)"
     )
@@ -155,10 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     transfer = commands.add_parser("transfer", help="score every expert alone (and the base model) on every task")
     transfer.add_argument("library")
-    transfer.add_argument("--tasks", default="held-out", help="held-out, seen, all, or comma-separated tasks")
+    _dataset_options(transfer, ANALYSIS_ROWS, f"test rows per task (default {ANALYSIS_ROWS})")
     transfer.add_argument("--experts", default=None, help="a kind (private, cluster, ...) or comma-separated experts")
-    transfer.add_argument("--data", default=None, help="test data (default: what the library was built from)")
-    transfer.add_argument("--limit", type=int, default=ANALYSIS_ROWS, help="test rows per task")
     transfer.add_argument("--exact-match", action="store_true", help="also generate answers for exact match (slower)")
     transfer.add_argument("--device", default=None)
     transfer.add_argument("--dtype", default=None)
@@ -166,9 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = commands.add_parser("routing-stats", help="where a router sends each task's prompt tokens; is it right?")
     stats.add_argument("library")
-    stats.add_argument("--tasks", default="held-out", help="held-out, seen, all, or comma-separated tasks")
-    stats.add_argument("--data", default=None, help="test data (default: what the library was built from)")
-    stats.add_argument("--limit", type=int, default=ANALYSIS_ROWS, help="test prompts per task")
+    _dataset_options(stats, ANALYSIS_ROWS, f"test prompts per task (default {ANALYSIS_ROWS})")
     _router_options(stats, default="arrow@private")
 
     score = commands.add_parser("score", help="log-probability of each token of a text under a router")

@@ -106,6 +106,7 @@ class InsightView:
     groups: list[str]  # per expert: its cluster, or its kind outside the clustering
     transfer: dict | None  # TransferMatrix.to_dict(), or None when none is stored
     routing: dict[str, dict]  # router spec -> {"all": ..., "content": ...} (RoutingStats.to_dict)
+    routers: list[str] = field(default_factory=list)  # what the library can route with (the Route menu)
 
 
 @dataclass

@@ -338,6 +338,7 @@ class LocalWorker(Worker):
     def insight(self, path: str) -> InsightView:
         from lorlib_ui.build.routing_stats import load_routing
         from lorlib_ui.build.transfer import load_transfer
+        from lorlib_ui.core.routers import menu
 
         library = Library.open(path)
         matrix = load_transfer(library)
@@ -362,6 +363,7 @@ class LocalWorker(Worker):
             groups=[groups[n] for n in experts],
             transfer=matrix.to_dict() if matrix else None,
             routing=routing,
+            routers=menu(library.names, library.groups()),
         )
 
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
