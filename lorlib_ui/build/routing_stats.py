@@ -407,6 +407,7 @@ def routing_stats_library(
     progress: Callable[[int, int, str], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     store: bool = True,
+    density: float | None = None,
 ) -> dict[str, RoutingStats]:
     """Routing statistics of one router over the library's tasks (a list, or held-out, seen, all),
     compared with the stored transfer matrix where it has the tasks; stored in the library under
@@ -416,7 +417,7 @@ def routing_stats_library(
     library = Library.open(path)
     if not library.experts:
         raise LorlibError(f"library {library.path} has no experts")
-    spec = make_router(router, library.names, top_k, temperature, mix, groups=library.groups())
+    spec = make_router(router, library.names, top_k, temperature, mix, groups=library.groups(), density=density)
     tasks = select_tasks(library, tasks)
     source = data or (library.extra.get("held_out") or {}).get("data") or "default"
     loaded = load_tasks(source)

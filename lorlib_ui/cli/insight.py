@@ -35,6 +35,7 @@ def cmd_transfer(args) -> None:
             args.device,
             args.dtype,
             progress,
+            density=args.density,
         )
     finally:
         for bar in bars:
@@ -84,6 +85,7 @@ def cmd_routing_stats(args) -> None:
             args.device,
             args.dtype,
             progress,
+            density=args.density,
         )
     finally:
         for bar in bars:

@@ -36,6 +36,9 @@ def _router_options(parser: argparse.ArgumentParser, default: str = "arrow") -> 
         choices=MIXES,
         help="combine the chosen experts' outputs (PEFT) or their parameters (paper's code)",
     )
+    parser.add_argument(
+        "--density", type=float, default=None, help="ties: share of each expert's entries kept (default 0.2)"
+    )
     parser.add_argument("--base-model", default=None, help="override the library's base model (must fit it)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
@@ -244,7 +247,15 @@ def _routed(args):
     from lorlib_ui.core.routers import make_router
 
     library = Library.open(args.library)
-    router = make_router(args.router, library.names, args.top_k, args.temperature, args.mix, groups=library.groups())
+    router = make_router(
+        args.router,
+        library.names,
+        args.top_k,
+        args.temperature,
+        args.mix,
+        groups=library.groups(),
+        density=args.density,
+    )
     return RoutedModel.load(library, base_model=args.base_model, device=args.device, dtype=args.dtype), router
 
 

@@ -56,6 +56,7 @@ class LibraryLinear(nn.Module):
         super().__init__()
         self.name, self.base, self.state = name, base, state
         self.n_experts, self.rank = len(ranks), max(ranks)
+        self.ranks = ranks  # per expert; its factors are padded with zeros up to `rank`
         e, r, device = self.n_experts, self.rank, base.weight.device
         compute = base.weight.dtype
         buffers = {
@@ -144,7 +145,9 @@ class LibraryLinear(nn.Module):
             bt = self.lora_bt.to(dtype).view(e, r, -1)
             wa = w.to(dtype)
             ws = wa * self.scales
-            if router.mix == "outputs":  # the experts with non-zero weight, side by side
+            if (own := router.merge(self)) is not None:  # a merge of its own (TIES)
+                merged = own
+            elif router.mix == "outputs":  # the experts with non-zero weight, side by side
                 used = torch.nonzero(wa).flatten()
                 merged = (a[used].flatten(0, 1), (bt[used] * ws[used, None, None]).flatten(0, 1))
             else:  # Σ w_e A_e and Σ w_e s_e B_eᵀ

@@ -63,6 +63,29 @@ def test_route_json_contract(cli_library, capsys):
     assert all(len(row) == 8 and set(row) <= set(result["experts"]) for row in result["top_expert"])
 
 
+def test_route_and_score_with_ties(cli_library, capsys):
+    """TIES from the command line: its density reaches the router, and changes the merge."""
+    scores = {}
+    for density in ("0.2", "1"):
+        code, out, err = run(
+            capsys,
+            "score",
+            cli_library,
+            "--text",
+            "the quick brown fox",
+            "--router",
+            "ties",
+            "--density",
+            density,
+            "--json",
+        )
+        assert code == 0, err
+        scores[density] = json.loads(out)
+    assert scores["0.2"]["logprobs"] != scores["1"]["logprobs"]
+    code, out, err = run(capsys, "route", cli_library, "--prompt", "dog", "--router", "ties", "--max-new-tokens", "2")
+    assert code == 0, err
+
+
 def test_route_single_expert_and_base(cli_library, capsys):
     code, out, _ = run(
         capsys, "route", cli_library, "--prompt", "dog", "--router", "expert:task2", "--max-new-tokens", "3", "--json"
@@ -92,6 +115,8 @@ def test_score_json(cli_library, capsys):
         (["route", "{lib}", "--prompt", "hi", "--top-k", "0"], "top-k must be between 1 and the number of experts"),
         (["route", "{lib}", "--prompt", "hi", "--top-k", "5"], "top-k must be between 1 and the number of experts"),
         (["route", "{lib}", "--prompt", "hi", "--temperature", "0"], "temperature must be positive"),
+        (["route", "{lib}", "--prompt", "hi", "--router", "ties", "--density", "0"], "density must be in (0, 1]"),
+        (["score", "{lib}", "--text", "hi", "--router", "ties", "--density", "1.5"], "density must be in (0, 1]"),
         (["route", "{lib}", "--prompt", "hi", "--max-new-tokens", "0"], "max new tokens must be between"),
         (["route", "{lib}", "--prompt", "hi", "--max-new-tokens", "513"], "between 1 and 512, got 513"),
         (["route", "{lib}", "--prompt", "hi", "--router", "oracle"], "picks its expert per evaluated task"),

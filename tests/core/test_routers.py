@@ -1,5 +1,6 @@
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_library, make_adapter
@@ -116,6 +117,66 @@ def test_merges_equal_closed_forms(tiny_base, tiny_adapters, tiny_routed):
         assert _rel(_logits(tiny_routed, make_router(spec, tiny_routed.experts)), expected) < 1e-4, spec
 
 
+def _ties_reference(tensors: list[np.ndarray], density: float, sizes: list[int] | None = None) -> np.ndarray:
+    """TIES written out entry by entry (Yadav et al., 2023): trim, elect sign, disjoint mean.
+    `sizes`: how many leading entries of each flattened tensor are its own (the rest padding)."""
+    trimmed = []
+    for i, t in enumerate(tensors):
+        flat = t.flatten()
+        size = flat.size if sizes is None else sizes[i]
+        keep = int(np.ceil(density * size))
+        order = np.argsort(-np.abs(flat[:size]), kind="stable")[:keep]
+        out = np.zeros_like(flat)
+        out[order] = flat[order]
+        trimmed.append(out)
+    merged = np.zeros_like(trimmed[0])
+    for j in range(merged.size):
+        values = [t[j] for t in trimmed]
+        sign = np.sign(sum(values))
+        agreeing = [v for v in values if v != 0 and np.sign(v) == sign]
+        merged[j] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return merged.reshape(tensors[0].shape)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_equals_a_direct_implementation(tiny_base, tiny_adapters, tiny_routed, density):
+    """TIES on the A's and on the scaled B's, as the paper's code merges LoRA experts."""
+    adapters = [read_adapter(p) for p in tiny_adapters]
+    updates = {}
+    for m in tiny_routed.modules:
+        a = _ties_reference([x.factors[m][0].double().numpy() for x in adapters], density)
+        b = _ties_reference([(x.scales[m] * x.factors[m][1]).double().numpy() for x in adapters], density)
+        updates[m] = torch.from_numpy(b @ a).float()
+    with torch.no_grad():
+        expected = _with_dense_updates(tiny_base, updates)(input_ids=_ids(tiny_routed)).logits
+    router = make_router("ties", tiny_routed.experts, density=density)
+    assert router.describe() == f"ties(density={density:g})"
+    assert _rel(_logits(tiny_routed, router), expected) < 1e-4
+    # one expert alone, nothing trimmed: that expert
+    alone = make_router("ties@one", tiny_routed.experts, density=1.0, groups={"one": [tiny_routed.experts[2]]})
+    single = _logits(tiny_routed, make_router(f"expert:{tiny_routed.experts[2]}", tiny_routed.experts))
+    assert _rel(_logits(tiny_routed, alone), single) < 1e-5
+
+
+def test_ties_trims_each_expert_among_its_own_entries():
+    """An expert of lower rank is padded with zero rows; its density share counts its own entries."""
+    from lorlib_ui.core.routers.ties import ties_merge
+
+    rng = np.random.default_rng(3)
+    high = rng.normal(size=(2, 5))
+    low = np.vstack([rng.normal(size=(1, 5)), np.zeros((1, 5))])  # rank 1, padded to 2
+    expected = _ties_reference([high, low], 0.4, sizes=[10, 5])
+    got = ties_merge(torch.from_numpy(np.stack([high, low])), [10, 5], 0.4).numpy()
+    assert np.allclose(got, expected)
+    assert not np.allclose(got, _ties_reference([high, low], 0.4))  # padding counted: another merge
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_ties_refuses_a_density_outside_0_1(density):
+    with pytest.raises(LorlibError, match=r"density must be in \(0, 1\]"):
+        make_router("ties", ["e0", "e1"], density=density)
+
+
 def test_single_expert_equals_peft_model(tiny_base, tiny_adapters, tiny_routed):
     from peft import PeftModel
 
@@ -162,6 +223,8 @@ def test_mixed_ranks_and_targets(tmp_path, tiny_base):
         assert _rel(_logits(rm, make_router(f"expert:{rm.experts[i]}", rm.experts)), expected) < 1e-5
     # uniform merge over mixed ranks runs and moves away from the base model
     assert _rel(_logits(rm, make_router("uniform", rm.experts)), _logits(rm, make_router("base", rm.experts))) > 1e-3
+    # so does TIES, which trims each expert by its own rank's entries, not the padding
+    assert _rel(_logits(rm, make_router("ties", rm.experts)), _logits(rm, make_router("base", rm.experts))) > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -173,7 +236,7 @@ def test_mixed_ranks_and_targets(tmp_path, tiny_base):
         ("arrow", {"temperature": -1.0}, "temperature must be positive"),
         ("arrow", {"temperature": float("nan")}, "temperature must be positive"),
         ("expert:nope", {}, "unknown expert 'nope'"),
-        ("ties", {}, "unknown router 'ties'"),
+        ("nonsense", {}, "unknown router 'nonsense'"),
         ("arrow", {"mix": "both"}, "unknown mix"),
     ],
 )
@@ -262,8 +325,8 @@ def test_router_limited_to_a_group_equals_that_group_alone(tmp_path, tiny_base, 
     [
         ("arrow@nope", "no experts in group 'nope'"),
         ("arrow@empty", "no experts in group 'empty'"),
-        ("expert:e1@g", "only arrow, uniform and mean_delta can be limited"),
-        ("base@g", "only arrow, uniform and mean_delta can be limited"),
+        ("expert:e1@g", "only arrow, uniform, mean_delta and ties can be limited"),
+        ("base@g", "only arrow, uniform, mean_delta and ties can be limited"),
     ],
 )
 def test_router_groups_are_checked(spec, message):

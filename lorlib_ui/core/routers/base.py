@@ -38,6 +38,7 @@ class RouterSettings:
     top_k: int | None = None  # None: DEFAULT_TOP_K, or all experts if fewer
     temperature: float = 1.0
     mix: str = "outputs"
+    density: float | None = None  # TIES: the share of each expert's parameters kept (None: its default)
 
 
 @dataclass
@@ -88,6 +89,11 @@ class Router:
     def weights(self, slot: LibraryLinear) -> torch.Tensor:
         """Static routers: one weight per expert (experts,), the same for every token."""
         raise NotImplementedError
+
+    def merge(self, slot: LibraryLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Static routers whose merge is not a weighted sum of the experts' factors (TIES): the
+        merged pair (A (r, d_in), s·Bᵀ (r, d_out)) at this layer; None folds `weights` instead."""
+        return None
 
     def route(self, slot: LibraryLinear, dots: torch.Tensor) -> Routing:
         """Dynamic routers: weights per token from dots = h·key_e, (tokens, experts)."""

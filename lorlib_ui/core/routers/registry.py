@@ -18,6 +18,7 @@ from lorlib_ui.core.routers.arrow import ArrowRouter
 from lorlib_ui.core.routers.base import MIXES, Router, RouterSettings
 from lorlib_ui.core.routers.merges import BaseRouter, ExpertRouter, MeanDeltaRouter, UniformRouter
 from lorlib_ui.core.routers.oracle import OracleRouter
+from lorlib_ui.core.routers.ties import TiesRouter
 
 # In this order in menus (dynamic routers first), help texts and evaluation tables.
 ROUTERS: dict[str, type[Router]] = {
@@ -26,6 +27,7 @@ ROUTERS: dict[str, type[Router]] = {
         BaseRouter,
         UniformRouter,
         MeanDeltaRouter,
+        TiesRouter,
         ArrowRouter,
         ExpertRouter,
         OracleRouter,
@@ -58,6 +60,7 @@ def make_router(
     mix: str = "outputs",
     groups: dict[str, list[str]] | None = None,
     per_task: bool = False,
+    density: float | None = None,
 ) -> Router:
     """The router a spec names, over the library's `experts` (names, in library order), limited to
     a group of `groups` when the spec says `@GROUP`. Routers that choose per evaluated task (the
@@ -74,7 +77,7 @@ def make_router(
         raise LorlibError(problem)
     if mix not in MIXES:
         raise LorlibError(f"unknown mix {mix!r}; use {' or '.join(MIXES)}")
-    settings = RouterSettings(top_k, temperature, mix)
+    settings = RouterSettings(top_k, temperature, mix, density)
     if group:
         if not cls.groupable:
             *most, last = [c.name for c in _ordered() if c.groupable]
