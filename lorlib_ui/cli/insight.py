@@ -35,7 +35,6 @@ def cmd_transfer(args) -> None:
             args.device,
             args.dtype,
             progress,
-            density=args.density,
         )
     finally:
         for bar in bars:

@@ -93,7 +93,7 @@ def test_route_through_one_expert(client, tiny_routed):
     ("args", "message"),
     [
         (("", "arrow", 2, 1.0, 4), "the prompt is empty"),
-        (("hi", "ties", 2, 1.0, 4), "unknown router"),
+        (("hi", "nonsense", 2, 1.0, 4), "unknown router"),
         (("hi", "arrow", 9, 1.0, 4), "top-k must be between 1 and the number of experts"),
     ],
 )

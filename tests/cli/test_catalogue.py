@@ -264,7 +264,7 @@ BAD_ROUTES = {  # (prompt, router, top-k, temperature) -> message
     "top-k above the experts": (("hello", "arrow", 5, 1.0), r"top-k must be between 1 and the number of experts \(4\)"),
     "temperature 0": (("hello", "arrow", 2, 0.0), "temperature must be positive"),
     "negative temperature": (("hello", "arrow", 2, -1.0), "temperature must be positive"),
-    "unknown router": (("hello", "ties", 2, 1.0), "unknown router"),
+    "unknown router": (("hello", "nonsense", 2, 1.0), "unknown router"),
     "unknown expert": (("hello", "expert:nobody", 2, 1.0), "nobody"),
 }
 

@@ -63,7 +63,7 @@ def test_concurrent_requests_get_their_own_records(worker, tiny_library):
     ("change", "message"),
     [
         ({"prompt": "  "}, "the prompt is empty"),
-        ({"router": "ties"}, "unknown router"),
+        ({"router": "nonsense"}, "unknown router"),
         ({"top_k": 0}, "top-k must be between 1"),
         ({"temperature": -1.0}, "temperature must be positive"),
         ({"max_new_tokens": 0}, "max new tokens must be between 1"),
