@@ -25,10 +25,8 @@ def ties_merge(tensors, sizes, density: float):
     """TIES over experts: `tensors` (experts, ...) stacked, `sizes[e]` the number of leading
     entries of expert e's flattened tensor that are its own (the rest is rank padding). Returns
     the merged tensor (...)."""
-    import torch
-
     flat = tensors.flatten(1)
-    trimmed = torch.zeros_like(flat)
+    trimmed = flat.new_zeros(flat.shape)
     for e, size in enumerate(sizes):
         keep = math.ceil(density * size)
         if keep == 0:
@@ -36,10 +34,9 @@ def ties_merge(tensors, sizes, density: float):
         values = flat[e, :size]
         top = values.abs().topk(keep).indices
         trimmed[e, top] = values[top]
-    sign = torch.sign(trimmed.sum(dim=0))
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-    count = agree.sum(dim=0)
-    merged = torch.where(agree, trimmed, 0).sum(dim=0) / count.clamp(min=1)
+    sign = trimmed.sum(dim=0).sign()
+    agree = (trimmed.sign() == sign) & (trimmed != 0)
+    merged = (trimmed * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
     return merged.view(tensors.shape[1:])
 
 
