@@ -3,6 +3,10 @@
     LIBRARY/
       manifest.json               base model, its linear shapes, experts, clusters
       experts/<name>/             one standard PEFT adapter folder per expert
+      experts/<name>/<keys>.safetensors
+                                  routing keys computed for one expert after training, next to it:
+                                  PhatGoose gates ("gates"), mean hidden states ("activations"),
+                                  each stamped with the hash of the weights it was computed for
       prototypes.safetensors      cached Arrow prototypes, keyed by a hash of the expert's weights
       <analysis>.json             side files the manifest names under `side_files` (the transfer
                                   matrix, say), whose entries carry the weights hash they used
@@ -28,11 +32,11 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from lorlib_ui.core.adapters import LoraAdapter, read_adapter, weights_hash, write_adapter
-from lorlib_ui.core.atomic import atomic_write_text, fsync_tree, temporary_name
+from lorlib_ui.core.atomic import atomic_write_text, fsync_dir, fsync_tree, temporary_name
 from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.prototypes import prototypes_for_adapter
@@ -43,6 +47,7 @@ FORMAT = "lorlib-library"
 VERSION = 1
 KINDS = ("private", "cluster", "shared", "imported")
 TASK_KINDS = ("private", "imported")  # experts of one task each: what MBC clusters
+KEY_SETS = ("gates", "activations")  # routing keys stored next to an expert (see `write_keys`)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 
 
@@ -278,6 +283,10 @@ class Library:
         written = [MANIFEST, PROTOTYPES, *(entry["file"] for entry in self.extra.get("side_files", {}).values())]
         for leftover in [p for name in written for p in self.path.glob(f".{name}.*")]:
             leftover.unlink(missing_ok=True)
+        for e in self.experts:  # key-set writes a killed process left inside an expert's folder
+            for kind in KEY_SETS:
+                for leftover in (self.path / e.path).glob(f".{kind}.safetensors.*"):
+                    leftover.unlink(missing_ok=True)
         referenced = {(self.path / e.path).resolve() for e in self.experts}
         experts_dir = self.path / "experts"
         if experts_dir.is_dir():
@@ -311,6 +320,82 @@ class Library:
                 raise _write_error(self.path, exc) from None
             updated = datetime.now(UTC).isoformat(timespec="seconds")
             current.extra.setdefault("side_files", {})[key] = {"file": name, "updated": updated, **summary}
+
+    # ---- routing keys stored next to the experts ----------------------------------------------
+    def _key_file(self, expert: Expert, kind: str) -> Path:
+        if kind not in KEY_SETS:
+            raise ValueError(f"unknown key set {kind!r}")
+        return self.path / expert.path / f"{kind}.safetensors"
+
+    def keys_info(self, kind: str) -> dict[str, dict]:
+        """Expert name -> how its `kind` keys were computed, for the experts that have them for
+        their current weights (only the files' headers are read)."""
+        out = {}
+        for e in self.experts:
+            path = self._key_file(e, kind)
+            if not path.is_file():
+                continue
+            try:
+                with safe_open(path, "pt") as handle:
+                    meta = handle.metadata() or {}
+                info = json.loads(meta.get("info", "{}"))
+            except (SafetensorError, OSError, ValueError):
+                continue  # damaged: as if missing, computed again
+            if meta.get("weights_hash") == e.weights_hash and isinstance(info, dict):
+                out[e.name] = info
+        return out
+
+    def lacking_keys(self, kind: str, names: list[str] | None = None) -> list[str]:
+        """The experts among `names` (default: all) without `kind` keys for their current weights."""
+        have = self.keys_info(kind)
+        return [n for n in (self.names if names is None else names) if n not in have]
+
+    def lacks_for(self, router) -> str | None:
+        """Why `router` cannot run on this library (the key set it needs is missing for some of
+        the experts it would use), in one line; None when it can."""
+        kind = router.needs
+        if kind not in KEY_SETS:
+            return None
+        used = self.names if router.subset is None else [self.names[i] for i in router.subset]
+        lacking = self.lacking_keys(kind, used)
+        if not lacking:
+            return None
+        shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        return (
+            f"router {router.describe()} needs {kind} for every expert it uses, and {shown} "
+            f"{'has' if len(lacking) == 1 else 'have'} none; compute them with `lorlib {kind} {self.path}`"
+        )
+
+    def read_keys(self, kind: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Expert name -> module -> key vector (d_in,), for the experts that have `kind` keys."""
+        out = {}
+        for name in self.keys_info(kind):
+            try:
+                out[name] = load(self._key_file(self.expert(name), kind).read_bytes())
+            except (SafetensorError, OSError):
+                continue
+        return out
+
+    def write_keys(self, name: str, kind: str, keys: dict[str, torch.Tensor], info: dict, weights_hash: str) -> None:
+        """Store one expert's `kind` keys (module -> (d_in,)) computed for the weights with hash
+        `weights_hash`, atomically, next to its adapter. Refused if the expert has changed since."""
+        with self._write_lock():
+            current = Library.open(self.path)
+            expert = current.expert(name)
+            if expert.weights_hash != weights_hash:
+                raise LorlibError(f"expert {name} changed while its {kind} were computed; run again")
+            path = current._key_file(expert, kind)
+            tmp = temporary_name(path)
+            tensors = {m: v.detach().float().contiguous().cpu() for m, v in keys.items()}
+            try:
+                save_file(tensors, tmp, metadata={"weights_hash": weights_hash, "info": json.dumps(info)})
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+                fsync_dir(path.parent)
+            except (OSError, SafetensorError) as exc:
+                tmp.unlink(missing_ok=True)
+                raise _write_error(self.path, exc) from None
 
     # ---- Arrow prototypes cache --------------------------------------------------------------
     def prototypes(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -36,6 +36,7 @@ from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.core.routers import Router
+from lorlib_ui.core.routers.base import ExpertStack
 
 
 @dataclass
@@ -69,6 +70,9 @@ class LibraryLinear(nn.Module):
         for key, value in buffers.items():
             self.register_buffer(key, value, persistent=False)
         self.n_present = int(self.present.sum())
+        # key sets other than Arrow's prototypes (gates, activations), attached when first routed by
+        self.keys: dict[str, torch.Tensor] = {"prototypes": self.prototypes}
+        self._derived: dict[tuple, object] = {}  # what routers compute once from the experts (GenKnowSub)
         self._usable: dict[tuple[int, ...] | None, tuple[torch.Tensor, int]] = {None: (self.present, self.n_present)}
         self.gather_chosen = device.type == "cpu"
         self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -81,6 +85,17 @@ class LibraryLinear(nn.Module):
         self.scales[e] = scale
         self.prototypes[e] = prototype.to(self.prototypes.dtype)
         self._merged.clear()
+        self._derived.clear()
+
+    @property
+    def stack(self) -> ExpertStack:
+        return ExpertStack(self.keys, self.lora_a, self.lora_bt, self.scales)
+
+    def derived(self, key: tuple, build):
+        """What `build()` computes from this layer's experts, once (until an expert changes)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def usable(self, subset: tuple[int, ...] | None) -> tuple[torch.Tensor, int]:
         """Which experts a router limited to `subset` can use here (they adapt this layer), and how many."""
@@ -111,15 +126,22 @@ class LibraryLinear(nn.Module):
 
     def _route(self, router: Router, h: torch.Tensor):
         e, r = self.n_experts, self.rank
-        routing = router.route(self, h @ self.prototypes.T)
-        if self.gather_chosen and h.shape[0] == 1 and routing.index is not None and 2 * routing.index.shape[1] <= e:
-            chosen = routing.index[0]
-            a = self.lora_a.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
-            bt = self.lora_bt.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
-            delta = self._mix(h @ a.to(h.dtype).T, routing.top, self.scales[chosen], bt, router.mix)
+        stack = router.stack(self)
+        z = None  # every expert's projection A_e h, when computed: one matmul
+        if router.keys is None:  # the router scores the projections themselves
+            z = h @ stack.lora_a.to(h.dtype).T
+            routing = router.route(self, z, h)
         else:
-            z = h @ self.lora_a.to(h.dtype).T  # every expert's projection A_e h, one matmul
-            delta = self._mix(z, routing.dense(), self.scales, self.lora_bt, router.mix)
+            routing = router.route(self, h @ stack.keys[router.keys].T, h)
+        gather = self.gather_chosen and h.shape[0] == 1 and routing.index is not None
+        if z is None and gather and 2 * routing.index.shape[1] <= e:
+            chosen = routing.index[0]
+            a = stack.lora_a.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
+            bt = stack.lora_bt.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
+            delta = self._mix(h @ a.to(h.dtype).T, routing.top, stack.scales[chosen], bt, router.mix)
+        else:
+            z = h @ stack.lora_a.to(h.dtype).T if z is None else z
+            delta = self._mix(z, routing.dense(), stack.scales, stack.lora_bt, router.mix)
         weights = routing.dense() if self.state.record is not None else None
         return weights, routing.logits, delta
 
@@ -189,6 +211,8 @@ class RoutedModel:
                 raise LorlibError(f"expert {expert} changed on disk while the model was being built; try again")
             for module, (a, b) in adapter.factors.items():
                 layers[module].set_expert(e, a, b, adapter.scales[module], protos[expert][module])
+        self.layers: dict[str, LibraryLinear] = layers
+        self._attached: dict[str, set[str]] = {"prototypes": set(self.experts)}  # key set -> experts that have it
 
     @classmethod
     def load(cls, library: Library, base_model: str | None = None, device: str | None = None, dtype: str | None = None):
@@ -199,9 +223,30 @@ class RoutedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _attach_keys(self, router: Router) -> None:
+        """Give every layer the key set `router` scores tokens with, read from the library (again
+        when some expert the router uses lacked it: it may have been computed since)."""
+        kind = router.keys
+        used = self.experts if router.subset is None else [self.experts[i] for i in router.subset]
+        if kind is None or all(x in self._attached.get(kind, ()) for x in used):
+            return
+        if (problem := self.library.lacks_for(router)) is not None:
+            raise LorlibError(problem)
+        stored = self.library.read_keys(kind)
+        for layer in self.layers.values():
+            raw = torch.zeros_like(layer.prototypes)
+            for e, expert in enumerate(self.experts):
+                if (key := stored.get(expert, {}).get(layer.name)) is not None:
+                    raw[e] = key.to(raw.dtype)
+            layer.keys[kind] = router.prepare_keys(raw)
+        self._attached[kind] = {x for x in self.experts if x in stored}
+        if missing := [x for x in used if x not in self._attached[kind]]:  # unreadable since checked
+            raise LorlibError(f"router {router.describe()}: the {kind} of {', '.join(missing)} could not be read")
+
     @contextmanager
     def routing(self, router: Router, record: bool = False):
         """Route with `router` inside the block; yields a RecordBuilder when record=True."""
+        self._attach_keys(router)
         builder = RecordBuilder(self.modules, len(self.experts)) if record else None
         self.state.router, self.state.record = router, builder
         try:

@@ -57,6 +57,16 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class ExpertStack:
+    """Every expert at one layer, stacked (each zero-padded to the largest rank r)."""
+
+    keys: dict[str, torch.Tensor]  # key set -> (experts, d_in)
+    lora_a: torch.Tensor  # (experts·r, d_in)
+    lora_bt: torch.Tensor  # (experts·r, d_out)
+    scales: torch.Tensor  # (experts,): each expert's LoRA scale s_e
+
+
+@dataclass(frozen=True)
 class Router:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for help texts
@@ -66,6 +76,11 @@ class Router:
     argument: ClassVar[str | None] = None  # the spec takes an argument: expert:NAME
     options: ClassVar[tuple[str, ...]] = ()  # the RouterSettings it reads: top_k, temperature, mix
     per_task: ClassVar[bool] = False  # chooses its experts per evaluation task (the oracle)
+    # Dynamic routers: the per-expert key vectors a token's scores are dot products with, a key
+    # set of the layer ("prototypes": Arrow's; "gates": PhatGoose's; "activations": mean hidden
+    # states), or None for a router that scores the experts' projections A_e h themselves.
+    keys: ClassVar[str | None] = "prototypes"
+    needs: ClassVar[str | None] = None  # a key set the library must hold for every expert it uses
     presets: ClassVar[dict[str, str]] = {}  # the comparisons `evaluate` offers: name -> spec
 
     mix: str = "outputs"
@@ -95,9 +110,21 @@ class Router:
         merged pair (A (r, d_in), s·Bᵀ (r, d_out)) at this layer; None folds `weights` instead."""
         return None
 
-    def route(self, slot: LibraryLinear, dots: torch.Tensor) -> Routing:
-        """Dynamic routers: weights per token from dots = h·key_e, (tokens, experts)."""
+    def route(self, slot: LibraryLinear, scores: torch.Tensor, h: torch.Tensor) -> Routing:
+        """Dynamic routers: weights per token for the tokens' inputs h (tokens, d_in), from
+        scores = h·key_e (tokens, experts), or, where `keys` is None, the experts' projections
+        A_e h (tokens, experts·r)."""
         raise NotImplementedError
+
+    def stack(self, slot: LibraryLinear) -> ExpertStack:
+        """The experts' stacked factors and keys this router mixes at a layer: the layer's own,
+        unless the router changes the experts (GenKnowSub subtracts the general ones)."""
+        return slot.stack
+
+    @classmethod
+    def prepare_keys(cls, raw: torch.Tensor) -> torch.Tensor:
+        """The key vectors the layer holds, from those the library stores (experts, d_in)."""
+        return raw
 
     @property
     def key(self) -> tuple:

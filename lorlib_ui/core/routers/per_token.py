@@ -1,0 +1,54 @@
+"""What every per-token top-k router shares: score each expert per token, keep the top k among
+the experts that adapt the layer, weight them by softmax(score / T), give the others 0.
+
+A subclass says what its score is (`logits`) and which key vectors it reads (`Router.keys`):
+Arrow's |h·v_e|, the hidden-state baseline's h·v_e, PhatGoose's gate cosine, spectral routing's
+‖s_e B_e A_e h‖.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.routers.base import DEFAULT_TOP_K, Router, RouterSettings, Routing
+
+
+@dataclass(frozen=True)
+class TopKRouter(Router):
+    static: ClassVar[bool] = False
+    groupable: ClassVar[bool] = True
+    options: ClassVar[tuple[str, ...]] = ("top_k", "temperature", "mix")
+    default_top_k: ClassVar[int] = DEFAULT_TOP_K  # capped at the number of experts
+
+    top_k: int = DEFAULT_TOP_K
+    temperature: float = 1.0
+
+    @classmethod
+    def from_spec(cls, argument: str, experts: list[str], settings: RouterSettings) -> Router:
+        k = min(cls.default_top_k, len(experts)) if settings.top_k is None else settings.top_k
+        if not 1 <= k <= len(experts):
+            raise LorlibError(f"top-k must be between 1 and the number of experts ({len(experts)}), got {k}")
+        if not (math.isfinite(settings.temperature) and settings.temperature > 0):
+            raise LorlibError(f"temperature must be positive, got {settings.temperature}")
+        return cls(mix=settings.mix, top_k=k, temperature=float(settings.temperature))
+
+    def logits(self, slot, scores, h):
+        """Each expert's score per token (tokens, experts), higher is better; see `Router.route`."""
+        raise NotImplementedError
+
+    def route(self, slot, scores, h):
+        logits = self.logits(slot, scores, h).float()
+        usable, n = slot.usable(self.subset)
+        if n == 0:  # none of this router's experts adapts the layer
+            return Routing(logits, weights=logits.new_zeros(logits.shape))
+        k = min(self.top_k, n)
+        masked = logits.masked_fill(~usable, float("-inf")) if n < slot.n_experts else logits
+        top, index = masked.topk(k, dim=-1)
+        return Routing(logits, index=index, top=(top / self.temperature).softmax(dim=-1))
+
+    def describe(self):
+        group = f"@{self.group}" if self.group else ""
+        return f"{self.name}{group}(top_k={self.top_k}, T={self.temperature:g}, mix={self.mix})"
