@@ -63,7 +63,20 @@ def encode_example(tokenizer, prompt: str, answer: str, chat: bool = True) -> tu
     return prompt_ids + tokenizer(text, add_special_tokens=False)["input_ids"], len(prompt_ids)
 
 
-def _batches(encoded: list[tuple[list[int], int]], config: TrainConfig, pad_id: int):
+def encode_examples(tokenizer, examples: list[tuple[str, str]], max_length: int) -> list[tuple[list[int], int]]:
+    """Each (prompt, answer) as token ids and its prompt's length, cut from the left to
+    `max_length` tokens so that the answer is kept."""
+    encoded = []
+    for prompt, answer in examples:
+        ids, n_prompt = encode_example(tokenizer, prompt, answer)
+        if len(ids) > max_length:
+            cut = len(ids) - max_length
+            ids, n_prompt = ids[cut:], max(n_prompt - cut, 1)
+        encoded.append((ids, n_prompt))
+    return encoded
+
+
+def batches(encoded: list[tuple[list[int], int]], config: TrainConfig, pad_id: int):
     """Endless shuffled batches, padded to their own longest sequence; labels mark answer tokens."""
     gen = torch.Generator().manual_seed(config.seed)
     while True:
@@ -82,9 +95,8 @@ def _batches(encoded: list[tuple[list[int], int]], config: TrainConfig, pad_id: 
             yield ids, mask, answer
 
 
-def _answer_loss(peft_model, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, int]:
+def answer_loss(causal_lm, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the answer tokens, computing the output layer only where it is needed."""
-    causal_lm = peft_model.get_base_model()
     hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
     targets = answer[:, 1:]  # position t predicts token t + 1
     logits = causal_lm.lm_head(hidden[:, :-1][targets])
@@ -110,13 +122,7 @@ def train_expert(
     if not examples:
         raise LorlibError("no training examples")
     torch.manual_seed(config.seed)
-    encoded = []
-    for prompt, answer in examples:
-        ids, n_prompt = encode_example(tokenizer, prompt, answer)
-        if len(ids) > config.max_length:  # cut the prompt from the left, keep the answer
-            cut = len(ids) - config.max_length
-            ids, n_prompt = ids[cut:], max(n_prompt - cut, 1)
-        encoded.append((ids, n_prompt))
+    encoded = encode_examples(tokenizer, examples, config.max_length)
     alpha = config.alpha or 2 * config.rank
     lora = LoraConfig(r=config.rank, lora_alpha=alpha, target_modules=list(config.targets), lora_dropout=0.0)
     was_training = model.training
@@ -129,15 +135,15 @@ def train_expert(
             optimizer, lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        batches = _batches(encoded, config, pad_id or 0)
+        stream = batches(encoded, config, pad_id or 0)
         losses, answer_tokens, start = [], 0, time.perf_counter()
         for step in range(config.steps):
             if cancel is not None and cancel():
                 raise Cancelled("training cancelled")
-            ids, mask, answer = next(batches)
+            ids, mask, answer = next(stream)
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 batch = (t.to(model.device) for t in (ids, mask, answer))
-                loss, n_answer = _answer_loss(peft_model, *batch)
+                loss, n_answer = answer_loss(peft_model.get_base_model(), *batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

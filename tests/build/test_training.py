@@ -2,7 +2,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorlib_ui.build.config import TrainConfig
-from lorlib_ui.build.training import _batches, encode_example, train_expert
+from lorlib_ui.build.training import batches, encode_example, train_expert
 from lorlib_ui.core.adapters import read_adapter, write_adapter
 
 EXAMPLES = [("the quick brown", "fox"), ("the lazy", "dog"), ("routing tokens to", "experts"), ("one causal", "model")]
@@ -11,7 +11,7 @@ EXAMPLES = [("the quick brown", "fox"), ("the lazy", "dog"), ("routing tokens to
 def test_answer_mask_covers_only_answer_tokens(tiny_base):
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     encoded = [encode_example(tokenizer, p, a) for p, a in EXAMPLES]
-    ids, mask, answer = next(_batches(encoded, TrainConfig(batch_size=4), pad_id=0))
+    ids, mask, answer = next(batches(encoded, TrainConfig(batch_size=4), pad_id=0))
     assert ids.shape[1] == max(len(e) for e, _ in encoded)  # padded to the batch's longest, no more
     assert int(answer.sum()) == sum(len(e) - n for e, n in encoded)
     assert not (answer & (mask == 0)).any()

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routers.arrow import ArrowRouter
+from lorlib_ui.core.routers.avg_act import AverageActivationRouter
 from lorlib_ui.core.routers.base import MIXES, Router, RouterSettings
 from lorlib_ui.core.routers.merges import BaseRouter, ExpertRouter, MeanDeltaRouter, UniformRouter
 from lorlib_ui.core.routers.oracle import OracleRouter
+from lorlib_ui.core.routers.phatgoose import PhatGooseRouter
+from lorlib_ui.core.routers.spectral import SpectralRouter
 from lorlib_ui.core.routers.ties import TiesRouter
 
 # In this order in menus (dynamic routers first), help texts and evaluation tables.
@@ -29,6 +32,9 @@ ROUTERS: dict[str, type[Router]] = {
         MeanDeltaRouter,
         TiesRouter,
         ArrowRouter,
+        SpectralRouter,
+        PhatGooseRouter,
+        AverageActivationRouter,
         ExpertRouter,
         OracleRouter,
     )
