@@ -16,6 +16,10 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Test rows per task that the analyses of routing (transfer, routing-stats) use unless told: the
 # full matrix over 33 tasks and 35 columns stays about an hour on two CPU cores.
 ANALYSIS_ROWS = 20
+# Routing keys (build/keys.py): PhatGoose gates as in the paper's code (mttl), and the examples
+# per expert that the hidden-state baseline averages.
+GATE_STEPS, GATE_LEARNING_RATE, GATE_BATCH = 100, 1e-3, 4
+ACTIVATION_EXAMPLES = 100
 # Sets of a library's tasks that evaluate, transfer and routing-stats take by name: the tasks held
 # out of the library, the tasks its task experts were trained on, or both.
 TASK_SETS = ("held-out", "seen", "all")

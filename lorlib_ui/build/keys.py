@@ -22,21 +22,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import ClassVar
 
 import torch
 
-from lorlib_ui.build.config import TrainConfig
+from lorlib_ui.build.config import ACTIVATION_EXAMPLES, GATE_BATCH, GATE_LEARNING_RATE, GATE_STEPS, TrainConfig
 from lorlib_ui.build.data import MultiTaskData, load_tasks
+from lorlib_ui.build.trainers import Progress
 from lorlib_ui.build.training import Cancelled, answer_loss, batches, encode_examples
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers.base import Router, Routing
-
-GATE_STEPS, GATE_LEARNING_RATE, GATE_BATCH = 100, 1e-3, 4  # the paper's code (mttl's PhatGoose defaults)
-ACTIVATION_EXAMPLES = 100
 
 
 @dataclass
@@ -99,11 +96,11 @@ def compute_keys(
     seed: int = 0,
     force: bool = False,
     device: str | None = None,
-    progress: Callable[[str, int, int, int, int, float | None], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> KeysReport:
     """Compute `kind` ("gates" or "activations") for the experts `plan_keys` picks, storing each
-    at once. `progress(expert, index, total, step, steps, loss)` follows the work."""
+    at once; `progress` gets one event per step, as in a build."""
     if kind not in ("gates", "activations"):
         raise LorlibError(f"unknown key set {kind!r}; use gates or activations")
     for name, value in (("examples", examples), ("steps", steps), ("batch size", batch_size)):
@@ -122,7 +119,11 @@ def compute_keys(
     rm = _routed_model(library, device)
     for index, name in enumerate(todo, 1):
         expert = library.expert(name)
-        step = partial(progress, name, index, len(todo)) if progress else None
+        step = (
+            (lambda done, n, loss, x=name, i=index: progress(Progress(x, i, len(todo), done, n, loss)))
+            if progress
+            else None
+        )
         if kind == "gates":
             pairs = _examples(loaded, expert.tasks, None, seed)
             config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)

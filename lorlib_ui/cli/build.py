@@ -153,6 +153,39 @@ def cmd_build(args) -> None:
         f"library {library.path}: trained {len(report.trained)}, skipped {len(report.skipped)} already there; "
         f"{len(library.experts)} experts, {len(report.held_out)} tasks held out ({report.seconds:.0f} s)"
     )
+    if args.gates:  # PhatGoose gates for every expert of the build that lacks them
+        built = report.trained + report.skipped
+        _compute_keys(args, "gates", built, args.data) if built else None
+
+
+def _compute_keys(args, kind: str, experts: list[str] | None, data: str | None) -> None:
+    from lorlib_ui.build.keys import compute_keys
+
+    options = {"examples": args.examples} if kind == "activations" else {"steps": args.gate_steps}
+    report = _progress_bars(
+        lambda progress: compute_keys(
+            args.library,
+            kind,
+            data=data,
+            experts=experts,
+            seed=args.seed,
+            force=getattr(args, "force_keys", False),
+            device=args.device,
+            progress=progress,
+            **options,
+        )
+    )
+    if report.computed:
+        _record_history(args.library, args.argv, report.seconds)
+    print(
+        f"library {args.library}: {kind} computed for {len(report.computed)} experts, "
+        f"{len(report.skipped)} already had them ({report.seconds:.0f} s)"
+    )
+
+
+def cmd_keys(args) -> None:
+    """`gates` and `activations`: the routing keys PhatGoose and the hidden-state router need."""
+    _compute_keys(args, args.command, _csv(args.experts), args.data)
 
 
 def cmd_cluster(args) -> None:

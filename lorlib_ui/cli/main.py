@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from lorlib_ui.build.config import ANALYSIS_ROWS, TrainConfig
-from lorlib_ui.cli.build import cmd_build, cmd_cluster, cmd_evaluate
+from lorlib_ui.build.config import ACTIVATION_EXAMPLES, ANALYSIS_ROWS, GATE_STEPS, TrainConfig
+from lorlib_ui.cli.build import cmd_build, cmd_cluster, cmd_evaluate, cmd_keys
 from lorlib_ui.cli.insight import cmd_routing_stats, cmd_transfer
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, help_text, presets
@@ -129,6 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-shared", action="store_true", help="do not train the shared (all tasks) expert")
     build.add_argument("--force", action="store_true", help="retrain experts that are already in the library")
     build.add_argument("--base-model", default=None, help="base model of a new library (default: embedded SmolLM2)")
+    build.add_argument(
+        "--gates", action="store_true", help=f"then train PhatGoose gates for its experts ({GATE_STEPS} steps each)"
+    )
+    build.set_defaults(gate_steps=GATE_STEPS)
+
+    for kind, helptext in (
+        ("gates", "train PhatGoose gates for experts that lack them (base and experts frozen)"),
+        ("activations", "mean hidden states of experts' own examples, for the avg_act router"),
+    ):
+        keys = commands.add_parser(kind, help=helptext)
+        keys.add_argument("library")
+        keys.add_argument("--experts", default=None, help="a kind (private, cluster, ...) or comma-separated experts")
+        keys.add_argument("--data", default=None, help="training data (default: what the library was built from)")
+        if kind == "gates":
+            keys.add_argument("--gate-steps", "--steps", type=int, default=GATE_STEPS, help="steps per expert")
+        else:
+            keys.add_argument("--examples", type=int, default=ACTIVATION_EXAMPLES, help="examples per expert")
+        keys.add_argument("--seed", type=int, default=0)
+        keys.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+        keys.add_argument("--force", dest="force_keys", action="store_true", help="compute again where present")
 
     cluster = commands.add_parser("cluster", help="MBC: cluster the private experts, then train one expert per cluster")
     cluster.add_argument("library")
@@ -310,6 +330,8 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "transfer": cmd_transfer,
     "routing-stats": cmd_routing_stats,
+    "gates": cmd_keys,
+    "activations": cmd_keys,
 }
 
 
