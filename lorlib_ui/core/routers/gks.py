@@ -59,9 +59,8 @@ def subtract_general(slot: LibraryLinear, routed: list[int], general: list[int])
             f"{', '.join(map(str, sorted(ranks)))}; GenKnowSub subtracts factors of one rank"
         )
     e, r, dtype = slot.n_experts, slot.rank, slot.prototypes.dtype
-    # clone: `to` returns the layer's own buffer when the dtype already matches
-    a = slot.lora_a.to(dtype).view(e, r, -1).clone()
-    bt = slot.lora_bt.to(dtype).view(e, r, -1).clone()
+    a = slot.lora_a.to(dtype, copy=True).view(e, r, -1)
+    bt = slot.lora_bt.to(dtype, copy=True).view(e, r, -1)
     # rows beyond an expert's rank are zero in every expert used here (one rank), so they stay zero
     a[routed] -= a[general].mean(dim=0)
     bt[routed] -= bt[general].mean(dim=0)
