@@ -82,7 +82,7 @@ def select_columns(library: Library, which: str | list[str] | None) -> list[str]
     if isinstance(which, str):
         if which not in KINDS:
             raise LorlibError(f"unknown kind of expert {which!r}; use {', '.join(KINDS)} or name the experts")
-        names = [e.name for e in library.experts if e.kind == which]
+        names = library.groups()[which]  # general: marked general ones too
         if not names:
             raise LorlibError(f"library {library.path} has no {which} experts")
         return names

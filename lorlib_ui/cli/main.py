@@ -101,10 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
     imp.add_argument("--base-model", default=None, help="base model of a new library (default: embedded SmolLM2)")
     imp.add_argument("--name", default=None, help="expert name (one adapter only; default: the folder name)")
-    imp.add_argument("--kind", default="imported", choices=["private", "cluster", "shared", "imported"])
+    imp.add_argument(
+        "--kind",
+        default="imported",
+        choices=["private", "cluster", "shared", "imported", "general"],
+        help="general: general knowledge, which arrow_gks subtracts from the other experts (default imported)",
+    )
     imp.add_argument("--tasks", default="", help="comma-separated tasks the expert was trained on")
     imp.add_argument("--family", default=None)
     imp.add_argument("--force", action="store_true", help="replace experts of the same name")
+
+    about = (
+        "mark experts general: arrow_gks (GenKnowSub) subtracts their mean from the others and never routes "
+        "to them; their kind stays, and so does the mark when an expert is replaced"
+    )
+    mark = commands.add_parser("mark-general", help=about, description=about)
+    mark.add_argument("library")
+    mark.add_argument("names", nargs="+", metavar="NAME", help="experts of the library")
+    mark.add_argument("--unmark", action="store_true", help="make them ordinary experts again")
 
     info = commands.add_parser("info", help="list the experts of a library")
     info.add_argument("library")
@@ -241,6 +255,15 @@ def cmd_import_peft(args) -> None:
         print(f"imported {e.name} (rank {e.rank}, {', '.join(e.target_modules)}) into {args.library}")
 
 
+def cmd_mark_general(args) -> None:
+    from lorlib_ui.core.library import Library
+
+    library = Library.open(args.library)
+    library.mark_general(args.names, general=not args.unmark)
+    for name in dict.fromkeys(args.names):
+        print(f"{name} is {'no longer' if args.unmark else 'now'} general in {library.path}")
+
+
 def cmd_info(args) -> None:
     from lorlib_ui.core.library import Library
 
@@ -253,9 +276,8 @@ def cmd_info(args) -> None:
         return
     rows = [("name", "kind", "rank", "targets", "family", "tasks")]
     for e in library.experts:
-        rows.append(
-            (e.name, e.kind, str(e.rank), ",".join(e.target_modules), e.family or "-", ",".join(e.tasks) or "-")
-        )
+        kind = e.kind + (" (general)" if e.general and e.kind != "general" else "")
+        rows.append((e.name, kind, str(e.rank), ",".join(e.target_modules), e.family or "-", ",".join(e.tasks) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -322,6 +344,7 @@ COMMANDS = {
     "fetch-model": cmd_fetch_model,
     "new": cmd_new,
     "import-peft": cmd_import_peft,
+    "mark-general": cmd_mark_general,
     "info": cmd_info,
     "route": cmd_route,
     "score": cmd_score,

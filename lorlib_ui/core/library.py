@@ -11,6 +11,12 @@
       <analysis>.json             side files the manifest names under `side_files` (the transfer
                                   matrix, say), whose entries carry the weights hash they used
 
+Experts have a kind: private (one task), cluster (MBC), shared (all tasks), imported, or general
+(general knowledge, no task). Any expert may also be marked general (`mark_general`): GenKnowSub
+(`arrow_gks`) subtracts the general experts' mean from the others. The mark is a flag beside the
+kind, so a marked shared expert is still the shared expert (`evaluate`'s baseline, retrained by
+`build` when its tasks change), and it stays with the name when the expert is replaced.
+
 The manifest is the single source of truth: a folder under experts/ that it does not name is
 ignored (and swept at the next write). Every write goes to a temporary name first and becomes
 visible by one atomic rename, the manifest last, so a crash at any point leaves the previous
@@ -45,7 +51,7 @@ MANIFEST = "manifest.json"
 PROTOTYPES = "prototypes.safetensors"
 FORMAT = "lorlib-library"
 VERSION = 1
-KINDS = ("private", "cluster", "shared", "imported")
+KINDS = ("private", "cluster", "shared", "imported", "general")
 TASK_KINDS = ("private", "imported")  # experts of one task each: what MBC clusters
 KEY_SETS = ("gates", "activations")  # routing keys stored next to an expert (see `write_keys`)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
@@ -79,6 +85,10 @@ class Expert:
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     created: str = ""
+    general: bool = False  # subtracted by GenKnowSub (`arrow_gks`); always so for kind general
+
+    def __post_init__(self):
+        self.general = bool(self.general) or self.kind == "general"
 
     @classmethod
     def from_dict(cls, data: dict) -> Expert:
@@ -152,8 +162,11 @@ class Library:
         return [e.name for e in self.experts]
 
     def groups(self) -> dict[str, list[str]]:
-        """Expert names by kind (private, cluster, shared, imported): what a router can be limited to."""
-        return {kind: [e.name for e in self.experts if e.kind == kind] for kind in KINDS}
+        """Expert names by kind (private, cluster, shared, imported), and under "general" every
+        expert of kind general or marked general: what a router can be limited to."""
+        groups = {kind: [e.name for e in self.experts if e.kind == kind] for kind in KINDS}
+        groups["general"] = [e.name for e in self.experts if e.general]
+        return groups
 
     def expert(self, name: str) -> Expert:
         for e in self.experts:
@@ -213,6 +226,7 @@ class Library:
         with self._write_lock():
             current = Library.open(self.path)  # another writer may have changed the library
             existing = set(current.names)
+            marked = {e.name for e in current.experts if e.general}
             clash = [n for n in names if n in existing]
             if clash and not force:
                 raise LorlibError(
@@ -231,6 +245,7 @@ class Library:
                     folder.rename(final)
                     placed.append(final)
                     expert.path = str(final.relative_to(self.path))
+                    expert.general = expert.general or expert.name in marked  # a mark stays with the name
                     expert.weights_hash = weights_hash(final)
                     expert.created = expert.created or datetime.now(UTC).isoformat(timespec="seconds")
                     stored.append(expert)
@@ -270,6 +285,16 @@ class Library:
                     "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                 }
             )
+
+    def mark_general(self, names: list[str], general: bool = True) -> None:
+        """Mark experts general (or, with general=False, unmark them) in one atomic step; an
+        unknown name, or unmarking an expert of kind general, changes nothing."""
+        with self.edit() as current:
+            for name in names:
+                expert = current.expert(name)
+                if not general and expert.kind == "general":
+                    raise LorlibError(f"expert {name} is of kind general: it stays general (import it as another kind)")
+                expert.general = general
 
     def remove_expert(self, name: str) -> None:
         self.expert(name)

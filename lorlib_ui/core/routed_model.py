@@ -247,6 +247,9 @@ class RoutedModel:
     def routing(self, router: Router, record: bool = False):
         """Route with `router` inside the block; yields a RecordBuilder when record=True."""
         self._attach_keys(router)
+        if not router.static:  # what it derives from the experts (and any refusal) before any token
+            for layer in self.layers.values():
+                router.stack(layer)
         builder = RecordBuilder(self.modules, len(self.experts)) if record else None
         self.state.router, self.state.record = router, builder
         try:

@@ -175,6 +175,64 @@ def test_import_force_replaces(cli_library, tiny_adapters, capsys):
     assert [e["name"] for e in json.loads(out)["experts"]] == ["task1", "task2", "task3", "task0"]
 
 
+def test_general_experts_by_import_or_mark(cli_library, tmp_path, tiny_base, tiny_adapters, capsys):
+    """`import-peft --kind general` and `mark-general` make general experts, which arrow_gks
+    subtracts and never routes to; a marked expert keeps its kind, and its mark when replaced."""
+
+    def general():
+        experts = json.loads(run(capsys, "info", cli_library, "--json")[1])["experts"]
+        return {e["name"]: (e["kind"], e["general"]) for e in experts}
+
+    code, _, err = run(
+        capsys, "import-peft", cli_library, make_adapter(tmp_path / "gen", tiny_base, 40), "--kind", "general"
+    )
+    assert code == 0, err
+    code, out, err = run(capsys, "mark-general", cli_library, "task3")
+    assert code == 0 and out == f"task3 is now general in {cli_library}\n", err
+    assert general() == {
+        "task0": ("imported", False),
+        "task1": ("imported", False),
+        "task2": ("imported", False),
+        "task3": ("imported", True),
+        "gen": ("general", True),
+    }
+    assert "imported (general)" in run(capsys, "info", cli_library)[1]
+    argv = ["route", cli_library, "--prompt", "dog", "--router", "arrow_gks", "--max-new-tokens", "3", "--json"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    chosen = {name for row in json.loads(out)["top_expert"] for name in row}
+    assert chosen and chosen <= {"task0", "task1", "task2"}
+    # the mark stays with the name when the expert is replaced, until it is taken off
+    assert run(capsys, "import-peft", cli_library, tiny_adapters[5], "--name", "task3", "--force")[0] == 0
+    assert general()["task3"] == ("imported", True)
+    code, out, _ = run(capsys, "mark-general", cli_library, "task3", "--unmark")
+    assert code == 0 and out == f"task3 is no longer general in {cli_library}\n"
+    assert general()["task3"] == ("imported", False)
+    before = library_snapshot(cli_library)
+    code, out, err = run(capsys, "mark-general", cli_library, "gen", "--unmark")
+    assert code == 1 and out == "" and err.count("\n") == 1 and "gen is of kind general: it stays general" in err
+    assert library_snapshot(cli_library) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["route", "{lib}", "--prompt", "hi", "--router", "arrow_gks"], "arrow_gks needs experts of kind general"),
+        (["mark-general", "{lib}", "nobody"], "unknown expert 'nobody'"),
+        (["mark-general", "{lib}", "task0", "nobody"], "unknown expert 'nobody'"),  # all or nothing
+        (["mark-general", "{lib}"], "the following arguments are required: NAME"),
+        (["mark-general", "{missing}", "task0"], "no library at"),
+    ],
+)
+def test_bad_general_input_is_one_line_and_changes_nothing(cli_library, tmp_path, capsys, argv, message):
+    fill = {"{lib}": str(cli_library), "{missing}": str(tmp_path / "nowhere")}
+    before = library_snapshot(cli_library)
+    code, out, err = run(capsys, *[fill.get(a, a) for a in argv])
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert library_snapshot(cli_library) == before
+
+
 def test_refused_new_library_is_not_created(tmp_path, tiny_base, tiny_adapters, capsys):
     code, _, err = run(
         capsys, "import-peft", tmp_path / "new", tiny_adapters[0], "--name", "..", "--base-model", tiny_base

@@ -190,6 +190,24 @@ def test_import_keeps_original_dtype(tmp_path, tiny_base, tiny_adapters, tiny_li
     assert next(iter(stored.factors.values()))[0].dtype == torch.bfloat16
 
 
+def test_general_experts_are_a_group_beside_the_kinds(tiny_library, tiny_adapters):
+    """Experts of kind general are general; a marked expert keeps its kind (and its mark when
+    replaced); manifests written before the mark existed read as unmarked."""
+    first, second = tiny_library.names[:2]
+    tiny_library.mark_general([second])
+    again = Library.open(tiny_library.path)
+    assert again.groups()["general"] == [second] and second in again.groups()["imported"]
+    again.add_experts([_entry(second, tiny_adapters[5])], force=True)
+    assert Library.open(tiny_library.path).groups()["general"] == [second]
+    adapter = read_adapter(tiny_adapters[0])
+    assert expert_from_adapter("g", adapter, "tiny", kind="general").general
+    manifest = json.loads((tiny_library.path / "manifest.json").read_text())
+    for entry in manifest["experts"]:
+        del entry["general"]
+    (tiny_library.path / "manifest.json").write_text(json.dumps(manifest))
+    assert Library.open(tiny_library.path).groups()["general"] == []
+
+
 def test_remove_expert(tiny_library):
     name = tiny_library.names[2]
     folder = tiny_library.path / tiny_library.expert(name).path

@@ -1,7 +1,8 @@
 """Routers: how much each library expert contributes, per token and per LoRA'd layer.
 
-One module per router family (`merges`, `arrow`, `oracle`), the shared shape in `base`, and one
-registry (`registry`) that every menu, help text and evaluation reads its router names from.
+One module per router family (`merges`, `ties`, `arrow`, `gks`, `oracle`), the shared shape in
+`base`, and one registry (`registry`) that every menu, help text and evaluation reads its router
+names from.
 """
 
 from lorlib_ui.core.routers.base import DEFAULT_TOP_K, MIXES, Router, RouterSettings, Routing

@@ -11,7 +11,7 @@ products with one key vector per expert, `route(slot, dots)`; the layer computes
 the same matmul as the experts' A projections. Arrow's keys are its prototypes.
 
 A router class declares what it supports (`static`, `groupable`, `argument`, `options`,
-`per_task`) and builds itself from a spec with `from_spec`; the registry
+`per_task`, `subtracts`) and builds itself from a spec with `from_spec`; the registry
 (`lorlib_ui.core.routers.registry`) reads those declarations to parse specs, check them, and list
 the routers that menus, help texts and evaluations offer. Routers are immutable: limiting one to a
 group of experts returns a new router.
@@ -82,10 +82,15 @@ class Router:
     keys: ClassVar[str | None] = "prototypes"
     needs: ClassVar[str | None] = None  # a key set the library must hold for every expert it uses
     presets: ClassVar[dict[str, str]] = {}  # the comparisons `evaluate` offers: name -> spec
+    # A group of the library whose experts the router reads but never chooses (GenKnowSub
+    # subtracts the "general" experts from the others): `make_router` leaves them out of its
+    # subset and hands it their indices as `subtracted`.
+    subtracts: ClassVar[str | None] = None
 
     mix: str = "outputs"
     group: str | None = None  # the experts it may use: a named group of the library, or all
     subset: tuple[int, ...] | None = None  # ... and their indices
+    subtracted: tuple[int, ...] = ()  # the experts of the `subtracts` group, by index
 
     @classmethod
     def from_spec(cls, argument: str, experts: list[str], settings: RouterSettings) -> Router:

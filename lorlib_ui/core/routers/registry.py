@@ -3,8 +3,10 @@
 A spec names a registered router, with its argument and group where it takes them:
 `arrow`, `arrow@private`, `uniform@cluster`, `expert:NAME`, `base`. `make_router` parses a spec,
 checks it against the library's experts and groups and the router's declared options, and asks
-the router class to build itself. Menus (`menu`), help texts (`help_text`) and the evaluation's
-comparisons (`presets`) are all read from the classes listed here.
+the router class to build itself. A router that subtracts a group (GenKnowSub's `arrow_gks`, the
+"general" experts) is limited to the other experts and told the indices of that group's. Menus
+(`menu`), help texts (`help_text`) and the evaluation's comparisons (`presets`) are all read from
+the classes listed here.
 
 Adding a router: write its class in a module of this package (a subclass of `Router` that sets
 its name, summary and what it supports, with `from_spec` if it reads settings, and `weights` or
@@ -13,10 +15,13 @@ its name, summary and what it supports, with `from_spec` if it reads settings, a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routers.arrow import ArrowRouter
 from lorlib_ui.core.routers.avg_act import AverageActivationRouter
 from lorlib_ui.core.routers.base import MIXES, Router, RouterSettings
+from lorlib_ui.core.routers.gks import ArrowGksRouter
 from lorlib_ui.core.routers.merges import BaseRouter, ExpertRouter, MeanDeltaRouter, UniformRouter
 from lorlib_ui.core.routers.oracle import OracleRouter
 from lorlib_ui.core.routers.phatgoose import PhatGooseRouter
@@ -32,6 +37,7 @@ ROUTERS: dict[str, type[Router]] = {
         MeanDeltaRouter,
         TiesRouter,
         ArrowRouter,
+        ArrowGksRouter,
         SpectralRouter,
         PhatGooseRouter,
         AverageActivationRouter,
@@ -69,8 +75,10 @@ def make_router(
     density: float | None = None,
 ) -> Router:
     """The router a spec names, over the library's `experts` (names, in library order), limited to
-    a group of `groups` when the spec says `@GROUP`. Routers that choose per evaluated task (the
-    oracle) are built only when `per_task` says the caller resolves them per task."""
+    a group of `groups` when the spec says `@GROUP`, and to the experts outside the group it
+    subtracts, if it subtracts one. Routers that choose per evaluated task (the oracle) are built
+    only when `per_task` says the caller resolves them per task."""
+    groups = groups or {}
     spec, _, group = spec.partition("@")
     name, colon, argument = spec.partition(":")
     cls = ROUTERS.get(name)
@@ -79,32 +87,41 @@ def make_router(
         raise LorlibError(f"unknown router {spec!r}; use one of {known}")
     if cls.per_task and not per_task:
         raise LorlibError(f"router {name!r} picks its expert per evaluated task; use it with evaluate")
-    if (problem := cls.unavailable(groups or {})) is not None:
+    if (problem := cls.unavailable(groups)) is not None:
         raise LorlibError(problem)
     if mix not in MIXES:
         raise LorlibError(f"unknown mix {mix!r}; use {' or '.join(MIXES)}")
     settings = RouterSettings(top_k, temperature, mix, density)
+    members = experts
     if group:
         if not cls.groupable:
             *most, last = [c.name for c in _ordered() if c.groupable]
             limitable = f"{', '.join(most)} and {last}" if most else last
             raise LorlibError(f"only {limitable} can be limited to a group, not {spec + '@' + group!r}")
-        members = (groups or {}).get(group)
+        members = groups.get(group)
         if not members:
-            known = ", ".join(g for g, m in (groups or {}).items() if m) or "none"
+            known = ", ".join(g for g, m in groups.items() if m) or "none"
             raise LorlibError(f"no experts in group {group!r} (groups: {known})")
-        router = cls.from_spec(argument, members, settings)
-        return router.limit(group, tuple(experts.index(m) for m in members))
-    if cls.applies_experts and not experts:
+    elif cls.applies_experts and not experts:
         raise LorlibError(f"router {spec!r} needs experts, but the library is empty")
-    return cls.from_spec(argument, experts, settings)
+    subtracted = groups.get(cls.subtracts, []) if cls.subtracts else []
+    if subtracted:
+        members = [m for m in members if m not in subtracted]
+        if not members:
+            where = f"group {group!r}" if group else "the library"
+            raise LorlibError(f"router {name!r} routes over the experts that are not {cls.subtracts}; {where} has none")
+    router = cls.from_spec(argument, members, settings)
+    if group or subtracted:
+        router = router.limit(group or None, tuple(experts.index(m) for m in members))
+    if subtracted:
+        router = replace(router, subtracted=tuple(experts.index(m) for m in subtracted))
+    return router
 
 
 def menu(experts: list[str], groups: dict[str, list[str]]) -> list[str]:
     """The router specs to offer for a library: each router (even where the library is empty: the
     refusal then says what it lacks), limited to each group of two or more experts where it can
     be, then each expert alone."""
-    kinds = [kind for kind, members in groups.items() if len(members) > 1]
     specs: list[str] = []
     for cls in _ordered():
         if cls.per_task or cls.unavailable(groups) is not None:
@@ -113,8 +130,9 @@ def menu(experts: list[str], groups: dict[str, list[str]]) -> list[str]:
             specs += [f"{cls.name}:{name}" for name in experts]
             continue
         specs.append(cls.name)
-        if cls.groupable:
-            specs += [f"{cls.name}@{kind}" for kind in kinds]
+        if cls.groupable:  # groups it can choose among two or more of
+            left_out = set(groups.get(cls.subtracts, [])) if cls.subtracts else set()
+            specs += [f"{cls.name}@{g}" for g, members in groups.items() if len(set(members) - left_out) > 1]
     specs.sort(key=lambda s: ":" in s)  # experts alone last
     return specs
 
