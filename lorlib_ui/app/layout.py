@@ -59,6 +59,8 @@ class Page:
             self.route.top_k,
             self.build.targets,
             self.build.rank,
+            self.route.notes,
+            self.route.router_note,
         ]
 
 

@@ -33,6 +33,8 @@ class RouteTab:
     example_pick: gr.Dropdown
     router: gr.Dropdown
     compare_router: gr.Dropdown
+    router_note: gr.Markdown  # what the two chosen routers do, and the routers the library lacks keys for
+    notes: gr.State  # {"notes": spec -> line, "missing": spec -> what it lacks}, from the worker
     top_k: gr.Slider
     temperature: gr.Slider
     max_new: gr.Slider
@@ -70,6 +72,7 @@ def build_tab() -> RouteTab:
                 with gr.Row():  # the menus are filled from the worker when a library opens
                     router = gr.Dropdown([], label="Router", allow_custom_value=True)
                     compare_router = gr.Dropdown([], label="Compare with", allow_custom_value=True)
+                router_note = gr.Markdown(elem_id="route-router-note")
                 with gr.Row():
                     top_k = gr.Slider(1, 16, value=4, step=1, label="top-k")
                     temperature = gr.Slider(0.1, 5.0, value=1.0, step=0.1, label="temperature")
@@ -99,11 +102,14 @@ def build_tab() -> RouteTab:
             compare_diff = gr.Plot(show_label=False, elem_id="route-compare-diff")
         record = gr.State(None)  # inside the tab: a Tabs block holds only tabs
         shown = gr.State(None)
+        notes = gr.State({})
     return RouteTab(
         prompt=prompt,
         example_pick=example_pick,
         router=router,
         compare_router=compare_router,
+        router_note=router_note,
+        notes=notes,
         top_k=top_k,
         temperature=temperature,
         max_new=max_new,
@@ -134,12 +140,27 @@ def opened(tab: RouteTab, info: LibraryInfo, examples: list[tuple[str, str]]) ->
     """The routers the worker offers for this library, top-k up to its size, its example prompts."""
     n = len(info.experts)
     default = DEFAULT_ROUTER if DEFAULT_ROUTER in info.routers else (info.routers or [None])[0]
+    notes = {"notes": info.router_notes, "missing": info.routers_missing}
     return {
         tab.example_pick: gr.Dropdown(choices=[(f"{t}: {p[:60]}", p) for t, p in examples], value=None),
         tab.router: gr.Dropdown(choices=info.routers, value=default),
         tab.compare_router: gr.Dropdown(choices=info.routers, value="base"),
         tab.top_k: gr.Slider(1, max(n, 2), value=min(4, max(n, 1)), step=1),
+        tab.notes: notes,
+        tab.router_note: router_note(default, "base", notes),
     }
+
+
+def router_note(spec: str | None, other: str | None, notes: dict) -> str:
+    """Markdown: one line on each chosen router, then the routers this library cannot run yet,
+    each with what it lacks and the command that computes it."""
+    lines = [f"**{s}**: {notes.get('notes', {}).get(s, 'a router spec')}" for s in dict.fromkeys([spec, other]) if s]
+    missing = notes.get("missing") or {}
+    if missing:
+        items = "".join(f"<li><code>{s}</code>: {why}</li>" for s, why in missing.items())
+        summary = f"<summary>Not available for this library yet ({len(missing)})</summary>"
+        lines.append(f"<details>{summary}<ul>{items}</ul></details>")
+    return "\n\n".join(lines)
 
 
 def group_members(spec: str, experts: list[dict]) -> set[str] | None:
@@ -251,6 +272,8 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     tab.module_pick.input(partial(layer_detail, tab), detail_inputs, detail_outputs, api_visibility="private")
     tab.token_pick.input(partial(token_detail, tab), detail_inputs, tab.logits_plot, api_visibility="private")
     tab.example_pick.change(lambda p: p or gr.skip(), tab.example_pick, tab.prompt, api_visibility="private")
+    for menu in (tab.router, tab.compare_router):
+        menu.input(router_note, [tab.router, tab.compare_router, tab.notes], tab.router_note, api_visibility="private")
     tab.compare_btn.click(
         partial(compare, worker, tab),
         [path, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new],

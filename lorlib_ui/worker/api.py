@@ -34,6 +34,8 @@ class LibraryInfo:
     evaluation: dict | None
     history: list[dict]
     routers: list[str] = field(default_factory=list)  # router specs to offer, from the router registry
+    router_notes: dict[str, str] = field(default_factory=dict)  # spec -> one line on what it does
+    routers_missing: dict[str, str] = field(default_factory=dict)  # spec it cannot run yet -> what it lacks
 
 
 @dataclass

@@ -125,7 +125,6 @@ class LocalWorker(Worker):
 
     def library(self, path: str) -> LibraryInfo:
         from lorlib_ui.build.config import TrainConfig
-        from lorlib_ui.core.routers import menu
 
         library = Library.open(path)
         assignment = (library.clusters or {}).get("assignment", {})
@@ -145,7 +144,7 @@ class LocalWorker(Worker):
             clusters=library.clusters or {},
             evaluation=library.extra.get("evaluation"),
             history=list(library.extra.get("history", [])),
-            routers=menu(library.names, library.groups()),
+            **_router_menu(library),
         )
 
     def comparisons(self) -> list[str]:
@@ -338,7 +337,6 @@ class LocalWorker(Worker):
     def insight(self, path: str) -> InsightView:
         from lorlib_ui.build.routing_stats import load_routing
         from lorlib_ui.build.transfer import load_transfer
-        from lorlib_ui.core.routers import menu
 
         library = Library.open(path)
         matrix = load_transfer(library)
@@ -363,7 +361,7 @@ class LocalWorker(Worker):
             groups=[groups[n] for n in experts],
             transfer=matrix.to_dict() if matrix else None,
             routing=routing,
-            routers=menu(library.names, library.groups()),
+            routers=_router_menu(library)["routers"],
         )
 
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
@@ -398,3 +396,14 @@ class LocalWorker(Worker):
 
     def cancel(self, job_id: str) -> None:
         self._jobs.cancel(job_id)
+
+
+def _router_menu(library: Library) -> dict:
+    """What the app's router menus offer for a library (from the registry): the specs it can run
+    with a line about each, and those it cannot run yet with what they lack."""
+    from lorlib_ui.core.library import KEY_SETS
+    from lorlib_ui.core.routers import explain, menu
+
+    lacking = {kind: library.lacking_keys(kind) for kind in KEY_SETS}
+    routers, missing = menu(library.names, library.groups(), lacking)
+    return {"routers": routers, "router_notes": {s: explain(s) for s in routers}, "routers_missing": missing}

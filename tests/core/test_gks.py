@@ -134,9 +134,9 @@ def test_general_experts_are_never_chosen(gks_routed):
 
 def test_the_menu_offers_arrow_gks_only_with_general_experts():
     groups = {"private": ["a", "b", "g"], "cluster": [], "general": []}
-    assert not any(s.startswith("arrow_gks") for s in menu(["a", "b", "g"], groups))
+    assert not any(s.startswith("arrow_gks") for s in menu(["a", "b", "g"], groups)[0])
     groups["general"] = ["g", "h"]
-    specs = menu(["a", "b", "g", "h"], groups)
+    specs, _ = menu(["a", "b", "g", "h"], groups)
     assert specs[:4] == ["arrow", "arrow@private", "arrow@general", "arrow_gks"]
     assert "arrow_gks@private" in specs and "arrow_gks@general" not in specs  # no task experts in it
 

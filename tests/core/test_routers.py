@@ -358,9 +358,9 @@ def test_menus_help_and_evaluations_read_the_registry(monkeypatch):
             return slot.usable(self.subset)[0].float() / 2
 
     experts, groups = ["a", "b", "c"], {"private": ["a", "b"], "cluster": ["c"]}
-    assert "half" not in help_text() and "half" not in menu(experts, groups)
+    assert "half" not in help_text() and "half" not in menu(experts, groups)[0]
     monkeypatch.setitem(registry.ROUTERS, "half", HalfRouter)
-    assert "half" in help_text() and {"half", "half@private"} <= set(menu(experts, groups))
+    assert "half" in help_text() and {"half", "half@private"} <= set(menu(experts, groups)[0])
     assert presets()["half-private"] == "half@private"
     router = make_router("half@private", experts, groups=groups)
     assert isinstance(router, HalfRouter) and router.subset == (0, 1) and router.describe() == "half@private"
@@ -369,11 +369,26 @@ def test_menus_help_and_evaluations_read_the_registry(monkeypatch):
 def test_the_menu_offers_each_router_each_group_and_each_expert():
     from lorlib_ui.core.routers import menu
 
-    specs = menu(["a", "b", "c"], {"private": ["a", "b"], "cluster": ["c"], "shared": []})
+    specs, missing = menu(["a", "b", "c"], {"private": ["a", "b"], "cluster": ["c"], "shared": []})
     assert specs[:2] == ["arrow", "arrow@private"]  # dynamic routers first
-    assert {"base", "uniform", "uniform@private", "mean_delta"} <= set(specs)
+    assert {"base", "uniform", "uniform@private", "mean_delta", "spectral", "phatgoose", "avg_act"} <= set(specs)
     assert specs[-3:] == ["expert:a", "expert:b", "expert:c"]
     assert "arrow@cluster" not in specs and "oracle" not in specs  # one-expert groups; per-task routers
+    assert "arrow_gks" in missing and "general" in missing["arrow_gks"]  # what it lacks, in one line
+
+
+def test_the_menu_lists_routers_whose_keys_are_missing_with_the_command():
+    from lorlib_ui.core.routers import explain, menu
+
+    groups = {"private": ["a", "b"], "cluster": ["c", "d"]}
+    specs, missing = menu(["a", "b", "c", "d"], groups, {"gates": ["c", "d"], "activations": ["a"]})
+    assert "phatgoose@private" in specs and {"phatgoose", "phatgoose@cluster"} <= set(missing)
+    assert missing["phatgoose"] == "needs gates for 2 of its 4 experts: run `lorlib gates LIBRARY`"
+    assert "avg_act@cluster" in specs and "avg_act@private" in missing and "avg_act" in missing
+    assert not set(specs) & set(missing)
+    line = explain("phatgoose@private")
+    assert line.startswith("PhatGoose") and line.endswith("only the private experts")
+    assert explain("expert:a") == "one expert alone (a)" and explain("nonsense") == ""
 
 
 def test_routers_are_immutable():

@@ -1,20 +1,22 @@
 """Routers: how much each library expert contributes, per token and per LoRA'd layer.
 
-One module per router family (`merges`, `ties`, `arrow`, `gks`, `oracle`), the shared shape in
-`base`, and one registry (`registry`) that every menu, help text and evaluation reads its router
-names from.
+One module per router family (`merges`, `ties`, `arrow`, `gks`, `spectral`, `phatgoose`,
+`avg_act`, `oracle`), the shared shape in `base` (and in `per_token` for the top-k routers), and
+one registry (`registry`) that every menu, help text and evaluation reads its router names from.
 """
 
 from lorlib_ui.core.routers.base import DEFAULT_TOP_K, MIXES, Router, RouterSettings, Routing
-from lorlib_ui.core.routers.registry import ROUTERS, help_text, make_router, menu, presets
+from lorlib_ui.core.routers.registry import KEY_COMMANDS, ROUTERS, explain, help_text, make_router, menu, presets
 
 __all__ = [
     "DEFAULT_TOP_K",
+    "KEY_COMMANDS",
     "MIXES",
     "ROUTERS",
     "Router",
     "RouterSettings",
     "Routing",
+    "explain",
     "help_text",
     "make_router",
     "menu",

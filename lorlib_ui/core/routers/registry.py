@@ -118,23 +118,61 @@ def make_router(
     return router
 
 
-def menu(experts: list[str], groups: dict[str, list[str]]) -> list[str]:
-    """The router specs to offer for a library: each router (even where the library is empty: the
-    refusal then says what it lacks), limited to each group of two or more experts where it can
-    be, then each expert alone."""
-    specs: list[str] = []
-    for cls in _ordered():
-        if cls.per_task or cls.unavailable(groups) is not None:
-            continue
-        if cls.argument:
-            specs += [f"{cls.name}:{name}" for name in experts]
-            continue
-        specs.append(cls.name)
-        if cls.groupable:  # groups it can choose among two or more of
-            left_out = set(groups.get(cls.subtracts, [])) if cls.subtracts else set()
-            specs += [f"{cls.name}@{g}" for g, members in groups.items() if len(set(members) - left_out) > 1]
-    specs.sort(key=lambda s: ":" in s)  # experts alone last
+# The command that computes a key set a router needs (`Router.needs`), for menus and refusals.
+KEY_COMMANDS = {"gates": "lorlib gates LIBRARY", "activations": "lorlib activations LIBRARY"}
+
+
+def _candidates(cls: type[Router], experts: list[str], groups: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+    """Every spec of one router class a library could run, with the experts each would use: the
+    router, limited to each group of two or more experts where it can be, or each expert alone."""
+    if cls.argument:
+        return [(f"{cls.name}:{name}", [name]) for name in experts]
+    left_out = set(groups.get(cls.subtracts, [])) if cls.subtracts else set()
+    specs = [(cls.name, [x for x in experts if x not in left_out])]
+    if cls.groupable:  # groups it can choose among two or more of
+        for g, members in groups.items():
+            if len(kept := [m for m in members if m not in left_out]) > 1:
+                specs.append((f"{cls.name}@{g}", kept))
     return specs
+
+
+def menu(
+    experts: list[str], groups: dict[str, list[str]], lacking: dict[str, list[str]] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The router specs a library can run, and those it cannot yet, each with one line saying
+    what is missing and how to get it. `lacking` maps a key set (gates, activations) to the
+    experts without it. Routers that choose per evaluated task (the oracle, LoraHub) are not
+    offered: they run in evaluations."""
+    lacking = lacking or {}
+    specs: list[str] = []
+    missing: dict[str, str] = {}
+    for cls in _ordered():
+        if cls.per_task:
+            continue
+        if (problem := cls.unavailable(groups)) is not None:
+            missing[cls.name] = problem
+            continue
+        for spec, used in _candidates(cls, experts, groups):
+            if cls.needs and (short := [x for x in used if x in set(lacking.get(cls.needs, []))]):
+                missing[spec] = (
+                    f"needs {cls.needs} for {len(short)} of its {len(used)} experts: "
+                    f"run `{KEY_COMMANDS.get(cls.needs, cls.needs)}`"
+                )
+            else:
+                specs.append(spec)
+    specs.sort(key=lambda s: ":" in s)  # experts alone last
+    return specs, missing
+
+
+def explain(spec: str) -> str:
+    """One line about a router spec, for menus: what the router does, and the group it uses."""
+    spec, _, group = spec.partition("@")
+    name, _, argument = spec.partition(":")
+    cls = ROUTERS.get(name)
+    if cls is None:
+        return ""
+    line = cls.summary + (f" ({argument})" if argument else "")
+    return line + (f"; only the {group} experts" if group else "")
 
 
 def presets() -> dict[str, str]:
