@@ -66,7 +66,9 @@ def resolve_routers(
     kept, notes = [], []
     for name in names:
         try:
-            make_router(named.get(name, name), library.names, top_k, groups=groups, per_task=True)
+            router = make_router(named.get(name, name), library.names, top_k, groups=groups, per_task=True)
+            if (lacking := library.lacks_for(router)) is not None:  # keys not computed yet (gates, ...)
+                raise LorlibError(lacking)
         except LorlibError as exc:
             if explicit:
                 raise LorlibError(f"router {name!r}: {exc}") from None

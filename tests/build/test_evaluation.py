@@ -60,7 +60,7 @@ def test_evaluate_compares_routers_on_held_out_tasks(built, capsys):
     library = Library.open(built)
     record = library.extra["evaluation"]
     routers = [row["router"] for row in record["summary"]]
-    assert routers == ["base", "uniform", "arrow", "arrow-cluster", "shared", "oracle"]
+    assert routers == ["base", "uniform", "mean_delta", "ties", "arrow", "arrow-cluster", "spectral", "shared", "oracle"]
     held = library.extra["held_out"]["tasks"]
     for row in record["summary"]:
         assert row["tasks"] == 2 and row["mc_tasks"] == 1  # only the 'pick' family has options
@@ -80,6 +80,8 @@ def test_evaluate_skips_or_refuses_routers_the_library_cannot_run(built, capsys)
     assert code == 0
     code, out, err = run(capsys, "evaluate", built, "--limit", "1", "--json")
     assert code == 0 and "skipped arrow-cluster" in err and "skipped oracle" in err
+    assert "skipped phatgoose: router phatgoose@private" in err and "lorlib gates" in err  # no gates yet
+    assert "skipped avg_act" in err and "skipped arrow-gks" in err
     before = library_snapshot(built)
     code, _, err = run(capsys, "evaluate", built, "--routers", "oracle")
     assert code == 1 and "no cluster experts" in err

@@ -84,6 +84,6 @@ class MeanDeltaRouter(UniformRouter):
 
     name: ClassVar[str] = "mean_delta"
     summary: ClassVar[str] = "the mean of the experts' ΔW"
-    presets: ClassVar[dict[str, str]] = {}
+    presets: ClassVar[dict[str, str]] = {"mean_delta": "mean_delta@private"}
 
     mix: str = "outputs"

@@ -46,6 +46,7 @@ class TiesRouter(Router):
     summary: ClassVar[str] = "TIES: trim each expert to its largest entries, elect signs, average what agrees"
     groupable: ClassVar[bool] = True
     options: ClassVar[tuple[str, ...]] = ("density",)
+    presets: ClassVar[dict[str, str]] = {"ties": "ties@private"}
 
     mix: str = "parameters"
     density: float = DEFAULT_DENSITY
