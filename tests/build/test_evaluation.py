@@ -60,7 +60,8 @@ def test_evaluate_compares_routers_on_held_out_tasks(built, capsys):
     library = Library.open(built)
     record = library.extra["evaluation"]
     routers = [row["router"] for row in record["summary"]]
-    assert routers == ["base", "uniform", "mean_delta", "ties", "arrow", "arrow-cluster", "spectral", "shared", "oracle"]
+    expected = ["base", "uniform", "mean_delta", "ties", "arrow", "arrow-cluster", "spectral", "shared", "oracle"]
+    assert routers == expected  # phatgoose and avg_act need keys this library lacks; arrow-gks general experts
     held = library.extra["held_out"]["tasks"]
     for row in record["summary"]:
         assert row["tasks"] == 2 and row["mc_tasks"] == 1  # only the 'pick' family has options
