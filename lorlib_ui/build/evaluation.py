@@ -29,7 +29,7 @@ from lorlib_ui.build.training import Cancelled
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.generation import generate_batch, score_continuations
 from lorlib_ui.core.library import TASK_KINDS, Library
-from lorlib_ui.core.prompting import encode_prompt
+from lorlib_ui.core.prompting import answer_ids, encode_prompt
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import Router, make_router, presets
 
@@ -99,9 +99,9 @@ def test_rows(data: MultiTaskData, task: str, limit: int | None = None, split: s
 
 def answer_budget(tokenizer, data: MultiTaskData, task: str) -> int:
     """New tokens to generate for a task: its longest training answer, plus a margin."""
-    answer_ids = _answer_ids(tokenizer, bool(tokenizer.chat_template))
+    answer = answer_ids(tokenizer, bool(tokenizer.chat_template))
     rows = data.rows(task, "train") or data.rows(task, "test")
-    return max(len(answer_ids(r["output"])) for r in rows) + EXTRA_TOKENS
+    return max(len(answer(r["output"])) for r in rows) + EXTRA_TOKENS
 
 
 def score_rows(
@@ -117,15 +117,15 @@ def score_rows(
     answer length."""
     tok = rm.tokenizer
     chat = bool(tok.chat_template)
-    answer_ids = _answer_ids(tok, chat)
+    answer = answer_ids(tok, chat)
     pairs, where = [], {}  # (prompt, continuation) pairs; task -> [(reference index, options)]
     for task, rows in rows_by_task.items():
         where[task] = []
         for row in rows:
             prompt = encode_prompt(tok, row["input"], chat)
             where[task].append((len(pairs), row))
-            pairs.append((prompt, answer_ids(row["output"])))
-            pairs += [(prompt, answer_ids(option)) for option in (row["options"] or ()) if choices]
+            pairs.append((prompt, answer(row["output"])))
+            pairs += [(prompt, answer(option)) for option in (row["options"] or ()) if choices]
     logprobs = score_continuations(rm, router, pairs)
     out = {}
     for task, placed in where.items():
@@ -181,15 +181,6 @@ def evaluate_task(
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
-
-
-def _answer_ids(tokenizer, chat: bool) -> Callable[[str], list[int]]:
-    """How an answer is tokenized after its prompt: as the trainer does, without the EOS."""
-
-    def ids(answer: str) -> list[int]:
-        return tokenizer(answer if chat else " " + answer, add_special_tokens=False)["input_ids"]
-
-    return ids
 
 
 def evaluate(
