@@ -13,6 +13,9 @@ over the task's test rows:
   log-probability is the reference (BIG-bench's scoring of multiple-choice tasks).
 
 Tables average over tasks, so that each task weighs the same.
+
+Routers that choose per task are resolved on each task from a `TaskContext`: the oracle from the
+library, LoraHub (a few-shot baseline, run by name) from a few of the task's training rows.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ from datetime import UTC, datetime
 from lorlib_ui.build import stats
 from lorlib_ui.build.config import TASK_SETS
 from lorlib_ui.build.data import MultiTaskData
+from lorlib_ui.build.lorahub import draw_shots, few_shot_context
 from lorlib_ui.build.training import Cancelled
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.generation import generate_batch, score_continuations
 from lorlib_ui.core.library import TASK_KINDS, Library
-from lorlib_ui.core.prompting import encode_prompt
+from lorlib_ui.core.prompting import answer_ids, encode_prompt
 from lorlib_ui.core.routed_model import RoutedModel
-from lorlib_ui.core.routers import Router, make_router, presets
+from lorlib_ui.core.routers import Router, TaskContext, make_router, presets
+from lorlib_ui.core.routers.lorahub import DEFAULT_SHOTS
 
 EXTRA_TOKENS = 8  # generated beyond the longest training answer of the task
 
@@ -101,9 +106,9 @@ def test_rows(data: MultiTaskData, task: str, limit: int | None = None, split: s
 
 def answer_budget(tokenizer, data: MultiTaskData, task: str) -> int:
     """New tokens to generate for a task: its longest training answer, plus a margin."""
-    answer_ids = _answer_ids(tokenizer, bool(tokenizer.chat_template))
+    answer = answer_ids(tokenizer, bool(tokenizer.chat_template))
     rows = data.rows(task, "train") or data.rows(task, "test")
-    return max(len(answer_ids(r["output"])) for r in rows) + EXTRA_TOKENS
+    return max(len(answer(r["output"])) for r in rows) + EXTRA_TOKENS
 
 
 def score_rows(
@@ -119,15 +124,15 @@ def score_rows(
     answer length."""
     tok = rm.tokenizer
     chat = bool(tok.chat_template)
-    answer_ids = _answer_ids(tok, chat)
+    answer = answer_ids(tok, chat)
     pairs, where = [], {}  # (prompt, continuation) pairs; task -> [(reference index, options)]
     for task, rows in rows_by_task.items():
         where[task] = []
         for row in rows:
             prompt = encode_prompt(tok, row["input"], chat)
             where[task].append((len(pairs), row))
-            pairs.append((prompt, answer_ids(row["output"])))
-            pairs += [(prompt, answer_ids(option)) for option in (row["options"] or ()) if choices]
+            pairs.append((prompt, answer(row["output"])))
+            pairs += [(prompt, answer(option)) for option in (row["options"] or ()) if choices]
     logprobs = score_continuations(rm, router, pairs)
     out = {}
     for task, placed in where.items():
@@ -155,13 +160,19 @@ def evaluate_task(
     limit: int | None = None,
     split: str = "test",
     top_k: int | None = None,
+    shots: int = DEFAULT_SHOTS,
 ) -> TaskScore | None:
-    """Score one router on one task's test rows; None for the oracle when no expert fits."""
+    """Score one router on one task's test rows; None for the oracle when no expert fits. A
+    few-shot router (LoraHub) learns from `shots` of the task's training rows first."""
     library = rm.library
     family = data.family_of(task)
-    router = make_router(presets().get(name, name), rm.experts, top_k, groups=library.groups(), per_task=True)
+    router = _router(library, name, top_k)
     if router.per_task:
-        router = router.for_task(library, family)
+        if router.few_shot:
+            context = few_shot_context(rm, data, task, shots)
+        else:
+            context = TaskContext(library, task, family)
+        router = router.for_task(context)
         if router is None:
             return None
     rows = test_rows(data, task, limit, split)
@@ -181,17 +192,13 @@ def evaluate_task(
     )
 
 
+def _router(library: Library, name: str, top_k: int | None) -> Router:
+    """The router an evaluation runs by `name` (a preset or a spec), per-task routers unresolved."""
+    return make_router(presets().get(name, name), library.names, top_k, groups=library.groups(), per_task=True)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
-
-
-def _answer_ids(tokenizer, chat: bool) -> Callable[[str], list[int]]:
-    """How an answer is tokenized after its prompt: as the trainer does, without the EOS."""
-
-    def ids(answer: str) -> list[int]:
-        return tokenizer(answer if chat else " " + answer, add_special_tokens=False)["input_ids"]
-
-    return ids
 
 
 def evaluate(
@@ -204,6 +211,7 @@ def evaluate(
     cancel: Callable[[], bool] | None = None,
     split: str = "test",
     top_k: int | None = None,
+    shots: int = DEFAULT_SHOTS,
 ) -> list[TaskScore]:
     """Every router on every task; `progress(done, total, router, task)` after each pair."""
     scores, total, done = [], len(routers) * len(tasks), 0
@@ -211,7 +219,7 @@ def evaluate(
         for task in tasks:
             if cancel is not None and cancel():
                 raise Cancelled("evaluation cancelled")
-            score = evaluate_task(rm, data, task, name, limit, split, top_k)
+            score = evaluate_task(rm, data, task, name, limit, split, top_k, shots)
             if score is not None:
                 scores.append(score)
             done += 1
@@ -369,10 +377,12 @@ def evaluate_library(
     cancel: Callable[[], bool] | None = None,
     split: str = "test",
     top_k: int | None = None,
+    shots: int = DEFAULT_SHOTS,
 ) -> tuple[dict, list[str]]:
     """Evaluate routers (default: every preset of the router registry that the library allows) on
     tasks (a list, or a set of `select_tasks`; default: the library's held-out tasks) and store the
-    result in its manifest (`evaluation`). Returns the stored record and notes on routers skipped."""
+    result in its manifest (`evaluation`). Few-shot routers (LoraHub) learn from `shots` training
+    rows of each task. Returns the stored record and notes on routers skipped."""
     import time
 
     from lorlib_ui.build.data import load_tasks
@@ -390,12 +400,17 @@ def evaluate_library(
         raise LorlibError("the list of routers is empty")
     kept, notes = resolve_routers(library, names, explicit=routers is not None, top_k=top_k)
     loaded = load_tasks(source)
+    few_shot = any(_router(library, name, top_k).few_shot for name in kept)
     for task in tasks:
         loaded.family_of(task)  # an unknown task fails here, before the model loads
+        if few_shot:
+            draw_shots(loaded, task, shots)  # and so do too few training rows for the shots
     rm = RoutedModel.load(library, device=device, dtype=dtype)
-    scores = evaluate(rm, loaded, tasks, kept, limit, progress, cancel, split, top_k)
+    scores = evaluate(rm, loaded, tasks, kept, limit, progress, cancel, split, top_k, shots)
     record = result_record(scores, kept, source, limit, time.perf_counter() - start)
     record["tasks"], record["split"], record["top_k"] = list(tasks), split, top_k
+    if few_shot:
+        record["shots"] = shots
     seen = set(seen_tasks(library))
     record["seen"] = [t for t in tasks if t in seen]
     if record["seen"] and len(record["seen"]) < len(tasks):  # both kinds: a summary of each as well

@@ -1,4 +1,4 @@
-"""The library-building commands of the command line: `build`, `cluster` and `evaluate`.
+"""The library-building commands of the command line: `build`, `cluster`, `evaluate` and `lorahub`.
 
 Their options are parsed in `lorlib_ui.cli.main` with the others; these functions do the work, with a
 tqdm bar per expert on stderr, and append each finished command to the library's `history`.
@@ -237,6 +237,7 @@ def cmd_evaluate(args) -> None:
             progress,
             split=args.split,
             top_k=args.top_k,
+            shots=args.shots,
         )
     finally:
         for bar in bars:
@@ -256,6 +257,49 @@ def cmd_evaluate(args) -> None:
     if record["differences"]:
         print("\npaired differences, over the same test rows:")
         print(format_differences(record["differences"]))
+
+
+def cmd_lorahub(args) -> None:
+    from dataclasses import asdict
+
+    from lorlib_ui.build.lorahub import lorahub_expert
+
+    bar, bars = _bar("lorahub search", "evaluation")  # made at the first progress event
+
+    def progress(done, total, best):
+        bar(done, total, f"best objective {best:.3f}")
+
+    try:
+        report = lorahub_expert(
+            args.library,
+            args.task,
+            data=args.data,
+            shots=args.shots,
+            budget=args.budget,
+            seed=args.seed,
+            experts=args.experts,
+            force=args.force,
+            device=args.device,
+            dtype=args.dtype,
+            progress=progress,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    if not report.reused:
+        _record_history(args.library, args.argv, report.seconds)
+    expert, training = report.expert, report.expert.training
+    if args.json:
+        print(json.dumps({"reused": report.reused, "seconds": round(report.seconds, 1), "expert": asdict(expert)}))
+        return
+    how = "already in the library (--force searches again)" if report.reused else f"stored ({report.seconds:.0f} s)"
+    print(
+        f"answer loss on {training['shots']} training rows of {training['task']}: "
+        f"{training['loss_uniform']:.4f} with uniform weights, {training['loss']:.4f} with LoraHub's"
+    )
+    top = sorted(training["weights"].items(), key=lambda item: -abs(item[1]))[:5]
+    print("largest weights: " + ", ".join(f"{name} {weight:+.3f}" for name, weight in top))
+    print(f"expert {expert.name}: {how}; route with --router expert:{expert.name}")
 
 
 def _print_clustering(summary: dict) -> None:

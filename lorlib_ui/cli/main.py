@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from lorlib_ui.build.config import ACTIVATION_EXAMPLES, ANALYSIS_ROWS, GATE_STEPS, TrainConfig
-from lorlib_ui.cli.build import cmd_build, cmd_cluster, cmd_evaluate, cmd_keys
+from lorlib_ui.cli.build import cmd_build, cmd_cluster, cmd_evaluate, cmd_keys, cmd_lorahub
 from lorlib_ui.cli.insight import cmd_routing_stats, cmd_transfer
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, help_text, presets
+from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, ROUTERS, help_text, presets
+from lorlib_ui.core.routers.lorahub import DEFAULT_BUDGET, DEFAULT_SHOTS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,11 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="zero-shot evaluation of routers on held-out tasks")
     evaluate.add_argument("library")
     _dataset_options(evaluate, None, "at most this many test rows per task (default: all)")
+    by_name = [cls.name for cls in ROUTERS.values() if cls.per_task and cls.name not in presets().values()]
     evaluate.add_argument(
         "--routers",
         default=None,
         help=f"comma-separated: {', '.join(f'{name} ({spec})' for name, spec in presets().items())} "
-        "(default: all of these that the library allows), or any router spec such as arrow@cluster",
+        "(default: all of these that the library allows), or any router spec such as arrow@cluster "
+        f"or {' or '.join(by_name)} (per task, few-shot: see --shots)",
+    )
+    evaluate.add_argument(
+        "--shots",
+        type=int,
+        default=DEFAULT_SHOTS,
+        help=f"training rows per task that few-shot routers (lorahub) learn from (default {DEFAULT_SHOTS})",
     )
     evaluate.add_argument(
         "--split", default="test", choices=["test", "validation"], help="validation: for ablations (default test)"
@@ -194,6 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None)
     evaluate.add_argument("--json", action="store_true", help="print the results as one JSON object")
+
+    lorahub = commands.add_parser(
+        "lorahub", help="LoraHub: search a merge of experts on a few examples of a task; store it as an expert"
+    )
+    lorahub.add_argument("library")
+    lorahub.add_argument("--task", required=True, help="the task whose training rows are the examples")
+    lorahub.add_argument(
+        "--data",
+        default=None,
+        help="tasks' data as for build, or a file of the task's rows alone (default: what the library was built from)",
+    )
+    lorahub.add_argument("--shots", type=int, default=DEFAULT_SHOTS, help=f"examples (default {DEFAULT_SHOTS})")
+    lorahub.add_argument(
+        "--budget", type=int, default=DEFAULT_BUDGET, help=f"evaluations of the search (default {DEFAULT_BUDGET})"
+    )
+    lorahub.add_argument("--seed", type=int, default=0, help="draws the examples and seeds the search")
+    lorahub.add_argument("--experts", default=None, help="a kind to merge (default: private and imported experts)")
+    lorahub.add_argument("--force", action="store_true", help="search again when the expert is already there")
+    lorahub.add_argument("--device", default=None)
+    lorahub.add_argument("--dtype", default=None)
+    lorahub.add_argument("--json", action="store_true", help="print the stored expert as one JSON object")
 
     transfer = commands.add_parser("transfer", help="score every expert alone (and the base model) on every task")
     transfer.add_argument("library")
@@ -351,6 +381,7 @@ COMMANDS = {
     "build": cmd_build,
     "cluster": cmd_cluster,
     "evaluate": cmd_evaluate,
+    "lorahub": cmd_lorahub,
     "transfer": cmd_transfer,
     "routing-stats": cmd_routing_stats,
     "gates": cmd_keys,

@@ -6,6 +6,8 @@ its constants with the UI.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lorlib_ui.core.errors import LorlibError
 
 MAX_NEW_TOKENS = 512  # the most tokens one request may generate, everywhere (CLI, worker, UI)
@@ -20,6 +22,16 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
         )
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
     return tokenizer(prompt)["input_ids"]
+
+
+def answer_ids(tokenizer, chat: bool = True) -> Callable[[str], list[int]]:
+    """How an answer is tokenized after its prompt, for scoring: as the trainer does, without the EOS."""
+    templated = chat and bool(tokenizer.chat_template)
+
+    def ids(answer: str) -> list[int]:
+        return tokenizer(answer if templated else " " + answer, add_special_tokens=False)["input_ids"]
+
+    return ids
 
 
 def checked_text(text: str, what: str) -> str:

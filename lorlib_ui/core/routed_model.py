@@ -30,13 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorlib_ui.core.adapters import read_layout
+from lorlib_ui.core.adapters import LoraAdapter, read_layout
 from lorlib_ui.core.base_model import linear_shapes, load_base_model, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.core.routers import Router
 from lorlib_ui.core.routers.base import ExpertStack
+
+MERGED_CACHE = 8  # static merges kept folded per layer; a search (LoraHub) tries a new one each step
 
 
 @dataclass
@@ -174,6 +176,8 @@ class LibraryLinear(nn.Module):
                 merged = (a[used].flatten(0, 1), (bt[used] * ws[used, None, None]).flatten(0, 1))
             else:  # Σ w_e A_e and Σ w_e s_e B_eᵀ
                 merged = (torch.einsum("e,erd->rd", wa, a), torch.einsum("e,ero->ro", ws, bt))
+            if len(self._merged) >= MERGED_CACHE:  # drop the oldest: dicts keep insertion order
+                self._merged.pop(next(iter(self._merged)), None)
             self._merged[router.key] = (w, *merged)
         return self._merged[router.key]
 
@@ -222,6 +226,39 @@ class RoutedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def merged_adapter(self, router: Router) -> LoraAdapter:
+        """A static router's merge as one LoRA adapter, exactly the pair (a, bt) its layers fold:
+        each expert's scale is already in bt, so the adapter's scale is 1 (lora_alpha = r), and
+        every module is zero-padded to one rank r (zero rows add nothing). Only the modules that
+        some expert the router uses adapts are kept, in float32."""
+        if not (router.static and router.applies_experts):
+            raise LorlibError(f"router {router.describe()} is not a merge of experts, so it has no adapter")
+        factors = {}
+        for name, layer in self.layers.items():
+            if layer.usable(router.subset)[1]:
+                _, a, bt = layer._merged_factors(router)
+                factors[name] = (a.detach().float().cpu(), bt.detach().float().cpu().T)
+        rank = max((a.shape[0] for a, _ in factors.values()), default=0)
+        if rank == 0:
+            raise LorlibError(f"router {router.describe()} applies no expert at any layer")
+        padded = {
+            name: (
+                torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]).contiguous(),
+                torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1).contiguous(),
+            )
+            for name, (a, b) in factors.items()
+        }
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": rank,
+            "lora_alpha": rank,
+            "lora_dropout": 0.0,
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in padded}),
+            "bias": "none",
+        }
+        return LoraAdapter(config=config, factors=padded, scales=dict.fromkeys(padded, 1.0))
 
     def _attach_keys(self, router: Router) -> None:
         """Give every layer the key set `router` scores tokens with, read from the library (again

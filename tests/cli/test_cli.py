@@ -120,6 +120,7 @@ def test_score_json(cli_library, capsys):
         (["route", "{lib}", "--prompt", "hi", "--max-new-tokens", "0"], "max new tokens must be between"),
         (["route", "{lib}", "--prompt", "hi", "--max-new-tokens", "513"], "between 1 and 512, got 513"),
         (["route", "{lib}", "--prompt", "hi", "--router", "oracle"], "picks its expert per evaluated task"),
+        (["route", "{lib}", "--prompt", "hi", "--router", "lorahub"], "route with expert:NAME"),
         (["route", "{lib}", "--prompt", "hi", "--base-model", "{wide}"], "does not fit library"),
         (["route", "{lib}", "--prompt", "hi", "--top-k", "two"], "invalid int value"),
         (["score", "{lib}", "--text", " "], "--text is empty"),
@@ -135,6 +136,64 @@ def test_bad_input_is_one_line(cli_library, tmp_path, capsys, argv, message):
     assert code != 0 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert library_snapshot(cli_library) == before
+
+
+def test_lorahub_stores_a_merge_that_routes_as_an_expert_and_reuses_it(cli_library, tasks_file, capsys):
+    argv = ["lorahub", cli_library, "--task", "copy0", "--data", tasks_file, "--shots", "3", "--budget", "6"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "expert lorahub-copy0-k3-s0: stored" in out and "on 3 training rows of copy0" in out
+    assert "Traceback" not in err
+    code, out, _ = run(capsys, "info", cli_library, "--json")
+    stored = [e for e in json.loads(out)["experts"] if e["kind"] == "lorahub"]
+    assert [e["name"] for e in stored] == ["lorahub-copy0-k3-s0"]
+    assert set(stored[0]["training"]["weights"]) == {"task0", "task1", "task2", "task3"}
+    before = library_snapshot(cli_library)
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0 and json.loads(out)["reused"] and library_snapshot(cli_library) == before
+    code, out, err = run(capsys, "score", cli_library, "--text", "repeat fox", "--router", "expert:lorahub-copy0-k3-s0")
+    assert code == 0, err
+
+
+def test_lorahub_takes_its_examples_from_a_file_of_the_tasks_rows(cli_library, tmp_path, capsys):
+    rows = tmp_path / "mine.jsonl"  # no task column: every row is the named task's
+    rows.write_text("".join(json.dumps({"input": f"repeat {w}", "output": w}) + "\n" for w in ["fox", "dog"] * 5))
+    argv = ["lorahub", cli_library, "--task", "mine", "--data", rows, "--shots", "2", "--budget", "2"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    code, out, _ = run(capsys, "info", cli_library, "--json")
+    training = next(e for e in json.loads(out)["experts"] if e["kind"] == "lorahub")["training"]
+    assert training["task"] == "mine" and training["data"] == str(rows) and len(training["shot_rows"]) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--shots", "0"], "--shots must be at least 1, got 0"),
+        (["--shots", "11"], "--shots 11 is more than the 10 training rows of task 'copy0'"),
+        (["--budget", "0"], "--budget must be at least 1, got 0"),
+        (["--task", "nope"], "no task 'nope'"),
+        (["--experts", "cluster"], "no experts in group 'cluster'"),
+    ],
+)
+def test_lorahub_refusals_are_one_line_and_change_nothing(cli_library, tasks_file, capsys, extra, message):
+    before = library_snapshot(cli_library)
+    code, out, err = run(capsys, "lorahub", cli_library, "--task", "copy0", "--data", tasks_file, *extra)
+    assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert library_snapshot(cli_library) == before
+
+
+def test_evaluate_runs_lorahub_with_its_shots(cli_library, tasks_file, capsys):
+    before = library_snapshot(cli_library)
+    argv = ["evaluate", cli_library, "--tasks", "copy0", "--data", tasks_file, "--routers", "lorahub,base"]
+    code, _, err = run(capsys, *argv, "--shots", "0")
+    assert code == 1 and err.count("\n") == 1 and "--shots must be at least 1, got 0" in err
+    assert library_snapshot(cli_library) == before
+    code, out, err = run(capsys, *argv, "--shots", "2", "--limit", "1", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["shots"] == 2 and [row["router"] for row in record["summary"]] == ["lorahub", "base"]
+    assert record["scores"][0]["expert"] == "lorahub (2 shots, seed 0)"
 
 
 def test_refused_imports_leave_library_unchanged(cli_library, tmp_path, tiny_base, tiny_adapters, capsys):

@@ -325,8 +325,8 @@ def test_router_limited_to_a_group_equals_that_group_alone(tmp_path, tiny_base, 
     [
         ("arrow@nope", "no experts in group 'nope'"),
         ("arrow@empty", "no experts in group 'empty'"),
-        ("expert:e1@g", "only arrow, arrow_gks, .*, uniform, mean_delta and ties can be limited"),
-        ("base@g", "only arrow, arrow_gks, .*, uniform, mean_delta and ties can be limited"),
+        ("expert:e1@g", "only arrow, arrow_gks, .*, uniform, mean_delta, ties and lorahub can be limited"),
+        ("base@g", "only arrow, arrow_gks, .*, uniform, mean_delta, ties and lorahub can be limited"),
     ],
 )
 def test_router_groups_are_checked(spec, message):

@@ -11,20 +11,25 @@ products with one key vector per expert, `route(slot, dots)`; the layer computes
 the same matmul as the experts' A projections. Arrow's keys are its prototypes.
 
 A router class declares what it supports (`static`, `groupable`, `argument`, `options`,
-`per_task`, `subtracts`) and builds itself from a spec with `from_spec`; the registry
+`per_task`, `few_shot`, `subtracts`) and builds itself from a spec with `from_spec`; the registry
 (`lorlib_ui.core.routers.registry`) reads those declarations to parse specs, check them, and list
 the routers that menus, help texts and evaluations offer. Routers are immutable: limiting one to a
 group of experts returns a new router.
+
+A per-task router (the oracle, LoraHub) is resolved by an evaluation on each task, from a
+`TaskContext`, into the router that runs there (`for_task`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:  # routers only use the tensors they are handed: the registry loads without torch
     import torch
 
+    from lorlib_ui.core.library import Library
     from lorlib_ui.core.routed_model import LibraryLinear
 
 MIXES = ("outputs", "parameters")
@@ -67,6 +72,20 @@ class ExpertStack:
 
 
 @dataclass(frozen=True)
+class TaskContext:
+    """What a per-task router chooses from on one evaluated task: the library the routed model
+    holds, the task and its family and, for a few-shot router, the loss of any router on a few of
+    the task's training examples (the evaluation draws them and scores them on its routed model)."""
+
+    library: Library
+    task: str
+    family: str | None
+    loss: Callable[[Router], float] | None = None  # mean answer negative log-likelihood of the shots
+    shots: int = 0  # how many training examples `loss` scores
+    seed: int = 0  # which of them were drawn, and the seed of a search
+
+
+@dataclass(frozen=True)
 class Router:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for help texts
@@ -76,6 +95,8 @@ class Router:
     argument: ClassVar[str | None] = None  # the spec takes an argument: expert:NAME
     options: ClassVar[tuple[str, ...]] = ()  # the RouterSettings it reads: top_k, temperature, mix
     per_task: ClassVar[bool] = False  # chooses its experts per evaluation task (the oracle)
+    per_task_hint: ClassVar[str] = "picks its expert per evaluated task; use it with evaluate"
+    few_shot: ClassVar[bool] = False  # per task, learns from a few of its training examples (LoraHub)
     # Dynamic routers: the per-expert key vectors a token's scores are dot products with, a key
     # set of the layer ("prototypes": Arrow's; "gates": PhatGoose's; "activations": mean hidden
     # states), or None for a router that scores the experts' projections A_e h themselves.
@@ -105,6 +126,10 @@ class Router:
     def limit(self, group: str, subset: tuple[int, ...]) -> Router:
         """This router, using only the experts at `subset` (a named group); a new router."""
         return replace(self, group=group, subset=subset)
+
+    def for_task(self, context: TaskContext) -> Router | None:
+        """Per-task routers: the router that runs on the context's task; None when none fits."""
+        raise NotImplementedError
 
     def weights(self, slot: LibraryLinear) -> torch.Tensor:
         """Static routers: one weight per expert (experts,), the same for every token."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from lorlib_ui.core.routers.base import Router, RouterSettings
+from lorlib_ui.core.routers.base import Router, RouterSettings, TaskContext
 from lorlib_ui.core.routers.merges import ExpertRouter
 
 if TYPE_CHECKING:
@@ -40,9 +40,9 @@ class OracleRouter(Router):
     def unavailable(cls, groups: dict[str, list[str]]) -> str | None:
         return None if groups.get("cluster") else "the library has no cluster experts (run `cluster`)"
 
-    def for_task(self, library: Library, family: str | None) -> Router | None:
-        """The expert router it stands for on a task of `family`; None when no expert fits."""
-        expert = family_cluster(library, family)
+    def for_task(self, context: TaskContext) -> Router | None:
+        """The expert router it stands for on a task of the context's family; None when no expert fits."""
+        expert = family_cluster(context.library, context.family)
         if expert is None:
             return None
-        return ExpertRouter.from_spec(expert, library.names, RouterSettings())
+        return ExpertRouter.from_spec(expert, context.library.names, RouterSettings())

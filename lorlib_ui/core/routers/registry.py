@@ -22,6 +22,7 @@ from lorlib_ui.core.routers.arrow import ArrowRouter
 from lorlib_ui.core.routers.avg_act import AverageActivationRouter
 from lorlib_ui.core.routers.base import MIXES, Router, RouterSettings
 from lorlib_ui.core.routers.gks import ArrowGksRouter
+from lorlib_ui.core.routers.lorahub import LoraHubRouter
 from lorlib_ui.core.routers.merges import BaseRouter, ExpertRouter, MeanDeltaRouter, UniformRouter
 from lorlib_ui.core.routers.oracle import OracleRouter
 from lorlib_ui.core.routers.phatgoose import PhatGooseRouter
@@ -43,6 +44,7 @@ ROUTERS: dict[str, type[Router]] = {
         AverageActivationRouter,
         ExpertRouter,
         OracleRouter,
+        LoraHubRouter,
     )
 }
 
@@ -60,7 +62,7 @@ def _spec_of(cls: type[Router]) -> str:
 def help_text() -> str:
     """One line listing the routers and how specs are written, for CLI help."""
     names = ", ".join(_spec_of(cls) for cls in _ordered() if not cls.per_task)
-    groupable = ", ".join(cls.name for cls in _ordered() if cls.groupable)
+    groupable = ", ".join(cls.name for cls in _ordered() if cls.groupable and not cls.per_task)
     return f"{names}; {groupable} take @KIND to use only the experts of one kind (e.g. arrow@private)"
 
 
@@ -86,7 +88,7 @@ def make_router(
         known = ", ".join(_spec_of(c) for c in ROUTERS.values())
         raise LorlibError(f"unknown router {spec!r}; use one of {known}")
     if cls.per_task and not per_task:
-        raise LorlibError(f"router {name!r} picks its expert per evaluated task; use it with evaluate")
+        raise LorlibError(f"router {name!r} {cls.per_task_hint}")
     if (problem := cls.unavailable(groups)) is not None:
         raise LorlibError(problem)
     if mix not in MIXES:
