@@ -25,6 +25,7 @@ HELP = (
     "expert's routing score there, the chosen ones highlighted with their weights."
 )
 DEFAULT_ROUTER = "arrow@private"  # Arrow over the task experts, when the library has them
+DENSITY = 0.2  # the TIES density the slider starts at: the default of the paper's code
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RouteTab:
     notes: gr.State  # {"notes": spec -> line, "missing": spec -> what it lacks}, from the worker
     top_k: gr.Slider
     temperature: gr.Slider
+    density: gr.Slider  # TIES: the share of each expert's entries kept
     max_new: gr.Slider
     route_btn: gr.Button
     compare_btn: gr.Button
@@ -77,6 +79,7 @@ def build_tab() -> RouteTab:
                     top_k = gr.Slider(1, 16, value=4, step=1, label="top-k")
                     temperature = gr.Slider(0.1, 5.0, value=1.0, step=0.1, label="temperature")
                     max_new = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, label="max new tokens")
+                    density = gr.Slider(0.05, 1.0, value=DENSITY, step=0.05, label="density (ties)")
                 with gr.Row():
                     route_btn = gr.Button("Route", variant="primary")
                     compare_btn = gr.Button("Compare two routers")
@@ -112,6 +115,7 @@ def build_tab() -> RouteTab:
         notes=notes,
         top_k=top_k,
         temperature=temperature,
+        density=density,
         max_new=max_new,
         route_btn=route_btn,
         compare_btn=compare_btn,
@@ -178,14 +182,15 @@ def default_token(record: RoutingRecord, n_prompt_tokens: int) -> int | None:
     return n_prompt_tokens - 1 if 0 < n_prompt_tokens <= len(record.tokens) else 0
 
 
-def _request(folder, text, spec, k, temp, max_tokens) -> RouteRequest:
-    return RouteRequest(folder, text, spec, int(k), float(temp), max_new_tokens=int(max_tokens))
+def _request(folder, text, spec, k, temp, max_tokens, density=None) -> RouteRequest:
+    density = None if density is None else float(density)
+    return RouteRequest(folder, text, spec, int(k), float(temp), max_new_tokens=int(max_tokens), density=density)
 
 
 @shows_errors
-def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens):
+def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens, density=DENSITY):
     """Stream the answer; at the end, the routing heatmap and the layers and tokens to inspect."""
-    for update in worker.route(_request(folder, text, spec, k, temp, max_tokens)):
+    for update in worker.route(_request(folder, text, spec, k, temp, max_tokens, density)):
         if not update.done:
             yield {tab.answer: update.text, tab.timing: f"first token after {update.first_token_s:.2f} s"}
             continue
@@ -229,14 +234,14 @@ def token_detail(tab: RouteTab, record: RoutingRecord | None, module: str | None
 
 
 @shows_errors
-def compare(worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp, max_tokens) -> dict:
+def compare(worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp, max_tokens, density=DENSITY) -> dict:
     """Both routers' answers and routing per layer, and where their mean weights differ."""
     out, records, shown, info = {}, [], set(), worker.library(folder)
     for spec, answer, plot in (
         (spec_a, tab.compare_a, tab.compare_plot_a),
         (spec_b, tab.compare_b, tab.compare_plot_b),
     ):
-        final = list(worker.route(_request(folder, text, spec, k, temp, max_tokens)))[-1]
+        final = list(worker.route(_request(folder, text, spec, k, temp, max_tokens, density)))[-1]
         names = figures.shown_experts(final.record, group_members(spec, info.experts))
         out |= {answer: final.text, plot: figures.layer_heatmap(final.record, names)}
         records.append(final.record)
@@ -253,7 +258,7 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     detail_outputs = [tab.coloured, tab.token_plot, tab.logits_plot]
     routed = tab.route_btn.click(
         partial(route, worker, tab),
-        [path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new],
+        [path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density],
         [
             tab.answer,
             tab.timing,
@@ -276,7 +281,7 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
         menu.input(router_note, [tab.router, tab.compare_router, tab.notes], tab.router_note, api_visibility="private")
     tab.compare_btn.click(
         partial(compare, worker, tab),
-        [path, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new],
+        [path, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new, tab.density],
         [tab.compare_a, tab.compare_b, tab.compare_plot_a, tab.compare_plot_b, tab.compare_diff, tab.compare_box],
         api_name="compare",
     )

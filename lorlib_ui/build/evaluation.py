@@ -62,16 +62,15 @@ def normalize(text: str) -> str:
 
 
 def resolve_routers(
-    library: Library, names: list[str], explicit: bool, top_k: int | None = None
+    library: Library, names: list[str], explicit: bool, top_k: int | None = None, density: float | None = None
 ) -> tuple[list[str], list[str]]:
     """The routers that can run on this library, and notes on those skipped. A router asked for
     by name that cannot run is an error; one of the defaults is skipped with a note. Names are the
     registry's presets (arrow, shared, oracle, ...) or any router spec (arrow@cluster, expert:NAME)."""
-    groups, named = library.groups(), presets()
     kept, notes = [], []
     for name in names:
         try:
-            router = make_router(named.get(name, name), library.names, top_k, groups=groups, per_task=True)
+            router = _router(library, name, top_k, density)
             if (lacking := library.lacks_for(router)) is not None:  # keys not computed yet (gates, ...)
                 raise LorlibError(lacking)
         except LorlibError as exc:
@@ -161,12 +160,13 @@ def evaluate_task(
     split: str = "test",
     top_k: int | None = None,
     shots: int = DEFAULT_SHOTS,
+    density: float | None = None,
 ) -> TaskScore | None:
     """Score one router on one task's test rows; None for the oracle when no expert fits. A
     few-shot router (LoraHub) learns from `shots` of the task's training rows first."""
     library = rm.library
     family = data.family_of(task)
-    router = _router(library, name, top_k)
+    router = _router(library, name, top_k, density)
     if router.per_task:
         if router.few_shot:
             context = few_shot_context(rm, data, task, shots)
@@ -192,9 +192,10 @@ def evaluate_task(
     )
 
 
-def _router(library: Library, name: str, top_k: int | None) -> Router:
+def _router(library: Library, name: str, top_k: int | None, density: float | None = None) -> Router:
     """The router an evaluation runs by `name` (a preset or a spec), per-task routers unresolved."""
-    return make_router(presets().get(name, name), library.names, top_k, groups=library.groups(), per_task=True)
+    spec = presets().get(name, name)
+    return make_router(spec, library.names, top_k, groups=library.groups(), per_task=True, density=density)
 
 
 def _mean(values: list[float]) -> float:
@@ -212,6 +213,7 @@ def evaluate(
     split: str = "test",
     top_k: int | None = None,
     shots: int = DEFAULT_SHOTS,
+    density: float | None = None,
 ) -> list[TaskScore]:
     """Every router on every task; `progress(done, total, router, task)` after each pair."""
     scores, total, done = [], len(routers) * len(tasks), 0
@@ -219,7 +221,7 @@ def evaluate(
         for task in tasks:
             if cancel is not None and cancel():
                 raise Cancelled("evaluation cancelled")
-            score = evaluate_task(rm, data, task, name, limit, split, top_k, shots)
+            score = evaluate_task(rm, data, task, name, limit, split, top_k, shots, density)
             if score is not None:
                 scores.append(score)
             done += 1
@@ -378,6 +380,7 @@ def evaluate_library(
     split: str = "test",
     top_k: int | None = None,
     shots: int = DEFAULT_SHOTS,
+    density: float | None = None,
 ) -> tuple[dict, list[str]]:
     """Evaluate routers (default: every preset of the router registry that the library allows) on
     tasks (a list, or a set of `select_tasks`; default: the library's held-out tasks) and store the
@@ -398,7 +401,7 @@ def evaluate_library(
     names = list(presets()) if routers is None else routers
     if not names:
         raise LorlibError("the list of routers is empty")
-    kept, notes = resolve_routers(library, names, explicit=routers is not None, top_k=top_k)
+    kept, notes = resolve_routers(library, names, explicit=routers is not None, top_k=top_k, density=density)
     loaded = load_tasks(source)
     few_shot = any(_router(library, name, top_k).few_shot for name in kept)
     for task in tasks:
@@ -406,11 +409,13 @@ def evaluate_library(
         if few_shot:
             draw_shots(loaded, task, shots)  # and so do too few training rows for the shots
     rm = RoutedModel.load(library, device=device, dtype=dtype)
-    scores = evaluate(rm, loaded, tasks, kept, limit, progress, cancel, split, top_k, shots)
+    scores = evaluate(rm, loaded, tasks, kept, limit, progress, cancel, split, top_k, shots, density)
     record = result_record(scores, kept, source, limit, time.perf_counter() - start)
     record["tasks"], record["split"], record["top_k"] = list(tasks), split, top_k
     if few_shot:
         record["shots"] = shots
+    if density is not None:
+        record["density"] = density
     seen = set(seen_tasks(library))
     record["seen"] = [t for t in tasks if t in seen]
     if record["seen"] and len(record["seen"]) < len(tasks):  # both kinds: a summary of each as well

@@ -238,6 +238,7 @@ def cmd_evaluate(args) -> None:
             split=args.split,
             top_k=args.top_k,
             shots=args.shots,
+            density=args.density,
         )
     finally:
         for bar in bars:

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--top-k", type=int, default=None, help=f"experts per token for arrow (default {DEFAULT_TOP_K})"
     )
+    evaluate.add_argument(
+        "--density", type=float, default=None, help="ties: share of each expert's entries kept (default 0.2)"
+    )
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None)
     evaluate.add_argument("--json", action="store_true", help="print the results as one JSON object")

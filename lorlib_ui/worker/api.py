@@ -48,6 +48,7 @@ class RouteRequest:
     mix: str = "outputs"
     max_new_tokens: int = 48
     chat: bool = True
+    density: float | None = None  # ties: the share of each expert's entries kept (None: its default)
 
 
 @dataclass

@@ -194,7 +194,13 @@ class LocalWorker(Worker):
         check_max_new_tokens(request.max_new_tokens)
         library = Library.open(request.library)
         router = make_router(
-            request.router, library.names, request.top_k, request.temperature, request.mix, groups=library.groups()
+            request.router,
+            library.names,
+            request.top_k,
+            request.temperature,
+            request.mix,
+            groups=library.groups(),
+            density=request.density,
         )
         start = time.perf_counter()
         updates: queue.Queue = queue.Queue()

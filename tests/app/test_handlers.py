@@ -237,3 +237,34 @@ def test_expert_view_draws_the_recorded_loss_curve(worker, page, built):
     assert curve["visible"] and list(curve["value"].data[0].y) == private["metrics"]["loss_curve"]
     assert list(curve["value"].data[0].x) == [1, 2, 3]
     assert "no loss curve" not in out[page.library.summary]["value"]
+
+
+def test_every_router_of_the_menu_routes_through_the_app(tmp_path, tiny_base, tiny_adapters, worker):
+    """With gates, mean activations and a general expert in the library, the Route tab's menu
+    offers every router of the registry that runs on a prompt, and each one routes."""
+    import torch
+    from conftest import build_library
+
+    library = build_library(tmp_path / "lib", tiny_base, tiny_adapters)
+    gen = torch.Generator().manual_seed(0)
+    for kind in ("gates", "activations"):
+        for e in library.experts:
+            keys = {
+                m: torch.randn(a.shape[1], generator=gen) for m, (a, _) in library.load_adapter(e.name).factors.items()
+            }
+            library.write_keys(e.name, kind, keys, {}, e.weights_hash)
+    library.mark_general(["task5"])
+    path = str(library.path)
+    page = layout.build_page(worker, path)[1]
+    out = layout.open_library(worker, page, path)
+    offered = [c[0] for c in out[page.route.router].choices]
+    routers = ["base", "uniform", "mean_delta", "ties", "arrow", "arrow_gks", "spectral", "phatgoose", "avg_act"]
+    assert set(routers) <= set(offered) and "expert:task0" in offered
+    assert "oracle" not in offered and "lorahub" not in offered  # they choose per evaluated task
+    for spec in routers:
+        final = list(route.route(worker, page.route, path, "the quick brown", spec, 2, 1.0, 2, 0.5))[-1]
+        record = final[page.route.record]
+        assert record.router.startswith(spec) and record.weights.shape[1] == len(record.tokens)
+        assert ("density=0.5" in record.router) == (spec == "ties")  # the slider reaches the router
+    note = out[page.route.router_note]
+    assert note.startswith("**arrow**: Arrow") and "Not available" not in note  # the library has everything
