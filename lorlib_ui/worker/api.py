@@ -144,8 +144,9 @@ class Worker(ABC):
     def library(self, path: str) -> LibraryInfo: ...
 
     @abstractmethod
-    def comparisons(self) -> list[str]:
-        """The routers an evaluation can compare, by name (the router registry's presets)."""
+    def comparisons(self) -> dict[str, bool]:
+        """The routers an evaluation can compare, by name, and whether each is ticked by default
+        (the router registry's presets are; few-shot LoraHub, which searches per task, is not)."""
 
     @abstractmethod
     def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:

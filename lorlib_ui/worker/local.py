@@ -147,10 +147,10 @@ class LocalWorker(Worker):
             **_router_menu(library),
         )
 
-    def comparisons(self) -> list[str]:
-        from lorlib_ui.core.routers import presets
+    def comparisons(self) -> dict[str, bool]:
+        from lorlib_ui.core.routers import evaluable
 
-        return list(presets())
+        return evaluable()
 
     def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
         from lorlib_ui.build.data import load_tasks

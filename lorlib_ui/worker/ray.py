@@ -201,7 +201,7 @@ class RayWorker(Worker):
     def library(self, path: str) -> LibraryInfo:
         return self._call("library", path)
 
-    def comparisons(self) -> list[str]:
+    def comparisons(self) -> dict[str, bool]:
         return self._call("comparisons")
 
     def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:

@@ -268,3 +268,12 @@ def test_every_router_of_the_menu_routes_through_the_app(tmp_path, tiny_base, ti
         assert ("density=0.5" in record.router) == (spec == "ties")  # the slider reaches the router
     note = out[page.route.router_note]
     assert note.startswith("**arrow**: Arrow") and "Not available" not in note  # the library has everything
+
+
+def test_the_evaluate_tab_offers_lorahub_unticked(page):
+    from lorlib_ui.core.routers import evaluable, presets
+
+    box = page.evaluate.routers
+    choices = [c[0] for c in box.choices]
+    assert choices[: len(presets())] == list(presets()) and "lorahub" in choices
+    assert box.value == list(presets()) and evaluable()["lorahub"] is False  # a search per task: asked for

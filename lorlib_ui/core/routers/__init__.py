@@ -7,7 +7,16 @@ names from.
 """
 
 from lorlib_ui.core.routers.base import DEFAULT_TOP_K, MIXES, Router, RouterSettings, Routing, TaskContext
-from lorlib_ui.core.routers.registry import KEY_COMMANDS, ROUTERS, explain, help_text, make_router, menu, presets
+from lorlib_ui.core.routers.registry import (
+    KEY_COMMANDS,
+    ROUTERS,
+    evaluable,
+    explain,
+    help_text,
+    make_router,
+    menu,
+    presets,
+)
 
 __all__ = [
     "DEFAULT_TOP_K",
@@ -18,6 +27,7 @@ __all__ = [
     "RouterSettings",
     "Routing",
     "TaskContext",
+    "evaluable",
     "explain",
     "help_text",
     "make_router",

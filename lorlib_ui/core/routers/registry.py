@@ -180,3 +180,10 @@ def explain(spec: str) -> str:
 def presets() -> dict[str, str]:
     """The comparisons `evaluate` runs by default, by name: the paper's baselines and Arrow."""
     return {name: spec for cls in ROUTERS.values() for name, spec in cls.presets.items()}
+
+
+def evaluable() -> dict[str, bool]:
+    """Every router an evaluation can run by name, and whether it runs by default: the presets,
+    then the few-shot routers (LoraHub), which search per task and so are run only when asked."""
+    few_shot = {cls.name: False for cls in ROUTERS.values() if cls.few_shot}
+    return {name: True for name in presets()} | few_shot
