@@ -96,6 +96,24 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def throughput(model, decode_tokens: int, repeats: int) -> tuple[float, float]:
+    """Prefill tokens/s on a batch of BATCH x SEQ random tokens, and greedy decode tokens/s at
+    batch 1 from a 32-token prompt (`model.generate`), medians of `repeats` after a warm-up."""
+    import torch
+
+    ids = torch.randint(100, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    prompt = ids[:1, :32]
+    with torch.inference_mode():
+        prefill_s = _timed(lambda: model(input_ids=ids), repeats)
+        decode_s = _timed(
+            lambda: model.generate(
+                input_ids=prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False
+            ),
+            max(1, repeats - 1),
+        )
+    return BATCH * SEQ / prefill_s, decode_tokens / decode_s
+
+
 def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_tokens: int, repeats: int) -> dict:
     """One measurement in this (fresh) process."""
     import torch
@@ -125,23 +143,14 @@ def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_toke
         routing = rm.routing(make_router("arrow", rm.experts, top_k=TOP_K))
         routing.__enter__()
     setup_s = time.perf_counter() - start
-    ids = torch.randint(100, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    prompt = ids[:1, :32]
     setup_mb = _status_mb("VmRSS")
     _reset_peak()
-    with torch.inference_mode():
-        prefill_s = _timed(lambda: model(input_ids=ids), repeats)
-        decode_s = _timed(
-            lambda: model.generate(
-                input_ids=prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False
-            ),
-            max(1, repeats - 1),
-        )
+    prefill_tok_s, decode_tok_s = throughput(model, decode_tokens, repeats)
     return {
         "method": method,
         "experts": n,
-        "prefill_tok_s": BATCH * SEQ / prefill_s,
-        "decode_tok_s": decode_tokens / decode_s,
+        "prefill_tok_s": prefill_tok_s,
+        "decode_tok_s": decode_tok_s,
         "setup_s": setup_s,
         "setup_mb": setup_mb,
         "peak_mb": _status_mb("VmHWM"),

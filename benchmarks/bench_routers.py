@@ -25,7 +25,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from bench_arrow import BATCH, SEQ, TOP_K, _timed, make_experts
+from bench_arrow import BATCH, SEQ, TOP_K, make_experts, throughput
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,17 +77,8 @@ def run_cell(row: str, library_dir: Path, base_dir: Path, decode_tokens: int, re
         rm = RoutedModel(model, None, library)
         spec, k = ROUTERS[row]
         rm.routing(make_router(spec, rm.experts, top_k=k, groups=library.groups())).__enter__()
-    ids = torch.randint(100, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    prompt = ids[:1, :32]
-    with torch.inference_mode():
-        prefill_s = _timed(lambda: model(input_ids=ids), repeats)
-        decode_s = _timed(
-            lambda: model.generate(
-                input_ids=prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False
-            ),
-            max(1, repeats - 1),
-        )
-    return {"row": row, "prefill_tok_s": BATCH * SEQ / prefill_s, "decode_tok_s": decode_tokens / decode_s}
+    prefill_tok_s, decode_tok_s = throughput(model, decode_tokens, repeats)
+    return {"row": row, "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s}
 
 
 def _subprocess(args: list[str], row: str) -> dict:

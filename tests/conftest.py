@@ -133,6 +133,28 @@ def tiny_routed(tiny_library):
     return RoutedModel.load(tiny_library, device="cpu")
 
 
+ROUTING_TEXT = "the quick brown fox jumps over the lazy dog"
+
+
+def routing_ids(rm, text: str = ROUTING_TEXT):
+    """`text` as a batch of one row of token ids for the routed model."""
+    import torch
+
+    return torch.tensor([rm.tokenizer(text)["input_ids"]])
+
+
+def routed_logits(rm, router, text: str = ROUTING_TEXT):
+    """The routed model's logits for `text` under `router` (no gradients)."""
+    import torch
+
+    with torch.no_grad(), rm.routing(router):
+        return rm.model(input_ids=routing_ids(rm, text)).logits
+
+
+def relative_error(x, y) -> float:
+    return ((x - y).norm() / y.norm()).item()
+
+
 def library_snapshot(path: Path) -> dict[str, bytes]:
     """Every file under a library, byte for byte: refused writes must leave this unchanged."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

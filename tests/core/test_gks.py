@@ -3,6 +3,9 @@
 import pytest
 import torch
 from conftest import library_snapshot, make_adapter
+from conftest import relative_error as _rel
+from conftest import routed_logits as _logits
+from conftest import routing_ids as _ids
 from transformers import AutoModelForCausalLM
 
 from lorlib_ui.core.adapters import read_adapter
@@ -12,7 +15,6 @@ from lorlib_ui.core.library import Library, expert_from_adapter
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router, menu
 
-TEXT = "the quick brown fox jumps over the lazy dog"
 # task experts and general ones interleaved, so that no code may assume the general ones come last
 ORDER = [("task0", "imported"), ("gen0", "general"), ("task1", "imported"), ("task2", "private")]
 ORDER += [("gen1", "general"), ("task3", "imported")]
@@ -43,19 +45,6 @@ def gks_routed(tmp_path_factory, tiny_base, folders):
 
 def _router(rm, spec="arrow_gks", **options):
     return make_router(spec, rm.experts, groups=rm.library.groups(), **options)
-
-
-def _ids(rm):
-    return torch.tensor([rm.tokenizer(TEXT)["input_ids"]])
-
-
-def _logits(rm, router):
-    with torch.no_grad(), rm.routing(router):
-        return rm.model(input_ids=_ids(rm)).logits
-
-
-def _rel(x, y):
-    return ((x - y).norm() / y.norm()).item()
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])

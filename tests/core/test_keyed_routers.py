@@ -11,6 +11,9 @@ import math
 import pytest
 import torch
 from conftest import library_snapshot
+from conftest import relative_error as _rel
+from conftest import routed_logits as _routed_logits
+from conftest import routing_ids as _ids
 from transformers import AutoModelForCausalLM
 
 from lorlib_ui.core.adapters import read_adapter
@@ -18,17 +21,6 @@ from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router
-
-TEXT = "the quick brown fox jumps over the lazy dog"
-
-
-def _ids(rm):
-    return torch.tensor([rm.tokenizer(TEXT)["input_ids"]])
-
-
-def _routed_logits(rm, router):
-    with torch.no_grad(), rm.routing(router):
-        return rm.model(input_ids=_ids(rm)).logits
 
 
 def _reference_logits(base_path, adapters, ids, score, top_k, temperature):
@@ -52,10 +44,6 @@ def _reference_logits(base_path, adapters, ids, score, top_k, temperature):
         model.get_submodule(m).register_forward_hook(hook(m))
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def _rel(x, y):
-    return ((x - y).norm() / y.norm()).item()
 
 
 def _random_keys(library, kind, seed):

@@ -4,27 +4,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_library, make_adapter
+from conftest import relative_error as _rel
+from conftest import routed_logits as _logits
+from conftest import routing_ids as _ids
 from transformers import AutoModelForCausalLM
 
 from lorlib_ui.core.adapters import read_adapter
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router
-
-TEXT = "the quick brown fox jumps over the lazy dog"
-
-
-def _ids(rm):
-    return torch.tensor([rm.tokenizer(TEXT)["input_ids"]])
-
-
-def _logits(rm, router):
-    with torch.no_grad(), rm.routing(router):
-        return rm.model(input_ids=_ids(rm)).logits
-
-
-def _rel(x, y):
-    return ((x - y).norm() / y.norm()).item()
 
 
 def _delta(adapter, module):
