@@ -121,6 +121,25 @@ def build_library(path: Path, base_path: Path, adapter_dirs: list[Path], names: 
     return library
 
 
+def with_every_key(library, general: str = "task5"):
+    """The library with random gates and mean activations stored for every expert and one expert
+    marked general: every router of the registry can run on it."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    for kind in ("gates", "activations"):
+        for e in library.experts:
+            factors = library.load_adapter(e.name).factors
+            keys = {m: torch.randn(a.shape[1], generator=gen) for m, (a, _) in factors.items()}
+            library.write_keys(e.name, kind, keys, {}, e.weights_hash)
+    library.mark_general([general])
+    return library
+
+
+# Every router that runs on a typed prompt (the oracle and LoraHub choose per evaluated task).
+PROMPT_ROUTERS = ["base", "uniform", "mean_delta", "ties", "arrow", "arrow_gks", "spectral", "phatgoose", "avg_act"]
+
+
 @pytest.fixture
 def tiny_library(tmp_path, tiny_base, tiny_adapters):
     return build_library(tmp_path / "lib", tiny_base, tiny_adapters)

@@ -242,23 +242,14 @@ def test_expert_view_draws_the_recorded_loss_curve(worker, page, built):
 def test_every_router_of_the_menu_routes_through_the_app(tmp_path, tiny_base, tiny_adapters, worker):
     """With gates, mean activations and a general expert in the library, the Route tab's menu
     offers every router of the registry that runs on a prompt, and each one routes."""
-    import torch
-    from conftest import build_library
+    from conftest import PROMPT_ROUTERS, build_library, with_every_key
 
-    library = build_library(tmp_path / "lib", tiny_base, tiny_adapters)
-    gen = torch.Generator().manual_seed(0)
-    for kind in ("gates", "activations"):
-        for e in library.experts:
-            keys = {
-                m: torch.randn(a.shape[1], generator=gen) for m, (a, _) in library.load_adapter(e.name).factors.items()
-            }
-            library.write_keys(e.name, kind, keys, {}, e.weights_hash)
-    library.mark_general(["task5"])
+    library = with_every_key(build_library(tmp_path / "lib", tiny_base, tiny_adapters))
     path = str(library.path)
     page = layout.build_page(worker, path)[1]
     out = layout.open_library(worker, page, path)
     offered = [c[0] for c in out[page.route.router].choices]
-    routers = ["base", "uniform", "mean_delta", "ties", "arrow", "arrow_gks", "spectral", "phatgoose", "avg_act"]
+    routers = PROMPT_ROUTERS
     assert set(routers) <= set(offered) and "expert:task0" in offered
     assert "oracle" not in offered and "lorahub" not in offered  # they choose per evaluated task
     for spec in routers:

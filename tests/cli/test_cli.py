@@ -378,3 +378,18 @@ def test_the_lorlib_command_is_python_m_lorlib_ui(cli_library):
     )
     assert ours.returncode == module.returncode == 0 and ours.stdout == module.stdout
     assert json.loads(ours.stdout)["experts"]
+
+
+def test_every_router_routes_from_the_command_line(tmp_path, tiny_base, tiny_adapters, capsys):
+    from conftest import PROMPT_ROUTERS, build_library, with_every_key
+
+    library = with_every_key(build_library(tmp_path / "lib", tiny_base, tiny_adapters))
+    for spec in PROMPT_ROUTERS:
+        code, out, err = run(
+            capsys, "route", library.path, "--prompt", "the quick", "--router", spec, "--max-new-tokens", 2, "--json"
+        )
+        assert code == 0, (spec, err)
+        assert len(json.loads(out)["layer_expert_weights"]) == 8, spec  # 2 layers x q, k, v, o
+        code, out, err = run(capsys, "score", library.path, "--text", "the quick brown", "--router", spec, "--json")
+        scored = json.loads(out) if code == 0 else {}
+        assert code == 0 and scored["logprobs"][0] is None and len(scored["logprobs"]) == len(scored["tokens"]), spec
