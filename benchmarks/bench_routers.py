@@ -76,8 +76,11 @@ def run_cell(row: str, library_dir: Path, base_dir: Path, decode_tokens: int, re
         library = Library.open(library_dir)
         rm = RoutedModel(model, None, library)
         spec, k = ROUTERS[row]
-        rm.routing(make_router(spec, rm.experts, top_k=k, groups=library.groups())).__enter__()
+        routing = rm.routing(make_router(spec, rm.experts, top_k=k, groups=library.groups()))
+        routing.__enter__()  # held in `routing` until the end: a collected context manager would exit
     prefill_tok_s, decode_tok_s = throughput(model, decode_tokens, repeats)
+    if row != "base" and rm.state.router is None:
+        raise RuntimeError("the router was not active while measuring")
     return {"row": row, "prefill_tok_s": prefill_tok_s, "decode_tok_s": decode_tok_s}
 
 
