@@ -47,7 +47,7 @@ def test_clusters_cover_the_private_experts(shipped):
 
 def test_small_and_sixteen_bit(shipped):
     size = sum(p.stat().st_size for p in Path(OUT).rglob("*") if p.is_file())
-    assert size <= 30 * 2**20
+    assert size <= 34 * 2**20  # 21 MB of experts and prototypes, 7 MB of gates and activations, the analyses
     for e in shipped.experts:
         _, dtypes = read_layout(Path(OUT) / e.path)
         assert dtypes == {"BF16"}, e.name
@@ -69,3 +69,12 @@ def test_prototype_cache_matches_the_experts(shipped):
         keys = [k for k in cached if k.startswith(e.weights_hash + "/")]
         assert len(keys) == 2 * 30, e.name  # q_proj and v_proj of 30 layers
         assert all(torch.isfinite(cached[k]).all() for k in keys)
+
+
+def test_every_private_expert_has_mean_activations(shipped):
+    """avg_act@private runs out of the box: the activations are stored for the current weights."""
+    private = shipped.groups()["private"]
+    assert shipped.lacking_keys("activations", private) == []
+    infos = shipped.keys_info("activations")
+    assert max(infos[name]["examples"] for name in private) == 100  # or all of a task's train rows, if fewer
+    assert all(infos[name]["tokens"] > 1000 for name in private)
