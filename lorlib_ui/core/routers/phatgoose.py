@@ -20,10 +20,14 @@ from lorlib_ui.core.routers.per_token import TopKRouter
 EPS = 1e-5  # torch.nn.LayerNorm's default
 
 
+def spread(x):
+    """sqrt(var + eps) over the last dimension, as LayerNorm divides by."""
+    return (x.var(dim=-1, unbiased=False, keepdim=True) + EPS).sqrt()
+
+
 def standardise(x):
     """(x - mean) / sqrt(var + eps) over the last dimension (LayerNorm without affine)."""
-    centred = x - x.mean(dim=-1, keepdim=True)
-    return centred / (centred.pow(2).mean(dim=-1, keepdim=True) + EPS).sqrt()
+    return (x - x.mean(dim=-1, keepdim=True)) / spread(x)
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,4 @@ class PhatGooseRouter(TopKRouter):
         return standardise(raw)
 
     def logits(self, slot, scores, h):
-        h = h.to(scores.dtype)
-        centred = h - h.mean(dim=-1, keepdim=True)
-        spread = (centred.pow(2).mean(dim=-1, keepdim=True) + EPS).sqrt()
-        return scores / spread / math.sqrt(h.shape[-1])
+        return scores / spread(h.to(scores.dtype)) / math.sqrt(h.shape[-1])
