@@ -20,6 +20,8 @@ ANALYSIS_ROWS = 20
 # per expert that the hidden-state baseline averages.
 GATE_STEPS, GATE_LEARNING_RATE, GATE_BATCH = 100, 1e-3, 4
 ACTIVATION_EXAMPLES = 100
+# Supervised adaptation (build/adaptation.py): the ways `adapt` learns a new task from its examples.
+ADAPT_METHODS = ("scratch", "mu", "shared", "poly-router", "poly-full", "lorahub")
 # Sets of a library's tasks that evaluate, transfer and routing-stats take by name: the tasks held
 # out of the library, the tasks its task experts were trained on, or both.
 TASK_SETS = ("held-out", "seen", "all")

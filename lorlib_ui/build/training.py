@@ -104,6 +104,110 @@ def answer_loss(causal_lm, ids: torch.Tensor, mask: torch.Tensor, answer: torch.
     return nn.functional.cross_entropy(logits.float(), labels), int(labels.numel())
 
 
+def lora_config(config: TrainConfig):
+    """PEFT's LoraConfig for a TrainConfig (alpha defaults to 2 x rank)."""
+    from peft import LoraConfig
+
+    alpha = config.alpha or 2 * config.rank
+    return LoraConfig(r=config.rank, lora_alpha=alpha, target_modules=list(config.targets), lora_dropout=0.0)
+
+
+def start_lora(model: nn.Module, config: TrainConfig, init: LoraAdapter | None = None):
+    """`model` with a trainable LoRA injected by PEFT, initialised as PEFT does (B = 0), or set to
+    `init`'s factors where `init` adapts a module (at the config's rank: the starting point of
+    supervised adaptation from µ or from the shared expert). A start from `init` computes exactly
+    what `init` does: PEFT's scale alpha/r is folded into B where they differ, and the modules
+    `init` leaves alone keep B = 0."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(config))
+    if init is None:
+        return peft_model
+    scale = (config.alpha or 2 * config.rank) / config.rank
+    modules = {n: m for n, m in peft_model.get_base_model().named_modules() if hasattr(m, "lora_A")}
+    if outside := sorted(set(init.factors) - set(modules)):
+        peft_model.unload()
+        raise LorlibError(f"the starting adapter adapts {outside[0]}, which the training does not target")
+    with torch.no_grad():
+        for name, (a, b) in init.factors.items():
+            module = modules[name]
+            if a.shape[0] != config.rank:
+                peft_model.unload()
+                raise LorlibError(f"the starting adapter has rank {a.shape[0]} at {name}, not {config.rank}")
+            module.lora_A["default"].weight.copy_(a)
+            module.lora_B["default"].weight.copy_(b.float() * (init.scales[name] / scale))
+    return peft_model
+
+
+def linear_schedule(optimizer, steps: int):
+    """Ten steps of linear warm-up, then a cosine decay to zero over `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    )
+
+
+@dataclass
+class Fit:
+    """What an optimisation loop measured: the loss at each step, answer tokens seen, seconds."""
+
+    losses: list[float]
+    answer_tokens: int
+    seconds: float
+
+    def metrics(self, examples: int) -> dict:
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return {
+            "final_loss": sum(tail) / len(tail),
+            "first_loss": self.losses[0],
+            "steps": len(self.losses),
+            "seconds": round(self.seconds, 2),
+            "answer_tokens_per_s": round(self.answer_tokens / max(self.seconds, 1e-9), 1),
+            "examples": examples,
+            "loss_curve": [round(loss, 4) for loss in self.losses],  # one per optimizer step
+        }
+
+
+def fit(
+    causal_lm,
+    groups: list[dict],
+    encoded: list[tuple[list[int], int]],
+    config: TrainConfig,
+    pad_id: int,
+    progress: Callable[[int, int, float], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Fit:
+    """Minimise the answer loss of `causal_lm` over the parameter `groups` (AdamW's, each with its
+    own learning rate if it says so): `config.steps` steps of `config.batch_size` examples, the
+    warm-up and cosine schedule, gradients clipped to norm 1. The one training loop of every
+    expert, adapted expert and learned router."""
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
+    schedule = linear_schedule(optimizer, config.steps)
+    device = next(causal_lm.parameters()).device
+    stream = batches(encoded, config, pad_id)
+    losses, answer_tokens, start = [], 0, time.perf_counter()
+    for step in range(config.steps):
+        if cancel is not None and cancel():
+            raise Cancelled("training cancelled")
+        ids, mask, answer = next(stream)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            loss, n_answer = answer_loss(causal_lm, *(t.to(device) for t in (ids, mask, answer)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        answer_tokens += n_answer
+        if progress is not None:
+            progress(step + 1, config.steps, losses[-1])
+    return Fit(losses, answer_tokens, time.perf_counter() - start)
+
+
+def pad_id(tokenizer) -> int:
+    return (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id) or 0
+
+
 def train_expert(
     model: nn.Module,
     tokenizer,
@@ -111,49 +215,27 @@ def train_expert(
     config: TrainConfig,
     progress: Callable[[int, int, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    init: LoraAdapter | None = None,
 ) -> TrainResult:
-    """Train a LoRA on (prompt, answer) pairs and return it; `model` is left as it was.
+    """Train a LoRA on (prompt, answer) pairs and return it; `model` is left as it was. The LoRA
+    starts at zero (B = 0, as PEFT initialises it) or, given `init`, at that adapter.
 
     `progress(step, steps, loss)` is called after each step; `cancel()` returning True stops
     training and raises `Cancelled`.
     """
-    from peft import LoraConfig, get_peft_model
-
     if not examples:
         raise LorlibError("no training examples")
     torch.manual_seed(config.seed)
     encoded = encode_examples(tokenizer, examples, config.max_length)
     alpha = config.alpha or 2 * config.rank
-    lora = LoraConfig(r=config.rank, lora_alpha=alpha, target_modules=list(config.targets), lora_dropout=0.0)
     was_training = model.training
-    peft_model = get_peft_model(model, lora)
+    peft_model = start_lora(model, config, init)
     try:
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        run = fit(
+            peft_model.get_base_model(), [{"params": params}], encoded, config, pad_id(tokenizer), progress, cancel
         )
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        stream = batches(encoded, config, pad_id or 0)
-        losses, answer_tokens, start = [], 0, time.perf_counter()
-        for step in range(config.steps):
-            if cancel is not None and cancel():
-                raise Cancelled("training cancelled")
-            ids, mask, answer = next(stream)
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                batch = (t.to(model.device) for t in (ids, mask, answer))
-                loss, n_answer = answer_loss(peft_model.get_base_model(), *batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            answer_tokens += n_answer
-            if progress is not None:
-                progress(step + 1, config.steps, losses[-1])
-        seconds = time.perf_counter() - start
         factors = {}
         for name, module in peft_model.get_base_model().named_modules():
             if hasattr(module, "lora_A") and "default" in module.lora_A:
@@ -173,14 +255,4 @@ def train_expert(
         "bias": "none",
     }
     adapter = LoraAdapter(config=config_json, factors=factors, scales={m: alpha / config.rank for m in factors})
-    tail = losses[-max(1, len(losses) // 10) :]
-    metrics = {
-        "final_loss": sum(tail) / len(tail),
-        "first_loss": losses[0],
-        "steps": config.steps,
-        "seconds": round(seconds, 2),
-        "answer_tokens_per_s": round(answer_tokens / seconds, 1),
-        "examples": len(examples),
-        "loss_curve": [round(loss, 4) for loss in losses],  # one per optimizer step, for the expert view
-    }
-    return TrainResult(adapter, metrics)
+    return TrainResult(adapter, run.metrics(len(examples)))

@@ -1,4 +1,4 @@
-"""The library-building commands of the command line: `build`, `cluster`, `evaluate` and `lorahub`.
+"""The library-building commands of the command line: `build`, `cluster`, `evaluate`, `lorahub`, `adapt`.
 
 Their options are parsed in `lorlib_ui.cli.main` with the others; these functions do the work, with a
 tqdm bar per expert on stderr, and append each finished command to the library's `history`.
@@ -301,6 +301,51 @@ def cmd_lorahub(args) -> None:
     top = sorted(training["weights"].items(), key=lambda item: -abs(item[1]))[:5]
     print("largest weights: " + ", ".join(f"{name} {weight:+.3f}" for name, weight in top))
     print(f"expert {expert.name}: {how}; route with --router expert:{expert.name}")
+
+
+def cmd_adapt(args) -> None:
+    from lorlib_ui.build.adapt import adapt_library, format_curve, format_runs
+    from lorlib_ui.build.evaluation import format_differences, format_table
+
+    try:
+        shots = [int(x) for x in _csv(args.shots) or []]
+    except ValueError:
+        raise LorlibError(f"--shots takes whole numbers separated by commas, got {args.shots!r}") from None
+    _positive(steps=args.steps, budget=args.budget, limit=args.limit)
+    record, notes = _progress_bars(
+        lambda progress: adapt_library(
+            args.library,
+            args.task,
+            data=args.data,
+            shots=shots,
+            methods=_csv(args.methods),
+            steps=args.steps,
+            seed=args.seed,
+            limit=args.limit,
+            budget=args.budget,
+            force=args.force,
+            device=args.device,
+            progress=progress,
+            log=_log,
+        )
+    )
+    _record_history(args.library, args.argv, record["seconds"])
+    for note in notes:
+        print(note, file=sys.stderr)
+    if args.json:
+        print(json.dumps(record))
+        return
+    rows = record["zero_shot"][0]["examples"]
+    print(f"{record['task']}: {rows} test rows, {record['steps']} training steps, seed {record['seed']}")
+    print("[95% bootstrap interval over test rows]")
+    print(format_table(record["summary"]))
+    print("\npaired differences, over the same test rows:")
+    print(format_differences(record["differences"]))
+    print("\ntraining:")
+    print(format_runs(record))
+    if curve := format_curve(record):
+        print("\nlearning curve, exact match % (answer log-likelihood):")
+        print(curve)
 
 
 def _print_clustering(summary: dict) -> None:

@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from lorlib_ui.build.config import ACTIVATION_EXAMPLES, ANALYSIS_ROWS, GATE_STEPS, TrainConfig
-from lorlib_ui.cli.build import cmd_build, cmd_cluster, cmd_evaluate, cmd_keys, cmd_lorahub
+from lorlib_ui.build.config import ACTIVATION_EXAMPLES, ADAPT_METHODS, ANALYSIS_ROWS, GATE_STEPS, TrainConfig
+from lorlib_ui.cli.build import cmd_adapt, cmd_build, cmd_cluster, cmd_evaluate, cmd_keys, cmd_lorahub
 from lorlib_ui.cli.insight import cmd_routing_stats, cmd_transfer
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, ROUTERS, help_text, presets
@@ -228,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     lorahub.add_argument("--dtype", default=None)
     lorahub.add_argument("--json", action="store_true", help="print the stored expert as one JSON object")
 
+    about = "learn a new task from a few of its examples by reusing the library; compare the ways to"
+    adapt = commands.add_parser("adapt", help=about, description=about)
+    adapt.add_argument("library")
+    adapt.add_argument("--task", required=True, help="the task to learn (a held-out task, or one of --data)")
+    adapt.add_argument(
+        "--data",
+        default=None,
+        help="tasks' data as for build, or a file of the task's rows alone (default: what the library was built from)",
+    )
+    adapt.add_argument("--shots", default="32", help="training examples, or several for a learning curve: 8,32,128")
+    adapt.add_argument("--methods", default=None, help=f"comma-separated, of {','.join(ADAPT_METHODS)} (default: all)")
+    adapt.add_argument("--steps", type=int, default=None, help="training steps (default: the library's experts')")
+    adapt.add_argument("--budget", type=int, default=None, help=f"LoraHub's evaluations (default {DEFAULT_BUDGET})")
+    adapt.add_argument("--seed", type=int, default=0, help="draws the examples and seeds the training")
+    adapt.add_argument("--limit", type=int, default=None, help="test rows scored (default: all)")
+    adapt.add_argument("--force", action="store_true", help="train again what the library already holds")
+    adapt.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    adapt.add_argument("--json", action="store_true", help="print the record as one JSON object")
+
     transfer = commands.add_parser("transfer", help="score every expert alone (and the base model) on every task")
     transfer.add_argument("library")
     _dataset_options(transfer, ANALYSIS_ROWS, f"test rows per task (default {ANALYSIS_ROWS})")
@@ -385,6 +404,7 @@ COMMANDS = {
     "cluster": cmd_cluster,
     "evaluate": cmd_evaluate,
     "lorahub": cmd_lorahub,
+    "adapt": cmd_adapt,
     "transfer": cmd_transfer,
     "routing-stats": cmd_routing_stats,
     "gates": cmd_keys,

@@ -8,14 +8,17 @@
                                   PhatGoose gates ("gates"), mean hidden states ("activations"),
                                   each stamped with the hash of the weights it was computed for
       prototypes.safetensors      cached Arrow prototypes, keyed by a hash of the expert's weights
+      routers/<name>-<hash>.safetensors
+                                  routers learned on a task over the experts (`learned_routers`)
       <analysis>.json             side files the manifest names under `side_files` (the transfer
                                   matrix, say), whose entries carry the weights hash they used
 
-Experts have a kind: private (one task), cluster (MBC), shared (all tasks), imported, or general
-(general knowledge, no task). Any expert may also be marked general (`mark_general`): GenKnowSub
-(`arrow_gks`) subtracts the general experts' mean from the others. The mark is a flag beside the
-kind, so a marked shared expert is still the shared expert (`evaluate`'s baseline, retrained by
-`build` when its tasks change), and it stays with the name when the expert is replaced.
+Experts have a kind: private (one task), cluster (MBC), shared (all tasks), imported, general
+(general knowledge, no task), lorahub or adapted (for a new task, from a few of its examples). Any
+expert may also be marked general (`mark_general`): GenKnowSub (`arrow_gks`) subtracts the general
+experts' mean from the others. The mark is a flag beside the kind, so a marked shared expert is
+still the shared expert (`evaluate`'s baseline, retrained by `build` when its tasks change), and it
+stays with the name when the expert is replaced.
 
 The manifest is the single source of truth: a folder under experts/ that it does not name is
 ignored (and swept at the next write). Every write goes to a temporary name first and becomes
@@ -51,7 +54,8 @@ MANIFEST = "manifest.json"
 PROTOTYPES = "prototypes.safetensors"
 FORMAT = "lorlib-library"
 VERSION = 1
-KINDS = ("private", "cluster", "shared", "imported", "general", "lorahub")  # lorahub: a few-shot merge of experts
+# lorahub: a few-shot merge of experts; adapted: trained on a few examples of a new task (`adapt`)
+KINDS = ("private", "cluster", "shared", "imported", "general", "lorahub", "adapted")
 TASK_KINDS = ("private", "imported")  # experts of one task each: what MBC clusters
 KEY_SETS = ("gates", "activations")  # routing keys stored next to an expert (see `write_keys`)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
@@ -312,6 +316,13 @@ class Library:
             for kind in KEY_SETS:
                 for leftover in (self.path / e.path).glob(f".{kind}.safetensors.*"):
                     leftover.unlink(missing_ok=True)
+        from lorlib_ui.core.learned_routers import FOLDER, referenced_files
+
+        if (routers := self.path / FOLDER).is_dir():  # files of replaced learned routers, and temporaries
+            named = referenced_files(self.extra)
+            for child in routers.iterdir():
+                if f"{FOLDER}/{child.name}" not in named:
+                    child.unlink(missing_ok=True)
         referenced = {(self.path / e.path).resolve() for e in self.experts}
         experts_dir = self.path / "experts"
         if experts_dir.is_dir():
@@ -378,6 +389,8 @@ class Library:
     def lacks_for(self, router) -> str | None:
         """Why `router` cannot run on this library (the key set it needs is missing for some of
         the experts it would use), in one line; None when it can."""
+        if (problem := router.missing(self)) is not None:  # what it stores in the library (a learned router)
+            return problem
         kind = router.needs
         if kind not in KEY_SETS:
             return None

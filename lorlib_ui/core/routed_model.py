@@ -283,6 +283,7 @@ class RoutedModel:
     @contextmanager
     def routing(self, router: Router, record: bool = False):
         """Route with `router` inside the block; yields a RecordBuilder when record=True."""
+        router = router.bind(self.library, self.experts)  # a learned router reads its weights
         self._attach_keys(router)
         if not router.static:  # what it derives from the experts (and any refusal) before any token
             for layer in self.layers.values():

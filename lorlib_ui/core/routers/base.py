@@ -93,6 +93,7 @@ class Router:
     applies_experts: ClassVar[bool] = True
     groupable: ClassVar[bool] = False  # may be limited to a group of experts: arrow@private
     argument: ClassVar[str | None] = None  # the spec takes an argument: expert:NAME
+    argument_of: ClassVar[str] = "experts"  # what menus offer as its argument: experts, or learned routers
     options: ClassVar[tuple[str, ...]] = ()  # the RouterSettings it reads: top_k, temperature, mix
     per_task: ClassVar[bool] = False  # chooses its experts per evaluation task (the oracle)
     per_task_hint: ClassVar[str] = "picks its expert per evaluated task; use it with evaluate"
@@ -150,6 +151,17 @@ class Router:
         """The experts' stacked factors and keys this router mixes at a layer: the layer's own,
         unless the router changes the experts (GenKnowSub subtracts the general ones)."""
         return slot.stack
+
+    def missing(self, library: Library) -> str | None:
+        """Why this router cannot run on `library` for want of something it stores there beyond
+        the key sets of `needs` (a learned router's weights), in one line; None when it can."""
+        return None
+
+    def bind(self, library: Library, experts: list[str]) -> Router:
+        """This router ready to run on a routed model of `library` whose experts are `experts`:
+        itself, or for a router whose weights the library stores (a learned router), a copy that
+        holds them. Called by the routed model when routing starts."""
+        return self
 
     @classmethod
     def prepare_keys(cls, raw: torch.Tensor) -> torch.Tensor:

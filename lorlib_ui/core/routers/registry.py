@@ -26,6 +26,7 @@ from lorlib_ui.core.routers.lorahub import LoraHubRouter
 from lorlib_ui.core.routers.merges import BaseRouter, ExpertRouter, MeanDeltaRouter, UniformRouter
 from lorlib_ui.core.routers.oracle import OracleRouter
 from lorlib_ui.core.routers.phatgoose import PhatGooseRouter
+from lorlib_ui.core.routers.poly import PolyRouter
 from lorlib_ui.core.routers.spectral import SpectralRouter
 from lorlib_ui.core.routers.ties import TiesRouter
 
@@ -43,6 +44,7 @@ ROUTERS: dict[str, type[Router]] = {
         PhatGooseRouter,
         AverageActivationRouter,
         ExpertRouter,
+        PolyRouter,
         OracleRouter,
         LoraHubRouter,
     )
@@ -124,9 +126,14 @@ def make_router(
 KEY_COMMANDS = {"gates": "lorlib gates LIBRARY", "activations": "lorlib activations LIBRARY"}
 
 
-def _candidates(cls: type[Router], experts: list[str], groups: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+def _candidates(
+    cls: type[Router], experts: list[str], groups: dict[str, list[str]], learned: dict[str, list[str]]
+) -> list[tuple[str, list[str]]]:
     """Every spec of one router class a library could run, with the experts each would use: the
-    router, limited to each group of two or more experts where it can be, or each expert alone."""
+    router, limited to each group of two or more experts where it can be, each expert alone, or
+    each learned router (with the experts it mixes)."""
+    if cls.argument and cls.argument_of == "learned":
+        return [(f"{cls.name}:{name}", mixed) for name, mixed in learned.items()]
     if cls.argument:
         return [(f"{cls.name}:{name}", [name]) for name in experts]
     left_out = set(groups.get(cls.subtracts, [])) if cls.subtracts else set()
@@ -139,13 +146,17 @@ def _candidates(cls: type[Router], experts: list[str], groups: dict[str, list[st
 
 
 def menu(
-    experts: list[str], groups: dict[str, list[str]], lacking: dict[str, list[str]] | None = None
+    experts: list[str],
+    groups: dict[str, list[str]],
+    lacking: dict[str, list[str]] | None = None,
+    learned: dict[str, list[str]] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The router specs a library can run, and those it cannot yet, each with one line saying
     what is missing and how to get it. `lacking` maps a key set (gates, activations) to the
-    experts without it. Routers that choose per evaluated task (the oracle, LoraHub) are not
-    offered: they run in evaluations."""
-    lacking = lacking or {}
+    experts without it; `learned` maps the library's usable learned routers to the experts they
+    mix. Routers that choose per evaluated task (the oracle, LoraHub) are not offered: they run
+    in evaluations."""
+    lacking, learned = lacking or {}, learned or {}
     specs: list[str] = []
     missing: dict[str, str] = {}
     for cls in _ordered():
@@ -154,7 +165,7 @@ def menu(
         if (problem := cls.unavailable(groups)) is not None:
             missing[cls.name] = problem
             continue
-        for spec, used in _candidates(cls, experts, groups):
+        for spec, used in _candidates(cls, experts, groups, learned):
             if cls.needs and (short := [x for x in used if x in set(lacking.get(cls.needs, []))]):
                 missing[spec] = (
                     f"needs {cls.needs} for {len(short)} of its {len(used)} experts: "
