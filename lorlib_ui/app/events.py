@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.worker.api import JobRequest, Worker
+from lorlib_ui.worker.api import JobRequest, JobStatus, Worker
 
 POLL_S = 0.5  # how often a running job's progress is read
 
@@ -51,18 +51,26 @@ def shows_errors(handler):
     return answering
 
 
-def run_job(worker: Worker, request: JobRequest, progress: gr.Progress) -> Iterator[tuple[str, str]]:
-    """Submit a job and follow it to its end: yields (job id, status line) and drives Gradio's
-    progress bar; a failed job raises its one-line message."""
+def follow_job(
+    worker: Worker, request: JobRequest, progress: gr.Progress
+) -> Iterator[tuple[str, str, JobStatus | None]]:
+    """Submit a job and follow it to its end: yields (job id, status line, status) and drives
+    Gradio's progress bar; a failed job raises its one-line message."""
     job_id = worker.submit(request)
-    yield job_id, "queued"
+    yield job_id, "queued", None
     while (state := worker.job(job_id)).state in ("queued", "running"):
         progress(state.fraction, desc=state.message)
-        yield job_id, f"**{state.state}**: {state.message}"
+        yield job_id, f"**{state.state}**: {state.message}", state
         time.sleep(POLL_S)
     if state.state == "failed":
         raise LorlibError(state.message)
-    yield job_id, f"**{state.state}**: {state.message}"
+    yield job_id, f"**{state.state}**: {state.message}", state
+
+
+def run_job(worker: Worker, request: JobRequest, progress: gr.Progress) -> Iterator[tuple[str, str]]:
+    """`follow_job`, yielding (job id, status line) only."""
+    for job_id, line, _ in follow_job(worker, request, progress):
+        yield job_id, line
 
 
 def cancel_job(worker: Worker, job_id: str | None) -> str:

@@ -266,21 +266,22 @@ def silhouette_curve(view: ClusterView) -> go.Figure:
     return fig
 
 
-def evaluation_bars(summary: list[dict]) -> go.Figure:
+def evaluation_bars(summary: list[dict], title: str = "Zero-shot, mean over tasks (%), 95% intervals") -> go.Figure:
     """One group of bars per measure, one bar per router, with its 95% bootstrap interval where
     the evaluation kept its rows."""
     measures = [("exact_match", "exact match"), ("mc_accuracy", "multiple choice")]
     fig = go.Figure()
     for i, row in enumerate(summary):
         values = [np.nan if row[key] is None else 100 * row[key] for key, _ in measures]
-        bar = go.Bar(x=[label for _, label in measures], y=values, name=row["router"], marker_color=PALETTE[i])
+        colour = PALETTE[i % len(PALETTE)]
+        bar = go.Bar(x=[label for _, label in measures], y=values, name=row["router"], marker_color=colour)
         intervals = [row.get(f"{key}_ci") for key, _ in measures]
         if any(intervals):
             plus = [np.nan if ci is None else 100 * ci[1] - v for ci, v in zip(intervals, values)]
             minus = [np.nan if ci is None else v - 100 * ci[0] for ci, v in zip(intervals, values)]
             bar.update(error_y={"type": "data", "array": plus, "arrayminus": minus, "visible": True})
         fig.add_trace(bar)
-    fig.update_layout(title="Zero-shot, mean over tasks (%), 95% intervals", barmode="group", height=360, **LAYOUT)
+    fig.update_layout(title=title, barmode="group", height=360, **LAYOUT)
     return fig
 
 
@@ -376,4 +377,17 @@ def loss_curve(expert: str, losses: list[float]) -> go.Figure:
     fig.update_layout(title=f"Training loss ({expert})", height=340, **LAYOUT)
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="loss")
+    return fig
+
+
+def loss_curves(curves: dict[str, list[float]], title: str = "Training loss by method") -> go.Figure:
+    """Each method's loss at every step so far (LoraHub: the best objective after each evaluation
+    of its search), one line per method, in the order they trained."""
+    fig = go.Figure()
+    for i, (name, losses) in enumerate(curves.items()):
+        line = go.Scatter(x=list(range(1, len(losses) + 1)), y=losses, mode="lines", name=name)
+        fig.add_trace(line.update(line={"color": PALETTE[i % len(PALETTE)]}))
+    fig.update_layout(title=title, height=340, **LAYOUT)
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="answer loss")
     return fig

@@ -1,4 +1,4 @@
-"""The explorer's page: the library picker above six tabs, each from its own module, over one
+"""The explorer's page: the library picker above seven tabs, each from its own module, over one
 `Worker`.
 
 The UI knows nothing of models or torch: every event asks the worker and draws what comes back
@@ -16,7 +16,7 @@ from functools import partial
 
 import gradio as gr
 
-from lorlib_ui.app import build, clusters, evaluate, insight, library, route
+from lorlib_ui.app import adapt, build, clusters, evaluate, insight, library, route
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.worker.api import Worker
 
@@ -39,6 +39,7 @@ class Page:
     route: route.RouteTab
     build: build.BuildTab
     evaluate: evaluate.EvaluateTab
+    adapt: adapt.AdaptTab
     insight: insight.InsightTab
 
     def opened_outputs(self) -> list:
@@ -114,6 +115,7 @@ def build_page(
                 route.build_tab(),
                 build.build_tab(tasks_by_family or {}),
                 evaluate.build_tab(worker.comparisons()),
+                adapt.build_tab(),
                 insight.build_tab(),
             )
         _wire(page, worker, app)
@@ -128,10 +130,12 @@ def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
     show_expert = library.wire(page.library, worker, page.path)
     show_clusters = clusters.wire(page.clusters, worker, page.path)
     show_insight = insight.wire(page.insight, worker, page.path)
+    adapted, show_adaptation = adapt.wire(page.adapt, worker, page.path)
 
-    def redraw(event):  # after the library (re)opens: the picked expert, the cluster view, insight
+    def redraw(event):  # after the library (re)opens: the picked expert, the cluster view, insight, adapt
         show_expert(event)
         show_insight(event)
+        show_adaptation(event)
         return show_clusters(event)
 
     route.wire(page.route, worker, page.path)
@@ -146,6 +150,7 @@ def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
     redraw(imported)
     redraw(built.then(reopen, page.path, outputs, api_visibility="private"))  # also after a cancel
     evaluated.then(reopen, page.path, outputs, api_visibility="private")
+    redraw(adapted.then(reopen, page.path, outputs, api_visibility="private"))  # new experts, routers
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> None:

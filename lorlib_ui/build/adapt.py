@@ -216,7 +216,7 @@ class _Training:
     def _events(self, plan: Plan, index: int, total: int):
         if self.progress is None:
             return None
-        return lambda step, steps, loss: self.progress(Progress(plan.name, index, total, step, steps, loss))
+        return lambda step, steps, loss: self.progress(Progress(plan.label, index, total, step, steps, loss))
 
     def run(self, plan: Plan, index: int, total: int) -> None:
         rows, picked = draw_shots(self.data, self.task, plan.shots, self.config.seed)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lorlib_ui.build.config import ADAPT_METHODS as ADAPT_METHODS  # the ways an adapt job learns a task
 from lorlib_ui.build.config import TASK_SETS as TASK_SETS  # the sets of tasks jobs take by name
 from lorlib_ui.core.prompting import MAX_NEW_TOKENS as MAX_NEW_TOKENS  # the UI's limit is the worker's
 from lorlib_ui.core.record import RoutingRecord
@@ -36,6 +37,8 @@ class LibraryInfo:
     routers: list[str] = field(default_factory=list)  # router specs to offer, from the router registry
     router_notes: dict[str, str] = field(default_factory=dict)  # spec -> one line on what it does
     routers_missing: dict[str, str] = field(default_factory=dict)  # spec it cannot run yet -> what it lacks
+    adaptation: dict = field(default_factory=dict)  # task -> the last `adapt` record on it
+    learned_routers: list[dict] = field(default_factory=list)  # manifest entries of its learned routers
 
 
 @dataclass
@@ -114,7 +117,7 @@ class InsightView:
 
 @dataclass
 class JobRequest:
-    kind: str  # "build", "cluster", "evaluate", "transfer" or "routing"
+    kind: str  # "build", "cluster", "evaluate", "transfer", "routing" or "adapt"
     library: str
     options: dict = field(default_factory=dict)
 
@@ -127,6 +130,7 @@ class JobStatus:
     fraction: float = 0.0
     message: str = ""
     result: dict | None = None
+    detail: dict | None = None  # what a running job publishes as it goes (adapt: each method's loss so far)
 
 
 class Worker(ABC):

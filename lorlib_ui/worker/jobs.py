@@ -1,5 +1,5 @@
-"""The worker's long jobs (build, cluster, evaluate, transfer, routing statistics): a queue run one job at a time on a
-background thread, with cancel, progress, and a bounded history.
+"""The worker's long jobs (build, cluster, evaluate, transfer, routing statistics, adapt): a queue run one job at a
+time on a background thread, with cancel, progress, and a bounded history.
 
 Jobs arrive as plain `JobRequest`s (options as the app sends them) and are run by the builders of
 `lorlib_ui.build`. Status is written by the job's thread and read by the UI's polls, always under
@@ -32,8 +32,10 @@ class JobContext:
     def __init__(self, board: JobBoard, job_id: str, new_trainer: Callable[[], Trainer]):
         self._board, self._id, self.new_trainer = board, job_id, new_trainer
 
-    def update(self, fraction: float, message: str) -> None:
-        self._board._set(self._id, fraction=round(fraction, 4), message=message)
+    def update(self, fraction: float, message: str, detail: dict | None = None) -> None:
+        """Report progress; `detail` (plain data, replaced whole) is what pollers may draw live."""
+        changes = {"detail": detail} if detail is not None else {}
+        self._board._set(self._id, fraction=round(fraction, 4), message=message, **changes)
 
     def cancelled(self) -> bool:
         return self._board._is_cancelled(self._id)
@@ -245,10 +247,49 @@ def _routing_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
     return {"summary": summary}, f"routed {len(results['all'].tasks)} tasks with {results['all'].router}"
 
 
+def _adapt_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
+    from lorlib_ui.build.adapt import adapt_library
+
+    o = job.options
+    curves: dict[str, list[float]] = {}  # method/shots -> loss at each step so far
+
+    def progress(event) -> None:
+        curve = curves.setdefault(event.expert, [])
+        if event.loss is not None:
+            curve.append(round(float(event.loss), 4))
+        done = (event.index - 1 + event.step / max(event.steps, 1)) / max(event.total, 1)
+        loss = "" if event.loss is None else f", loss {event.loss:.3f}"
+        message = f"{event.index}/{event.total} {event.expert}: step {event.step}/{event.steps}{loss}"
+        context.update(0.9 * done, message, {"curves": {k: list(v) for k, v in curves.items()}})
+
+    def log(line: str) -> None:
+        if line.startswith("scoring"):
+            context.update(0.9, line, {"curves": {k: list(v) for k, v in curves.items()}})
+
+    record, notes = adapt_library(
+        job.library,
+        o["task"],
+        data=o.get("data"),
+        shots=[int(n) for n in o.get("shots", [32])],
+        methods=o.get("methods"),
+        steps=o.get("steps"),
+        seed=int(o.get("seed", 0)),
+        limit=o.get("limit"),
+        progress=progress,
+        cancel=context.cancelled,
+        log=log,
+    )
+    _history(job, record["seconds"])
+    trained = sum(run["trained_now"] for run in record["runs"])
+    message = f"{record['task']}: {len(record['runs'])} results ({trained} trained now), scored on the test rows"
+    return {"adaptation": record, "notes": notes, "curves": curves}, message
+
+
 JOBS = {
     "build": _build_job,
     "cluster": _cluster_job,
     "evaluate": _evaluate_job,
     "transfer": _transfer_job,
     "routing": _routing_job,
+    "adapt": _adapt_job,
 }

@@ -22,12 +22,14 @@ import time
 import traceback
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from lorlib_ui.build.trainers import LocalTrainer, Trainer
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.learned_routers import learned_problem, learned_routers, summary
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import check_max_new_tokens
 from lorlib_ui.worker.api import (
@@ -144,6 +146,8 @@ class LocalWorker(Worker):
             clusters=library.clusters or {},
             evaluation=library.extra.get("evaluation"),
             history=list(library.extra.get("history", [])),
+            adaptation=dict(library.extra.get("adaptation") or {}),
+            learned_routers=[asdict(r) for r in learned_routers(library).values()],
             **_router_menu(library),
         )
 
@@ -393,7 +397,7 @@ class LocalWorker(Worker):
 
     # ---- jobs ------------------------------------------------------------------------------------
     def submit(self, job: JobRequest) -> str:
-        if job.kind in ("cluster", "evaluate"):  # they need an existing library; build may create one
+        if job.kind in ("cluster", "evaluate", "adapt"):  # they need an existing library; build may create one
             Library.open(job.library)
         return self._jobs.submit(job)
 
@@ -411,5 +415,8 @@ def _router_menu(library: Library) -> dict:
     from lorlib_ui.core.routers import explain, menu
 
     lacking = {kind: library.lacking_keys(kind) for kind in KEY_SETS}
-    routers, missing = menu(library.names, library.groups(), lacking)
-    return {"routers": routers, "router_notes": {s: explain(s) for s in routers}, "routers_missing": missing}
+    learned = {name: r for name, r in learned_routers(library).items() if learned_problem(library, name) is None}
+    mixed = {name: r.experts for name, r in learned.items()}
+    routers, missing = menu(library.names, library.groups(), lacking, mixed)
+    notes = {s: explain(s) for s in routers} | {f"poly:{name}": summary(r) for name, r in learned.items()}
+    return {"routers": routers, "router_notes": notes, "routers_missing": missing}

@@ -2,6 +2,7 @@
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,7 @@ def test_every_tab_opens_and_explains_itself(page):
         ("Route", "Type a prompt and pick a router"),
         ("Build", "Train one expert per task"),
         ("Evaluate", "Compare routers zero-shot"),
+        ("Adapt", "Learn a new task from a few of its examples"),
         ("Insight", "Does routing pick the experts that help?"),
     ]:
         page.get_by_role("tab", name=tab).click()
@@ -299,25 +301,65 @@ def test_expert_detail_appears_when_an_expert_is_picked(page, tiny_library):
     assert not page.locator("#expert-loss").is_visible()  # no empty frame for the missing curve
 
 
-@pytest.fixture
-def judged_url(built):
-    """The explorer on a library whose transfer matrix and routing statistics are stored."""
+@contextmanager
+def _served(library):
+    """The explorer over an in-process worker on `library`, served on a free local port."""
     from conftest import free_port
 
     from lorlib_ui.app.layout import build_app, launch
-    from lorlib_ui.build.routing_stats import routing_stats_library
-    from lorlib_ui.build.transfer import transfer_library
     from lorlib_ui.worker.local import LocalWorker
 
-    transfer_library(str(built), "held-out", limit=2)
-    routing_stats_library(str(built), "arrow@private", "held-out", limit=2)
-    app = build_app(LocalWorker(device="cpu"), str(built))
+    app = build_app(LocalWorker(device="cpu"), str(library))
     port = free_port()
     launch(app, "127.0.0.1", port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+@pytest.fixture
+def judged_url(built):
+    """The explorer on a library whose transfer matrix and routing statistics are stored."""
+    from lorlib_ui.build.routing_stats import routing_stats_library
+    from lorlib_ui.build.transfer import transfer_library
+
+    transfer_library(str(built), "held-out", limit=2)
+    routing_stats_library(str(built), "arrow@private", "held-out", limit=2)
+    with _served(built) as url:
+        yield url
+
+
+def test_tiny_adaptation_draws_its_curves_and_scores_and_its_expert_appears(built):
+    from playwright.sync_api import sync_playwright
+
+    from lorlib_ui.core.library import Library
+
+    with _served(built) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        page = browser.new_context().new_page()
+        page.goto(url)
+        page.get_by_text("Opened").wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Adapt").click()
+        page.get_by_label("32", exact=True).uncheck()
+        page.get_by_label("8", exact=True).check()
+        for method in ("mu", "shared", "poly-full", "lorahub"):
+            page.get_by_label(method, exact=True).uncheck()
+        page.get_by_label("training steps (0: as the library's experts)").fill("3")
+        page.get_by_role("button", name="Adapt", exact=True).click()
+        page.get_by_role("progressbar").first.wait_for(timeout=60_000)
+        page.get_by_text("scored on the test rows").wait_for(timeout=180_000)
+        curves = page.evaluate(
+            "() => document.querySelector('#adapt-losses .js-plotly-plot')._fullData.map(t => [t.name, t.y.length])"
+        )
+        assert curves == [["scratch/8", 3], ["poly-router/8", 3]]
+        bars = page.evaluate("() => document.querySelector('#adapt-scores .js-plotly-plot')._fullData.map(t => t.name)")
+        assert bars == ["arrow", "base", "scratch/8", "poly-router/8"]
+        adapted = [e.name for e in Library.open(built).experts if e.kind == "adapted"]
+        assert len(adapted) == 1
+        page.get_by_role("tab", name="Library").click()  # the table was refreshed from the library
+        page.get_by_role("gridcell", name=adapted[0], exact=True).first.wait_for(timeout=30_000)
+        browser.close()
 
 
 def test_insight_draws_transfer_and_routing_with_a_cell_per_task_and_expert(judged_url, built):

@@ -1,0 +1,93 @@
+"""The Adapt tab's handlers with an in-process worker: a tiny adaptation job, its live curves, its
+results, and the learned router reaching the Route tab."""
+
+import os
+
+import gradio as gr
+import pytest
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from lorlib_ui.app import adapt, layout, route  # noqa: E402
+from lorlib_ui.core.library import Library  # noqa: E402
+from lorlib_ui.worker.local import LocalWorker  # noqa: E402
+
+
+class Progress:
+    """Stands in for gr.Progress: records what the job reported."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fraction, desc=None):
+        self.calls.append((fraction, desc))
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return LocalWorker(device="cpu")
+
+
+def test_a_tiny_adaptation_trains_stores_scores_and_offers_its_router(worker, built):
+    path = str(built)
+    page = layout.build_page(worker, path)[1]
+    tab = page.adapt
+    info = worker.library(path)
+    opened = adapt.opened(tab, info)
+    task = opened[tab.task].value
+    assert task == info.held_out[0] and opened[tab.task].choices == [(t, t) for t in info.held_out]
+    progress = Progress()
+    updates = list(adapt.adapt(worker, tab, path, task, None, [4], ["scratch", "poly-router"], 2, 3, progress))
+    final = updates[-1]
+    assert "**done**" in final[tab.status]
+    labels = list(final[tab.table]["router"])
+    assert labels == ["arrow", "base", "scratch/4", "poly-router/4"]
+    assert final[tab.table]["EM 95% CI"].str.startswith("[").all()  # every row with its interval
+    assert {"scratch/4 − arrow", "poly-router/4 − scratch/4"} <= set(final[tab.differences]["difference"])
+    curves = final[tab.losses]
+    assert [trace.name for trace in curves.data] == ["scratch/4", "poly-router/4"]
+    assert all(len(trace.y) == 2 for trace in curves.data)  # one loss per training step
+    job = worker.job(final[tab.job])
+    assert job.detail["curves"] == {"scratch/4": list(curves.data[0].y), "poly-router/4": list(curves.data[1].y)}
+    assert progress.calls and all(0 <= f <= 1 for f, _ in progress.calls)
+
+    # stored in the library: an adapted expert and a learned router, which the Route tab offers and routes
+    library = Library.open(path)
+    assert [e.kind for e in library.experts if e.tasks == [task] and e.name.startswith("adapt-scratch")] == ["adapted"]
+    info = worker.library(path)
+    learned = [r["name"] for r in info.learned_routers]
+    assert len(learned) == 1 and f"poly:{learned[0]}" in info.routers
+    assert info.router_notes[f"poly:{learned[0]}"].startswith("poly-router: a router over the frozen experts")
+    done = list(route.route(worker, page.route, path, "repeat fox", f"poly:{learned[0]}", 2, 1.0, 2))[-1]
+    record = done[page.route.record]
+    assert record.router == f"poly:{learned[0]}" and record.weights.shape[1] == len(record.tokens)
+    private = [i for i, name in enumerate(record.experts) if library.expert(name).kind == "private"]
+    assert abs(record.weights[:, :, private].sum(-1) - 1).max() < 1e-5  # a softmax over the private experts
+
+    # reopening keeps the picked task and shows its stored record
+    again = adapt.refresh(worker, tab, path, task)
+    assert again[tab.task].value == task and list(again[tab.table]["router"]) == labels
+
+
+@pytest.mark.parametrize(
+    "task, shots, methods, message",
+    [
+        ("", [8], ["scratch"], "pick a task"),
+        ("copy0", [], ["scratch"], "pick at least one number of shots"),
+        ("copy0", [8], [], "pick at least one method"),
+    ],
+)
+def test_missing_choices_show_one_line(worker, built, task, shots, methods, message):
+    page = layout.build_page(worker, str(built))[1]
+    with pytest.raises(gr.Error, match=message):
+        list(adapt.adapt(worker, page.adapt, str(built), task, None, shots, methods, 0, 5, Progress()))
+
+
+def test_a_refused_job_shows_its_line_and_changes_nothing(worker, built):
+    from conftest import library_snapshot
+
+    page = layout.build_page(worker, str(built))[1]
+    before = library_snapshot(built)
+    with pytest.raises(gr.Error, match="more than the"):
+        list(adapt.adapt(worker, page.adapt, str(built), "copy1", None, [128], ["scratch"], 0, 5, Progress()))
+    assert library_snapshot(built) == before
