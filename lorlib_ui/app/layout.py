@@ -48,6 +48,7 @@ class Page:
             self.path,
             self.status,
             self.library.table,
+            self.library.learned,
             self.library.expert_pick,
             self.route.example_pick,
             self.clusters.k,

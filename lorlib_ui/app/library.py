@@ -19,9 +19,11 @@ from lorlib_ui.worker.api import ExpertDetail, LibraryInfo, Worker
 
 HELP = (
     "The experts of the open library. *private* experts learned one task each; *cluster* experts "
-    "learned the tasks of one MBC cluster; the *shared* expert learned all tasks at once."
+    "learned the tasks of one MBC cluster; the *shared* expert learned all tasks at once; *adapted* and "
+    "*lorahub* experts learned a new task from a few of its examples (the Adapt tab)."
 )
 COLUMNS = ["name", "kind", "family", "cluster", "tasks", "rank", "targets", "steps", "final loss"]
+LEARNED_COLUMNS = ["router", "method", "task", "shots", "experts mixed", "final loss"]
 PICK_INFO = "shown below: its weight update layer by layer, its nearest experts and its training loss"
 NEAREST_LABEL = "Nearest experts (cosine of their MBC embeddings)"
 NO_CURVE_BUILT = "no loss curve recorded (built before curves were kept)"
@@ -31,6 +33,7 @@ NO_CURVE_IMPORTED = "no loss curve recorded (an imported adapter, not trained he
 @dataclass
 class LibraryTab:
     table: gr.Dataframe
+    learned: gr.Dataframe  # routers learned by `adapt` (poly:NAME), shown when there are any
     upload: gr.File
     import_btn: gr.Button
     expert_pick: gr.Dropdown
@@ -52,6 +55,7 @@ def build_tab() -> LibraryTab:
     with gr.Tab("Library", id="library"):
         gr.Markdown(HELP)
         table = gr.Dataframe(interactive=False, wrap=True, label="Experts")
+        learned = gr.Dataframe(interactive=False, visible=False, label="Learned routers (route with poly:NAME)")
         with gr.Row():
             upload = gr.File(label="Import PEFT adapters (zip)", file_types=[".zip"], type="filepath")
             import_btn = gr.Button("Import")
@@ -71,6 +75,7 @@ def build_tab() -> LibraryTab:
         inspecting = gr.State(False)
     return LibraryTab(
         table,
+        learned,
         upload,
         import_btn,
         expert_pick,
@@ -106,11 +111,27 @@ def experts_frame(info: LibraryInfo) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def learned_frame(info: LibraryInfo) -> pd.DataFrame:
+    rows = [
+        {
+            "router": f"poly:{r['name']}",
+            "method": r["method"],
+            "task": r.get("task") or "",
+            "shots": r.get("training", {}).get("shots", ""),
+            "experts mixed": len(r["experts"]),
+            "final loss": round(r["metrics"]["final_loss"], 3) if "final_loss" in r.get("metrics", {}) else "",
+        }
+        for r in info.learned_routers
+    ]
+    return pd.DataFrame(rows, columns=LEARNED_COLUMNS)
+
+
 def opened(tab: LibraryTab, info: LibraryInfo) -> dict:
     """What this tab shows for a newly opened library."""
     names = [e["name"] for e in info.experts]
     return {
         tab.table: experts_frame(info),
+        tab.learned: gr.Dataframe(learned_frame(info), visible=bool(info.learned_routers)),
         tab.expert_pick: gr.Dropdown(choices=names, value=names[0] if names else None),
     }
 

@@ -66,7 +66,8 @@ class TrainConfig:
         kinds = {"rank": int, "steps": int, "batch_size": int, "max_length": int, "seed": int}
         kinds |= {"alpha": float, "learning_rate": float, "bf16": bool, "targets": tuple}
         values = {}
-        for name, value in {**options, **overrides}.items():
+        given = {k: v for k, v in overrides.items() if v is not None}  # None: as the options say
+        for name, value in {**options, **given}.items():
             if name not in kinds or value is None:
                 continue
             try:

@@ -64,6 +64,12 @@ def test_a_tiny_adaptation_trains_stores_scores_and_offers_its_router(worker, bu
     private = [i for i, name in enumerate(record.experts) if library.expert(name).kind == "private"]
     assert abs(record.weights[:, :, private].sum(-1) - 1).max() < 1e-5  # a softmax over the private experts
 
+    # the Library tab lists the adapted expert and the learned router
+    shown = layout.open_library(worker, page, path)
+    assert any(name.startswith("adapt-scratch") for name in shown[page.library.table]["name"])
+    learned_table = shown[page.library.learned]
+    assert learned_table.visible and list(learned_table.value["data"][0][:2]) == [f"poly:{learned[0]}", "poly-router"]
+
     # reopening keeps the picked task and shows its stored record
     again = adapt.refresh(worker, tab, path, task)
     assert again[tab.task].value == task and list(again[tab.table]["router"]) == labels

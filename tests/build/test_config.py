@@ -40,3 +40,10 @@ def test_configs_are_changed_by_replace_not_in_place():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.bf16 = True
     assert dataclasses.replace(config, bf16=True).bf16 and not config.bf16
+
+
+def test_an_override_of_none_keeps_what_the_options_say():
+    """`adapt` trains with the library's recorded steps unless told otherwise."""
+    recorded = {"steps": 60, "rank": 4, "targets": ["q_proj", "v_proj"], "data": "default"}
+    assert TrainConfig.from_options(recorded, steps=None, seed=3).steps == 60
+    assert TrainConfig.from_options(recorded, steps=7).steps == 7
