@@ -333,6 +333,10 @@ def cmd_info(args) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    from lorlib_ui.core.learned_routers import learned_routers, summary
+
+    for name, record in learned_routers(library).items():
+        print(f"learned router poly:{name}: {summary(record)}, mixing {len(record.experts)} experts")
 
 
 def _routed(args):
@@ -350,6 +354,8 @@ def _routed(args):
         groups=library.groups(),
         density=args.density,
     )
+    if (problem := library.lacks_for(router)) is not None:  # before the model loads
+        raise LorlibError(problem)
     return RoutedModel.load(library, base_model=args.base_model, device=args.device, dtype=args.dtype), router
 
 

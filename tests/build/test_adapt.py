@@ -255,5 +255,13 @@ def test_the_command_prints_results_and_a_learning_curve(copy, capsys):
     assert code == 0, err
     assert "| scratch/4 |" in out and "| poly-router/8 |" in out and "| arrow |" in out
     assert "learning curve" in out and "| poly-router |" in out
+    name = adapted_name("poly-router", NEW_TASK, 8, 0)
+    code, out, err = cli(capsys, "info", path)
+    assert code == 0 and f"learned router poly:{name}: poly-router" in out
+    code, out, err = cli(capsys, "route", path, "--router", f"poly:{name}", "--prompt", "the animal is", "--json")
+    assert code == 0, err
+    assert json.loads(out)["experts"] == Library.open(path).names
+    code, out, err = cli(capsys, "route", path, "--router", "poly:nope", "--prompt", "the animal is")
+    assert code == 1 and err.count("\n") == 1 and "has no learned router 'nope'" in err
     code, out, err = cli(capsys, "adapt", path, "--task", NEW_TASK, "--data", data, "--shots", "8,x")
     assert code == 1 and err.count("\n") == 1 and "--shots takes whole numbers" in err
