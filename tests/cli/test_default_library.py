@@ -78,3 +78,15 @@ def test_every_private_expert_has_mean_activations(shipped):
     infos = shipped.keys_info("activations")
     assert max(infos[name]["examples"] for name in private) == 100  # or all of a task's train rows, if fewer
     assert all(infos[name]["tokens"] > 1000 for name in private)
+
+
+def test_every_private_expert_has_phatgoose_gates(shipped):
+    """phatgoose@private runs out of the box: every gate was trained for the expert's current
+    weights, 100 steps; over the experts, training lowered the loss (the first step's loss is one
+    batch, the final one the mean of the last ten, so single experts are noisy)."""
+    private = shipped.groups()["private"]
+    assert shipped.lacking_keys("gates", private) == []
+    infos = shipped.keys_info("gates")
+    assert {infos[name]["steps"] for name in private} == {100}
+    first, final = (sum(infos[name][key] for name in private) for key in ("first_loss", "final_loss"))
+    assert final < 0.9 * first
