@@ -230,8 +230,8 @@ class _Training:
             "learning_rate": self.config.learning_rate,
             "batch_size": self.config.batch_size,
         }
-        if events is not None:
-            events(0, self.config.steps, None)
+        if events is not None:  # a bar of the steps (LoraHub: the evaluations of its search)
+            events(0, self.budget if plan.method == "lorahub" else self.config.steps, None)
         if plan.method in LORA_METHODS:
             self._lora(plan, pairs, training, events)
         elif plan.method in ROUTER_METHODS:
