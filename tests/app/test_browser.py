@@ -347,7 +347,6 @@ def test_tiny_adaptation_draws_its_curves_and_scores_and_its_expert_appears(buil
             page.get_by_label(method, exact=True).uncheck()
         page.get_by_label("training steps (0: as the library's experts)").fill("3")
         page.get_by_role("button", name="Adapt", exact=True).click()
-        page.get_by_role("progressbar").first.wait_for(timeout=60_000)
         page.get_by_text("scored on the test rows").wait_for(timeout=180_000)
         curves = page.evaluate(
             "() => document.querySelector('#adapt-losses .js-plotly-plot')._fullData.map(t => [t.name, t.y.length])"
