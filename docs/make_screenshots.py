@@ -81,10 +81,10 @@ def adapt_on_a_copy(page) -> None:
     page.get_by_role("button", name="Open", exact=True).click()
     page.get_by_text(f"Opened {copy}").wait_for(timeout=120_000)
     page.get_by_role("tab", name="Adapt").click()
-    page.get_by_label("32", exact=True).uncheck()
-    page.get_by_label("16", exact=True).check()
+    page.locator("#adapt-shots").get_by_label("32", exact=True).uncheck()
+    page.locator("#adapt-shots").get_by_label("16", exact=True).check()
     for method in ("shared", "poly-full", "lorahub"):
-        page.get_by_label(method, exact=True).uncheck()
+        page.locator("#adapt-methods").get_by_label(method, exact=True).uncheck()
     page.get_by_label("training steps (0: as the library's experts)").fill("20")
     page.get_by_label("number input for test rows scored (at most)").fill("20")
     page.get_by_role("button", name="Adapt", exact=True).click()

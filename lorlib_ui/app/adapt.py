@@ -58,8 +58,12 @@ def build_tab() -> AdaptTab:
                 label="or the task's rows (a data file)", file_types=[".jsonl", ".gz", ".csv", ".parquet"]
             )
         with gr.Row():
-            shots = gr.CheckboxGroup(SHOTS, value=[32], label="Shots (several: a learning curve)")
-            methods = gr.CheckboxGroup(list(ADAPT_METHODS), value=list(ADAPT_METHODS), label="Methods")
+            shots = gr.CheckboxGroup(
+                SHOTS, value=[32], label="Shots (several: a learning curve)", elem_id="adapt-shots"
+            )
+            methods = gr.CheckboxGroup(
+                list(ADAPT_METHODS), value=list(ADAPT_METHODS), label="Methods", elem_id="adapt-methods"
+            )
         with gr.Row():
             steps = gr.Number(0, precision=0, label="training steps (0: as the library's experts)")
             limit = gr.Slider(1, 200, value=40, step=1, label="test rows scored (at most)")

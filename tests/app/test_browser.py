@@ -341,10 +341,10 @@ def test_tiny_adaptation_draws_its_curves_and_scores_and_its_expert_appears(buil
         page.goto(url)
         page.get_by_text("Opened").wait_for(timeout=60_000)
         page.get_by_role("tab", name="Adapt").click()
-        page.get_by_label("32", exact=True).uncheck()
-        page.get_by_label("8", exact=True).check()
+        page.locator("#adapt-shots").get_by_label("32", exact=True).uncheck()
+        page.locator("#adapt-shots").get_by_label("8", exact=True).check()
         for method in ("mu", "shared", "poly-full", "lorahub"):
-            page.get_by_label(method, exact=True).uncheck()
+            page.locator("#adapt-methods").get_by_label(method, exact=True).uncheck()
         page.get_by_label("training steps (0: as the library's experts)").fill("3")
         page.get_by_role("button", name="Adapt", exact=True).click()
         page.get_by_text("scored on the test rows").wait_for(timeout=180_000)
