@@ -121,24 +121,12 @@ def main() -> None:
         print(json.dumps(run_cell(method, n, Path(args.work), base_dir, args.task, args.steps)))
         return
 
-    from bench_arrow import make_experts
-
-    from lorlib_ui.core.adapters import read_adapter
-    from lorlib_ui.core.base_model import base_model_info
-    from lorlib_ui.core.library import Library, expert_from_adapter
+    from bench_arrow import make_experts, make_libraries
 
     counts = [int(x) for x in args.experts.split(",")]
     with tempfile.TemporaryDirectory(prefix="lorlib-bench-adapt-") as tmp:
         work = Path(tmp)
-        folders = make_experts(work, max(counts), base_dir)
-        info = base_model_info(str(base_dir))
-        for n in counts:
-            library = Library.create(work / f"library{n}", info)
-            entries = []
-            for folder in folders[:n]:
-                adapter = read_adapter(folder)
-                entries.append((expert_from_adapter(folder.name, adapter, info.name, kind="private"), adapter))
-            library.add_experts(entries)
+        make_libraries(work, make_experts(work, max(counts), base_dir), counts, base_dir, kind="private")
         common = ["--work", str(work), "--steps", str(args.steps), "--task", args.task]
         rows = [_subprocess(["--cell", "scratch", "0", *common], "scratch", 0)]
         for n in counts:

@@ -73,6 +73,22 @@ def make_experts(folder: Path, n: int, base_dir: Path, dtype: str = "bfloat16") 
     return folders
 
 
+def make_libraries(work: Path, folders: list[Path], counts: list[int], base_dir: Path, kind: str = "imported") -> None:
+    """work/library<N>: a library of the first N adapter folders, for each N in `counts`."""
+    from lorlib_ui.core.adapters import read_adapter
+    from lorlib_ui.core.base_model import base_model_info
+    from lorlib_ui.core.library import Library, expert_from_adapter
+
+    info = base_model_info(str(base_dir))
+    for n in counts:
+        library = Library.create(work / f"library{n}", info)
+        entries = []
+        for folder in folders[:n]:
+            adapter = read_adapter(folder)
+            entries.append((expert_from_adapter(folder.name, adapter, info.name, kind=kind), adapter))
+        library.add_experts(entries)  # prototypes cached here, as in normal use
+
+
 def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -240,19 +256,7 @@ def main() -> None:
     counts = [int(x) for x in args.experts.split(",")]
     with tempfile.TemporaryDirectory(prefix="lorlib-bench-") as tmp:
         work = Path(tmp)
-        folders = make_experts(work, max(counts), base_dir, args.adapter_dtype)
-        from lorlib_ui.core.adapters import read_adapter
-        from lorlib_ui.core.base_model import base_model_info
-        from lorlib_ui.core.library import Library, expert_from_adapter
-
-        info = base_model_info(str(base_dir))
-        for n in counts:
-            library = Library.create(work / f"library{n}", info)
-            entries = []
-            for f in folders[:n]:
-                adapter = read_adapter(f)
-                entries.append((expert_from_adapter(f.name, adapter, info.name), adapter))
-            library.add_experts(entries)  # prototypes cached here, as in normal use
+        make_libraries(work, make_experts(work, max(counts), base_dir, args.adapter_dtype), counts, base_dir)
 
         common = ["--work", str(work), "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
         methods = args.methods.split(",")

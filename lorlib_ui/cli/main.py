@@ -211,12 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lorahub", help="LoraHub: search a merge of experts on a few examples of a task; store it as an expert"
     )
     lorahub.add_argument("library")
-    lorahub.add_argument("--task", required=True, help="the task whose training rows are the examples")
-    lorahub.add_argument(
-        "--data",
-        default=None,
-        help="tasks' data as for build, or a file of the task's rows alone (default: what the library was built from)",
-    )
+    _task_options(lorahub, "the task whose training rows are the examples")
     lorahub.add_argument("--shots", type=int, default=DEFAULT_SHOTS, help=f"examples (default {DEFAULT_SHOTS})")
     lorahub.add_argument(
         "--budget", type=int, default=DEFAULT_BUDGET, help=f"evaluations of the search (default {DEFAULT_BUDGET})"
@@ -231,12 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     about = "learn a new task from a few of its examples by reusing the library; compare the ways to"
     adapt = commands.add_parser("adapt", help=about, description=about)
     adapt.add_argument("library")
-    adapt.add_argument("--task", required=True, help="the task to learn (a held-out task, or one of --data)")
-    adapt.add_argument(
-        "--data",
-        default=None,
-        help="tasks' data as for build, or a file of the task's rows alone (default: what the library was built from)",
-    )
+    _task_options(adapt, "the task to learn (a held-out task, or one of --data)")
     adapt.add_argument("--shots", default="32", help="training examples, or several for a learning curve: 8,32,128")
     adapt.add_argument("--methods", default=None, help=f"comma-separated, of {','.join(ADAPT_METHODS)} (default: all)")
     adapt.add_argument("--steps", type=int, default=None, help="training steps (default: the library's experts')")
@@ -266,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--text", required=True)
     _router_options(score)
     return parser
+
+
+def _task_options(parser, task_help: str) -> None:
+    """--task and --data of the commands that learn from a few rows of one task (lorahub, adapt)."""
+    parser.add_argument("--task", required=True, help=task_help)
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="tasks' data as for build, or a file of the task's rows alone (default: what the library was built from)",
+    )
 
 
 def cmd_fetch_model(args) -> None:
