@@ -7,8 +7,8 @@ per cluster. Following the paper's code, each expert becomes one vector:
    with the same ranks, so that entries line up);
 2. sparsify: keep the entries whose |w| is above the expert's own `keep_quantile` of |w|, zero
    the rest;
-3. reduce to at most 64 dimensions by SVD (exact; the paper's code uses sklearn's randomized
-   TruncatedSVD) and L2-normalise;
+3. reduce to at most 64 dimensions by SVD (exact, from the experts' Gram matrix; the paper's
+   code uses sklearn's randomized TruncatedSVD) and L2-normalise;
 4. cosine similarity between experts, and k-means (k-means++, n_init=10, fixed seed) on the rows
    of that similarity matrix.
 
@@ -37,58 +37,69 @@ class Embedding:
     similarity: np.ndarray  # (experts, experts), cosine
 
 
+def check_quantile(keep_quantile: float) -> None:
+    if not 0.0 <= keep_quantile < 1.0:
+        raise LorlibError(f"the sparsity quantile must be in [0, 1), got {keep_quantile}")
+
+
+def threshold(row: np.ndarray, keep_quantile: float) -> float:
+    """The |w| at and under which step 2 zeroes an entry of this expert's vector."""
+    return float(np.quantile(np.abs(row), keep_quantile))
+
+
 def sparsify(vectors: np.ndarray, keep_quantile: float) -> np.ndarray:
     """Zero, in place, the entries whose |w| is not above the `keep_quantile` of their row's |w|.
 
     In place and one row per thread because the rows are long (921,600 weights per expert for
-    rank 4 on SmolLM2's attention, a GB for 256 experts): a copy costs seconds, and numpy's
-    partition releases the GIL, so threads share out the quantiles."""
+    rank 4 on SmolLM2's attention): a copy costs seconds, and numpy's partition releases the GIL,
+    so threads share out the quantiles."""
     rows = vectors.reshape(-1, vectors.shape[-1])
 
     def one(row: np.ndarray) -> None:
-        magnitude = np.abs(row)
-        np.copyto(row, 0, where=magnitude <= np.quantile(magnitude, keep_quantile))
+        np.copyto(row, 0, where=np.abs(row) <= threshold(row, keep_quantile))
 
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         list(pool.map(one, rows))
     return vectors
 
 
-def svd_coordinates(matrix: np.ndarray, dims: int) -> np.ndarray:
-    """U_k Σ_k of the exact SVD of `matrix` (what TruncatedSVD.fit_transform approximates).
+def gram_coordinates(gram: np.ndarray, dims: int) -> np.ndarray:
+    """U_k Σ_k of the exact SVD of X, from its Gram matrix G = X Xᵀ (n x n): G = U Σ² Uᵀ.
 
-    Written by hand because experts are few and their vectors long (256 x 921,600 for rank 4 on
-    SmolLM2's attention): the experts' Gram matrix X Xᵀ takes one pass over the weights and its
-    eigenvectors give U and Σ² exactly, where sklearn's randomized TruncatedSVD needs several
-    passes, takes 13 s instead of 0.3 s there, and is approximate (cosines off by up to 0.12).
-    """
-    n, d = matrix.shape
-    if n <= d:
-        eigenvalues, u = np.linalg.eigh((matrix @ matrix.T).astype(np.float64))
-        top = np.argsort(eigenvalues)[::-1][:dims]
-        return u[:, top] * np.sqrt(np.clip(eigenvalues[top], 0.0, None))
-    u, sigma, _ = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
-    return u[:, :dims] * sigma[:dims]
+    What sklearn's TruncatedSVD.fit_transform approximates, computed by hand because experts are
+    few and their vectors long (256 x 921,600 for rank 4 on SmolLM2's attention): G takes one pass
+    over the weights, can be summed block by block without holding X (`build.clusters`), and its
+    eigenvectors are exact, where the randomized SVD needs several passes over X, took 13 s
+    instead of 0.3 s at 256 experts and put cosines off by up to 0.12."""
+    eigenvalues, u = np.linalg.eigh(np.asarray(gram, dtype=np.float64))
+    top = np.argsort(eigenvalues)[::-1][:dims]
+    return u[:, top] * np.sqrt(np.clip(eigenvalues[top], 0.0, None))
 
 
-def embed(names: list[str], vectors, keep_quantile: float = 0.5) -> Embedding:
-    """Sparsified, SVD-reduced, unit-norm expert vectors and their cosine similarities.
-
-    `vectors`: one flattened expert per row. A float32 array is sparsified in place (no copy of
-    what can be a GB); anything else is copied first. The SVD is exact, so nothing here is random:
-    the seed of MBC is k-means' (`mbc_cluster`)."""
+def embed_gram(names: list[str], gram: np.ndarray) -> Embedding:
+    """The embedding (steps 3 and 4) from the Gram matrix of the sparsified expert vectors."""
     from sklearn.preprocessing import normalize
 
     if len(names) < 2:
         raise LorlibError("clustering needs at least 2 experts")
+    unit = normalize(gram_coordinates(gram, min(MAX_DIMENSIONS, len(names))))
+    return Embedding(list(names), unit, unit @ unit.T)
+
+
+def embed(names: list[str], vectors, keep_quantile: float = 0.5) -> Embedding:
+    """Sparsified, SVD-reduced, unit-norm expert vectors and their cosine similarities, from the
+    vectors in memory (a library is embedded block by block instead: `build.clusters`).
+
+    `vectors`: one flattened expert per row. A float32 array is sparsified in place (no copy);
+    anything else is copied first. The SVD is exact, so nothing here is random: the seed of MBC
+    is k-means' (`mbc_cluster`)."""
+    if len(names) < 2:
+        raise LorlibError("clustering needs at least 2 experts")
     if len({np.shape(v) for v in vectors}) != 1:
         raise LorlibError("clustering needs experts that adapt the same modules with the same ranks")
-    if not 0.0 <= keep_quantile < 1.0:
-        raise LorlibError(f"the sparsity quantile must be in [0, 1), got {keep_quantile}")
+    check_quantile(keep_quantile)
     matrix = sparsify(np.asarray(vectors, dtype=np.float32), keep_quantile)
-    dims = min(MAX_DIMENSIONS, len(names), matrix.shape[1] - 1)
-    unit = normalize(svd_coordinates(matrix, max(dims, 1)))
-    return Embedding(list(names), unit, unit @ unit.T)
+    return embed_gram(names, (matrix @ matrix.T).astype(np.float64))
 
 
 def mbc_cluster(embedding: Embedding, k: int, seed: int = 0) -> np.ndarray:

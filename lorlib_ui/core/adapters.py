@@ -204,6 +204,21 @@ def read_layout(folder: Path) -> tuple[dict[str, int], set[str]]:
     return ranks, {piece.get_dtype() for piece in slices.values()}
 
 
+def read_modules(folder: Path, modules: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors (A, B) of `modules` alone, reading only their bytes: for a later pass over an
+    adapter that `read_adapter` has already checked (MBC reads each expert in column blocks).
+
+    Memory-mapped, unlike `read_adapter`: only for a library's own adapters, which are replaced
+    whole by atomic writes, never rewritten in place, so a mapping cannot lose its file."""
+    try:
+        with safe_open(folder / WEIGHTS_FILE, framework="pt") as handle:
+            return {
+                m: tuple(handle.get_tensor(f"base_model.model.{m}.lora_{ab}.weight") for ab in "AB") for m in modules
+            }
+    except (SafetensorError, OSError) as exc:
+        raise LorlibError(f"adapter {folder}: {WEIGHTS_FILE} could not be read ({exc})") from None
+
+
 def weights_hash(folder: Path) -> str:
     """Content hash of an adapter's weights: the key of its cached Arrow prototypes."""
     digest = hashlib.sha256()

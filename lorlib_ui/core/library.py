@@ -438,12 +438,14 @@ class Library:
     # ---- Arrow prototypes cache --------------------------------------------------------------
     def prototypes(self) -> dict[str, dict[str, torch.Tensor]]:
         """expert name -> module -> prototype (d_in,), from the cache where the weights are unchanged."""
-        cached = self._read_prototype_cache()
+        by_hash: dict[str, dict[str, torch.Tensor]] = {}  # one pass: a scan per expert is quadratic
+        for key, value in self._read_prototype_cache().items():
+            digest, _, module = key.partition("/")
+            by_hash.setdefault(digest, {})[module] = value
         out, missing = {}, False
         for e in self.experts:
-            keys = [k for k in cached if k.startswith(e.weights_hash + "/")]
-            if keys:
-                out[e.name] = {k.split("/", 1)[1]: cached[k] for k in keys}
+            if e.weights_hash in by_hash:
+                out[e.name] = by_hash[e.weights_hash]
             else:
                 out[e.name] = prototypes_for_adapter(self.load_adapter(e.name).factors)
                 missing = True

@@ -23,6 +23,8 @@ expert's weights for one token. (On a GPU the dense path is cheap.)
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,7 +56,7 @@ class LibraryLinear(nn.Module):
 
     def __init__(self, name: str, base: nn.Linear, ranks: list[int], state: RoutingState, storage: torch.dtype):
         """`ranks[e]` is expert e's rank at this layer, 0 where it does not adapt it; the
-        factors are filled in afterwards, one expert at a time, by `set_expert`. `storage` is
+        factors are filled in afterwards by `set_factors` and `set_keys`. `storage` is
         the dtype the factors are kept in; the arithmetic runs in the base layer's dtype."""
         super().__init__()
         self.name, self.base, self.state = name, base, state
@@ -79,13 +81,20 @@ class LibraryLinear(nn.Module):
         self.gather_chosen = device.type == "cpu"
         self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    @torch.no_grad()
-    def set_expert(self, e: int, a: torch.Tensor, b: torch.Tensor, scale: float, prototype: torch.Tensor) -> None:
+    def set_factors(self, e: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Expert e's factors A (r x d_in) and B (d_out x r) into its slice of the stacks; calls
+        for different experts touch disjoint memory, so threads may fill a layer together."""
         r = a.shape[0]
-        self.lora_a.view(self.n_experts, self.rank, -1)[e, :r] = a.to(self.lora_a.dtype)
-        self.lora_bt.view(self.n_experts, self.rank, -1)[e, :r] = b.T.to(self.lora_bt.dtype)
-        self.scales[e] = scale
-        self.prototypes[e] = prototype.to(self.prototypes.dtype)
+        self.lora_a.view(self.n_experts, self.rank, -1)[e, :r].copy_(a)
+        self.lora_bt.view(self.n_experts, self.rank, -1)[e, :r].copy_(b.T)
+        self._merged.clear()
+        self._derived.clear()
+
+    def set_keys(self, scales: list[float], prototypes: list[torch.Tensor | None]) -> None:
+        """Every expert's LoRA scale and prototype (None where it does not adapt this layer)."""
+        zero = self.prototypes.new_zeros(self.prototypes.shape[1])
+        self.scales.copy_(torch.tensor(scales))
+        self.prototypes.copy_(torch.stack([zero if p is None else p for p in prototypes]))
         self._merged.clear()
         self._derived.clear()
 
@@ -195,26 +204,38 @@ class RoutedModel:
         self.model, self.tokenizer, self.library = model, tokenizer, library
         self.experts = library.names
         self.state = RoutingState()
-        # Experts stream in one at a time into preallocated buffers, so building never holds
-        # the whole library twice (256 experts on SmolLM2 are about 0.5 GB in float32).
-        layouts = {x: read_layout(library.path / library.expert(x).path) for x in self.experts}
-        ranks = {x: layout[0] for x, layout in layouts.items()}
-        storage = _storage_dtype({d for _, dtypes in layouts.values() for d in dtypes}, model.dtype)
-        self.modules = [name for name, _ in model.named_modules() if any(name in r for r in ranks.values())]
-        layers = {}
-        for name in self.modules:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            per_expert = [ranks[x].get(name, 0) for x in self.experts]
-            layers[name] = LibraryLinear(name, getattr(parent, child), per_expert, self.state, storage)
-            setattr(parent, child, layers[name])
+        # Experts stream into preallocated buffers, one per thread at a time (reading a file and
+        # torch's copies release the GIL), so building never holds the whole library twice (256
+        # experts on SmolLM2 are about 0.5 GB in float32).
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            folders = [library.path / library.expert(x).path for x in self.experts]
+            layouts = dict(zip(self.experts, pool.map(read_layout, folders)))
+            ranks = {x: layout[0] for x, layout in layouts.items()}
+            storage = _storage_dtype({d for _, dtypes in layouts.values() for d in dtypes}, model.dtype)
+            self.modules = [name for name, _ in model.named_modules() if any(name in r for r in ranks.values())]
+            layers = {}
+            for name in self.modules:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                per_expert = [ranks[x].get(name, 0) for x in self.experts]
+                layers[name] = LibraryLinear(name, getattr(parent, child), per_expert, self.state, storage)
+                setattr(parent, child, layers[name])
+            scales = {name: [0.0] * len(self.experts) for name in self.modules}
+
+            def place(e: int) -> None:
+                adapter = library.load_adapter(self.experts[e])
+                if adapter.ranks != ranks[self.experts[e]]:
+                    raise LorlibError(
+                        f"expert {self.experts[e]} changed on disk while the model was being built; try again"
+                    )
+                for module, (a, b) in adapter.factors.items():
+                    layers[module].set_factors(e, a, b)
+                    scales[module][e] = adapter.scales[module]
+
+            list(pool.map(place, range(len(self.experts))))
         protos = library.prototypes()
-        for e, expert in enumerate(self.experts):
-            adapter = library.load_adapter(expert)
-            if adapter.ranks != ranks[expert]:
-                raise LorlibError(f"expert {expert} changed on disk while the model was being built; try again")
-            for module, (a, b) in adapter.factors.items():
-                layers[module].set_expert(e, a, b, adapter.scales[module], protos[expert][module])
+        for name, layer in layers.items():
+            layer.set_keys(scales[name], [protos[x].get(name) for x in self.experts])
         self.layers: dict[str, LibraryLinear] = layers
         self._attached: dict[str, set[str]] = {"prototypes": set(self.experts)}  # key set -> experts that have it
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from conftest import TRAIN, library_snapshot, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,18 +150,6 @@ def test_cluster_k_out_of_range_changes_nothing(built, capsys, k):
     code, _, err = run(capsys, "cluster", built, "--k", k)
     assert code == 1 and "k must be between 1 and the number of experts (4)" in err
     assert library_snapshot(built) == before
-
-
-def test_weight_matrix_rows_are_each_experts_factors_in_module_order(built):
-    from lorlib_ui.build.clusters import task_experts, weight_matrix
-
-    library = Library.open(built)
-    experts = task_experts(library)
-    matrix = weight_matrix(library, experts)
-    for row, expert in zip(matrix, experts):
-        factors = library.load_adapter(expert.name).factors
-        flat = [t.float().reshape(-1) for m in sorted(factors) for t in factors[m]]
-        assert row.tolist() == torch.cat(flat).tolist()
 
 
 def test_cluster_no_train_only_records(built, capsys):

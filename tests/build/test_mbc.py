@@ -69,14 +69,14 @@ def test_two_experts_can_form_two_clusters():
     assert sorted(labels.tolist()) == [0, 1]
 
 
-def test_svd_coordinates_are_the_exact_truncated_svd():
+def test_gram_coordinates_are_the_exact_truncated_svd():
     """U_k Σ_k from the Gram matrix equals numpy's SVD (up to the sign of each component), for
     wide matrices (experts << weights) and tall ones."""
-    from lorlib_ui.build.mbc import svd_coordinates
+    from lorlib_ui.build.mbc import gram_coordinates
 
     rng = np.random.default_rng(3)
     for shape in ((12, 500), (40, 9)):
         matrix = rng.normal(size=shape).astype(np.float32)
         u, sigma, _ = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
-        ours = svd_coordinates(matrix, 5)
+        ours = gram_coordinates((matrix @ matrix.T).astype(np.float64), 5)
         assert np.allclose(np.abs(ours), np.abs(u[:, :5] * sigma[:5]), atol=1e-3)
