@@ -24,6 +24,7 @@ expert's weights for one token. (On a GPU the dense path is cheap.)
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lorlib_ui.core.adapters import LoraAdapter, read_layout
 from lorlib_ui.core.base_model import linear_shapes, load_base_model, shapes_fingerprint
@@ -40,6 +42,12 @@ from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.core.routers import Router
 from lorlib_ui.core.routers.base import ExpertStack
 
+# Experts per chosen expert (E / k) from which computing only the chosen pairs beats the dense
+# path for many tokens on a CPU: the dense path costs E·r·d multiply-adds per token, the sparse
+# one k·r·d plus the cost of building its index (measured crossover: BENCHMARKS.md, issue #15).
+DISPATCH_RATIO = 8
+# torch warns once that its sparse CSR tensors are in beta; the two calls used here are tested
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 MERGED_CACHE = 8  # static merges kept folded per layer; a search (LoraHub) tries a new one each step
 
 
@@ -136,7 +144,6 @@ class LibraryLinear(nn.Module):
         return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
 
     def _route(self, router: Router, h: torch.Tensor):
-        e, r = self.n_experts, self.rank
         stack = router.stack(self)
         z = None  # every expert's projection A_e h, when computed: one matmul
         if router.keys is None:  # the router scores the projections themselves
@@ -144,21 +151,53 @@ class LibraryLinear(nn.Module):
             routing = router.route(self, z, h)
         else:
             routing = router.route(self, h @ stack.keys[router.keys].T, h)
-        gather = self.gather_chosen and h.shape[0] == 1 and routing.index is not None
-        if z is None and gather and 2 * routing.index.shape[1] <= e:
-            chosen = routing.index[0]
-            a = stack.lora_a.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
-            bt = stack.lora_bt.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
-            delta = self._mix(h @ a.to(h.dtype).T, routing.top, stack.scales[chosen], bt, router.mix)
+        if z is None and self._dispatches(h.shape[0], routing):
+            delta = self._dispatch(h, routing, stack, router.mix)
         else:
             z = h @ stack.lora_a.to(h.dtype).T if z is None else z
-            delta = self._mix(z, routing.dense(), stack.scales, stack.lora_bt, router.mix)
+            delta = self._coefficients(z, routing.dense(), stack.scales, router.mix) @ stack.lora_bt.to(z.dtype)
         weights = routing.dense() if self.state.record is not None else None
         return weights, routing.logits, delta
 
-    def _mix(self, z: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bt: torch.Tensor, mix: str) -> torch.Tensor:
-        """z: projections A_e h of m experts (tokens, m·r); w: their weights (tokens, m);
-        scales: their s_e (m,); bt: their stacked B_eᵀ (m·r, d_out)."""
+    def _dispatches(self, n_tokens: int, routing) -> bool:
+        """Whether to compute only the chosen (token, expert) pairs: on a CPU, for top-k routing,
+        when one token's step is bound by reading weights (decoding) or when the experts outnumber
+        the chosen ones so far that gathering beats the dense matmul (BENCHMARKS.md, issue #15)."""
+        if not self.gather_chosen or routing.index is None:
+            return False
+        k = routing.index.shape[1]
+        return (n_tokens == 1 and 2 * k <= self.n_experts) or self.n_experts >= DISPATCH_RATIO * k
+
+    def _dispatch(self, h: torch.Tensor, routing, stack: ExpertStack, mix: str) -> torch.Tensor:
+        """Σ over each token's k chosen experts only, never all E. Decoding gathers one token's
+        chosen rows. Many tokens: the projections A_e h of the chosen pairs alone (a sampled
+        matmul, SDDMM, on the sparsity pattern of the choices), then the chosen rows of the
+        stacked B_eᵀ summed with those coefficients (embedding_bag), reading k·r rows per token."""
+        e, r = self.n_experts, self.rank
+        n, k = routing.index.shape
+        if n == 1:
+            chosen = routing.index[0]
+            a = stack.lora_a.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
+            bt = stack.lora_bt.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
+            z = h @ a.to(h.dtype).T
+            return self._coefficients(z, routing.top, stack.scales[chosen], mix) @ bt.to(z.dtype)
+        index, order = routing.index.sort(dim=1)  # a sparse row lists its columns in order
+        top = routing.top.gather(1, order)
+        rows = (index.unsqueeze(-1) * r + torch.arange(r, device=h.device)).flatten(1)  # (n, k·r)
+        pattern = torch.sparse_csr_tensor(
+            torch.arange(0, n * k * r + 1, k * r, device=h.device),
+            rows.flatten(),
+            h.new_zeros(n * k * r),
+            size=(n, e * r),
+            check_invariants=False,
+        )
+        z = torch.sparse.sampled_addmm(pattern, h, stack.lora_a.to(h.dtype).T).values()
+        c = self._coefficients(z.view(n, k * r), top, stack.scales[index], mix)
+        return F.embedding_bag(rows, stack.lora_bt.to(h.dtype), per_sample_weights=c, mode="sum")
+
+    def _coefficients(self, z: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mix: str) -> torch.Tensor:
+        """What multiplies the stacked B_eᵀ rows: z, the projections A_e h of m experts (tokens,
+        m·r); w, their weights (tokens, m); scales, their s_e ((m,) or per token (tokens, m))."""
         n, m = w.shape
         z = z.view(n, m, self.rank)
         w = w.to(z.dtype)
@@ -167,7 +206,7 @@ class LibraryLinear(nn.Module):
             z = z * ws
         else:  # (Σ_e w_e s_e B_e)(Σ_f w_f A_f h) = Σ_e s_e B_e (w_e · u), u = Σ_f w_f A_f h
             z = ws * (z * w.unsqueeze(-1)).sum(dim=1, keepdim=True)
-        return z.flatten(1) @ bt.to(z.dtype)
+        return z.flatten(1)
 
     def _merged_factors(self, router: Router) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A static router's weights and its merge folded into one low-rank pair (a, bt), cached."""

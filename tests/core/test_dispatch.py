@@ -1,0 +1,84 @@
+"""Many tokens, many experts: computing only the chosen (token, expert) pairs equals the dense path."""
+
+import pytest
+import torch
+
+from lorlib_ui.core import routed_model
+from lorlib_ui.core.adapters import LoraAdapter
+from lorlib_ui.core.base_model import base_model_info
+from lorlib_ui.core.library import Library, expert_from_adapter
+from lorlib_ui.core.routed_model import RoutedModel
+from lorlib_ui.core.routers import make_router
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, tiny_base):
+    """A routed model over 256 random experts: most rank 4 on q, k, v, o; every 7th rank 2; every
+    5th on q and v only, so padding and experts absent from a layer are both dispatched."""
+    info = base_model_info(str(tiny_base))
+    library = Library.create(tmp_path_factory.mktemp("wide") / "lib", info)
+    gen = torch.Generator().manual_seed(0)
+    entries = []
+    for i in range(256):
+        rank = 2 if i % 7 == 0 else 4
+        targets = ("q_proj", "v_proj") if i % 5 == 0 else ("q_proj", "k_proj", "v_proj", "o_proj")
+        factors = {
+            m: (torch.randn(rank, d_in, generator=gen) / d_in**0.5, torch.randn(d_out, rank, generator=gen) / d_out)
+            for m, (d_out, d_in) in info.linear_shapes.items()
+            if m.rsplit(".", 1)[-1] in targets
+        }
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
+        adapter = LoraAdapter(config=config, factors=factors, scales=dict.fromkeys(factors, 2.0))
+        entries.append((expert_from_adapter(f"e{i:03d}", adapter, info.name), adapter))
+    library.add_experts(entries)
+    return RoutedModel.load(library, device="cpu")
+
+
+def _logits(rm: RoutedModel, router, dispatch: bool) -> torch.Tensor:
+    ids = torch.randint(0, rm.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    for layer in rm.layers.values():
+        layer.gather_chosen = dispatch
+    try:
+        with torch.no_grad(), rm.routing(router):
+            return rm.model(input_ids=ids).logits
+    finally:
+        for layer in rm.layers.values():
+            layer.gather_chosen = True
+
+
+@pytest.mark.parametrize("mix", ["outputs", "parameters"])
+@pytest.mark.parametrize("top_k", [1, 4])
+@pytest.mark.parametrize("model, n_experts", [("tiny_routed", 6), ("wide", 8), ("wide", 256)])
+def test_dispatched_pairs_equal_the_dense_path(request, monkeypatch, model, n_experts, top_k, mix):
+    """A library of 6 experts, the first 8 of 256 (arrow@group: the others are masked) and all 256."""
+    rm = request.getfixturevalue(model)
+    monkeypatch.setattr(routed_model, "DISPATCH_RATIO", 1)  # dispatch even where dense is faster
+    calls = []
+    dispatch = routed_model.LibraryLinear._dispatch
+    monkeypatch.setattr(routed_model.LibraryLinear, "_dispatch", lambda self, *a: calls.append(1) or dispatch(self, *a))
+    group = {"g": rm.experts[:n_experts]}
+    router = make_router("arrow@g", rm.experts, top_k=top_k, mix=mix, groups=group)
+    dense = _logits(rm, router, False)
+    assert not calls
+    dispatched = _logits(rm, router, True)
+    assert len(calls) == len(rm.layers)  # every routed layer took the dispatch path
+    torch.testing.assert_close(dispatched, dense, rtol=1e-5, atol=1e-5)  # float32 sums in another order
+    with torch.no_grad():
+        plain = rm.model(input_ids=torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1)))
+    assert not torch.allclose(dispatched, plain.logits, atol=1e-3)  # the experts did change the output
+
+
+def test_many_tokens_dispatch_only_where_experts_far_outnumber_the_chosen(wide):
+    from lorlib_ui.core.routers.base import Routing
+
+    layer = next(iter(wide.layers.values()))
+    for n_tokens, k, expected in [(16, 4, True), (16, 4 * 256 // routed_model.DISPATCH_RATIO + 1, False), (1, 4, True)]:
+        index = torch.zeros(n_tokens, k, dtype=torch.long)
+        routing = Routing(logits=torch.zeros(n_tokens, 256), index=index, top=torch.ones(n_tokens, k))
+        assert layer._dispatches(n_tokens, routing) is expected
+    layer.gather_chosen = False  # a GPU: always dense
+    try:
+        routing = Routing(logits=torch.zeros(16, 256), index=torch.zeros(16, 1, dtype=torch.long))
+        assert not layer._dispatches(16, routing)
+    finally:
+        layer.gather_chosen = True
