@@ -1,6 +1,6 @@
 """Arrow routing speed and memory: lorlib against PEFT's `create_arrow_model`, in one run.
 
-    python benchmarks/bench_arrow.py [--experts 8,64,256] [--decode-tokens 32] [--out FILE]
+    python benchmarks/bench_arrow.py [--experts 8,64,256,1024] [--rounds 3] [--device cpu|cuda] [--out FILE]
 
 On the embedded SmolLM2-135M-Instruct with random rank-4 LoRA experts on q, k, v and o, for the
 base model, one plain PEFT LoRA, lorlib's Arrow and PEFT's Arrow (top-k 4, T 1) it measures:
@@ -9,6 +9,13 @@ prefill/scoring throughput on a batch of 8 x 128 tokens, greedy decode tokens/s 
 Each measurement runs in a fresh subprocess so that peak memory (ru_maxrss) belongs to it alone.
 It also times the prototypes of 256 experts (exact QR+SVD against PEFT's power iteration) and
 reports how close PEFT's prototypes come to the exact ones. Prints one markdown table.
+
+`lorlib_arrow_dense` is lorlib's Arrow with the many-token dispatch turned off (every expert's
+projection for every token, the path before issue #15), to measure where dispatching pays.
+With `--rounds R` every cell runs R times, the cells alternating within each round, and the table
+gives each cell's median over rounds; the ratios to base are computed within each round, and
+their median and range (min-max) are reported, since decoding is the noisiest figure.
+On `--device cuda`, peak MB is torch's peak of allocated GPU memory instead of resident memory.
 
 Memory: "resident MB" is the process after loading the model and experts; "peak MB" is the highest
 resident size while prefilling and decoding (Linux VmHWM, reset after loading), so it holds the
@@ -118,26 +125,33 @@ def throughput(model, decode_tokens: int, repeats: int) -> tuple[float, float]:
     import torch
 
     ids = torch.randint(100, 40000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(next(model.parameters()).device)
     prompt = ids[:1, :32]
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     with torch.inference_mode():
-        prefill_s = _timed(lambda: model(input_ids=ids), repeats)
+        prefill_s = _timed(lambda: (model(input_ids=ids), sync()), repeats)
         decode_s = _timed(
-            lambda: model.generate(
-                input_ids=prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False
+            lambda: (
+                model.generate(
+                    input_ids=prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False
+                ),
+                sync(),
             ),
             max(1, repeats - 1),
         )
     return BATCH * SEQ / prefill_s, decode_tokens / decode_s
 
 
-def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_tokens: int, repeats: int) -> dict:
+def run_cell(
+    method: str, n: int, experts_dir: Path, base_dir: Path, decode_tokens: int, repeats: int, device: str = "cpu"
+) -> dict:
     """One measurement in this (fresh) process."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     folders = sorted(experts_dir.glob("expert*"))[:n]
-    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval().to(device)
     start = time.perf_counter()
     routing = None
     if method == "peft_lora":
@@ -149,18 +163,27 @@ def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_toke
 
         model = create_arrow_model(model, [str(f) for f in folders], ArrowConfig(top_k=TOP_K, router_temperature=1.0))
         model.eval()
-    elif method == "lorlib_arrow":
+    elif method in ("lorlib_arrow", "lorlib_arrow_dense"):
+        from lorlib_ui.core import routed_model
         from lorlib_ui.core.library import Library
         from lorlib_ui.core.routed_model import RoutedModel
         from lorlib_ui.core.routers import make_router
+
+        if method == "lorlib_arrow_dense":
+            routed_model.DISPATCH_RATIO = float("inf")
 
         library = Library.open(experts_dir / f"library{n}")
         rm = RoutedModel(model, None, library)
         routing = rm.routing(make_router("arrow", rm.experts, top_k=TOP_K))
         routing.__enter__()
+    if device == "cuda":
+        torch.cuda.synchronize()
     setup_s = time.perf_counter() - start
-    setup_mb = _status_mb("VmRSS")
-    _reset_peak()
+    setup_mb = _status_mb("VmRSS") if device == "cpu" else torch.cuda.memory_allocated() / 2**20
+    if device == "cpu":
+        _reset_peak()
+    else:
+        torch.cuda.reset_peak_memory_stats()
     prefill_tok_s, decode_tok_s = throughput(model, decode_tokens, repeats)
     return {
         "method": method,
@@ -169,7 +192,7 @@ def run_cell(method: str, n: int, experts_dir: Path, base_dir: Path, decode_toke
         "decode_tok_s": decode_tok_s,
         "setup_s": setup_s,
         "setup_mb": setup_mb,
-        "peak_mb": _status_mb("VmHWM"),
+        "peak_mb": _status_mb("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated() / 2**20,
     }
 
 
@@ -226,10 +249,13 @@ def _subprocess(args: list[str], method: str = "", n: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--experts", default="8,64,256")
+    parser.add_argument("--experts", default="8,64,256,1024")
+    parser.add_argument("--rounds", type=int, default=1, help="run every cell this many times, alternating")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--peft-up-to", type=int, default=256, help="PEFT's Arrow only up to this many experts")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", default="base,peft_lora,lorlib_arrow,peft_arrow")
+    parser.add_argument("--methods", default="base,peft_lora,lorlib_arrow,lorlib_arrow_dense,peft_arrow")
     parser.add_argument(
         "--adapter-dtype",
         default="bfloat16",
@@ -246,7 +272,9 @@ def main() -> None:
 
     base_dir = fetch_embedded_model()
     if args.cell:
-        result = run_cell(args.cell[0], int(args.cell[1]), Path(args.work), base_dir, args.decode_tokens, args.repeats)
+        result = run_cell(
+            args.cell[0], int(args.cell[1]), Path(args.work), base_dir, args.decode_tokens, args.repeats, args.device
+        )
         print(json.dumps(result))
         return
     if args.protos:
@@ -259,17 +287,38 @@ def main() -> None:
         make_libraries(work, make_experts(work, max(counts), base_dir, args.adapter_dtype), counts, base_dir)
 
         common = ["--work", str(work), "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats)]
+        common += ["--device", args.device]
         methods = args.methods.split(",")
         cells = [(m, 1) for m in ("base", "peft_lora") if m in methods]
-        cells += [(m, n) for n in counts for m in ("lorlib_arrow", "peft_arrow") if m in methods]
-        rows = []
-        for method, n in cells:
-            rows.append(_subprocess(["--cell", method, str(n), *common], method, n))
-            print(f"done {method} at {n} experts", file=sys.stderr, flush=True)
-        protos = _subprocess(["--protos", str(max(counts)), "--work", str(work)])
+        arrows = ("lorlib_arrow", "lorlib_arrow_dense", "peft_arrow")
+        cells += [
+            (m, n) for n in counts for m in arrows if m in methods and (m != "peft_arrow" or n <= args.peft_up_to)
+        ]
+        runs: dict[tuple[str, int], list[dict]] = {cell: [] for cell in cells}
+        for round_ in range(args.rounds):
+            for method, n in cells:
+                runs[(method, n)].append(_subprocess(["--cell", method, str(n), *common], method, n))
+                print(f"round {round_ + 1}: done {method} at {n} experts", file=sys.stderr, flush=True)
+        protos = _subprocess(["--protos", str(min(max(counts), 256)), "--work", str(work)])
+    rows = [summarise(cell_runs, runs[cells[0]]) for cell_runs in runs.values()]
     print(render(rows, protos, args))
     if args.out:
         Path(args.out).write_text(render(rows, protos, args))
+
+
+def summarise(cell_runs: list[dict], base_runs: list[dict]) -> dict:
+    """One cell over the rounds: the median of each figure, and the ratios to the base model's
+    run of the same round (median, min, max)."""
+    ok = [(run, base) for run, base in zip(cell_runs, base_runs) if "error" not in run and "error" not in base]
+    if not ok:
+        return cell_runs[0]
+    row = {key: statistics.median(run[key] for run, _ in ok) for key in ok[0][0] if key not in ("method", "experts")}
+    row.update(method=cell_runs[0]["method"], experts=cell_runs[0]["experts"], rounds=len(ok))
+    for kind in ("prefill", "decode"):
+        ratios = [run[f"{kind}_tok_s"] / base[f"{kind}_tok_s"] for run, base in ok]
+        row[f"{kind}_ratio"] = statistics.median(ratios)
+        row[f"{kind}_spread"] = (min(ratios), max(ratios))
+    return row
 
 
 def render(rows: list[dict], protos: dict, args) -> str:
@@ -278,26 +327,37 @@ def render(rows: list[dict], protos: dict, args) -> str:
         f"Run {date.today().isoformat()} on {platform.machine()} with {os.cpu_count()} cores, "
         f"torch {__import__('torch').__version__}, peft {__import__('peft').__version__}; top-k {TOP_K}, "
         f"prefill batch {BATCH} x {SEQ} tokens, decode {args.decode_tokens} tokens at batch 1; "
-        f"experts stored in {args.adapter_dtype}, model in float32.",
+        f"experts stored in {args.adapter_dtype}, model in float32, on {args.device}; "
+        f"medians of {args.rounds} alternating round(s), ratios to base within each round (range in brackets).",
         "",
         "| method | experts | setup s | prefill tok/s | x base | decode tok/s | x base "
         "| resident MB | peak MB | extra peak MB | transient MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def ratio(row: dict, kind: str) -> str:
+        low, high = row[f"{kind}_spread"]
+        return f"{row[f'{kind}_ratio']:.2f}" + (f" [{low:.2f}-{high:.2f}]" if row["rounds"] > 1 else "")
+
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['method']} | {row['experts']} | could not run: {row['error']} |" + " |" * 8)
             continue
         lines.append(
             f"| {row['method']} | {row['experts']} | {row['setup_s']:.1f} | {row['prefill_tok_s']:.0f} | "
-            f"{row['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {row['decode_tok_s']:.1f} | "
-            f"{row['decode_tok_s'] / base['decode_tok_s']:.2f} | {row['setup_mb']:.0f} | {row['peak_mb']:.0f} | "
+            f"{ratio(row, 'prefill')} | {row['decode_tok_s']:.1f} | "
+            f"{ratio(row, 'decode')} | {row['setup_mb']:.0f} | {row['peak_mb']:.0f} | "
             f"{row['peak_mb'] - base['peak_mb']:.0f} | {row['peak_mb'] - row['setup_mb']:.0f} |"
         )
     lines.append("")
     by = {(r.get("method"), r.get("experts")): r for r in rows}
     for n in sorted({r["experts"] for r in rows if r.get("method") == "lorlib_arrow"}):
-        ours, peft = by.get(("lorlib_arrow", n)), by.get(("peft_arrow", n))
+        ours, peft, dense = by.get(("lorlib_arrow", n)), by.get(("peft_arrow", n)), by.get(("lorlib_arrow_dense", n))
+        if ours and dense and "error" not in ours and "error" not in dense:
+            lines.append(
+                f"- {n} experts: prefill with dispatch {ours['prefill_tok_s'] / dense['prefill_tok_s']:.2f}x "
+                "the dense path (lorlib_arrow_dense)."
+            )
         if ours and peft and "error" not in peft and "error" not in ours:
             extra_ours = ours["peak_mb"] - base["peak_mb"]
             extra_peft = peft["peak_mb"] - base["peak_mb"]

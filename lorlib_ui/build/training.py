@@ -239,8 +239,9 @@ def train_expert(
         factors = {}
         for name, module in peft_model.get_base_model().named_modules():
             if hasattr(module, "lora_A") and "default" in module.lora_A:
-                a = module.lora_A["default"].weight.detach().to(torch.bfloat16).clone()
-                b = module.lora_B["default"].weight.detach().to(torch.bfloat16).clone()
+                # on the CPU: an expert is written to disk and reloaded wherever it is served
+                a = module.lora_A["default"].weight.detach().to("cpu", torch.bfloat16).clone()
+                b = module.lora_B["default"].weight.detach().to("cpu", torch.bfloat16).clone()
                 factors[name] = (a, b)
     finally:
         peft_model.unload()
