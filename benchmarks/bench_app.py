@@ -1,14 +1,15 @@
-"""Explorer speed: time to the first streamed token and to the heatmap; the cluster view at 256 experts.
+"""Explorer speed: time to the first streamed token and to the heatmap; the cluster view at 256 and 1024 experts.
 
-    python benchmarks/bench_app.py [--repeats 5]
+    python benchmarks/bench_app.py [--repeats 5] [--cluster-experts 256,1024]
 
 Starts the app in-process on the embedded model and the shipped library (assets/library), waits
 for the worker's warm-up, then drives the /route endpoint with gradio_client as a browser would:
 a 40-token prompt, Arrow over the private experts, 16 new tokens. "first token" is from submitting
 the request to the first streamed text; "heatmap" is to the final update, which carries the routing
-heatmap. Then it writes a library of 256 random experts (benchmarks/bench_mbc.py) and times the
-/clusters endpoint on it: MBC embedding, silhouette sweep, UMAP and the figures, first call
-(nothing cached) and a second call at another k.
+heatmap. Then, for each size in --cluster-experts, it writes a library of random experts
+(benchmarks/bench_mbc.py) and times the /clusters endpoint on it: MBC embedding, silhouette sweep,
+UMAP and the figures, first call (nothing cached), a second call at another k, and the drill-down
+into one cluster where there are too many experts to show one by one.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def _prompt(tokenizer) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cluster-experts", default="256,1024")
     args = parser.parse_args()
 
     from bench_mbc import make_library
@@ -105,15 +107,21 @@ def main() -> None:
         first.append(seen)
         final.append(time.perf_counter() - t0)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        make_library(Path(tmp) / "lib256", 256, 16)
-        client.predict(str(Path(tmp) / "lib256"), api_name="/open_library")
-        t0 = time.perf_counter()
-        client.predict(16, "cluster", api_name="/clusters")
-        cold = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        client.predict(12, "family", api_name="/clusters")
-        hot = time.perf_counter() - t0
+    views = []
+    for n in [int(x) for x in args.cluster_experts.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            make_library(Path(tmp) / "lib", n, 16)
+            client.predict(str(Path(tmp) / "lib"), api_name="/open_library")
+            t0 = time.perf_counter()
+            client.predict(16, "cluster", "all clusters", api_name="/clusters")
+            cold = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _, focus, *_ = client.predict(12, "family", "all clusters", api_name="/clusters")
+            hot = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            client.predict(12, "cluster", focus["choices"][1][0], api_name="/clusters")
+            drill = time.perf_counter() - t0
+            views.append((n, cold, hot, drill))
     app.close()
 
     print(
@@ -124,8 +132,10 @@ def main() -> None:
     print("| measure | median s | max s |\n|---|---:|---:|")
     print(f"| Route: first streamed token | {statistics.median(first):.2f} | {max(first):.2f} |")
     print(f"| Route: heatmap (final update) | {statistics.median(final):.2f} | {max(final):.2f} |")
-    print(f"| Clusters, 256 experts, first view (nothing cached) | {cold:.2f} | {cold:.2f} |")
-    print(f"| Clusters, 256 experts, another k | {hot:.2f} | {hot:.2f} |")
+    for n, cold, hot, drill in views:
+        print(f"| Clusters, {n} experts, first view (nothing cached) | {cold:.2f} | {cold:.2f} |")
+        print(f"| Clusters, {n} experts, another k | {hot:.2f} | {hot:.2f} |")
+        print(f"| Clusters, {n} experts, one cluster's experts | {drill:.2f} | {drill:.2f} |")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ class ClustersTab:
     colour: gr.Radio
     ari: gr.Markdown
     scatter: gr.Plot
+    focus: gr.Dropdown
     similarity: gr.Plot
     silhouette: gr.Plot
 
     def outputs(self) -> list:
-        return [self.scatter, self.similarity, self.silhouette, self.ari]
+        return [self.scatter, self.focus, self.similarity, self.silhouette, self.ari]
 
 
 def build_tab() -> ClustersTab:
@@ -40,9 +41,17 @@ def build_tab() -> ClustersTab:
         ari = gr.Markdown()
         scatter = gr.Plot(label="UMAP of experts", show_label=False)
         with gr.Row():
-            similarity = gr.Plot(label="Similarity", show_label=False, elem_id="cluster-similarity")
+            with gr.Column():
+                focus = gr.Dropdown(
+                    [figures.ALL_CLUSTERS],
+                    value=figures.ALL_CLUSTERS,
+                    label="Similarity of",
+                    info="with many experts, the clusters; pick one to see its experts",
+                    elem_id="cluster-focus",
+                )
+                similarity = gr.Plot(label="Similarity", show_label=False, elem_id="cluster-similarity")
             silhouette = gr.Plot(label="Silhouette", show_label=False)
-    return ClustersTab(k, colour, ari, scatter, similarity, silhouette)
+    return ClustersTab(k, colour, ari, scatter, focus, similarity, silhouette)
 
 
 def opened(tab: ClustersTab, info: LibraryInfo) -> dict:
@@ -54,12 +63,17 @@ def opened(tab: ClustersTab, info: LibraryInfo) -> dict:
 
 
 @shows_errors
-def clusters(worker: Worker, tab: ClustersTab, folder: str, k: int, colour_by: str) -> dict:
+def clusters(worker: Worker, tab: ClustersTab, folder: str, k: int, colour_by: str, focus: str | None) -> dict:
+    """The view at k; the similarity heatmap keeps the cluster it showed while that cluster still
+    exists (a new k renumbers clusters, so it then shows all of them again)."""
     view = worker.clusters(folder, int(k))
     note = "" if view.ari is None else f"Adjusted Rand index against the task families: **{view.ari:.2f}**"
+    choices = figures.similarity_focus(view)
+    focus = focus if focus in choices else figures.ALL_CLUSTERS
     return {
         tab.scatter: figures.cluster_scatter(view, colour_by),
-        tab.similarity: figures.similarity_heatmap(view),
+        tab.focus: gr.Dropdown(choices, value=focus, interactive=len(choices) > 1),
+        tab.similarity: figures.similarity_heatmap(view, focus),
         tab.silhouette: figures.silhouette_curve(view),
         tab.ari: note,
     }
@@ -68,10 +82,11 @@ def clusters(worker: Worker, tab: ClustersTab, folder: str, k: int, colour_by: s
 def wire(tab: ClustersTab, worker: Worker, path: gr.State):
     """This tab's events; returns `redraw(event)`, which redraws the view after `event` (opening
     or changing the library) has drawn the rest."""
-    handler, inputs = partial(clusters, worker, tab), [path, tab.k, tab.colour]
+    handler, inputs = partial(clusters, worker, tab), [path, tab.k, tab.colour, tab.focus]
     # Any change of k: a drag, a number typed into the box (clamped when it leaves), a new library.
     tab.k.change(handler, inputs, tab.outputs(), api_name="clusters", trigger_mode="always_last")
     tab.colour.input(handler, inputs, tab.outputs(), api_visibility="private")
+    tab.focus.input(handler, inputs, tab.outputs(), api_visibility="private")
 
     def redraw(event):
         # k may not have changed; when it did, the worker computes the embedding only once

@@ -104,11 +104,13 @@ def test_bad_route_input_is_a_visible_error_and_the_app_keeps_serving(client, ar
 
 
 def test_clusters_and_k_out_of_range(client, tiny_library):
-    scatter, similarity, silhouette, _ = client.predict(2, "cluster", api_name="/clusters")
+    scatter, focus, similarity, silhouette, _ = client.predict(2, "cluster", "all clusters", api_name="/clusters")
+    # six experts: each has its row in the heatmap, and there is no cluster to pick
+    assert focus["value"] == "all clusters" and [c[0] for c in focus["choices"]] == ["all clusters"]
     points = sum(len(_array(trace["x"])) for trace in _plot(scatter)["data"])
     assert points == len(tiny_library.experts)
     with pytest.raises(AppError, match="k must be between 1"):
-        client.predict(16, "cluster", api_name="/clusters")
+        client.predict(16, "cluster", "all clusters", api_name="/clusters")
 
 
 def test_unknown_library_is_refused(client):

@@ -170,3 +170,57 @@ def test_similarity_colours_span_the_off_diagonal_range():
     assert (trace.zmin, trace.zmax) == (-0.1, 0.4)
     assert np.isnan(np.diag(np.asarray(trace.z, dtype=float))).all()  # the diagonal is left blank
     assert trace.zmid is None and "-0.10 to 0.40" in fig.layout.title.text  # sequential, its range named
+
+
+def _big_view(n=300, k=3, seed=0):
+    """n experts in k clusters whose within-cluster cosine is about 0.8 and across about 0.1."""
+    rng = np.random.default_rng(seed)
+    labels = [i % k for i in range(n)]
+    order = sorted(range(n), key=lambda i: (labels[i], i))
+    names = [f"e{i:03d}" for i in range(n)]
+    same = np.equal.outer(labels, labels)
+    similarity = np.where(same, 0.8, 0.1) + rng.normal(scale=0.01, size=(n, n))
+    similarity = (similarity + similarity.T) / 2
+    np.fill_diagonal(similarity, 1.0)
+    return ClusterView(
+        names=names,
+        kinds=["private"] * n,
+        families=[None] * n,
+        tasks=[[name] for name in names],
+        labels=labels,
+        k=k,
+        coords=rng.normal(size=(n, 2)),
+        similarity=similarity[np.ix_(order, order)],
+        clustered=[names[i] for i in order],
+        silhouette={2: 0.3, 3: 0.5},
+        ari=None,
+    )
+
+
+def test_many_experts_scatter_in_webgl_and_few_in_svg():
+    assert {trace.type for trace in figures.cluster_scatter(_big_view()).data} == {"scattergl"}
+    assert {trace.type for trace in figures.cluster_scatter(_view()).data} == {"scatter"}
+    assert sum(len(trace.x) for trace in figures.cluster_scatter(_big_view()).data) == 300
+
+
+def test_many_experts_similarity_is_by_cluster_with_a_drill_down():
+    view = _big_view()
+    choices = figures.similarity_focus(view)
+    assert choices == ["all clusters", "cluster 0 (100 experts)", "cluster 1 (100 experts)", "cluster 2 (100 experts)"]
+    overview = figures.similarity_heatmap(view).data[0]
+    z = np.asarray(overview.z, dtype=float)
+    assert z.shape == (3, 3) and np.allclose(np.diag(z), 0.8, atol=0.01) and np.allclose(z[0, 1], 0.1, atol=0.01)
+    assert list(overview.x) == ["cluster 0 (100)", "cluster 1 (100)", "cluster 2 (100)"]
+    inside = figures.similarity_heatmap(view, choices[2]).data[0]
+    assert np.asarray(inside.z).shape == (100, 100)
+    assert list(inside.x) == [name for name in view.clustered if view.labels[view.names.index(name)] == 1]
+    assert figures.similarity_focus(_view()) == ["all clusters"]  # few experts: each has its row
+
+
+def test_cluster_means_leave_out_each_expert_with_itself():
+    view = _view(4)
+    view.labels, view.k = [0, 0, 1, 1], 2
+    view.clustered = view.names
+    view.similarity = np.array([[1.0, 0.5, 0.1, 0.2], [0.5, 1.0, 0.3, 0.0], [0.1, 0.3, 1.0, 0.7], [0.2, 0.0, 0.7, 1.0]])
+    z = np.asarray(figures._cluster_heatmap(view.similarity, np.array(view.labels), 2).data[0].z, dtype=float)
+    assert np.allclose(z, [[0.5, 0.15], [0.15, 0.7]])
