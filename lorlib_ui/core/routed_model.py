@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from lorlib_ui.core.adapters import LoraAdapter, read_layout
 from lorlib_ui.core.base_model import linear_shapes, load_base_model, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.input_groups import InputGroup, input_groups
 from lorlib_ui.core.library import Library
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.core.routers import Router
@@ -88,6 +89,28 @@ class LibraryLinear(nn.Module):
         self._usable: dict[tuple[int, ...] | None, tuple[torch.Tensor, int]] = {None: (self.present, self.n_present)}
         self.gather_chosen = device.type == "cpu"
         self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # plain attributes: a buffer is looked up through nn.Module.__getattr__, which costs more
+        # than the arithmetic of a decoding step at some layers
+        self.compute_dtype = compute
+        self.stack = ExpertStack(self.keys, self.lora_a, self.lora_bt, self.scales)
+        self.group: InputGroup | None = None  # layers reading the same input, routed together
+
+    def share_buffers(self, lora_a: torch.Tensor, prototypes: torch.Tensor) -> None:
+        """Hold these views of a group's buffers as the A factors and prototypes (same values)."""
+        self.lora_a, self.prototypes = lora_a, prototypes
+        self.keys["prototypes"] = prototypes
+        self.stack = ExpertStack(self.keys, self.lora_a, self.lora_bt, self.scales)
+
+    def _apply(self, fn, recurse=True):
+        """Moving or casting the module replaces its buffers: the stack must hold the new ones,
+        and they are no longer views of the group's."""
+        super()._apply(fn, recurse)
+        self.keys["prototypes"] = self.prototypes
+        self.compute_dtype = self.prototypes.dtype
+        self.stack = ExpertStack(self.keys, self.lora_a, self.lora_bt, self.scales)
+        if self.group is not None:
+            self.group.stop()
+        return self
 
     def set_factors(self, e: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Expert e's factors A (r x d_in) and B (d_out x r) into its slice of the stacks; calls
@@ -95,20 +118,20 @@ class LibraryLinear(nn.Module):
         r = a.shape[0]
         self.lora_a.view(self.n_experts, self.rank, -1)[e, :r].copy_(a)
         self.lora_bt.view(self.n_experts, self.rank, -1)[e, :r].copy_(b.T)
-        self._merged.clear()
-        self._derived.clear()
+        self._changed()
 
     def set_keys(self, scales: list[float], prototypes: list[torch.Tensor | None]) -> None:
         """Every expert's LoRA scale and prototype (None where it does not adapt this layer)."""
         zero = self.prototypes.new_zeros(self.prototypes.shape[1])
         self.scales.copy_(torch.tensor(scales))
         self.prototypes.copy_(torch.stack([zero if p is None else p for p in prototypes]))
+        self._changed()
+
+    def _changed(self) -> None:
         self._merged.clear()
         self._derived.clear()
-
-    @property
-    def stack(self) -> ExpertStack:
-        return ExpertStack(self.keys, self.lora_a, self.lora_bt, self.scales)
+        if self.group is not None:
+            self.group.changed()
 
     def derived(self, key: tuple, build):
         """What `build()` computes from this layer's experts, once (until an expert changes)."""
@@ -130,13 +153,19 @@ class LibraryLinear(nn.Module):
         router = self.state.router
         if router is None:
             return y
-        h = x.reshape(-1, x.shape[-1]).to(self.prototypes.dtype)
+        h = x.reshape(-1, x.shape[-1])
+        if h.dtype != self.compute_dtype:
+            h = h.to(self.compute_dtype)
         if router.static:
             weights, a, bt = self._merged_factors(router)
             logits = None
             delta = (h @ a.T) @ bt if router.applies_experts else None
         else:
-            weights, logits, delta = self._route(router, h)
+            fused = None
+            group = self.group
+            if group is not None and h.shape[0] == 1 and self.gather_chosen and group.fusing and group.fits(router):
+                fused = group.result(self, router, h, x, self.state.record is not None)
+            weights, logits, delta = fused or self._route(router, h)
         if self.state.record is not None:
             self.state.record.add(self.name, weights, logits, h.shape[0])
         if delta is None:
@@ -147,15 +176,15 @@ class LibraryLinear(nn.Module):
         stack = router.stack(self)
         z = None  # every expert's projection A_e h, when computed: one matmul
         if router.keys is None:  # the router scores the projections themselves
-            z = h @ stack.lora_a.to(h.dtype).T
+            z = F.linear(h, stack.lora_a.to(h.dtype))
             routing = router.route(self, z, h)
         else:
-            routing = router.route(self, h @ stack.keys[router.keys].T, h)
+            routing = router.route(self, F.linear(h, stack.keys[router.keys]), h)
         if z is None and self._dispatches(h.shape[0], routing):
             delta = self._dispatch(h, routing, stack, router.mix)
         else:
             z = h @ stack.lora_a.to(h.dtype).T if z is None else z
-            delta = self._coefficients(z, routing.dense(), stack.scales, router.mix) @ stack.lora_bt.to(z.dtype)
+            delta = self.coefficients(z, routing.dense(), stack.scales, router.mix) @ stack.lora_bt.to(z.dtype)
         weights = routing.dense() if self.state.record is not None else None
         return weights, routing.logits, delta
 
@@ -173,14 +202,16 @@ class LibraryLinear(nn.Module):
         chosen rows. Many tokens: the projections A_e h of the chosen pairs alone (a sampled
         matmul, SDDMM, on the sparsity pattern of the choices), then the chosen rows of the
         stacked B_eᵀ summed with those coefficients (embedding_bag), reading k·r rows per token."""
-        e, r = self.n_experts, self.rank
+        r = self.rank
         n, k = routing.index.shape
-        if n == 1:
+        e = stack.lora_a.shape[0] // r
+        if n == 1:  # the chosen rows of (E, r, d) views, widened to the compute dtype
             chosen = routing.index[0]
-            a = stack.lora_a.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
-            bt = stack.lora_bt.view(e, r, -1).index_select(0, chosen).flatten(0, 1)
-            z = h @ a.to(h.dtype).T
-            return self._coefficients(z, routing.top, stack.scales[chosen], mix) @ bt.to(z.dtype)
+            a = stack.lora_a.view(-1, r, h.shape[1]).index_select(0, chosen).view(k * r, -1)
+            z = F.linear(h, a if a.dtype == h.dtype else a.to(h.dtype))
+            bt = stack.lora_bt.view(-1, r, stack.lora_bt.shape[1]).index_select(0, chosen).view(k * r, -1)
+            c = self.coefficients(z, routing.top, stack.scales.index_select(0, chosen), mix)
+            return c @ (bt if bt.dtype == h.dtype else bt.to(h.dtype))
         index, order = routing.index.sort(dim=1)  # a sparse row lists its columns in order
         top = routing.top.gather(1, order)
         rows = (index.unsqueeze(-1) * r + torch.arange(r, device=h.device)).flatten(1)  # (n, k·r)
@@ -192,15 +223,16 @@ class LibraryLinear(nn.Module):
             check_invariants=False,
         )
         z = torch.sparse.sampled_addmm(pattern, h, stack.lora_a.to(h.dtype).T).values()
-        c = self._coefficients(z.view(n, k * r), top, stack.scales[index], mix)
+        c = self.coefficients(z.view(n, k * r), top, stack.scales[index], mix)
         return F.embedding_bag(rows, stack.lora_bt.to(h.dtype), per_sample_weights=c, mode="sum")
 
-    def _coefficients(self, z: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mix: str) -> torch.Tensor:
+    def coefficients(self, z: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mix: str) -> torch.Tensor:
         """What multiplies the stacked B_eᵀ rows: z, the projections A_e h of m experts (tokens,
         m·r); w, their weights (tokens, m); scales, their s_e ((m,) or per token (tokens, m))."""
         n, m = w.shape
         z = z.view(n, m, self.rank)
-        w = w.to(z.dtype)
+        if w.dtype != z.dtype:
+            w = w.to(z.dtype)
         ws = (w * scales).unsqueeze(-1)  # the B side carries w_e s_e
         if mix == "outputs":  # Σ_e w_e s_e B_e (A_e h)
             z = z * ws
@@ -275,6 +307,7 @@ class RoutedModel:
         protos = library.prototypes()
         for name, layer in layers.items():
             layer.set_keys(scales[name], [protos[x].get(name) for x in self.experts])
+        self.groups = input_groups(layers)
         self.layers: dict[str, LibraryLinear] = layers
         self._attached: dict[str, set[str]] = {"prototypes": set(self.experts)}  # key set -> experts that have it
 

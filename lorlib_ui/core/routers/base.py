@@ -102,6 +102,9 @@ class Router:
     # set of the layer ("prototypes": Arrow's; "gates": PhatGoose's; "activations": mean hidden
     # states), or None for a router that scores the experts' projections A_e h themselves.
     keys: ClassVar[str | None] = "prototypes"
+    # routes each row of its scores alone (so rows of several layers may be stacked): see
+    # `lorlib_ui.core.input_groups`
+    rowwise: ClassVar[bool] = False
     needs: ClassVar[str | None] = None  # a key set the library must hold for every expert it uses
     presets: ClassVar[dict[str, str]] = {}  # the comparisons `evaluate` offers: name -> spec
     # A group of the library whose experts the router reads but never chooses (GenKnowSub

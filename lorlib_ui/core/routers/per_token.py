@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routers.base import DEFAULT_TOP_K, Router, RouterSettings, Routing
 
@@ -20,6 +22,7 @@ from lorlib_ui.core.routers.base import DEFAULT_TOP_K, Router, RouterSettings, R
 class TopKRouter(Router):
     static: ClassVar[bool] = False
     groupable: ClassVar[bool] = True
+    rowwise: ClassVar[bool] = True
     options: ClassVar[tuple[str, ...]] = ("top_k", "temperature", "mix")
     default_top_k: ClassVar[int] = DEFAULT_TOP_K  # capped at the number of experts
 
@@ -40,14 +43,18 @@ class TopKRouter(Router):
         raise NotImplementedError
 
     def route(self, slot, scores, h):
-        logits = self.logits(slot, scores, h).float()
+        logits = self.logits(slot, scores, h)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         usable, n = slot.usable(self.subset)
         if n == 0:  # none of this router's experts adapts the layer
             return Routing(logits, weights=logits.new_zeros(logits.shape))
         k = min(self.top_k, n)
         masked = logits.masked_fill(~usable, float("-inf")) if n < slot.n_experts else logits
         top, index = masked.topk(k, dim=-1)
-        return Routing(logits, index=index, top=(top / self.temperature).softmax(dim=-1))
+        if self.temperature != 1.0:
+            top = top / self.temperature
+        return Routing(logits, index=index, top=top.softmax(dim=-1))
 
     def describe(self):
         group = f"@{self.group}" if self.group else ""
