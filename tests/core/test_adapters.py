@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorlib_ui.core.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+from lorlib_ui.core.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter, read_layout
+from lorlib_ui.core.errors import LorlibError
 
 
 @pytest.fixture
@@ -81,6 +82,49 @@ def test_bad_weights_are_refused(adapter_copy, change, message):
     _rewrite_tensors(adapter_copy, change)
     with pytest.raises(Exception, match=message):
         read_adapter(adapter_copy)
+
+
+F32_2X2 = {"dtype": "F32", "shape": [2, 2]}
+
+
+def _safetensors(header: dict, data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a valid safetensors"),
+        ((10**9).to_bytes(8, "little") + b"{}", "not a valid safetensors"),
+        (_safetensors({"x": 1})[:-3] + b"\xff\xfe}", "not a valid safetensors"),
+        (
+            _safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 8),
+            "outside the file",
+        ),
+        (_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, b"\0" * 16), "wrong size"),
+        (_safetensors({"x": {"dtype": "I64", "shape": [1, 1], "data_offsets": [0, 8]}}, b"\0" * 8), "floating-point"),
+        (_safetensors({"x": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]}}, b"\0" * 8), "not a valid"),
+        (_safetensors({"x": {"dtype": "F32", "shape": [1, 1]}}, b"\0" * 4), "not a valid"),
+    ],
+)
+def test_malformed_safetensors_are_one_line_errors(adapter_copy, content, message):
+    """The header is parsed here (not by safetensors): every malformation is a LorlibError."""
+    (adapter_copy / WEIGHTS_FILE).write_bytes(content)
+    readers = [read_adapter] if message == "outside the file" else [read_adapter, read_layout]  # a header alone
+    for read in readers:
+        with pytest.raises(LorlibError, match=message) as info:
+            read(adapter_copy)
+        assert "\n" not in str(info.value)
+
+
+def test_tensors_read_by_the_parser_equal_safetensors_own(adapter_copy):
+    from lorlib_ui.core.adapters import read_tensors
+
+    ours = read_tensors(adapter_copy / WEIGHTS_FILE, "x")
+    theirs = load_file(adapter_copy / WEIGHTS_FILE)
+    assert set(ours) == set(theirs)
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def test_pickled_weights_are_refused_without_unpickling(adapter_copy, tmp_path):
