@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lorlib_ui.core.errors import LorlibError
@@ -98,43 +97,55 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, as views into one buffer holding the file.
+    """Every tensor of a safetensors file, as views into one buffer holding the file."""
+    return read_safetensors(path, what)[0]
 
-    Read into memory rather than memory-mapped: a mapped file rewritten in place under a running
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file, as views into one buffer holding the file, and the
+    file's metadata.
+
+    Read into memory, never memory-mapped: a mapped file rewritten in place under a running
     process crashes it with SIGBUS. Parsed here (the format: an 8-byte little-endian header
-    length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, then the data)
-    rather than by `safetensors.torch.load`, which copies every tensor into a bytes object of its
-    own first; opening a 1024-expert library reads a quarter of a million tensors."""
+    length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {}},
+    then the data) rather than by `safetensors.torch.load`, which copies every tensor into a
+    bytes object of its own first; opening a 1024-expert library reads a quarter of a million
+    tensors."""
     try:
         data = bytearray(path.stat().st_size)
         with open(path, "rb") as handle:
             if handle.readinto(data) != len(data):
                 raise OSError("the file changed while it was read")
-        header, start = _parse_header(data)
+        header, metadata, start = _parse_header(data)
         tensors = {}
         for name, (dtype, shape, begin, end) in header.items():
             if not start + end <= len(data):
                 raise ValueError(f"tensor {name} lies outside the file")
-            count = math.prod(shape)
-            view = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0)
-            tensors[name] = view.view(shape)
-        return tensors
+            tensors[name] = _view(data, dtype, shape, start + begin)
+        return tensors, metadata
     except LorlibError as exc:
         raise LorlibError(f"{what}: {exc}") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
-        raise LorlibError(f"{what}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
+        raise LorlibError(f"{what}: {path.name} is not a valid safetensors file ({exc})") from None
 
 
-def _parse_header(data: bytes) -> tuple[dict[str, tuple[torch.dtype, list[int], int, int]], int]:
-    """name -> (dtype, shape, begin, end) from a safetensors header, and where the data starts.
-    Raises ValueError (or KeyError, TypeError) on a malformed header; LorlibError on a tensor that
-    cannot be a LoRA factor's."""
+def _view(data: bytearray, dtype: torch.dtype, shape: list[int], offset: int) -> torch.Tensor:
+    count = math.prod(shape)
+    flat = torch.frombuffer(data, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
+    return flat.view(shape)
+
+
+def _parse_header(data: bytes) -> tuple[dict[str, tuple[torch.dtype, list[int], int, int]], dict[str, str], int]:
+    """name -> (dtype, shape, begin, end) from a safetensors header, its metadata, and where the
+    data starts. Raises ValueError (or KeyError, TypeError) on a malformed header; LorlibError on
+    a tensor that cannot be a LoRA factor's."""
     size = int.from_bytes(data[:8], "little")
     if len(data) < 8 + size:
         raise ValueError("the header runs past the end of the file")
-    out = {}
+    out, metadata = {}, {}
     for name, info in json.loads(bytes(data[8 : 8 + size])).items():
         if name == "__metadata__":
+            metadata = dict(info)
             continue
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
@@ -143,7 +154,14 @@ def _parse_header(data: bytes) -> tuple[dict[str, tuple[torch.dtype, list[int], 
         if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"tensor {name} has the wrong size")
         out[name] = (dtype, shape, int(begin), int(end))
-    return out, 8 + size
+    return out, metadata, 8 + size
+
+
+def _read_header(handle) -> tuple[dict, int]:
+    """The tensors' header of an open safetensors file, reading only the header's bytes."""
+    size = int.from_bytes(handle.read(8), "little")
+    header, _, start = _parse_header(size.to_bytes(8, "little") + handle.read(size))
+    return header, start
 
 
 def _read_config(folder: Path, what: str) -> dict:
@@ -248,8 +266,7 @@ def read_layout(folder: Path) -> tuple[dict[str, int], set[str]]:
     what = f"adapter {folder}"
     try:
         with open(folder / WEIGHTS_FILE, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header, _ = _parse_header(size.to_bytes(8, "little") + handle.read(size))
+            header, _ = _read_header(handle)
     except LorlibError as exc:
         raise LorlibError(f"{what}: {exc}") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
@@ -264,16 +281,23 @@ def read_layout(folder: Path) -> tuple[dict[str, int], set[str]]:
 
 def read_modules(folder: Path, modules: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The factors (A, B) of `modules` alone, reading only their bytes: for a later pass over an
-    adapter that `read_adapter` has already checked (MBC reads each expert in column blocks).
-
-    Memory-mapped, unlike `read_adapter`: only for a library's own adapters, which are replaced
-    whole by atomic writes, never rewritten in place, so a mapping cannot lose its file."""
+    adapter that `read_adapter` has already checked (MBC reads each expert in column blocks)."""
     try:
-        with safe_open(folder / WEIGHTS_FILE, framework="pt") as handle:
-            return {
-                m: tuple(handle.get_tensor(f"base_model.model.{m}.lora_{ab}.weight") for ab in "AB") for m in modules
-            }
-    except (SafetensorError, OSError) as exc:
+        with open(folder / WEIGHTS_FILE, "rb") as handle:
+            header, start = _read_header(handle)
+            out = {}
+            for module in modules:
+                pair = []
+                for ab in "AB":
+                    dtype, shape, begin, end = header[f"base_model.model.{module}.lora_{ab}.weight"]
+                    data = bytearray(end - begin)
+                    handle.seek(start + begin)
+                    if handle.readinto(data) != len(data):
+                        raise OSError("the file is shorter than its header says")
+                    pair.append(_view(data, dtype, shape, 0))
+                out[module] = tuple(pair)
+            return out
+    except (LorlibError, OSError, ValueError, TypeError, KeyError) as exc:
         raise LorlibError(f"adapter {folder}: {WEIGHTS_FILE} could not be read ({exc})") from None
 
 

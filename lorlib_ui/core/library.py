@@ -7,7 +7,8 @@
                                   routing keys computed for one expert after training, next to it:
                                   PhatGoose gates ("gates"), mean hidden states ("activations"),
                                   each stamped with the hash of the weights it was computed for
-      prototypes.safetensors      cached Arrow prototypes, keyed by a hash of the expert's weights
+      prototypes.safetensors      cached Arrow prototypes: one matrix per module, its rows keyed by
+                                  a hash of each expert's weights
       routers/<name>-<hash>.safetensors
                                   routers learned on a task over the experts (`learned_routers`)
       <analysis>.json             side files the manifest names under `side_files` (the transfer
@@ -44,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
-from lorlib_ui.core.adapters import LoraAdapter, read_adapter, weights_hash, write_adapter
+from lorlib_ui.core.adapters import LoraAdapter, read_adapter, read_safetensors, weights_hash, write_adapter
 from lorlib_ui.core.atomic import atomic_write_text, fsync_dir, fsync_tree, temporary_name
 from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
@@ -438,10 +439,7 @@ class Library:
     # ---- Arrow prototypes cache --------------------------------------------------------------
     def prototypes(self) -> dict[str, dict[str, torch.Tensor]]:
         """expert name -> module -> prototype (d_in,), from the cache where the weights are unchanged."""
-        by_hash: dict[str, dict[str, torch.Tensor]] = {}  # one pass: a scan per expert is quadratic
-        for key, value in self._read_prototype_cache().items():
-            digest, _, module = key.partition("/")
-            by_hash.setdefault(digest, {})[module] = value
+        by_hash = self._read_prototype_cache()
         out, missing = {}, False
         for e in self.experts:
             if e.weights_hash in by_hash:
@@ -455,24 +453,39 @@ class Library:
                 self._write_prototype_cache(out)
         return out
 
-    def _read_prototype_cache(self) -> dict[str, torch.Tensor]:
+    def _read_prototype_cache(self) -> dict[str, dict[str, torch.Tensor]]:
+        """weights hash -> module -> prototype. The file holds one (rows, d_in) tensor per module
+        and, in its metadata, the weights hash of each row: a few hundred tensors to read however
+        many experts there are (a tensor per expert and module took seconds at 1024 experts)."""
         path = self.path / PROTOTYPES
         if not path.is_file():
             return {}
         try:
-            return load(path.read_bytes())  # not memory-mapped: see adapters.read_adapter
-        except (SafetensorError, OSError):
-            return {}  # a damaged cache is only a cache: recompute
+            stacks, metadata = read_safetensors(path, "the prototype cache")
+            rows = json.loads(metadata.get("rows", "{}"))
+            if any(len(hashes) != len(stacks[module]) for module, hashes in rows.items()):
+                raise ValueError("rows and hashes differ")
+        except (LorlibError, ValueError, KeyError, TypeError):
+            return {}  # a damaged (or older) cache is only a cache: recompute
+        by_hash: dict[str, dict[str, torch.Tensor]] = {}
+        for module, hashes in rows.items():
+            for digest, prototype in zip(hashes, stacks[module].unbind()):
+                by_hash.setdefault(digest, {})[module] = prototype
+        return by_hash
 
     def _write_prototype_cache(self, protos: dict[str, dict[str, torch.Tensor]]) -> None:
         hashes = {e.name: e.weights_hash for e in self.experts}
-        tensors = {
-            f"{hashes[name]}/{m}": v.contiguous() for name, by_module in protos.items() for m, v in by_module.items()
-        }
+        rows: dict[str, list[str]] = {}
+        vectors: dict[str, list[torch.Tensor]] = {}
+        for name, by_module in protos.items():
+            for module, vector in by_module.items():
+                rows.setdefault(module, []).append(hashes[name])
+                vectors.setdefault(module, []).append(vector.float())
+        tensors = {module: torch.stack(parts).contiguous() for module, parts in vectors.items()}
         with self._write_lock():
             tmp = temporary_name(self.path / PROTOTYPES)
             try:
-                save_file(tensors, tmp)
+                save_file(tensors, tmp, metadata={"rows": json.dumps(rows)})
                 os.replace(tmp, self.path / PROTOTYPES)
             except (OSError, SafetensorError):  # a cache: without room for it, computed again next time
                 tmp.unlink(missing_ok=True)

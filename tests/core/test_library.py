@@ -41,16 +41,19 @@ def test_expert_folders_load_with_plain_peft(tiny_library, tiny_base):
 
 
 def test_prototype_cache_is_keyed_by_weights(tiny_library, tiny_base, tmp_path):
-    cached = load_file(tiny_library.path / PROTOTYPES)
-    assert {k.split("/")[0] for k in cached} == {e.weights_hash for e in tiny_library.experts}
+    cached = tiny_library._read_prototype_cache()
+    assert set(cached) == {e.weights_hash for e in tiny_library.experts}
+    for e in tiny_library.experts:
+        assert len(cached[e.weights_hash]) == len(tiny_library.load_adapter(e.name).factors)
     # replacing an expert's weights gives it a new hash and new prototypes; the old ones are dropped
     name = tiny_library.names[0]
     old_hash = tiny_library.expert(name).weights_hash
     tiny_library.add_experts([_entry(name, make_adapter(tmp_path / "new", tiny_base, seed=99))], force=True)
     new_hash = tiny_library.expert(name).weights_hash
     assert new_hash != old_hash
-    cached = load_file(tiny_library.path / PROTOTYPES)
-    assert not any(k.startswith(old_hash) for k in cached) and any(k.startswith(new_hash) for k in cached)
+    cached = Library.open(tiny_library.path)._read_prototype_cache()
+    assert old_hash not in cached and new_hash in cached
+    assert len(load_file(tiny_library.path / PROTOTYPES)) == 8  # one matrix per module: q, k, v, o of 2 layers
     # the replaced folder is gone; only the manifest's folders remain
     on_disk = {p.name for p in (tiny_library.path / "experts").iterdir()}
     assert on_disk == {e.path.split("/")[-1] for e in tiny_library.experts}
