@@ -80,3 +80,21 @@ def test_gram_coordinates_are_the_exact_truncated_svd():
         u, sigma, _ = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
         ours = gram_coordinates((matrix @ matrix.T).astype(np.float64), 5)
         assert np.allclose(np.abs(ours), np.abs(u[:, :5] * sigma[:5]), atol=1e-3)
+
+
+def test_k_means_on_reduced_rows_equals_k_means_on_the_similarity_rows():
+    """MBC clusters the rows of the similarity matrix; it computes them on n x d rows with the
+    same pairwise distances, and the clusters are the same."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics.pairwise import euclidean_distances
+
+    from lorlib_ui.build.mbc import similarity_rows
+
+    names, vectors, _ = _family_experts(n_families=5, per_family=30, dim=300, noise=1.5)
+    embedding = embed(names, vectors)
+    reduced = similarity_rows(embedding)
+    assert reduced.shape == (150, 64)
+    np.testing.assert_allclose(euclidean_distances(reduced), euclidean_distances(embedding.similarity), atol=1e-8)
+    for k in (3, 5, 8):
+        rows = KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=0).fit_predict(embedding.similarity)
+        assert adjusted_rand_index(mbc_cluster(embedding, k), rows) == pytest.approx(1.0)
