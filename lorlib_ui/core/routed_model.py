@@ -170,7 +170,8 @@ class LibraryLinear(nn.Module):
             self.state.record.add(self.name, weights, logits, h.shape[0])
         if delta is None:
             return y
-        return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
+        delta = delta.view(*x.shape[:-1], -1)
+        return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
     def _route(self, router: Router, h: torch.Tensor):
         stack = router.stack(self)
