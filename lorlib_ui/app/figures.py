@@ -266,18 +266,7 @@ def _expert_heatmap(similarity: np.ndarray, names: list[str], scope: str) -> go.
     np.fill_diagonal(z, np.nan)
     off = z[np.isfinite(z)]
     low, high = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=names,
-            y=names,
-            colorscale="Viridis",
-            zmin=low,
-            zmax=max(high, low + 1e-9),
-            hovertemplate="%{x}<br>%{y}<br>cosine %{z:.3f}<extra></extra>",
-            colorbar={"title": "cosine"},
-        )
-    )
+    fig = go.Figure(_similarity_trace(z, names, "cosine", zmin=low, zmax=max(high, low + 1e-9)))
     n, labelled = len(names), len(names) <= 40  # a name per row while they fit
     fig.update_layout(
         title=f"{scope}expert similarity, ordered by cluster (cosine {low:.2f} to {high:.2f} off the diagonal)",
@@ -290,6 +279,18 @@ def _expert_heatmap(similarity: np.ndarray, names: list[str], scope: str) -> go.
     return fig
 
 
+def _similarity_trace(z: np.ndarray, names: list[str], what: str, **scale) -> go.Heatmap:
+    return go.Heatmap(
+        z=z,
+        x=names,
+        y=names,
+        colorscale="Viridis",
+        hovertemplate=f"%{{x}}<br>%{{y}}<br>{what} %{{z:.3f}}<extra></extra>",
+        colorbar={"title": what},
+        **scale,
+    )
+
+
 def _cluster_heatmap(similarity: np.ndarray, labels: np.ndarray, k: int) -> go.Figure:
     """Mean cosine between the experts of each pair of clusters; within a cluster, between its
     distinct experts (the diagonal of ones left out)."""
@@ -299,16 +300,7 @@ def _cluster_heatmap(similarity: np.ndarray, labels: np.ndarray, k: int) -> go.F
     pairs = np.outer(sizes, sizes) - np.diag(sizes)  # distinct pairs: no expert with itself
     z = (totals - np.diag(np.diag(similarity) @ onehot)) / np.where(pairs > 0, pairs, np.nan)
     names = [f"cluster {c} ({int(sizes[c])})" for c in range(k)]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=names,
-            y=names,
-            colorscale="Viridis",
-            hovertemplate="%{x}<br>%{y}<br>mean cosine %{z:.3f}<extra></extra>",
-            colorbar={"title": "mean cosine"},
-        )
-    )
+    fig = go.Figure(_similarity_trace(z, names, "mean cosine"))
     fig.update_layout(
         title=f"Mean similarity between clusters ({len(labels)} experts; pick a cluster to see its experts)",
         height=520,
