@@ -1,0 +1,133 @@
+"""The README's supervised-adaptation results: every method over the held-out tasks, with intervals.
+
+    python docs/reproduction/adaptation.py --library LIB [--library LIB2 ...] [--shots 32]
+
+Reads what `python -m lorlib_ui adapt LIB --task T --shots ...` recorded in each library's
+manifest (`adaptation`; nothing is trained or scored here) and merges the tasks of several
+libraries (runs split over copies of one library). For the given shots it prints, over the tasks
+that have every method: each method's exact match, answer log-likelihood and multiple-choice
+accuracy (mean over tasks of each task's mean, 95% bootstrap interval over test rows), its paired
+difference from a scratch LoRA and from zero-shot Arrow, its training time per task (median and
+range; the run's own wall clock), then exact match task by task. Tasks with runs at several shot
+counts also get a learning curve (exact match by shots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ["scratch", "mu", "shared", "poly-router", "poly-full", "lorahub"]
+METRICS = [("exact_match", "EM %", 100), ("loglik", "LL", 1), ("mc", "MC %", 100)]
+
+
+def records(libraries: list[str]) -> dict[str, dict]:
+    from lorlib_ui.core.library import Library
+
+    out = {}
+    for path in libraries:
+        out.update(Library.open(path).extra.get("adaptation", {}))
+    return out
+
+
+def rows_of(record: dict, shots: int) -> dict[str, dict]:
+    """label -> score rows of one task: arrow, base, and each method at `shots`."""
+    out = {z["router"]: z["rows"] for z in record["zero_shot"]}
+    for run in record["runs"]:
+        if run["shots"] == shots:
+            out[run["method"]] = run["rows"] if "rows" in run else run["score"]["rows"]
+    return out
+
+
+def cell(value: float, low: float, high: float, scale: float, sign: str = "") -> str:
+    """A value and its interval, in points (scale 100) or log-likelihood (scale 1, 3 decimals)."""
+    spec = f"{sign}.{3 if scale == 1 else 1}f"
+    return f"{scale * value:{spec}} [{scale * low:{spec}}, {scale * high:{spec}}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--library", action="append", required=True)
+    parser.add_argument("--shots", type=int, default=32)
+    args = parser.parse_args()
+
+    from lorlib_ui.build.stats import bootstrap_interval, paired_interval, task_mean
+
+    found = records(args.library)
+    labels = ["base", "arrow", *METHODS]
+    tasks = sorted(t for t, r in found.items() if set(labels) <= set(rows_of(r, args.shots)))
+    left_out = sorted(set(found) - set(tasks))
+    scores = {t: rows_of(found[t], args.shots) for t in tasks}
+    print(
+        f"{len(tasks)} tasks with every method at {args.shots} shots"
+        + (f" (not: {', '.join(left_out)})" if left_out else "")
+    )
+    print()
+    print(
+        "| method | "
+        + " | ".join(f"{name} [95% CI]" for _, name, _ in METRICS)
+        + " | EM − scratch | EM − Arrow | LL − scratch | training s (median, range) |"
+    )
+    print("|---|" + "---|" * (len(METRICS) + 4))
+    for label in labels:
+        cells = []
+        for key, _, scale in METRICS:
+            per_task = [scores[t][label][key] for t in tasks if scores[t][label].get(key)]
+            if len(per_task) < len(tasks):
+                cells.append("–")
+                continue
+            cells.append(cell(task_mean(per_task), *bootstrap_interval(per_task), scale))
+        for other, key, scale in (
+            ("scratch", "exact_match", 100),
+            ("arrow", "exact_match", 100),
+            ("scratch", "loglik", 1),
+        ):
+            if label == other or label == "base" or (other == "scratch" and label == "arrow"):
+                cells.append("")
+                continue
+            ours, theirs = [scores[t][label][key] for t in tasks], [scores[t][other][key] for t in tasks]
+            cells.append(cell(*paired_interval(ours, theirs), scale, sign="+"))
+        seconds = [
+            run["training_seconds"]
+            for t in tasks
+            for run in found[t]["runs"]
+            if run["method"] == label and run["shots"] == args.shots and run["training_seconds"] is not None
+        ]
+        cells.append(f"{statistics.median(seconds):.0f} ({min(seconds):.0f}–{max(seconds):.0f})" if seconds else "")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+    print("Exact match (%) task by task:\n")
+    print("| task | rows | " + " | ".join(labels) + " |")
+    print("|---|---:|" + "---:|" * len(labels))
+    for t in tasks:
+        n = len(scores[t]["arrow"]["exact_match"])
+        print(
+            f"| {t} | {n} | "
+            + " | ".join(f"{100 * statistics.mean(scores[t][label]['exact_match']):.0f}" for label in labels)
+            + " |"
+        )
+    curves = {t: r for t, r in found.items() if len({run["shots"] for run in r["runs"]}) > 1}
+    for t, record in sorted(curves.items()):
+        shots = sorted({run["shots"] for run in record["runs"]})
+        print(
+            f"\nLearning curve on {t} (exact match %, {len(record['zero_shot'][0]['rows']['exact_match'])} test rows; "
+            f"zero-shot Arrow {100 * record['zero_shot'][0]['exact_match']:.0f}):\n"
+        )
+        print("| method | " + " | ".join(f"{s} shots" for s in shots) + " |")
+        print("|---|" + "---:|" * len(shots))
+        for method in METHODS:
+            by_shots = {run["shots"]: run["score"]["exact_match"] for run in record["runs"] if run["method"] == method}
+            print(
+                f"| {method} | "
+                + " | ".join(f"{100 * by_shots[s]:.0f}" if s in by_shots else "–" for s in shots)
+                + " |"
+            )
+
+
+if __name__ == "__main__":
+    main()
