@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorlib_ui.core.adapters import LoraAdapter, read_layout
+from lorlib_ui.core.adapters import LoraAdapter, read_adapter, read_layout
 from lorlib_ui.core.base_model import linear_shapes, load_base_model, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.input_groups import InputGroup, input_groups
@@ -280,7 +280,7 @@ class RoutedModel:
         # torch's copies release the GIL), so building never holds the whole library twice (256
         # experts on SmolLM2 are about 0.5 GB in float32).
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            folders = [library.path / library.expert(x).path for x in self.experts]
+            folders = [library.path / e.path for e in library.experts]  # in the order of self.experts
             layouts = dict(zip(self.experts, pool.map(read_layout, folders)))
             ranks = {x: layout[0] for x, layout in layouts.items()}
             storage = _storage_dtype({d for _, dtypes in layouts.values() for d in dtypes}, model.dtype)
@@ -295,7 +295,7 @@ class RoutedModel:
             scales = {name: [0.0] * len(self.experts) for name in self.modules}
 
             def place(e: int) -> None:
-                adapter = library.load_adapter(self.experts[e])
+                adapter = read_adapter(folders[e])
                 if adapter.ranks != ranks[self.experts[e]]:
                     raise LorlibError(
                         f"expert {self.experts[e]} changed on disk while the model was being built; try again"
