@@ -397,3 +397,20 @@ def test_the_oracle_runs_only_where_it_is_resolved_per_task():
     assert make_router("oracle", experts, groups=groups, per_task=True).per_task
     with pytest.raises(LorlibError, match="no cluster experts"):
         make_router("oracle", experts, groups={"private": ["e1"], "cluster": []}, per_task=True)
+
+
+def test_an_expert_rewritten_while_the_model_is_built_is_a_one_line_error(tiny_library, monkeypatch):
+    """The layers are sized from the headers first; weights that no longer fit them are refused."""
+    from lorlib_ui.core import routed_model
+
+    def grown(folder):
+        adapter = read_adapter(folder)
+        if folder.name == "task3":
+            module = next(iter(adapter.factors))
+            a, b = adapter.factors[module]
+            adapter.factors[module] = (torch.cat([a, a]), torch.cat([b, b], dim=1))
+        return adapter
+
+    monkeypatch.setattr(routed_model, "read_adapter", grown)
+    with pytest.raises(LorlibError, match="expert task3 changed on disk while the model was being built; try again"):
+        RoutedModel.load(tiny_library, device="cpu")
