@@ -45,6 +45,8 @@ def input_groups(layers: dict) -> list[InputGroup]:
 
 
 class InputGroup:
+    """Routed layers of one block that read the same input (see the module's docstring)."""
+
     def __init__(self, members: list):
         self.members = members
         self.n_experts, self.rank = members[0].n_experts, members[0].rank
@@ -57,7 +59,7 @@ class InputGroup:
             member.group = self
         self.offsets = (torch.arange(len(members), device=self.lora_a.device) * e).unsqueeze(-1)  # (G, 1)
         self.fusing = True
-        self._keys: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._keys: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self._fits: dict[tuple, bool] = {}
         self._input: torch.Tensor | None = None
         self._scales: torch.Tensor | None = None
@@ -105,12 +107,13 @@ class InputGroup:
         return self._results.pop(member.name)
 
     def _stacked_keys(self, kind: str) -> torch.Tensor:
-        keys = [m.keys[kind] for m in self.members]
         if kind == "prototypes":
             return self.prototypes
-        ids = tuple(id(k) for k in keys)
-        if kind not in self._keys or self._keys[kind][0] != ids:  # attached since, or again
-            self._keys[kind] = (ids, torch.cat(keys))
+        keys = tuple(m.keys[kind] for m in self.members)
+        held = self._keys.get(kind)
+        # the tensors themselves are held, so a key set attached again is a new object, never an old id
+        if held is None or any(a is not b for a, b in zip(held[0], keys)):
+            self._keys[kind] = (keys, torch.cat(keys))
         return self._keys[kind][1]
 
     def _route(self, router: Router, h: torch.Tensor, record: bool) -> dict[str, tuple]:
