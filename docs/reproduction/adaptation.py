@@ -77,11 +77,12 @@ def main() -> None:
     for label in labels:
         cells = []
         for key, _, scale in METRICS:
-            per_task = [scores[t][label][key] for t in tasks if scores[t][label].get(key)]
-            if len(per_task) < len(tasks):
+            per_task = [scores[t][label][key] for t in tasks if scores[t][label].get(key)]  # MC: tasks with options
+            if not per_task:
                 cells.append("–")
                 continue
-            cells.append(cell(task_mean(per_task), *bootstrap_interval(per_task), scale))
+            count = "" if len(per_task) == len(tasks) else f" ({len(per_task)} tasks)"
+            cells.append(cell(task_mean(per_task), *bootstrap_interval(per_task), scale) + count)
         for other, key, scale in (
             ("scratch", "exact_match", 100),
             ("arrow", "exact_match", 100),
