@@ -21,7 +21,7 @@ import torch
 from lorlib_ui.build.config import TrainConfig
 from lorlib_ui.build.mbc import adjusted_rand_index, check_quantile, embed_gram, mbc_cluster, silhouette_by_k, threshold
 from lorlib_ui.build.trainers import BuildReport, Job, LocalTrainer, Progress, Trainer
-from lorlib_ui.core.adapters import WEIGHTS_FILE, read_modules
+from lorlib_ui.core.adapters import WEIGHTS_FILE, factor_spans, read_spans
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import TASK_KINDS, Expert, Library
 
@@ -91,7 +91,7 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
     modules = sorted(first)
     layout = {m: (a.numel(), b.numel()) for m, (a, b) in first.items()}
     thresholds = np.empty(len(experts))
-    stamps = [None] * len(experts)
+    stamps, spans = [None] * len(experts), [None] * len(experts)
 
     def measure(i: int) -> None:
         stamps[i] = _stamp(folders[i])
@@ -104,19 +104,22 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
             raise LorlibError("clustering needs experts that adapt the same modules with the same ranks")
         row = torch.cat([t.reshape(-1).float() for m in modules for t in factors[m]]).numpy()
         thresholds[i] = threshold(row, keep_quantile)
+        spans[i] = factor_spans(folders[i], modules)
 
     gram = np.zeros((len(experts), len(experts)))
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         list(pool.map(measure, range(len(experts))))
+        stop = 0
         for block in _column_blocks(modules, layout, max(1, BLOCK_BYTES // (4 * len(experts)))):
+            first, stop = stop, stop + len(block)  # the block's modules, by position in `modules`
             width = sum(sum(layout[m]) for m in block)
             matrix = np.empty((len(experts), width), dtype=np.float32)
 
-            def fill(i: int, block=block, matrix=matrix) -> None:
-                factors = read_modules(folders[i], block)
+            def fill(i: int, first=first, stop=stop, matrix=matrix) -> None:
+                pieces = read_spans(folders[i], spans[i], 2 * first, 2 * stop)  # A and B of each module
                 if _stamp(folders[i]) != stamps[i]:
                     raise LorlibError(f"expert {experts[i].name} changed on disk while it was clustered; run again")
-                torch.from_numpy(matrix[i]).copy_(torch.cat([t.reshape(-1) for m in block for t in factors[m]]))
+                torch.from_numpy(matrix[i]).copy_(torch.cat(pieces))  # mixed dtypes: cat promotes
                 np.copyto(matrix[i], 0, where=np.abs(matrix[i]) <= thresholds[i])
 
             list(pool.map(fill, range(len(experts))))

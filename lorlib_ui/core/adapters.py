@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -279,26 +280,48 @@ def read_layout(folder: Path) -> tuple[dict[str, int], set[str]]:
     return ranks, {_DTYPE_NAMES[dtype] for dtype, _, _, _ in header.values()}
 
 
-def read_modules(folder: Path, modules: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The factors (A, B) of `modules` alone, reading only their bytes: for a later pass over an
-    adapter that `read_adapter` has already checked (MBC reads each expert in column blocks)."""
+@dataclass(frozen=True)
+class Spans:
+    """Where tensors lie in a weights file: absolute byte offset, byte count and dtype of each,
+    as compact arrays (a many-expert library keeps one per expert)."""
+
+    offsets: np.ndarray  # int64
+    sizes: np.ndarray  # int64
+    dtypes: list[torch.dtype]
+
+
+def factor_spans(folder: Path, modules: list[str]) -> Spans:
+    """The spans of A then B of each of `modules`, in that order, from the header alone: for
+    reading an adapter that `read_adapter` has already checked again, piece by piece (MBC reads
+    each expert in column blocks)."""
     try:
         with open(folder / WEIGHTS_FILE, "rb") as handle:
             header, start = _read_header(handle)
-            out = {}
-            for module in modules:
-                pair = []
-                for ab in "AB":
-                    dtype, shape, begin, end = header[f"base_model.model.{module}.lora_{ab}.weight"]
-                    data = bytearray(end - begin)
-                    handle.seek(start + begin)
-                    if handle.readinto(data) != len(data):
-                        raise OSError("the file is shorter than its header says")
-                    pair.append(_view(data, dtype, shape, 0))
-                out[module] = tuple(pair)
-            return out
+        places = [header[f"base_model.model.{m}.lora_{ab}.weight"] for m in modules for ab in "AB"]
     except (LorlibError, OSError, ValueError, TypeError, KeyError) as exc:
         raise LorlibError(f"adapter {folder}: {WEIGHTS_FILE} could not be read ({exc})") from None
+    return Spans(
+        np.array([start + begin for _, _, begin, _ in places], dtype=np.int64),
+        np.array([end - begin for _, _, begin, end in places], dtype=np.int64),
+        [dtype for dtype, _, _, _ in places],
+    )
+
+
+def read_spans(folder: Path, spans: Spans, first: int, stop: int) -> list[torch.Tensor]:
+    """Tensors `first`..`stop - 1` of `spans`, flattened, reading only their bytes (positional
+    reads, no memory map)."""
+    out = []
+    try:
+        with open(folder / WEIGHTS_FILE, "rb") as handle:
+            for i in range(first, stop):
+                data = bytearray(int(spans.sizes[i]))
+                handle.seek(int(spans.offsets[i]))
+                if handle.readinto(data) != len(data):
+                    raise OSError("the file is shorter than its header says")
+                out.append(torch.frombuffer(data, dtype=spans.dtypes[i]) if data else torch.empty(0))
+    except OSError as exc:
+        raise LorlibError(f"adapter {folder}: {WEIGHTS_FILE} could not be read ({exc})") from None
+    return out
 
 
 def weights_hash(folder: Path) -> str:

@@ -67,3 +67,14 @@ def test_bad_quantile_is_refused_before_reading(tiny_library, monkeypatch):
     monkeypatch.setattr(tiny_library, "load_adapter", lambda name: pytest.fail("read an adapter"))
     with pytest.raises(LorlibError, match="sparsity quantile"):
         weight_gram(tiny_library, task_experts(tiny_library), 1.0)
+
+
+def test_experts_stored_in_other_dtypes_are_read_as_float32(tiny_library):
+    """One expert in bfloat16, the others in float32: the blocks hold each one's own values."""
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_library.path / tiny_library.expert("task1").path / WEIGHTS_FILE
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
+    reference = sparsify(dense_vectors(tiny_library), 0.5).astype(np.float64)
+    gram = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    np.testing.assert_allclose(gram, reference @ reference.T, rtol=1e-5)
