@@ -45,7 +45,8 @@ from lorlib_ui.core.routers.base import ExpertStack
 
 # Experts per chosen expert (E / k) from which computing only the chosen pairs beats the dense
 # path for many tokens on a CPU: the dense path costs E·r·d multiply-adds per token, the sparse
-# one k·r·d plus the cost of building its index (measured crossover: BENCHMARKS.md, issue #15).
+# one k·r·d plus the cost of building its index. 8 is from a one-layer timing on a busy machine
+# (equal at E = 16, k = 4; dispatch 1.8x faster at 64); bench_arrow's lorlib_arrow_dense rows check it.
 DISPATCH_RATIO = 8
 # torch warns once that its sparse CSR tensors are in beta; the two calls used here are tested
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -192,7 +193,7 @@ class LibraryLinear(nn.Module):
     def _dispatches(self, n_tokens: int, routing) -> bool:
         """Whether to compute only the chosen (token, expert) pairs: on a CPU, for top-k routing,
         when one token's step is bound by reading weights (decoding) or when the experts outnumber
-        the chosen ones so far that gathering beats the dense matmul (BENCHMARKS.md, issue #15)."""
+        the chosen ones so far that gathering beats the dense matmul (DISPATCH_RATIO)."""
         if not self.gather_chosen or routing.index is None:
             return False
         k = routing.index.shape[1]
