@@ -8,7 +8,8 @@ libraries (runs split over copies of one library). For the given shots it prints
 that have every method: each method's exact match, answer log-likelihood and multiple-choice
 accuracy (mean over tasks of each task's mean, 95% bootstrap interval over test rows), its paired
 difference from a scratch LoRA and from zero-shot Arrow, its training time per task (median and
-range; the run's own wall clock), then exact match task by task. Tasks with runs at several shot
+range; the run's own wall clock) and its training loss at the first and the last step, then exact
+match task by task. Tasks with runs at several shot
 counts also get a learning curve (exact match by shots).
 """
 
@@ -29,9 +30,15 @@ METRICS = [("exact_match", "EM %", 100), ("loglik", "LL", 1), ("mc", "MC %", 100
 def records(libraries: list[str]) -> dict[str, dict]:
     from lorlib_ui.core.library import Library
 
-    out = {}
+    out: dict[str, dict] = {}
     for path in libraries:
-        out.update(Library.open(path).extra.get("adaptation", {}))
+        for task, record in Library.open(path).extra.get("adaptation", {}).items():
+            if task not in out:
+                out[task] = record
+                continue
+            # One task's methods split over copies: keep one zero-shot record, join the runs.
+            runs = {(run["method"], run["shots"]): run for run in out[task]["runs"] + record["runs"]}
+            out[task] = {**out[task], "runs": list(runs.values())}
     return out
 
 
@@ -102,6 +109,14 @@ def main() -> None:
         cells.append(f"{statistics.median(seconds):.0f} ({min(seconds):.0f}–{max(seconds):.0f})" if seconds else "")
         print(f"| {label} | " + " | ".join(cells) + " |")
     print()
+    print("Training loss (mean over tasks of the answer tokens' cross-entropy on the training rows):\n")
+    print("| method | first step | last step |")
+    print("|---|---:|---:|")
+    for method in METHODS:
+        runs = [r for t in tasks for r in found[t]["runs"] if r["method"] == method and r["shots"] == args.shots]
+        means = [[r[key] for r in runs if r.get(key) is not None] for key in ("first_loss", "final_loss")]
+        print(f"| {method} | " + " | ".join(f"{statistics.mean(m):.3f}" if m else "–" for m in means) + " |")
+    print()
     print("Exact match (%) task by task:\n")
     print("| task | rows | " + " | ".join(labels) + " |")
     print("|---|---:|" + "---:|" * len(labels))
@@ -115,9 +130,10 @@ def main() -> None:
     curves = {t: r for t, r in found.items() if len({run["shots"] for run in r["runs"]}) > 1}
     for t, record in sorted(curves.items()):
         shots = sorted({run["shots"] for run in record["runs"]})
+        arrow = next(z for z in record["zero_shot"] if z["router"] == "arrow")
         print(
-            f"\nLearning curve on {t} (exact match %, {len(record['zero_shot'][0]['rows']['exact_match'])} test rows; "
-            f"zero-shot Arrow {100 * record['zero_shot'][0]['exact_match']:.0f}):\n"
+            f"\nLearning curve on {t} (exact match %, {len(arrow['rows']['exact_match'])} test rows; "
+            f"zero-shot Arrow {100 * arrow['exact_match']:.0f}):\n"
         )
         print("| method | " + " | ".join(f"{s} shots" for s in shots) + " |")
         print("|---|" + "---:|" * len(shots))

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from lorlib_ui.core.atomic import save_tensors
 from lorlib_ui.core.errors import LorlibError
 
 CONFIG_FILE = "adapter_config.json"
@@ -257,7 +257,7 @@ def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
     for module, (a, b) in adapter.factors.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True), encoding="utf-8")
 
 

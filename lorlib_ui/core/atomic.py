@@ -12,6 +12,17 @@ import os
 import uuid
 from pathlib import Path
 
+from safetensors.torch import save_file
+
+
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # reading the mask means setting it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
 
 def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}")
@@ -28,6 +39,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, leaving the file readable as any other file this process
+    writes: safetensors creates it 0600 whatever the umask, which would hide a library's keys,
+    caches and routers from the other users of a shared folder."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def fsync_tree(folder: Path) -> None:

@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from safetensors.torch import load
 
-from lorlib_ui.core.atomic import fsync_dir, temporary_name
+from lorlib_ui.core.atomic import fsync_dir, save_tensors, temporary_name
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library, check_name
 
@@ -127,7 +127,7 @@ def store_learned_router(
         path = folder / f"{record.name}-{digest.hexdigest()[:12]}.safetensors"
         tmp = temporary_name(path)
         try:
-            save_file(tensors, tmp, metadata={"router": record.name})
+            save_tensors(tensors, tmp, metadata={"router": record.name})
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)

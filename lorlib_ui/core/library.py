@@ -43,10 +43,10 @@ from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save_file
+from safetensors.torch import load
 
 from lorlib_ui.core.adapters import LoraAdapter, read_adapter, read_safetensors, weights_hash, write_adapter
-from lorlib_ui.core.atomic import atomic_write_text, fsync_dir, fsync_tree, temporary_name
+from lorlib_ui.core.atomic import atomic_write_text, fsync_dir, fsync_tree, save_tensors, temporary_name
 from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.prototypes import prototypes_for_adapter
@@ -427,7 +427,7 @@ class Library:
             tmp = temporary_name(path)
             tensors = {m: v.detach().float().contiguous().cpu() for m, v in keys.items()}
             try:
-                save_file(tensors, tmp, metadata={"weights_hash": weights_hash, "info": json.dumps(info)})
+                save_tensors(tensors, tmp, metadata={"weights_hash": weights_hash, "info": json.dumps(info)})
                 with open(tmp, "rb") as handle:
                     os.fsync(handle.fileno())
                 os.replace(tmp, path)
@@ -485,7 +485,7 @@ class Library:
         with self._write_lock():
             tmp = temporary_name(self.path / PROTOTYPES)
             try:
-                save_file(tensors, tmp, metadata={"rows": json.dumps(rows)})
+                save_tensors(tensors, tmp, metadata={"rows": json.dumps(rows)})
                 os.replace(tmp, self.path / PROTOTYPES)
             except (OSError, SafetensorError):  # a cache: without room for it, computed again next time
                 tmp.unlink(missing_ok=True)

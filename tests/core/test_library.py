@@ -219,3 +219,22 @@ def test_remove_expert(tiny_library):
     assert name not in reopened.names and len(reopened.names) == 5 and not folder.exists()
     with pytest.raises(LorlibError, match=f"unknown expert '{name}'"):
         reopened.remove_expert(name)
+
+
+def test_library_files_follow_the_umask(tiny_library):
+    """safetensors creates files 0600; a library's weights, keys and caches must be as readable as
+    the manifest beside them (a library in a shared folder is read by other users)."""
+    import os
+    import stat
+
+    from lorlib_ui.core.atomic import _UMASK
+
+    first = tiny_library.experts[0]
+    keys = {m: torch.ones(8) for m in first.target_modules}
+    tiny_library.write_keys(first.name, "gates", keys, {}, first.weights_hash)
+    tiny_library.prototypes()
+    files = [p for p in tiny_library.path.rglob("*") if p.is_file()]
+    assert any(p.name == PROTOTYPES for p in files) and any(p.name == "gates.safetensors" for p in files)
+    assert any(p.name == WEIGHTS_FILE for p in files)
+    modes = {p.relative_to(tiny_library.path).as_posix(): stat.S_IMODE(os.stat(p).st_mode) for p in files}
+    assert modes == dict.fromkeys(modes, 0o666 & ~_UMASK)
