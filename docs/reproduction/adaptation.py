@@ -8,8 +8,8 @@ libraries (runs split over copies of one library). For the given shots it prints
 that have every method: each method's exact match, answer log-likelihood and multiple-choice
 accuracy (mean over tasks of each task's mean, 95% bootstrap interval over test rows), its paired
 difference from a scratch LoRA and from zero-shot Arrow, its training time per task (median and
-range; the run's own wall clock) and its training loss at the first and the last step, then exact
-match task by task. Tasks with runs at several shot
+range; the run's own wall clock) and its training loss along the run, then exact match task by
+task. Tasks with runs at several shot
 counts also get a learning curve (exact match by shots).
 """
 
@@ -109,13 +109,22 @@ def main() -> None:
         cells.append(f"{statistics.median(seconds):.0f} ({min(seconds):.0f}–{max(seconds):.0f})" if seconds else "")
         print(f"| {label} | " + " | ".join(cells) + " |")
     print()
-    print("Training loss (mean over tasks of the answer tokens' cross-entropy on the training rows):\n")
-    print("| method | first step | last step |")
-    print("|---|---:|---:|")
+    print(
+        "Training loss (the answer tokens' cross-entropy on the batch; at step 1, then the mean of the five"
+        " steps ending at each step shown; mean over tasks):\n"
+    )
+    marks = [10, 20, 30, 45, 60]
+    print("| method | step 1 | " + " | ".join(f"step {m}" for m in marks) + " | final (stored) |")
+    print("|---|" + "---:|" * (len(marks) + 2))
     for method in METHODS:
         runs = [r for t in tasks for r in found[t]["runs"] if r["method"] == method and r["shots"] == args.shots]
-        means = [[r[key] for r in runs if r.get(key) is not None] for key in ("first_loss", "final_loss")]
-        print(f"| {method} | " + " | ".join(f"{statistics.mean(m):.3f}" if m else "–" for m in means) + " |")
+        curves = [r["loss_curve"] for r in runs if r.get("loss_curve")]
+        cells = [statistics.mean(c[0] for c in curves)] if curves else [None]
+        for m in marks:
+            cells.append(statistics.mean(statistics.mean(c[m - 5 : m]) for c in curves) if curves else None)
+        finals = [r["final_loss"] for r in runs if r.get("final_loss") is not None]
+        cells.append(statistics.mean(finals) if finals else None)
+        print(f"| {method} | " + " | ".join("–" if x is None else f"{x:.3f}" for x in cells) + " |")
     print()
     print("Exact match (%) task by task:\n")
     print("| task | rows | " + " | ".join(labels) + " |")
@@ -130,18 +139,26 @@ def main() -> None:
     curves = {t: r for t, r in found.items() if len({run["shots"] for run in r["runs"]}) > 1}
     for t, record in sorted(curves.items()):
         shots = sorted({run["shots"] for run in record["runs"]})
-        arrow = next(z for z in record["zero_shot"] if z["router"] == "arrow")
+        zero = {z["router"]: z for z in record["zero_shot"]}
         print(
-            f"\nLearning curve on {t} (exact match %, {len(arrow['rows']['exact_match'])} test rows; "
-            f"zero-shot Arrow {100 * arrow['exact_match']:.0f}):\n"
+            f"\nLearning curve on {t} ({len(zero['arrow']['rows']['exact_match'])} test rows): exact match %, "
+            f"then answer log-likelihood, each [95% CI]; zero-shot Arrow {100 * zero['arrow']['exact_match']:.0f}%, "
+            f"{zero['arrow']['loglik']:.3f}:\n"
         )
         print("| method | " + " | ".join(f"{s} shots" for s in shots) + " |")
         print("|---|" + "---:|" * len(shots))
         for method in METHODS:
-            by_shots = {run["shots"]: run["score"]["exact_match"] for run in record["runs"] if run["method"] == method}
+            by_shots = {run["shots"]: run["score"] for run in record["runs"] if run["method"] == method}
             print(
                 f"| {method} | "
-                + " | ".join(f"{100 * by_shots[s]:.0f}" if s in by_shots else "–" for s in shots)
+                + " | ".join(
+                    cell(by_shots[s]["exact_match"], *bootstrap_interval([by_shots[s]["rows"]["exact_match"]]), 100)
+                    + "; "
+                    + cell(by_shots[s]["loglik"], *bootstrap_interval([by_shots[s]["rows"]["loglik"]]), 1)
+                    if s in by_shots
+                    else "–"
+                    for s in shots
+                )
                 + " |"
             )
 
