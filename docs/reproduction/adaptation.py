@@ -162,6 +162,42 @@ def main() -> None:
                 + " |"
             )
 
+    if len(curves) > 1:
+        _curve_differences(curves)
+
+
+def _curve_differences(curves: dict[str, dict]) -> None:
+    """Each method minus scratch at each point of the learning curves, over the tasks that have one
+    (paired over test rows; exact match in points, then log-likelihood). The curves' points are
+    matched by rank: the largest may differ between tasks (a task with fewer training rows)."""
+    from lorlib_ui.build.stats import paired_interval
+
+    points = {t: sorted({run["shots"] for run in r["runs"]}) for t, r in curves.items()}
+    if len({len(p) for p in points.values()}) != 1:
+        return
+    rows = {
+        t: {(run["method"], points[t].index(run["shots"])): run["score"]["rows"] for run in r["runs"]}
+        for t, r in curves.items()
+    }
+    labels = [
+        "/".join(str(n) for n in sorted({p[i] for p in points.values()}))
+        for i in range(len(next(iter(points.values()))))
+    ]
+    print(f"\nMinus scratch over the {len(curves)} learning-curve tasks, exact match (points); log-likelihood:\n")
+    print("| method | " + " | ".join(f"{label} shots" for label in labels) + " |")
+    print("|---|" + "---:|" * len(labels))
+    for method in METHODS[1:]:
+        cells = []
+        for i in range(len(labels)):
+            if not all((method, i) in r and ("scratch", i) in r for r in rows.values()):
+                cells.append("–")
+                continue
+            ours = {key: [r[(method, i)][key] for r in rows.values()] for key in ("exact_match", "loglik")}
+            theirs = {key: [r[("scratch", i)][key] for r in rows.values()] for key in ours}
+            em, ll = (paired_interval(ours[key], theirs[key]) for key in ("exact_match", "loglik"))
+            cells.append(cell(*em, 100, sign="+") + "; " + cell(*ll, 1, sign="+"))
+        print(f"| {method} | " + " | ".join(cells) + " |")
+
 
 if __name__ == "__main__":
     main()
