@@ -8,9 +8,10 @@ libraries (runs split over copies of one library). For the given shots it prints
 that have every method: each method's exact match, answer log-likelihood and multiple-choice
 accuracy (mean over tasks of each task's mean, 95% bootstrap interval over test rows), its paired
 difference from a scratch LoRA and from zero-shot Arrow, its training time per task (median and
-range; the run's own wall clock) and its training loss along the run, then exact match task by
-task. Tasks with runs at several shot
-counts also get a learning curve (exact match by shots).
+range; the run's own wall clock) and its training loss along the run, then exact match and
+training seconds task by task. Tasks with runs at several shot counts also get a learning curve
+(exact match and log-likelihood with intervals), and with two or more such tasks each method's
+difference from scratch at each point of the curves.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ def main() -> None:
         "Training loss (the answer tokens' cross-entropy on the batch; at step 1, then the mean of the five"
         " steps ending at each step shown; mean over tasks):\n"
     )
-    marks = [10, 20, 30, 45, 60]
-    print("| method | step 1 | " + " | ".join(f"step {m}" for m in marks) + " | final (stored) |")
+    shortest = min(len(r["loss_curve"]) for t in tasks for r in found[t]["runs"] if r.get("loss_curve"))
+    marks = [m for m in (10, 20, 30, 45, 60) if m <= shortest]  # runs of other --steps: as far as all go
+    print("| method | step 1 | " + " | ".join(f"step {m}" for m in marks) + " | final (stored), range over tasks |")
     print("|---|" + "---:|" * (len(marks) + 2))
     for method in METHODS:
         runs = [r for t in tasks for r in found[t]["runs"] if r["method"] == method and r["shots"] == args.shots]
@@ -124,7 +126,8 @@ def main() -> None:
             cells.append(statistics.mean(statistics.mean(c[m - 5 : m]) for c in curves) if curves else None)
         finals = [r["final_loss"] for r in runs if r.get("final_loss") is not None]
         cells.append(statistics.mean(finals) if finals else None)
-        print(f"| {method} | " + " | ".join("–" if x is None else f"{x:.3f}" for x in cells) + " |")
+        spread = f" ({min(finals):.2f}–{max(finals):.2f})" if finals else ""
+        print(f"| {method} | " + " | ".join("–" if x is None else f"{x:.3f}" for x in cells) + spread + " |")
     print()
     print("Exact match (%) task by task:\n")
     print("| task | rows | " + " | ".join(labels) + " |")
@@ -136,6 +139,12 @@ def main() -> None:
             + " | ".join(f"{100 * statistics.mean(scores[t][label]['exact_match']):.0f}" for label in labels)
             + " |"
         )
+    print("\nTraining seconds task by task (each run's wall clock):\n")
+    print("| task | " + " | ".join(METHODS) + " |")
+    print("|---|" + "---:|" * len(METHODS))
+    for t in tasks:
+        seconds = {r["method"]: r["training_seconds"] for r in found[t]["runs"] if r["shots"] == args.shots}
+        print(f"| {t} | " + " | ".join(f"{seconds[m]:.0f}" if seconds.get(m) else "–" for m in METHODS) + " |")
     curves = {t: r for t, r in found.items() if len({run["shots"] for run in r["runs"]}) > 1}
     for t, record in sorted(curves.items()):
         shots = sorted({run["shots"] for run in record["runs"]})
