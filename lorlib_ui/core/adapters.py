@@ -11,10 +11,12 @@ s = alpha / r (alpha / sqrt(r) with rsLoRA) (Hu et al., 2021; Kalajdzievski, 202
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,67 @@ class LoraAdapter:
 
 def read_adapter(folder: str | Path) -> LoraAdapter:
     """Read and check a PEFT LoRA adapter folder; raise LorlibError with one clear line if unfit."""
+    packed = read_packed(folder)
+    return LoraAdapter(config=packed.config, factors=packed.factors(), scales=packed.scales)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where one factor lies in a weights file's data: byte offset, dtype and shape."""
+
+    begin: int
+    dtype: torch.dtype
+    shape: tuple[int, int]
+
+    @property
+    def end(self) -> int:
+        return self.begin + math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """A weights file's header, checked to hold only LoRA factors: per module (sorted), the
+    spans of A (r x d_in) and B (d_out x r). Files written alike share one (see `_layout`)."""
+
+    modules: dict[str, tuple[Span, Span]]
+    runs: tuple[tuple[torch.dtype, int, int], ...]  # (dtype, begin, end) of tensors back to back
+    size: int  # where the last tensor ends
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m: a.shape[0] for m, (a, _) in self.modules.items()}
+
+    @property
+    def dtypes(self) -> set[torch.dtype]:
+        return {span.dtype for pair in self.modules.values() for span in pair}
+
+
+@dataclass
+class PackedAdapter:
+    """A checked adapter as its weights file's bytes and their layout, not yet split into
+    tensors: many adapters with one layout are placed together (`Layout` spans over stacked
+    files) instead of a few hundred tensors each."""
+
+    config: dict
+    layout: Layout
+    data: bytearray  # the whole file
+    start: int  # where the tensors' data begins
+    scales: dict[str, float]
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module -> (A, B), views into `data`."""
+        return {
+            m: tuple(_view(self.data, s.dtype, list(s.shape), self.start + s.begin) for s in pair)
+            for m, pair in self.layout.modules.items()
+        }
+
+    def tensor(self) -> torch.Tensor:
+        """The tensors' data as bytes (uint8), a view."""
+        return torch.frombuffer(self.data, dtype=torch.uint8)[self.start :]
+
+
+def read_packed(folder: str | Path) -> PackedAdapter:
+    """Read and check a PEFT LoRA adapter folder (everything `read_adapter` checks), unsplit."""
     folder = Path(folder)
     what = f"adapter {folder}"
     if not folder.is_dir():
@@ -85,11 +148,112 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
                 "because loading a pickle can run arbitrary code"
             )
         raise LorlibError(f"{what}: {WEIGHTS_FILE} is missing")
-    factors = _split_factors(read_tensors(weights_path, what), what)
-    adapter = LoraAdapter(config=config, factors=factors)
-    adapter.scales = {m: _scale(config, m, a.shape[0]) for m, (a, _) in factors.items()}
-    _check_ranks(adapter, what)
-    return adapter
+    data, header = _read_file(weights_path, what)
+    start = 8 + len(header)
+    with _invalid_file(weights_path, what):
+        tensors, _, end = _parsed(header)
+        if start + end > len(data):
+            name = next(n for n, (_, _, _, e) in tensors.items() if start + e > len(data))
+            raise ValueError(f"tensor {name} lies outside the file")
+        layout = _layout(header)
+    if (bad := _first_not_finite(data, start, layout)) is not None:
+        raise LorlibError(f"{what}: tensor {bad} contains NaN or Inf")
+    scales = {m: _scale(config, m, rank) for m, rank in layout.ranks.items()}
+    packed = PackedAdapter(config=config, layout=layout, data=data, start=start, scales=scales)
+    for module, rank in layout.ranks.items():
+        expected = _pattern_value(config.get("rank_pattern"), module, config["r"])
+        if rank != expected:
+            raise LorlibError(f"{what}: module {module} has rank {rank} but {CONFIG_FILE} says {expected}")
+    return packed
+
+
+def _read_file(path: Path, what: str) -> tuple[bytearray, bytes]:
+    """A safetensors file's bytes and its JSON header's.
+
+    Read into memory, never memory-mapped: a mapped file rewritten in place under a running
+    process crashes it with SIGBUS. The format: an 8-byte little-endian header length, a JSON
+    header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {}}, then the data."""
+    try:
+        data = bytearray(path.stat().st_size)
+        with open(path, "rb") as handle:
+            if handle.readinto(data) != len(data):
+                raise OSError("the file changed while it was read")
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 + size:
+            raise ValueError("the header runs past the end of the file")
+        return data, bytes(data[8 : 8 + size])
+    except OSError as exc:
+        raise LorlibError(f"{what}: {path.name} is not a valid safetensors file ({exc})") from None
+    except ValueError as exc:
+        raise LorlibError(f"{what}: {path.name} is not a valid safetensors file ({exc})") from None
+
+
+@contextmanager
+def _invalid_file(path: Path, what: str):
+    """Any error of parsing `path` as one line naming it."""
+    try:
+        yield
+    except LorlibError as exc:
+        raise LorlibError(f"{what}: {exc}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        raise LorlibError(f"{what}: {path.name} is not a valid safetensors file ({exc})") from None
+
+
+# Parsing and checking a header's few hundred entries cost more than reading an adapter's
+# tensors (issue #15: a 1024-expert library); the experts of a library are usually written
+# alike, so both are cached by the header's bytes.
+@functools.lru_cache(maxsize=64)
+def _parsed(header: bytes) -> tuple[dict[str, tuple[torch.dtype, list[int], int, int]], dict[str, str], int]:
+    """`_parse_header` of a JSON header, and where its last tensor ends."""
+    tensors, metadata, _ = _parse_header(len(header).to_bytes(8, "little") + header)
+    return tensors, metadata, max((end for _, _, _, end in tensors.values()), default=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(header: bytes) -> Layout:
+    """The checked layout of a LoRA weights file from its JSON header."""
+    tensors, _, _ = _parsed(header)
+    halves: dict[str, dict[str, Span]] = {}
+    for key, (dtype, shape, begin, _) in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise LorlibError(f"unexpected tensor {key!r}; only lora_A/lora_B weights of linear layers")
+        if len(shape) != 2:
+            raise LorlibError(f"tensor {key} must be a 2-D floating-point matrix")
+        halves.setdefault(match["module"], {})[match["ab"]] = Span(begin, dtype, tuple(shape))
+    if not halves:
+        raise LorlibError(f"{WEIGHTS_FILE} holds no LoRA weights")
+    modules = {}
+    for module, pair in sorted(halves.items()):
+        if set(pair) != {"A", "B"}:
+            raise LorlibError(f"module {module} has lora_{''.join(pair)} but not both A and B")
+        a, b = pair["A"], pair["B"]
+        if a.shape[0] != b.shape[1] or a.shape[0] == 0:
+            raise LorlibError(f"module {module} has A {a.shape} and B {b.shape}, which do not share a positive rank")
+        modules[module] = (a, b)
+    runs: list[tuple[torch.dtype, int, int]] = []
+    for span in sorted((s for pair in modules.values() for s in pair), key=lambda s: s.begin):
+        if runs and runs[-1][0] == span.dtype and runs[-1][2] == span.begin:
+            runs[-1] = (span.dtype, runs[-1][1], span.end)
+        else:
+            runs.append((span.dtype, span.begin, span.end))
+    return Layout(modules, tuple(runs), max(end for _, _, end in runs))
+
+
+def _first_not_finite(data: bytearray, start: int, layout: Layout) -> str | None:
+    """The key of the first tensor holding NaN or Inf, or None. One check per run of tensors
+    of one dtype lying back to back (usually one per file), not one per tensor: a call per
+    tensor costs more than the check (240 per adapter). The largest |w| is NaN or infinite
+    exactly when some weight is, and is 15 times faster than isfinite on bfloat16."""
+    runs = (_view(data, dtype, [(end - begin) // dtype.itemsize], start + begin) for dtype, begin, end in layout.runs)
+    if all(math.isfinite(run.abs().amax()) for run in runs if run.numel()):
+        return None
+    for module, pair in layout.modules.items():
+        for ab, s in zip("AB", pair):
+            t = _view(data, s.dtype, list(s.shape), start + s.begin)
+            if t.numel() and not math.isfinite(t.abs().amax()):
+                return f"base_model.model.{module}.lora_{ab}.weight"
+    return None
 
 
 # safetensors dtype names -> torch; LoRA factors are floating point, anything else is refused
@@ -104,30 +268,18 @@ def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a safetensors file, as views into one buffer holding the file, and the
-    file's metadata.
-
-    Read into memory, never memory-mapped: a mapped file rewritten in place under a running
-    process crashes it with SIGBUS. Parsed here (the format: an 8-byte little-endian header
-    length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {}},
-    then the data) rather than by `safetensors.torch.load`, which copies every tensor into a
-    bytes object of its own first; opening a 1024-expert library reads a quarter of a million
-    tensors."""
-    try:
-        data = bytearray(path.stat().st_size)
-        with open(path, "rb") as handle:
-            if handle.readinto(data) != len(data):
-                raise OSError("the file changed while it was read")
-        header, metadata, start = _parse_header(data)
-        tensors = {}
-        for name, (dtype, shape, begin, end) in header.items():
+    file's metadata. Parsed here rather than by `safetensors.torch.load`, which copies every
+    tensor into a bytes object of its own first; opening a 1024-expert library reads a quarter
+    of a million tensors."""
+    data, header = _read_file(path, what)
+    with _invalid_file(path, what):
+        tensors, metadata, start = _parse_header(data[:8] + header)
+        out = {}
+        for name, (dtype, shape, begin, end) in tensors.items():
             if not start + end <= len(data):
                 raise ValueError(f"tensor {name} lies outside the file")
-            tensors[name] = _view(data, dtype, shape, start + begin)
-        return tensors, metadata
-    except LorlibError as exc:
-        raise LorlibError(f"{what}: {exc}") from None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
-        raise LorlibError(f"{what}: {path.name} is not a valid safetensors file ({exc})") from None
+            out[name] = _view(data, dtype, shape, start + begin)
+        return out, metadata
 
 
 def _view(data: bytearray, dtype: torch.dtype, shape: list[int], offset: int) -> torch.Tensor:
@@ -161,8 +313,10 @@ def _parse_header(data: bytes) -> tuple[dict[str, tuple[torch.dtype, list[int], 
 def _read_header(handle) -> tuple[dict, int]:
     """The tensors' header of an open safetensors file, reading only the header's bytes."""
     size = int.from_bytes(handle.read(8), "little")
-    header, _, start = _parse_header(size.to_bytes(8, "little") + handle.read(size))
-    return header, start
+    header = handle.read(size)
+    if len(header) < size:
+        raise ValueError("the header runs past the end of the file")
+    return _parsed(header)[0], 8 + size
 
 
 def _read_config(folder: Path, what: str) -> dict:
@@ -195,41 +349,6 @@ def _read_config(folder: Path, what: str) -> dict:
     return config
 
 
-def _split_factors(tensors: dict[str, torch.Tensor], what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.fullmatch(key)
-        if match is None:
-            raise LorlibError(f"{what}: unexpected tensor {key!r}; only lora_A/lora_B weights of linear layers")
-        if not torch.is_floating_point(tensor) or tensor.dim() != 2:
-            raise LorlibError(f"{what}: tensor {key} must be a 2-D floating-point matrix")
-        halves.setdefault(match["module"], {})[match["ab"]] = tensor
-    if not halves:
-        raise LorlibError(f"{what}: {WEIGHTS_FILE} holds no LoRA weights")
-    # One check per dtype over all weights: a call per tensor costs more than the check (240 per
-    # adapter), and the largest |w| is NaN or infinite exactly when some weight is (it is 15 times
-    # faster than isfinite on bfloat16).
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors.values():
-        if t.numel():
-            by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
-    if not all(math.isfinite(torch.cat(parts).abs().amax()) for parts in by_dtype.values()):
-        bad = next(key for key, t in tensors.items() if t.numel() and not math.isfinite(t.abs().amax()))
-        raise LorlibError(f"{what}: tensor {bad} contains NaN or Inf")
-    factors = {}
-    for module, pair in sorted(halves.items()):
-        if set(pair) != {"A", "B"}:
-            raise LorlibError(f"{what}: module {module} has lora_{''.join(pair)} but not both A and B")
-        a, b = pair["A"], pair["B"]
-        if a.shape[0] != b.shape[1] or a.shape[0] == 0:
-            raise LorlibError(
-                f"{what}: module {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
-                "which do not share a positive rank"
-            )
-        factors[module] = (a, b)
-    return factors
-
-
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern/alpha_pattern: a key matches a module name or its dotted suffix."""
     for key, value in (patterns or {}).items():
@@ -241,13 +360,6 @@ def _pattern_value(patterns: dict, module: str, default):
 def _scale(config: dict, module: str, rank: int) -> float:
     alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", config["r"]))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def _check_ranks(adapter: LoraAdapter, what: str) -> None:
-    for module, rank in adapter.ranks.items():
-        expected = _pattern_value(adapter.config.get("rank_pattern"), module, adapter.config["r"])
-        if rank != expected:
-            raise LorlibError(f"{what}: module {module} has rank {rank} but {CONFIG_FILE} says {expected}")
 
 
 def write_adapter(folder: Path, adapter: LoraAdapter) -> None:

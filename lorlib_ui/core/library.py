@@ -439,7 +439,10 @@ class Library:
     # ---- Arrow prototypes cache --------------------------------------------------------------
     def prototypes(self) -> dict[str, dict[str, torch.Tensor]]:
         """expert name -> module -> prototype (d_in,), from the cache where the weights are unchanged."""
-        by_hash = self._read_prototype_cache()
+        by_hash: dict[str, dict[str, torch.Tensor]] = {}
+        for module, (hashes, stack) in self._read_prototype_cache().items():
+            for digest, prototype in zip(hashes, stack.unbind()):
+                by_hash.setdefault(digest, {})[module] = prototype
         out, missing = {}, False
         for e in self.experts:
             if e.weights_hash in by_hash:
@@ -453,10 +456,25 @@ class Library:
                 self._write_prototype_cache(out)
         return out
 
-    def _read_prototype_cache(self) -> dict[str, dict[str, torch.Tensor]]:
-        """weights hash -> module -> prototype. The file holds one (rows, d_in) tensor per module
-        and, in its metadata, the weights hash of each row: a few hundred tensors to read however
-        many experts there are (a tensor per expert and module took seconds at 1024 experts)."""
+    def prototype_matrices(self) -> dict[str, torch.Tensor]:
+        """module -> (experts, d_in): row e is the prototype of expert e in the manifest's order,
+        zeros where it does not adapt the module. Rows are picked from the cache's stacks at once
+        (a tensor per expert and module costs a second at 1024 experts); what the cache lacks is
+        computed (and cached) first."""
+        stacks = self._read_prototype_cache()
+        cached = {digest for hashes, _ in stacks.values() for digest in hashes}
+        if any(e.weights_hash not in cached for e in self.experts):
+            stacks = _stacked_prototypes(self.prototypes(), {e.name: e.weights_hash for e in self.experts})
+        out = {}
+        for module, (hashes, stack) in stacks.items():
+            row = {digest: i for i, digest in enumerate(hashes)}
+            padded = torch.cat([stack.float(), stack.new_zeros(1, stack.shape[1], dtype=torch.float32)])
+            out[module] = padded[[row.get(e.weights_hash, len(hashes)) for e in self.experts]]
+        return out
+
+    def _read_prototype_cache(self) -> dict[str, tuple[list[str], torch.Tensor]]:
+        """module -> (weights hash of each row, (rows, d_in) prototypes). One tensor per module
+        however many experts there are; the hashes are in the file's metadata."""
         path = self.path / PROTOTYPES
         if not path.is_file():
             return {}
@@ -467,21 +485,12 @@ class Library:
                 raise ValueError("rows and hashes differ")
         except (LorlibError, ValueError, KeyError, TypeError):
             return {}  # a damaged (or older) cache is only a cache: recompute
-        by_hash: dict[str, dict[str, torch.Tensor]] = {}
-        for module, hashes in rows.items():
-            for digest, prototype in zip(hashes, stacks[module].unbind()):
-                by_hash.setdefault(digest, {})[module] = prototype
-        return by_hash
+        return {module: (hashes, stacks[module]) for module, hashes in rows.items()}
 
     def _write_prototype_cache(self, protos: dict[str, dict[str, torch.Tensor]]) -> None:
-        hashes = {e.name: e.weights_hash for e in self.experts}
-        rows: dict[str, list[str]] = {}
-        vectors: dict[str, list[torch.Tensor]] = {}
-        for name, by_module in protos.items():
-            for module, vector in by_module.items():
-                rows.setdefault(module, []).append(hashes[name])
-                vectors.setdefault(module, []).append(vector.float())
-        tensors = {module: torch.stack(parts).contiguous() for module, parts in vectors.items()}
+        stacks = _stacked_prototypes(protos, {e.name: e.weights_hash for e in self.experts})
+        rows = {module: hashes for module, (hashes, _) in stacks.items()}
+        tensors = {module: stack.contiguous() for module, (_, stack) in stacks.items()}
         with self._write_lock():
             tmp = temporary_name(self.path / PROTOTYPES)
             try:
@@ -489,6 +498,20 @@ class Library:
                 os.replace(tmp, self.path / PROTOTYPES)
             except (OSError, SafetensorError):  # a cache: without room for it, computed again next time
                 tmp.unlink(missing_ok=True)
+
+
+def _stacked_prototypes(
+    protos: dict[str, dict[str, torch.Tensor]], hashes: dict[str, str]
+) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """expert -> module -> prototype as the cache holds them: module -> (weights hash of each
+    row, (rows, d_in) float32)."""
+    rows: dict[str, list[str]] = {}
+    vectors: dict[str, list[torch.Tensor]] = {}
+    for name, by_module in protos.items():
+        for module, vector in by_module.items():
+            rows.setdefault(module, []).append(hashes[name])
+            vectors.setdefault(module, []).append(vector.float())
+    return {module: (rows[module], torch.stack(parts)) for module, parts in vectors.items()}
 
 
 _MANIFEST_KEYS = {"format", "version", "base_model", "base_fingerprint", "base_shapes", "experts", "clusters"}

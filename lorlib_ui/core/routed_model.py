@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorlib_ui.core.adapters import LoraAdapter, read_adapter, read_layout
+from lorlib_ui.core.adapters import LoraAdapter, PackedAdapter, Span, read_layout, read_packed
 from lorlib_ui.core.base_model import linear_shapes, load_base_model, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.input_groups import InputGroup, input_groups
@@ -50,6 +51,7 @@ from lorlib_ui.core.routers.base import ExpertStack
 DISPATCH_RATIO = 8
 # torch warns once that its sparse CSR tensors are in beta; the two calls used here are tested
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+FILL_RUN = 32  # experts copied together when building (see RoutedModel._fill)
 MERGED_CACHE = 8  # static merges kept folded per layer; a search (LoraHub) tries a new one each step
 
 
@@ -113,19 +115,18 @@ class LibraryLinear(nn.Module):
             self.group.stop()
         return self
 
-    def set_factors(self, e: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Expert e's factors A (r x d_in) and B (d_out x r) into its slice of the stacks; calls
-        for different experts touch disjoint memory, so threads may fill a layer together."""
-        r = a.shape[0]
-        self.lora_a.view(self.n_experts, self.rank, -1)[e, :r].copy_(a)
-        self.lora_bt.view(self.n_experts, self.rank, -1)[e, :r].copy_(b.T)
+    def set_factors(self, first: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """The factors of experts first, first + 1, ..., all of one rank r: A (n, r, d_in) and
+        B (n, d_out, r), into their slices of the stacks (cast to the storage dtype)."""
+        n, r = a.shape[:2]
+        self.lora_a.view(self.n_experts, self.rank, -1)[first : first + n, :r].copy_(a)
+        self.lora_bt.view(self.n_experts, self.rank, -1)[first : first + n, :r].copy_(b.transpose(1, 2))
         self._changed()
 
-    def set_keys(self, scales: list[float], prototypes: list[torch.Tensor | None]) -> None:
-        """Every expert's LoRA scale and prototype (None where it does not adapt this layer)."""
-        zero = self.prototypes.new_zeros(self.prototypes.shape[1])
+    def set_keys(self, scales: list[float], prototypes: torch.Tensor) -> None:
+        """Every expert's LoRA scale and prototype (E, d_in) (zeros where it does not adapt this layer)."""
         self.scales.copy_(torch.tensor(scales))
-        self.prototypes.copy_(torch.stack([zero if p is None else p for p in prototypes]))
+        self.prototypes.copy_(prototypes)
         self._changed()
 
     def _changed(self) -> None:
@@ -277,9 +278,6 @@ class RoutedModel:
         self.model, self.tokenizer, self.library = model, tokenizer, library
         self.experts = library.names
         self.state = RoutingState()
-        # Experts stream into preallocated buffers, one per thread at a time (reading a file and
-        # torch's copies release the GIL), so building never holds the whole library twice (256
-        # experts on SmolLM2 are about 0.5 GB in float32).
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             folders = [library.path / e.path for e in library.experts]  # in the order of self.experts
             layouts = dict(zip(self.experts, pool.map(read_layout, folders)))
@@ -293,25 +291,39 @@ class RoutedModel:
                 per_expert = [ranks[x].get(name, 0) for x in self.experts]
                 layers[name] = LibraryLinear(name, getattr(parent, child), per_expert, self.state, storage)
                 setattr(parent, child, layers[name])
-            scales = {name: [0.0] * len(self.experts) for name in self.modules}
-
-            def place(e: int) -> None:
-                adapter = read_adapter(folders[e])
-                if adapter.ranks != ranks[self.experts[e]]:
-                    raise LorlibError(
-                        f"expert {self.experts[e]} changed on disk while the model was being built; try again"
-                    )
-                for module, (a, b) in adapter.factors.items():
-                    layers[module].set_factors(e, a, b)
-                    scales[module][e] = adapter.scales[module]
-
-            list(pool.map(place, range(len(self.experts))))
-        protos = library.prototypes()
+            # before filling: the members' A factors are views into their group's buffer
+            self.groups = input_groups(layers)
+            scales = self._fill(layers, folders, [ranks[x] for x in self.experts], pool)
+        prototypes = library.prototype_matrices()
         for name, layer in layers.items():
-            layer.set_keys(scales[name], [protos[x].get(name) for x in self.experts])
-        self.groups = input_groups(layers)
+            layer.set_keys(scales[name], prototypes[name])
         self.layers: dict[str, LibraryLinear] = layers
         self._attached: dict[str, set[str]] = {"prototypes": set(self.experts)}  # key set -> experts that have it
+
+    def _fill(
+        self, layers: dict[str, LibraryLinear], folders: list, ranks: list[dict[str, int]], pool: ThreadPoolExecutor
+    ) -> dict[str, list[float]]:
+        """Read every expert into the layers' preallocated buffers. Threads read and check the
+        files ahead (reading and torch's checks release the GIL) while this thread copies runs
+        of experts stored alike, a module at a time: one copy per module and run of FILL_RUN
+        experts rather than one per module and expert (a quarter of a million at 1024 experts).
+        About four runs' files are held at once (read ahead, being copied, stacked), never the
+        whole library twice. Returns module -> every expert's LoRA scale there."""
+        scales = {name: [0.0] * len(self.experts) for name in self.modules}
+        read = _read_ahead(pool, read_packed, folders, 2 * FILL_RUN)
+        for first, run in _runs(read, FILL_RUN):
+            layout = run[0].layout
+            for i, packed in enumerate(run, start=first):
+                if packed.layout.ranks != ranks[i]:
+                    raise LorlibError(
+                        f"expert {self.experts[i]} changed on disk while the model was being built; try again"
+                    )
+            data = torch.stack([packed.tensor()[: layout.size] for packed in run])  # (experts, bytes)
+            for module, (a, b) in layout.modules.items():
+                layers[module].set_factors(first, _columns(data, a), _columns(data, b))
+                for i, packed in enumerate(run, start=first):
+                    scales[module][i] = packed.scales[module]
+        return scales
 
     @classmethod
     def load(cls, library: Library, base_model: str | None = None, device: str | None = None, dtype: str | None = None):
@@ -389,6 +401,40 @@ class RoutedModel:
             yield builder
         finally:
             self.state.router, self.state.record = None, None
+
+
+def _read_ahead(pool: ThreadPoolExecutor, fn, items: list, window: int):
+    """fn(item) for each item in order, computed on `pool` at most `window` items ahead."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _runs(adapters, longest: int):
+    """(index of the first, list) of consecutive adapters with one layout, at most `longest` each."""
+    run: list[PackedAdapter] = []
+    first = 0
+    for i, adapter in enumerate(adapters):
+        if run and (len(run) == longest or adapter.layout is not run[0].layout):
+            yield first, run
+            run, first = [], i
+        run.append(adapter)
+    if run:
+        yield first, run
+
+
+def _columns(data: torch.Tensor, span: Span) -> torch.Tensor:
+    """One factor of each of stacked weights files `data` (files, bytes): (files, *shape), a view
+    where the bytes line up with the dtype."""
+    block = data[:, span.begin : span.end]
+    size = span.dtype.itemsize
+    if span.begin % size or data.shape[1] % size:
+        block = block.contiguous()
+    return block.view(span.dtype).view(-1, *span.shape)
 
 
 _SIXTEEN_BIT = {"BF16": torch.bfloat16, "F16": torch.float16}

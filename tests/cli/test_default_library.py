@@ -64,7 +64,10 @@ def test_manifest_records_the_recipe_and_the_evaluation(shipped):
 
 def test_prototype_cache_matches_the_experts(shipped):
     """The shipped cache is used as is: every expert's prototypes are in it, keyed by its weights."""
-    cached = shipped._read_prototype_cache()
+    cached: dict[str, dict[str, torch.Tensor]] = {}
+    for module, (hashes, stack) in shipped._read_prototype_cache().items():
+        for digest, row in zip(hashes, stack):
+            cached.setdefault(digest, {})[module] = row
     for e in shipped.experts:
         assert len(cached.get(e.weights_hash, {})) == 2 * 30, e.name  # q_proj and v_proj of 30 layers
         assert all(torch.isfinite(v).all() for v in cached[e.weights_hash].values())

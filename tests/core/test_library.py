@@ -40,8 +40,17 @@ def test_expert_folders_load_with_plain_peft(tiny_library, tiny_base):
     assert model.peft_config["default"].r == 4
 
 
+def cached_by_hash(library: Library) -> dict[str, dict[str, torch.Tensor]]:
+    """The prototype cache as weights hash -> module -> prototype."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for module, (hashes, stack) in library._read_prototype_cache().items():
+        for digest, row in zip(hashes, stack):
+            out.setdefault(digest, {})[module] = row
+    return out
+
+
 def test_prototype_cache_is_keyed_by_weights(tiny_library, tiny_base, tmp_path):
-    cached = tiny_library._read_prototype_cache()
+    cached = cached_by_hash(tiny_library)
     assert set(cached) == {e.weights_hash for e in tiny_library.experts}
     for e in tiny_library.experts:
         assert len(cached[e.weights_hash]) == len(tiny_library.load_adapter(e.name).factors)
@@ -51,7 +60,7 @@ def test_prototype_cache_is_keyed_by_weights(tiny_library, tiny_base, tmp_path):
     tiny_library.add_experts([_entry(name, make_adapter(tmp_path / "new", tiny_base, seed=99))], force=True)
     new_hash = tiny_library.expert(name).weights_hash
     assert new_hash != old_hash
-    cached = Library.open(tiny_library.path)._read_prototype_cache()
+    cached = cached_by_hash(Library.open(tiny_library.path))
     assert old_hash not in cached and new_hash in cached
     assert len(load_file(tiny_library.path / PROTOTYPES)) == 8  # one matrix per module: q, k, v, o of 2 layers
     # the replaced folder is gone; only the manifest's folders remain

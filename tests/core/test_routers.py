@@ -9,7 +9,7 @@ from conftest import routed_logits as _logits
 from conftest import routing_ids as _ids
 from transformers import AutoModelForCausalLM
 
-from lorlib_ui.core.adapters import read_adapter
+from lorlib_ui.core.adapters import read_adapter, read_layout, write_adapter
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router
@@ -400,17 +400,57 @@ def test_the_oracle_runs_only_where_it_is_resolved_per_task():
 
 
 def test_an_expert_rewritten_while_the_model_is_built_is_a_one_line_error(tiny_library, monkeypatch):
-    """The layers are sized from the headers first; weights that no longer fit them are refused."""
+    """The layers are sized from the headers first; weights rewritten on disk after that with
+    another rank no longer fit them and are refused."""
     from lorlib_ui.core import routed_model
 
-    def grown(folder):
-        adapter = read_adapter(folder)
-        if folder.name == "task3":
+    def rewritten_after(folder):
+        layout = read_layout(folder)
+        if folder.name == "task3":  # grow one module's rank to twice
+            adapter = read_adapter(folder)
             module = next(iter(adapter.factors))
-            a, b = adapter.factors[module]
+            a, b = (t.clone() for t in adapter.factors[module])
             adapter.factors[module] = (torch.cat([a, a]), torch.cat([b, b], dim=1))
-        return adapter
+            adapter.config["rank_pattern"] = {module: 2 * a.shape[0]}
+            write_adapter(folder, adapter)
+        return layout
 
-    monkeypatch.setattr(routed_model, "read_adapter", grown)
+    monkeypatch.setattr(routed_model, "read_layout", rewritten_after)
     with pytest.raises(LorlibError, match="expert task3 changed on disk while the model was being built; try again"):
         RoutedModel.load(tiny_library, device="cpu")
+
+
+def test_experts_are_placed_in_runs_exactly(tmp_path, tiny_base, monkeypatch):
+    """Building copies runs of experts stored alike a module at a time (cut at FILL_RUN, and
+    where the layout changes): every expert's factors and scale land in its own slice, zero
+    padded, whatever the runs."""
+    from lorlib_ui.core import routed_model
+
+    monkeypatch.setattr(routed_model, "FILL_RUN", 2)
+    kinds = [
+        (4, None, None),
+        (4, None, None),
+        (4, None, None),
+        (2, ["q_proj", "v_proj"], 7.0),
+        (4, None, 3.0),
+        (4, None, 3.0),
+    ]
+    dirs = [
+        make_adapter(tmp_path / f"e{i}", tiny_base, seed=20 + i, rank=rank, targets=targets, alpha=alpha)
+        for i, (rank, targets, alpha) in enumerate(kinds)
+    ]
+    library = build_library(tmp_path / "lib", tiny_base, dirs)
+    rm = RoutedModel.load(library, device="cpu")
+    for e, name in enumerate(rm.experts):
+        adapter = library.load_adapter(name)
+        for module, layer in rm.layers.items():
+            a_rows = layer.lora_a.view(layer.n_experts, layer.rank, -1)[e]
+            bt_rows = layer.lora_bt.view(layer.n_experts, layer.rank, -1)[e]
+            if module not in adapter.factors:
+                assert not a_rows.any() and not bt_rows.any() and layer.scales[e] == 0
+                continue
+            a, b = adapter.factors[module]
+            r = a.shape[0]
+            assert torch.equal(a_rows[:r], a) and torch.equal(bt_rows[:r], b.T)
+            assert not a_rows[r:].any() and not bt_rows[r:].any()
+            assert layer.scales[e] == pytest.approx(adapter.scales[module])
