@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from lorlib_ui.core import screening
 from lorlib_ui.core.routers.base import Router
+from lorlib_ui.core.screening import Screens, screened_scores
 
 # Llama-style names of sibling layers that read one input (attention, MLP)
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -65,10 +67,12 @@ class InputGroup:
         self._scales: torch.Tensor | None = None
         self._slots: dict[tuple[int, ...] | None, _GroupSlot] = {}
         self._results: dict[str, tuple] = {}
+        self._screens = Screens()
 
     def stop(self) -> None:
         """Route every member alone from now on (its buffers were moved, or inputs differ)."""
         self.fusing = False
+        self._screens.clear()
         self._results.clear()
         self._input = None
 
@@ -76,6 +80,7 @@ class InputGroup:
         """A member's experts changed: what was stacked from them is stale."""
         self._scales = None
         self._keys.clear()
+        self._screens.clear()
         self._results.clear()
         self._input = None
 
@@ -118,10 +123,21 @@ class InputGroup:
 
     def _route(self, router: Router, h: torch.Tensor, record: bool) -> dict[str, tuple]:
         g, e, r = len(self.members), self.n_experts, self.rank
-        scores = F.linear(h, self._stacked_keys(router.keys)).view(g, e)
+        keys = self._stacked_keys(router.keys)
         if router.subset not in self._slots:
             self._slots[router.subset] = _GroupSlot(self.members, router.subset)
-        routing = router.route(self._slots[router.subset], scores, h)
+        slot = self._slots[router.subset]
+        if (
+            router.screens
+            and not record
+            and e >= screening.SCREEN_FROM
+            and (screen := self._screens.of(keys)) is not None
+        ):
+            usable, n = slot.usable(router.subset)
+            scores = screened_scores(h, keys, screen, g, min(router.top_k, n), usable)
+        else:
+            scores = F.linear(h, keys).view(g, e)
+        routing = router.route(slot, scores, h)
         index, top = routing.index, routing.top  # (G, k)
         k = index.shape[1]
         flat = (index + self.offsets).view(-1)
