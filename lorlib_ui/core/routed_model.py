@@ -18,7 +18,9 @@ Arrow slow and memory-hungry with many experts.
 
 One token (decoding) on a CPU: the step is bound by memory traffic, not arithmetic, so after
 scoring the experts we gather the rows of only the top-k chosen, instead of reading every
-expert's weights for one token. (On a GPU the dense path is cheap.)
+expert's weights for one token. (On a GPU the dense path is cheap.) With many experts, scoring
+itself dominates the step; Arrow then screens the prototypes in float16 and scores only the
+candidates exactly (`lorlib_ui.core.screening`).
 """
 
 from __future__ import annotations

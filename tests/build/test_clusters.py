@@ -78,3 +78,20 @@ def test_experts_stored_in_other_dtypes_are_read_as_float32(tiny_library):
     reference = sparsify(dense_vectors(tiny_library), 0.5).astype(np.float64)
     gram = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
     np.testing.assert_allclose(gram, reference @ reference.T, rtol=1e-5)
+
+
+def test_the_shipped_library_clusters_the_same_streamed_or_in_memory():
+    """Issue #15: the Gram path (never holding n x D) gives the shipped library the clusters of
+    the in-memory path, at the k it was built with."""
+    from lorlib_ui.build.mbc import adjusted_rand_index, mbc_cluster
+    from lorlib_ui.cli.default_library import OUT
+    from lorlib_ui.core.library import Library
+
+    shipped = Library.open(OUT)
+    k = len(shipped.clusters["members"])
+    names = [e.name for e in task_experts(shipped)]
+    _, streamed = embed_library(shipped)
+    in_memory = embed(names, dense_vectors(shipped))
+    np.testing.assert_allclose(streamed.similarity, in_memory.similarity, atol=1e-5)
+    labels = [str(label) for label in mbc_cluster(in_memory, k)]
+    assert adjusted_rand_index(mbc_cluster(streamed, k), labels) == 1.0
