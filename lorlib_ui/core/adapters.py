@@ -158,13 +158,12 @@ def read_packed(folder: str | Path) -> PackedAdapter:
         layout = _layout(header)
     if (bad := _first_not_finite(data, start, layout)) is not None:
         raise LorlibError(f"{what}: tensor {bad} contains NaN or Inf")
-    scales = {m: _scale(config, m, rank) for m, rank in layout.ranks.items()}
-    packed = PackedAdapter(config=config, layout=layout, data=data, start=start, scales=scales)
     for module, rank in layout.ranks.items():
         expected = _pattern_value(config.get("rank_pattern"), module, config["r"])
         if rank != expected:
             raise LorlibError(f"{what}: module {module} has rank {rank} but {CONFIG_FILE} says {expected}")
-    return packed
+    scales = {m: _scale(config, m, rank) for m, rank in layout.ranks.items()}
+    return PackedAdapter(config=config, layout=layout, data=data, start=start, scales=scales)
 
 
 def _read_file(path: Path, what: str) -> tuple[bytearray, bytes]:
@@ -173,7 +172,7 @@ def _read_file(path: Path, what: str) -> tuple[bytearray, bytes]:
     Read into memory, never memory-mapped: a mapped file rewritten in place under a running
     process crashes it with SIGBUS. The format: an 8-byte little-endian header length, a JSON
     header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {}}, then the data."""
-    try:
+    with _invalid_file(path, what):
         data = bytearray(path.stat().st_size)
         with open(path, "rb") as handle:
             if handle.readinto(data) != len(data):
@@ -182,20 +181,16 @@ def _read_file(path: Path, what: str) -> tuple[bytearray, bytes]:
         if len(data) < 8 + size:
             raise ValueError("the header runs past the end of the file")
         return data, bytes(data[8 : 8 + size])
-    except OSError as exc:
-        raise LorlibError(f"{what}: {path.name} is not a valid safetensors file ({exc})") from None
-    except ValueError as exc:
-        raise LorlibError(f"{what}: {path.name} is not a valid safetensors file ({exc})") from None
 
 
 @contextmanager
 def _invalid_file(path: Path, what: str):
-    """Any error of parsing `path` as one line naming it."""
+    """Any error of reading or parsing `path` as one line naming it."""
     try:
         yield
     except LorlibError as exc:
         raise LorlibError(f"{what}: {exc}") from None
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
         raise LorlibError(f"{what}: {path.name} is not a valid safetensors file ({exc})") from None
 
 
@@ -310,13 +305,19 @@ def _parse_header(data: bytes) -> tuple[dict[str, tuple[torch.dtype, list[int], 
     return out, metadata, 8 + size
 
 
-def _read_header(handle) -> tuple[dict, int]:
-    """The tensors' header of an open safetensors file, reading only the header's bytes."""
+def _read_header_bytes(handle) -> bytes:
+    """The JSON header of an open safetensors file, reading only its bytes."""
     size = int.from_bytes(handle.read(8), "little")
     header = handle.read(size)
     if len(header) < size:
         raise ValueError("the header runs past the end of the file")
-    return _parsed(header)[0], 8 + size
+    return header
+
+
+def _read_header(handle) -> tuple[dict, int]:
+    """The tensors' header of an open safetensors file and where its data starts."""
+    header = _read_header_bytes(handle)
+    return _parsed(header)[0], 8 + len(header)
 
 
 def _read_config(folder: Path, what: str) -> dict:
@@ -375,21 +376,12 @@ def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
 
 def read_layout(folder: Path) -> tuple[dict[str, int], set[str]]:
     """Rank per adapted module and the dtypes of the weights, from the safetensors header alone
-    (no tensor is read). Only for sizing buffers before `read_adapter` loads and checks them."""
-    what = f"adapter {folder}"
-    try:
-        with open(folder / WEIGHTS_FILE, "rb") as handle:
-            header, _ = _read_header(handle)
-    except LorlibError as exc:
-        raise LorlibError(f"{what}: {exc}") from None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
-        raise LorlibError(f"{what}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
-    ranks = {
-        match["module"]: shape[0]
-        for key, (_, shape, _, _) in header.items()
-        if (match := _KEY.fullmatch(key)) and match["ab"] == "A" and shape
-    }
-    return ranks, {_DTYPE_NAMES[dtype] for dtype, _, _, _ in header.values()}
+    (checked as `read_adapter` checks it; no tensor is read), for sizing buffers before the
+    weights are read."""
+    path = folder / WEIGHTS_FILE
+    with _invalid_file(path, f"adapter {folder}"), open(path, "rb") as handle:
+        layout = _layout(_read_header_bytes(handle))
+    return layout.ranks, {_DTYPE_NAMES[dtype] for dtype in layout.dtypes}
 
 
 @dataclass(frozen=True)

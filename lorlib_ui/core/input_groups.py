@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from lorlib_ui.core import screening
 from lorlib_ui.core.routers.base import Router
-from lorlib_ui.core.screening import Screens, screened_scores
+from lorlib_ui.core.screening import Screens
 
 # Llama-style names of sibling layers that read one input (attention, MLP)
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -127,16 +126,7 @@ class InputGroup:
         if router.subset not in self._slots:
             self._slots[router.subset] = _GroupSlot(self.members, router.subset)
         slot = self._slots[router.subset]
-        if (
-            router.screens
-            and not record
-            and e >= screening.SCREEN_FROM
-            and (screen := self._screens.of(keys)) is not None
-        ):
-            usable, n = slot.usable(router.subset)
-            scores = screened_scores(h, keys, screen, g, min(router.top_k, n), usable)
-        else:
-            scores = F.linear(h, keys).view(g, e)
+        scores = self._screens.scores(h, keys, g, router, slot.usable(router.subset), record)
         routing = router.route(slot, scores, h)
         index, top = routing.index, routing.top  # (G, k)
         k = index.shape[1]

@@ -37,7 +37,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorlib_ui.core import screening
 from lorlib_ui.core.adapters import LoraAdapter, PackedAdapter, Span, read_layout, read_packed
 from lorlib_ui.core.base_model import linear_shapes, load_base_model, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
@@ -46,7 +45,7 @@ from lorlib_ui.core.library import Library
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.core.routers import Router
 from lorlib_ui.core.routers.base import ExpertStack
-from lorlib_ui.core.screening import Screens, screened_scores
+from lorlib_ui.core.screening import Screens
 
 # Experts per chosen expert (E / k) from which computing only the chosen pairs beats the dense
 # path for many tokens on a CPU: the dense path costs E·r·d multiply-adds per token, the sparse
@@ -189,12 +188,8 @@ class LibraryLinear(nn.Module):
             z = F.linear(h, stack.lora_a.to(h.dtype))
             routing = router.route(self, z, h)
         else:
-            keys = stack.keys[router.keys]
-            if self._screening(router, h) and (screen := self._screens.of(keys)) is not None:
-                usable, n = self.usable(router.subset)
-                scores = screened_scores(h, keys, screen, 1, min(router.top_k, n), usable.view(1, -1))
-            else:
-                scores = F.linear(h, keys)
+            keys, record = stack.keys[router.keys], self.state.record is not None
+            scores = self._screens.scores(h, keys, 1, router, self.usable(router.subset), record)
             routing = router.route(self, scores, h)
         if z is None and self._dispatches(h.shape[0], routing):
             delta = self._dispatch(h, routing, stack, router.mix)
@@ -203,18 +198,6 @@ class LibraryLinear(nn.Module):
             delta = self.coefficients(z, routing.dense(), stack.scales, router.mix) @ stack.lora_bt.to(z.dtype)
         weights = routing.dense() if self.state.record is not None else None
         return weights, routing.logits, delta
-
-    def _screening(self, router: Router, h: torch.Tensor) -> bool:
-        """Whether to screen this token's scores in float16 (`lorlib_ui.core.screening`): one
-        token on a CPU, many experts, a router that allows it, and no record (which shows every
-        expert's exact score)."""
-        return (
-            h.shape[0] == 1
-            and router.screens
-            and self.gather_chosen
-            and self.n_experts >= screening.SCREEN_FROM
-            and self.state.record is None
-        )
 
     def _dispatches(self, n_tokens: int, routing) -> bool:
         """Whether to compute only the chosen (token, expert) pairs: on a CPU, for top-k routing,

@@ -20,8 +20,8 @@ expert has a_e ≥ (k-th largest a) − 2β: it is a candidate, and its exact sc
 ties at a score of 0 are the one case where the choice among equal candidates may differ.)
 
 Candidates are typically k plus a few; the cost is some fifteen small ops per token, and on a CPU
-without native float16 arithmetic the float16 matmul runs at about half the speed of reading its
-bytes, so screening pays only with many experts (SCREEN_FROM).
+without float16 arithmetic the float16 matmul is slower than its bytes alone would make it, so
+screening pays only with many experts (SCREEN_FROM).
 """
 
 from __future__ import annotations
@@ -85,6 +85,20 @@ class Screens:
 
     def __init__(self):
         self._held: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, float] | None]] = {}
+
+    def scores(
+        self, h: torch.Tensor, keys: torch.Tensor, rows: int, router, usable: tuple[torch.Tensor, int], record: bool
+    ) -> torch.Tensor:
+        """h·key for tokens h (n, d) against keys (rows·E, d), as (n·rows, E): one matmul, or, for
+        one token of a router that ranks by |h·key| with at least SCREEN_FROM experts and no
+        record (which shows every exact score), `screened_scores`. `usable`: the layer's (mask
+        (rows, E), count) for the router."""
+        e = keys.shape[0] // rows
+        screening = h.shape[0] == 1 and router.screens and not record and e >= SCREEN_FROM
+        if screening and (screen := self.of(keys)) is not None:
+            mask, n = usable
+            return screened_scores(h, keys, screen, rows, min(router.top_k, n), mask.view(rows, e))
+        return F.linear(h, keys).view(-1, e)
 
     def of(self, keys: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         held = self._held.get(id(keys))

@@ -89,8 +89,7 @@ def test_decoding_with_screening_equals_decoding_without(tiny_routed, monkeypatc
             out = rm.model(input_ids=ids[:, :-1], use_cache=True)
             return rm.model(input_ids=ids[:, -1:], past_key_values=out.past_key_values).logits
 
-    monkeypatch.setattr("lorlib_ui.core.input_groups.screened_scores", counted)
-    monkeypatch.setattr("lorlib_ui.core.routed_model.screened_scores", counted)
+    monkeypatch.setattr(screening, "screened_scores", counted)
     screened = last_logits(1)
     assert sorted(set(calls)) == [1, 3]
     calls.clear()
