@@ -33,6 +33,29 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BATCH = 128  # experts written per atomic add: a batch is held in memory (1.8 MB each in bf16)
 
 
+CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": list(TARGETS)}
+
+
+def write_random_adapter(folder: Path, seed: int) -> Path:
+    """One more expert of the same shapes, of no family, as a PEFT folder (to import)."""
+    import torch
+
+    from lorlib_ui.core.adapters import LoraAdapter, write_adapter
+    from lorlib_ui.core.base_model import base_model_info
+
+    gen = torch.Generator().manual_seed(seed)
+    factors = {
+        m: (
+            (torch.randn(4, d_in, generator=gen) / d_in**0.5).to(torch.bfloat16),
+            (torch.randn(d_out, 4, generator=gen) / d_out**0.5).to(torch.bfloat16),
+        )
+        for m, (d_out, d_in) in base_model_info(None).linear_shapes.items()
+        if m.rsplit(".", 1)[-1] in TARGETS
+    }
+    write_adapter(folder, LoraAdapter(config=dict(CONFIG), factors=factors, scales={m: 2.0 for m in factors}))
+    return folder
+
+
 def make_library(path: Path, n: int, families: int, seed: int = 0):
     import torch
 
@@ -50,7 +73,6 @@ def make_library(path: Path, n: int, families: int, seed: int = 0):
             for m, (d_out, d_in) in shapes.items()
         }
         centres.append(pairs)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": list(TARGETS)}
     library = Library.create(path, info)
     for first in range(0, n, BATCH):
         entries = []
@@ -61,7 +83,7 @@ def make_library(path: Path, n: int, families: int, seed: int = 0):
                 noisy_a = (a + torch.randn(a.shape, generator=gen)) / a.shape[1] ** 0.5
                 noisy_b = (b + torch.randn(b.shape, generator=gen)) / b.shape[0] ** 0.5
                 factors[m] = (noisy_a.to(torch.bfloat16), noisy_b.to(torch.bfloat16))
-            adapter = LoraAdapter(config=dict(config), factors=factors, scales={m: 2.0 for m in factors})
+            adapter = LoraAdapter(config=dict(CONFIG), factors=factors, scales={m: 2.0 for m in factors})
             entry = expert_from_adapter(f"e{i:04d}", adapter, info.name, kind="private", family=f"f{family}")
             entries.append((entry, adapter))
         library.add_experts(entries)

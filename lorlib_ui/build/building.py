@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lorlib_ui.build.clusters import keep_gram
 from lorlib_ui.build.config import TrainConfig
 from lorlib_ui.build.data import MultiTaskData
 from lorlib_ui.build.trainers import BuildReport, Job, LocalTrainer, Progress, Trainer
@@ -131,6 +132,7 @@ def build_library(
     if shared:  # last, on all private tasks: those already in the library and these
         jobs.append(shared_job(library, loaded, shared_steps or 4 * config.steps, adding=train_tasks))
     report = (trainer or LocalTrainer()).train(library, loaded, jobs, config, force, progress, cancel)
+    keep_gram(Library.open(path))  # the next cluster view computes only what it must
     report.held_out = held
     report.seconds = time.perf_counter() - start
     return report

@@ -9,21 +9,31 @@ date. (Which cluster expert is a held-out task's oracle: `lorlib_ui.core.routers
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from lorlib_ui.build.config import TrainConfig
-from lorlib_ui.build.mbc import adjusted_rand_index, check_quantile, embed_gram, mbc_cluster, silhouette_by_k, threshold
+from lorlib_ui.build.config import KEEP_QUANTILE, TrainConfig
+from lorlib_ui.build.mbc import (
+    adjusted_rand_index,
+    check_k,
+    check_quantile,
+    embed_gram,
+    mbc_cluster,
+    silhouette_by_k,
+    threshold,
+)
 from lorlib_ui.build.trainers import BuildReport, Job, LocalTrainer, Progress, Trainer
 from lorlib_ui.core.adapters import WEIGHTS_FILE, factor_spans, read_spans
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.library import TASK_KINDS, Expert, Library
+from lorlib_ui.core.library import MBC_GRAM, TASK_KINDS, Expert, Library
 
 
 @dataclass
@@ -76,37 +86,110 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
     factors flattened module by module in sorted order, entries at or under its threshold zeroed
     (`lorlib_ui.build.mbc`, steps 1 and 2).
 
-    The n x D matrix of the x_i is never held (3.7 MB per expert for rank 4 on SmolLM2's attention:
-    15 GB at 4,096 experts). Two passes over the adapters instead, one thread per core (reading
-    files, bf16-to-float32 copies and numpy's partition release the GIL):
-
-    1. each expert whole, checked: that it lines up with the first, and its threshold;
-    2. column blocks of whole modules, each sized so that all n experts' block is BLOCK_BYTES:
-       only those tensors are read, sparsified with the thresholds of pass 1, and the block's
-       Gram X_b X_bᵀ is added to G. Memory grows as n² + BLOCK_BYTES, not as n x D.
-    """
+    G[i, j] depends only on the two experts' weights, so the library keeps G (`MBC_GRAM`: rows
+    keyed by weights hash, with each expert's threshold) and only the rows of the experts it
+    lacks are computed: n x D multiply-adds each, where the whole matrix is n² x D (10¹² at 1,024
+    experts, 24 s on 2 cores). `keep_gram` brings it up to date after experts are added."""
     check_quantile(keep_quantile)
+    hashes = [e.weights_hash for e in experts]
+    stored = _stored_gram(library, keep_quantile)
+    known = [i for i, digest in enumerate(hashes) if digest in stored.rows]
+    new = sorted(set(range(len(experts))) - set(known))
+    at = [stored.rows[hashes[i]] for i in known]
+    gram = np.empty((len(experts), len(experts)))
+    gram[np.ix_(known, known)] = stored.gram[np.ix_(at, at)]
+    if not new:
+        return gram
+    thresholds = np.full(len(experts), np.nan)
+    thresholds[known] = stored.thresholds[at]
+    rows = _gram_rows(library, experts, new, thresholds, keep_quantile, reference=known[0] if known else 0)
+    gram[new, :] = rows
+    gram[:, new] = rows.T
+    if all(hashes):  # an expert without a hash (a hand-edited manifest) could not be looked up again
+        once = list({digest: i for i, digest in enumerate(hashes)}.values())  # experts stored twice: one row
+        library.write_cache(
+            MBC_GRAM,
+            {"gram": torch.from_numpy(gram[np.ix_(once, once)]), "thresholds": torch.from_numpy(thresholds[once])},
+            {"hashes": json.dumps([hashes[i] for i in once]), "keep_quantile": repr(keep_quantile)},
+        )
+    return gram
+
+
+def keep_gram(library: Library, keep_quantile: float = KEEP_QUANTILE) -> None:
+    """Bring the library's stored MBC Gram matrix up to date with its task experts, after a build
+    or an import, so that the next cluster view computes nothing. A library with fewer than two
+    task experts, or with experts MBC cannot cluster together, has nothing to keep."""
+    with suppress(LorlibError):
+        weight_gram(library, task_experts(library), keep_quantile)
+
+
+@dataclass
+class _StoredGram:
+    rows: dict[str, int]  # weights hash -> row and column
+    gram: np.ndarray
+    thresholds: np.ndarray
+
+
+def _stored_gram(library: Library, keep_quantile: float) -> _StoredGram:
+    """What the library keeps of the Gram matrix at this quantile: nothing where the cache is
+    missing, damaged, or was computed for another quantile."""
+    nothing = _StoredGram({}, np.empty((0, 0)), np.empty(0))
+    tensors, metadata = library.read_cache(MBC_GRAM) or ({}, {})
+    try:
+        if metadata.get("keep_quantile") != repr(keep_quantile):
+            return nothing
+        hashes = json.loads(metadata["hashes"])
+        gram, thresholds = tensors["gram"].double().numpy(), tensors["thresholds"].double().numpy()
+        if gram.shape != (len(hashes), len(hashes)) or thresholds.shape != (len(hashes),):
+            return nothing
+    except (KeyError, ValueError, TypeError):
+        return nothing
+    return _StoredGram({digest: i for i, digest in enumerate(hashes)}, gram, thresholds)
+
+
+def _gram_rows(
+    library: Library,
+    experts: list[Expert],
+    new: list[int],
+    thresholds: np.ndarray,
+    keep_quantile: float,
+    reference: int,
+) -> np.ndarray:
+    """Rows `new` of the Gram matrix (len(new) x n), without holding the n x D matrix of the x_i
+    (3.7 MB per expert for rank 4 on SmolLM2's attention: 15 GB at 4,096 experts). Two passes
+    over the adapters, one thread per core (reading files, bf16-to-float32 copies and numpy's
+    partition release the GIL):
+
+    1. the new experts whole, checked (each lines up with the `reference` expert: a stored one
+       where there are any, as those were checked when they were stored) and their thresholds
+       filled into `thresholds`; every expert's header, for where its tensors are;
+    2. column blocks of whole modules, each sized so that all n experts' block is BLOCK_BYTES:
+       only those tensors are read, sparsified with the thresholds, and the block's X_new X_bᵀ
+       is added. Memory grows as n² + BLOCK_BYTES, not as n x D.
+    """
     folders = [library.path / e.path for e in experts]
-    first = library.load_adapter(experts[0].name).factors
+    first = library.load_adapter(experts[reference].name).factors
     modules = sorted(first)
     layout = {m: (a.numel(), b.numel()) for m, (a, b) in first.items()}
-    thresholds = np.empty(len(experts))
     stamps, spans = [None] * len(experts), [None] * len(experts)
+    is_new = set(new)
 
     def measure(i: int) -> None:
         stamps[i] = _stamp(folders[i])
-        factors = library.load_adapter(experts[i].name).factors
-        if sorted(factors) != modules:
-            raise LorlibError(
-                f"expert {experts[i].name} adapts other modules than {experts[0].name}; MBC needs the same"
-            )
-        if any((factors[m][0].numel(), factors[m][1].numel()) != layout[m] for m in modules):
-            raise LorlibError("clustering needs experts that adapt the same modules with the same ranks")
-        row = torch.cat([t.reshape(-1).float() for m in modules for t in factors[m]]).numpy()
-        thresholds[i] = threshold(row, keep_quantile)
+        if i in is_new:
+            factors = library.load_adapter(experts[i].name).factors
+            if sorted(factors) != modules:
+                raise LorlibError(
+                    f"expert {experts[i].name} adapts other modules than {experts[reference].name}; MBC needs the same"
+                )
+            if any((factors[m][0].numel(), factors[m][1].numel()) != layout[m] for m in modules):
+                raise LorlibError("clustering needs experts that adapt the same modules with the same ranks")
+            row = torch.cat([t.reshape(-1).float() for m in modules for t in factors[m]]).numpy()
+            thresholds[i] = threshold(row, keep_quantile)
         spans[i] = factor_spans(folders[i], modules)
 
-    gram = np.zeros((len(experts), len(experts)))
+    rows = np.zeros((len(new), len(experts)))
+    everyone = len(new) == len(experts)
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         list(pool.map(measure, range(len(experts))))
         stop = 0
@@ -123,8 +206,9 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
                 np.copyto(matrix[i], 0, where=np.abs(matrix[i]) <= thresholds[i])
 
             list(pool.map(fill, range(len(experts))))
-            gram += matrix @ matrix.T  # numpy computes X Xᵀ with one symmetric BLAS call
-    return gram
+            # X Xᵀ is one symmetric BLAS call (half the work) where every row is new
+            rows += matrix @ matrix.T if everyone else matrix[new] @ matrix.T
+    return rows
 
 
 def _column_blocks(modules: list[str], layout: dict[str, tuple[int, int]], width: int) -> list[list[str]]:
@@ -145,13 +229,14 @@ def _stamp(folder) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
-def embed_library(library: Library, keep_quantile: float = 0.5):
+def embed_library(library: Library, keep_quantile: float = KEEP_QUANTILE):
     """The MBC embedding of the library's task experts (private and imported)."""
     experts = task_experts(library)
     return experts, embed_gram([e.name for e in experts], weight_gram(library, experts, keep_quantile))
 
 
-def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: float = 0.5) -> Clustering:
+def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: float = KEEP_QUANTILE) -> Clustering:
+    check_k(k, len(task_experts(library)))  # before the embedding, which may take a while
     experts, embedding = embed_library(library, keep_quantile)
     raw = mbc_cluster(embedding, k, seed)
     order = {label: i for i, label in enumerate(dict.fromkeys(raw.tolist()))}  # number by first appearance
@@ -204,7 +289,7 @@ def cluster_and_train(
     steps: int | None = None,
     train: bool = True,
     seed: int = 0,
-    keep_quantile: float = 0.5,
+    keep_quantile: float = KEEP_QUANTILE,
     data: str | None = None,
     trainer: Trainer | None = None,
     force: bool = False,

@@ -25,6 +25,9 @@ ADAPT_METHODS = ("scratch", "mu", "shared", "poly-router", "poly-full", "lorahub
 # Sets of a library's tasks that evaluate, transfer and routing-stats take by name: the tasks held
 # out of the library, the tasks its task experts were trained on, or both.
 TASK_SETS = ("held-out", "seen", "all")
+# MBC (build/mbc.py) sparsifies each expert's weight vector by keeping |w| above this quantile of
+# its own |w| (the paper's code keeps the top half).
+KEEP_QUANTILE = 0.5
 
 
 @dataclass(frozen=True)

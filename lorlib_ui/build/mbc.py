@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lorlib_ui.build.config import KEEP_QUANTILE
 from lorlib_ui.core.errors import LorlibError
 
 MAX_DIMENSIONS = 64
@@ -40,6 +41,11 @@ class Embedding:
 def check_quantile(keep_quantile: float) -> None:
     if not 0.0 <= keep_quantile < 1.0:
         raise LorlibError(f"the sparsity quantile must be in [0, 1), got {keep_quantile}")
+
+
+def check_k(k: int, n: int) -> None:
+    if not 1 <= k <= n:
+        raise LorlibError(f"k must be between 1 and the number of clustered experts ({n}), got {k}")
 
 
 def threshold(row: np.ndarray, keep_quantile: float) -> float:
@@ -86,7 +92,7 @@ def embed_gram(names: list[str], gram: np.ndarray) -> Embedding:
     return Embedding(list(names), unit, unit @ unit.T)
 
 
-def embed(names: list[str], vectors, keep_quantile: float = 0.5) -> Embedding:
+def embed(names: list[str], vectors, keep_quantile: float = KEEP_QUANTILE) -> Embedding:
     """Sparsified, SVD-reduced, unit-norm expert vectors and their cosine similarities, from the
     vectors in memory (a library is embedded block by block instead: `build.clusters`).
 
@@ -111,9 +117,7 @@ def mbc_cluster(embedding: Embedding, k: int, seed: int = 0) -> np.ndarray:
     k-means++ draws), at a cost that grows with n·d rather than n² per iteration."""
     from sklearn.cluster import KMeans
 
-    n = len(embedding.names)
-    if not 1 <= k <= n:
-        raise LorlibError(f"k must be between 1 and the number of experts ({n}), got {k}")
+    check_k(k, len(embedding.names))
     return KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=seed).fit_predict(similarity_rows(embedding))
 
 

@@ -12,7 +12,14 @@ import os
 import sys
 from pathlib import Path
 
-from lorlib_ui.build.config import ACTIVATION_EXAMPLES, ADAPT_METHODS, ANALYSIS_ROWS, GATE_STEPS, TrainConfig
+from lorlib_ui.build.config import (
+    ACTIVATION_EXAMPLES,
+    ADAPT_METHODS,
+    ANALYSIS_ROWS,
+    GATE_STEPS,
+    KEEP_QUANTILE,
+    TrainConfig,
+)
 from lorlib_ui.cli.build import cmd_adapt, cmd_build, cmd_cluster, cmd_evaluate, cmd_keys, cmd_lorahub
 from lorlib_ui.cli.insight import cmd_routing_stats, cmd_transfer
 from lorlib_ui.core.errors import LorlibError
@@ -171,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--steps", type=int, default=None, help="steps per cluster expert (default 2 x private)")
     cluster.add_argument("--no-train", action="store_true", help="only compute and record the clusters")
     cluster.add_argument("--seed", type=int, default=0)
-    cluster.add_argument("--keep-quantile", type=float, default=0.5, help="sparsify: keep |w| above this quantile")
+    cluster.add_argument(
+        "--keep-quantile", type=float, default=KEEP_QUANTILE, help="sparsify: keep |w| above this quantile"
+    )
     cluster.add_argument("--data", default=None, help="training data (default: what the library was built from)")
     _trainer_options(cluster)
     cluster.add_argument("--force", action="store_true", help="retrain cluster experts that are up to date")
@@ -289,7 +298,8 @@ def cmd_new(args) -> None:
 
 
 def cmd_import_peft(args) -> None:
-    from lorlib_ui.core.library import import_adapters
+    from lorlib_ui.build.clusters import keep_gram
+    from lorlib_ui.core.library import Library, import_adapters
 
     if args.name and len(args.adapters) > 1:
         raise LorlibError("--name can only be used with a single adapter folder")
@@ -303,6 +313,7 @@ def cmd_import_peft(args) -> None:
         family=args.family,
         force=args.force,
     )
+    keep_gram(Library.open(args.library))
     for e in stored:
         print(f"imported {e.name} (rank {e.rank}, {', '.join(e.target_modules)}) into {args.library}")
 

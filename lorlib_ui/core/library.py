@@ -9,6 +9,8 @@
                                   each stamped with the hash of the weights it was computed for
       prototypes.safetensors      cached Arrow prototypes: one matrix per module, its rows keyed by
                                   a hash of each expert's weights
+      mbc-gram.safetensors        cached Gram matrix of the experts' MBC weight vectors, its rows
+                                  keyed the same way (`build.clusters.weight_gram`)
       routers/<name>-<hash>.safetensors
                                   routers learned on a task over the experts (`learned_routers`)
       <analysis>.json             side files the manifest names under `side_files` (the transfer
@@ -36,7 +38,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -53,6 +55,8 @@ from lorlib_ui.core.prototypes import prototypes_for_adapter
 
 MANIFEST = "manifest.json"
 PROTOTYPES = "prototypes.safetensors"
+MBC_GRAM = "mbc-gram.safetensors"
+CACHES = (PROTOTYPES, MBC_GRAM)  # files computed from the experts, rebuilt when missing or stale
 FORMAT = "lorlib-library"
 VERSION = 1
 # lorahub: a few-shot merge of experts; adapted: trained on a few examples of a new task (`adapt`)
@@ -310,7 +314,7 @@ class Library:
         """Delete what the manifest no longer names: staging leftovers, replaced experts, and the
         temporary files of writes that a killed process left (all under the write lock)."""
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
-        written = [MANIFEST, PROTOTYPES, *(entry["file"] for entry in self.extra.get("side_files", {}).values())]
+        written = [MANIFEST, *CACHES, *(entry["file"] for entry in self.extra.get("side_files", {}).values())]
         for leftover in [p for name in written for p in self.path.glob(f".{name}.*")]:
             leftover.unlink(missing_ok=True)
         for e in self.experts:  # key-set writes a killed process left inside an expert's folder
@@ -450,10 +454,8 @@ class Library:
             else:
                 out[e.name] = prototypes_for_adapter(self.load_adapter(e.name).factors)
                 missing = True
-        if missing:
-            # a read-only library still routes; its prototypes are just recomputed next time
-            with suppress(OSError):
-                self._write_prototype_cache(out)
+        if missing:  # a read-only library still routes; its prototypes are just computed again next time
+            self._write_prototype_cache(out)
         return out
 
     def prototype_matrices(self) -> dict[str, torch.Tensor]:
@@ -475,29 +477,47 @@ class Library:
     def _read_prototype_cache(self) -> dict[str, tuple[list[str], torch.Tensor]]:
         """module -> (weights hash of each row, (rows, d_in) prototypes). One tensor per module
         however many experts there are; the hashes are in the file's metadata."""
-        path = self.path / PROTOTYPES
-        if not path.is_file():
-            return {}
+        stacks, metadata = self.read_cache(PROTOTYPES) or ({}, {})
         try:
-            stacks, metadata = read_safetensors(path, "the prototype cache")
             rows = json.loads(metadata.get("rows", "{}"))
             if any(len(hashes) != len(stacks[module]) for module, hashes in rows.items()):
                 raise ValueError("rows and hashes differ")
-        except (LorlibError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return {}  # a damaged (or older) cache is only a cache: recompute
         return {module: (hashes, stacks[module]) for module, hashes in rows.items()}
 
     def _write_prototype_cache(self, protos: dict[str, dict[str, torch.Tensor]]) -> None:
         stacks = _stacked_prototypes(protos, {e.name: e.weights_hash for e in self.experts})
         rows = {module: hashes for module, (hashes, _) in stacks.items()}
-        tensors = {module: stack.contiguous() for module, (_, stack) in stacks.items()}
-        with self._write_lock():
-            tmp = temporary_name(self.path / PROTOTYPES)
-            try:
-                save_tensors(tensors, tmp, metadata={"rows": json.dumps(rows)})
-                os.replace(tmp, self.path / PROTOTYPES)
-            except (OSError, SafetensorError):  # a cache: without room for it, computed again next time
-                tmp.unlink(missing_ok=True)
+        self.write_cache(
+            PROTOTYPES, {module: stack for module, (_, stack) in stacks.items()}, {"rows": json.dumps(rows)}
+        )
+
+    # ---- caches ----------------------------------------------------------------------------
+    def read_cache(self, file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The tensors and metadata of one of the library's CACHES, or None where it is missing or
+        unreadable: a cache is only ever computed again, never trusted over the experts."""
+        path = self.path / file
+        if file not in CACHES or not path.is_file():
+            return None
+        try:
+            return read_safetensors(path, f"the cache {file}")
+        except LorlibError:
+            return None
+
+    def write_cache(self, file: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Replace one of the library's CACHES whole, atomically, under the write lock. Where it
+        cannot be written (a read-only library, a full disk) nothing is: it is computed again
+        next time."""
+        if file not in CACHES:
+            raise ValueError(f"{file} is not one of the library's caches")
+        tmp = temporary_name(self.path / file)
+        try:
+            with self._write_lock():
+                save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+                os.replace(tmp, self.path / file)
+        except (OSError, SafetensorError):
+            tmp.unlink(missing_ok=True)
 
 
 def _stacked_prototypes(

@@ -266,12 +266,11 @@ class LocalWorker(Worker):
 
     def clusters(self, path: str, k: int) -> ClusterView:
         from lorlib_ui.build.clusters import task_experts, umap_coords
-        from lorlib_ui.build.mbc import adjusted_rand_index, mbc_cluster, silhouette_by_k
+        from lorlib_ui.build.mbc import adjusted_rand_index, check_k, mbc_cluster, silhouette_by_k
 
         library = Library.open(path)
         n = len(task_experts(library))
-        if not 1 <= k <= n:
-            raise LorlibError(f"k must be between 1 and the number of clustered experts ({n}), got {k}")
+        check_k(k, n)
         with self._embedding_lock:
             entry = self._embedding(path, library)
             if "coords" not in entry:  # an expert view may have embedded the library without them
@@ -375,9 +374,12 @@ class LocalWorker(Worker):
         )
 
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
+        from lorlib_ui.build.clusters import keep_gram
         from lorlib_ui.core.library import import_adapters
 
-        return [e.name for e in import_adapters(path, folders, force=force)]
+        stored = import_adapters(path, folders, force=force)
+        keep_gram(Library.open(path))  # so that the cluster view computes only the new experts' rows
+        return [e.name for e in stored]
 
     def import_archive(self, path: str, archive: str, force: bool = False) -> list[str]:
         from lorlib_ui.core.archives import adapter_folders, safe_extract

@@ -148,7 +148,7 @@ def test_cluster_records_assignment_and_trains_cluster_experts(built, capsys):
 def test_cluster_k_out_of_range_changes_nothing(built, capsys, k):
     before = library_snapshot(built)
     code, _, err = run(capsys, "cluster", built, "--k", k)
-    assert code == 1 and "k must be between 1 and the number of experts (4)" in err
+    assert code == 1 and "k must be between 1 and the number of clustered experts (4)" in err
     assert library_snapshot(built) == before
 
 

@@ -6,12 +6,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_adapter
 
 from lorlib_ui.build import clusters
 from lorlib_ui.build.clusters import embed_library, task_experts, weight_gram
 from lorlib_ui.build.mbc import embed, sparsify
 from lorlib_ui.core.adapters import WEIGHTS_FILE
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import MBC_GRAM, Library
 
 
 def dense_vectors(library):
@@ -24,13 +26,20 @@ def dense_vectors(library):
     return torch.stack(rows).numpy()
 
 
+def assert_gram_close(actual, desired):
+    """Equal up to float32 sums: the blocks' products are float32, so an entry that is a small
+    difference of large terms is off by about u·‖x_i‖‖x_j‖, not relative to itself."""
+    scale = np.abs(np.diag(desired)).max()
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6 * scale)
+
+
 @pytest.mark.parametrize("block_bytes", [1, 1 << 20, clusters.BLOCK_BYTES])  # a module per block .. one block
 def test_weight_gram_is_the_gram_of_the_sparsified_vectors(tiny_library, monkeypatch, block_bytes):
     monkeypatch.setattr(clusters, "BLOCK_BYTES", block_bytes)
     reference = sparsify(dense_vectors(tiny_library), 0.3).astype(np.float64)
     gram = weight_gram(tiny_library, task_experts(tiny_library), 0.3)
     assert gram.dtype == np.float64 and gram.shape == (6, 6)
-    np.testing.assert_allclose(gram, reference @ reference.T, rtol=1e-5)
+    assert_gram_close(gram, reference @ reference.T)
 
 
 def test_column_blocks_cover_every_module_once_in_order():
@@ -77,7 +86,7 @@ def test_experts_stored_in_other_dtypes_are_read_as_float32(tiny_library):
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
     reference = sparsify(dense_vectors(tiny_library), 0.5).astype(np.float64)
     gram = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
-    np.testing.assert_allclose(gram, reference @ reference.T, rtol=1e-5)
+    assert_gram_close(gram, reference @ reference.T)
 
 
 def test_the_shipped_library_clusters_the_same_streamed_or_in_memory():
@@ -95,3 +104,96 @@ def test_the_shipped_library_clusters_the_same_streamed_or_in_memory():
     np.testing.assert_allclose(streamed.similarity, in_memory.similarity, atol=1e-5)
     labels = [str(label) for label in mbc_cluster(in_memory, k)]
     assert adjusted_rand_index(mbc_cluster(streamed, k), labels) == 1.0
+
+
+# ---- the Gram matrix the library keeps (issue #15: the cluster view of 1,024 experts) ----------
+
+
+def fresh_gram(library, keep_quantile=0.5):
+    """The Gram matrix computed from the weights alone, as if nothing were kept."""
+    reference = sparsify(dense_vectors(library), keep_quantile).astype(np.float64)
+    return reference @ reference.T
+
+
+def computed_rows(monkeypatch) -> list[list[str]]:
+    """Records, call by call, the experts whose rows `weight_gram` computes from the weights."""
+    calls = []
+    compute = clusters._gram_rows
+
+    def recording(library, experts, new, *args, **kwargs):
+        calls.append([experts[i].name for i in new])
+        return compute(library, experts, new, *args, **kwargs)
+
+    monkeypatch.setattr(clusters, "_gram_rows", recording)
+    return calls
+
+
+def test_a_kept_gram_is_read_not_computed(tiny_library, monkeypatch):
+    calls = computed_rows(monkeypatch)
+    first = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    assert (tiny_library.path / MBC_GRAM).is_file()
+    monkeypatch.setattr(clusters, "read_spans", lambda *a: pytest.fail("read an adapter's weights"))
+    again = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    assert calls == [[f"task{i}" for i in range(6)]]  # every row once, then none
+    np.testing.assert_array_equal(again, first)
+    assert_gram_close(again, fresh_gram(tiny_library))
+
+
+def test_only_the_rows_of_new_and_replaced_experts_are_computed(tiny_library, tiny_base, tmp_path, monkeypatch):
+    from lorlib_ui.core.adapters import read_adapter
+    from lorlib_ui.core.library import expert_from_adapter
+
+    weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    calls = computed_rows(monkeypatch)
+    entries = []
+    for name, seed in [("task2", 40), ("task9", 41)]:  # task2 replaced, task9 new
+        adapter = read_adapter(make_adapter(tmp_path / name, tiny_base, seed=seed))
+        entries.append((expert_from_adapter(name, adapter, tiny_library.base_model, kind="private"), adapter))
+    tiny_library.add_experts(entries, force=True)
+    gram = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    assert calls == [["task2", "task9"]]
+    assert_gram_close(gram, fresh_gram(tiny_library))
+    kept = clusters._stored_gram(tiny_library, 0.5)
+    assert sorted(kept.rows) == sorted(e.weights_hash for e in task_experts(tiny_library))  # the old task2 is gone
+
+
+def test_a_gram_kept_for_another_quantile_or_damaged_is_computed_again(tiny_library, monkeypatch):
+    weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    calls = computed_rows(monkeypatch)
+    assert_gram_close(weight_gram(tiny_library, task_experts(tiny_library), 0.3), fresh_gram(tiny_library, 0.3))
+    (tiny_library.path / MBC_GRAM).write_bytes(b"\x00" * 64)
+    assert_gram_close(weight_gram(tiny_library, task_experts(tiny_library), 0.5), fresh_gram(tiny_library))
+    assert len(calls) == 2 and all(len(rows) == 6 for rows in calls)
+
+
+def test_a_library_that_cannot_be_written_still_clusters(tiny_library, monkeypatch):
+    """A read-only folder or a full disk: the Gram is computed, just not kept (nor half-written)."""
+    from lorlib_ui.core import library as library_module
+
+    def refused(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(library_module, "save_tensors", refused)
+    gram = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    assert_gram_close(gram, fresh_gram(tiny_library))
+    assert not list(tiny_library.path.glob(f"*{MBC_GRAM}*"))
+
+
+def test_importing_keeps_the_gram_up_to_date(tiny_library, tiny_base, tmp_path, monkeypatch):
+    """After an import through the worker, a cluster view computes nothing from the weights."""
+    from lorlib_ui.worker.local import LocalWorker
+
+    folder = make_adapter(tmp_path / "extra", tiny_base, seed=50)
+    LocalWorker().import_adapters(str(tiny_library.path), [str(folder)])
+    calls = computed_rows(monkeypatch)
+    library = Library.open(tiny_library.path)
+    assert "extra" in library.names
+    assert_gram_close(weight_gram(library, task_experts(library), 0.5), fresh_gram(library))
+    assert calls == []
+
+
+def test_a_build_leaves_the_gram_of_its_experts_kept(built):
+    library = Library.open(built)
+    kept = clusters._stored_gram(library, 0.5)
+    assert sorted(kept.rows) == sorted(e.weights_hash for e in task_experts(library))
+    assert_gram_close(kept.gram, fresh_gram(library))

@@ -49,7 +49,7 @@ def test_same_seed_same_clusters():
 
 def test_bad_inputs():
     names, vectors, _ = _family_experts()
-    with pytest.raises(LorlibError, match="k must be between 1 and the number of experts"):
+    with pytest.raises(LorlibError, match="k must be between 1 and the number of clustered experts"):
         mbc_cluster(embed(names, vectors), 13)
     with pytest.raises(LorlibError, match="at least 2 experts"):
         embed(names[:1], vectors[:1])

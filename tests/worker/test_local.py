@@ -176,7 +176,7 @@ def test_bad_jobs_are_refused(worker, tiny_library):
     with pytest.raises(LorlibError, match="no library"):
         worker.submit(JobRequest("cluster", "/nonexistent", {"k": 2}))
     status = _wait(worker, worker.submit(JobRequest("cluster", str(tiny_library.path), {"k": 99})))
-    assert status.state == "failed" and "k must be between 1 and the number of experts" in status.message
+    assert status.state == "failed" and "k must be between 1 and the number of clustered experts" in status.message
     with pytest.raises(LorlibError, match="no job"):
         worker.job("nope")
 
