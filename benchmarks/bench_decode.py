@@ -6,15 +6,17 @@
 two processes' luck on a shared machine (its range across rounds is often ±10%). Here one process
 holds the embedded SmolLM2-135M-Instruct with a library of random rank-4 experts (q, k, v, o of
 every layer, stored in bfloat16: bench_arrow's setting) and times single decoding steps (one
-token after a 64-token prompt in the KV cache), alternating blocks of `--steps` steps without and
-with Arrow routing (top-k 4) `--rounds` times. It reports the median step of each, their ratio,
-and the range of the per-round ratios; then the same with screening turned off
-(`lorlib_ui.core.screening`), which shows what screening gives at each size.
+token after a 64-token prompt in the KV cache), in blocks of `--steps` steps, the base model and
+Arrow routing (top-k 4) in turn, `--rounds` times. It reports the median step of each, the median
+of the per-round ratios to base and their range. Both are measured in the same process because
+the base step itself differs by up to a fifth between processes on a shared machine: ratios
+between processes mislead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import subprocess
@@ -31,49 +33,46 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 PROMPT = 64
 
 
-def measure(library: Path, rounds: int, steps: int, screen: bool) -> dict:
-    """Median step times (s) of the base model and the routed one, and each round's ratio."""
+def measure(library: Path, rounds: int, steps: int) -> dict:
+    """Median step times (s) of the base model and of the routed one, alternating in this one
+    process, and each round's ratio of the two."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from lorlib_ui.core import screening
     from lorlib_ui.core.base_model import fetch_embedded_model
     from lorlib_ui.core.library import Library
     from lorlib_ui.core.routed_model import RoutedModel
     from lorlib_ui.core.routers import make_router
 
-    if not screen:
-        screening.SCREEN_FROM = float("inf")
     model = AutoModelForCausalLM.from_pretrained(fetch_embedded_model()).eval()
     rm = RoutedModel(model, None, Library.open(library))
     router = make_router("arrow", rm.experts, top_k=4)
     prompt = torch.randint(100, 40000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     token = torch.tensor([[1234]])
 
-    def block() -> list[float]:
+    def block(routed: bool) -> float:
         cache = DynamicCache()
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            model(input_ids=token, past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - start)
-            cache.crop(-1)  # every step sees the same 64-token cache
-        return times
+        with rm.routing(router) if routed else contextlib.nullcontext():
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - start)
+                cache.crop(-1)  # every step sees the same 64-token cache
+        return statistics.median(times)
 
-    base, routed, ratios = [], [], []
+    base, routed = [], []
     with torch.inference_mode():
-        block()  # warm-up
-        with rm.routing(router):
-            block()
+        block(False), block(True)  # warm-up
         for _ in range(rounds):
-            b = block()
-            with rm.routing(router):
-                r = block()
-            base += b
-            routed += r
-            ratios.append(statistics.median(b) / statistics.median(r))
-    return {"base": statistics.median(base), "routed": statistics.median(routed), "ratios": ratios}
+            base.append(block(False))
+            routed.append(block(True))
+    return {
+        "base": statistics.median(base),
+        "routed": statistics.median(routed),
+        "ratios": [b / r for b, r in zip(base, routed)],
+    }
 
 
 def main() -> None:
@@ -81,12 +80,12 @@ def main() -> None:
     parser.add_argument("--experts", default="64,256,1024")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         import json
 
-        print(json.dumps(measure(Path(args.measure[0]), args.rounds, args.steps, args.measure[1] != "off")))
+        print(json.dumps(measure(Path(args.measure), args.rounds, args.steps)))
         return
 
     import json
@@ -101,27 +100,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorlib-decode-") as tmp:
         work = Path(tmp)
         bench_arrow.make_libraries(work, bench_arrow.make_experts(work, max(counts), base_dir), counts, base_dir)
-        from lorlib_ui.core.screening import SCREEN_FROM
-
         for n in counts:
-            for screen in ("on", "off") if n >= SCREEN_FROM else ("below SCREEN_FROM",):
-                command = [sys.executable, __file__, "--measure", str(work / f"library{n}"), screen.split()[0]]
-                command += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
-                rows.append((n, screen, json.loads(done.stdout.strip().splitlines()[-1])))
-                print(f"{n} experts, screening {screen}: done", file=sys.stderr, flush=True)
+            command = [sys.executable, __file__, "--measure", str(work / f"library{n}")]
+            command += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            rows.append((n, json.loads(done.stdout.strip().splitlines()[-1])))
+            print(f"{n} experts: done", file=sys.stderr, flush=True)
 
     print(
         f"Run {date.today()} on {platform.machine()}: one decoding step after a {PROMPT}-token prompt, "
-        f"Arrow top-k 4, {args.rounds} alternating rounds of {args.steps} steps each way, one process per row.\n"
+        f"Arrow top-k 4, {args.rounds} rounds of {args.steps} steps of each (base, routed) in turn, "
+        "one process per row.\n"
     )
-    print("| experts | screening | base step ms | routed step ms | x base (median) | per-round range |")
-    print("|---:|---|---:|---:|---:|---|")
-    for n, screen, run in rows:
-        low, high = min(run["ratios"]), max(run["ratios"])
+    print("| experts | base step ms | routed step ms | x base (median) | range |")
+    print("|---:|---:|---:|---:|---|")
+    for n, run in rows:
+        ratios = run["ratios"]
         print(
-            f"| {n} | {screen} | {run['base'] * 1e3:.1f} | {run['routed'] * 1e3:.1f} "
-            f"| {run['base'] / run['routed']:.2f} | {low:.2f}–{high:.2f} |"
+            f"| {n} | {run['base'] * 1e3:.1f} | {run['routed'] * 1e3:.1f} | {statistics.median(ratios):.2f} "
+            f"| {min(ratios):.2f}–{max(ratios):.2f} |"
         )
 
 

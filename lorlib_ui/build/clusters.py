@@ -118,8 +118,9 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
 def keep_gram(library: Library, keep_quantile: float = KEEP_QUANTILE) -> None:
     """Bring the library's stored MBC Gram matrix up to date with its task experts, after a build
     or an import, so that the next cluster view computes nothing. A library with fewer than two
-    task experts, or with experts MBC cannot cluster together, has nothing to keep."""
-    with suppress(LorlibError):
+    task experts, or with experts MBC cannot cluster together, has nothing to keep; one that
+    cannot be read now (an expert removed meanwhile) is kept up to date by the next view."""
+    with suppress(LorlibError, OSError):
         weight_gram(library, task_experts(library), keep_quantile)
 
 

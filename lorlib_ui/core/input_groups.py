@@ -25,7 +25,6 @@ import torch
 from torch.nn import functional as F
 
 from lorlib_ui.core.routers.base import Router
-from lorlib_ui.core.screening import Screens
 
 # Llama-style names of sibling layers that read one input (attention, MLP)
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -66,12 +65,10 @@ class InputGroup:
         self._scales: torch.Tensor | None = None
         self._slots: dict[tuple[int, ...] | None, _GroupSlot] = {}
         self._results: dict[str, tuple] = {}
-        self._screens = Screens()
 
     def stop(self) -> None:
         """Route every member alone from now on (its buffers were moved, or inputs differ)."""
         self.fusing = False
-        self._screens.clear()
         self._results.clear()
         self._input = None
 
@@ -79,7 +76,6 @@ class InputGroup:
         """A member's experts changed: what was stacked from them is stale."""
         self._scales = None
         self._keys.clear()
-        self._screens.clear()
         self._results.clear()
         self._input = None
 
@@ -126,7 +122,7 @@ class InputGroup:
         if router.subset not in self._slots:
             self._slots[router.subset] = _GroupSlot(self.members, router.subset)
         slot = self._slots[router.subset]
-        scores = self._screens.scores(h, keys, g, router, slot.usable(router.subset), record)
+        scores = F.linear(h, keys).view(g, e)
         routing = router.route(slot, scores, h)
         index, top = routing.index, routing.top  # (G, k)
         k = index.shape[1]

@@ -19,8 +19,7 @@ Arrow slow and memory-hungry with many experts.
 One token (decoding) on a CPU: the step is bound by memory traffic, not arithmetic, so after
 scoring the experts we gather the rows of only the top-k chosen, instead of reading every
 expert's weights for one token. (On a GPU the dense path is cheap.) With many experts, scoring
-itself dominates the step; Arrow then screens the prototypes in float16 and scores only the
-candidates exactly (`lorlib_ui.core.screening`).
+every expert's key, E·d per layer, is then most of what a step adds to the base model's.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ from lorlib_ui.core.library import Library
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.core.routers import Router
 from lorlib_ui.core.routers.base import ExpertStack
-from lorlib_ui.core.screening import Screens
 
 # Experts per chosen expert (E / k) from which computing only the chosen pairs beats the dense
 # path for many tokens on a CPU: the dense path costs E·r·d multiply-adds per token, the sparse
@@ -95,7 +93,6 @@ class LibraryLinear(nn.Module):
         self._usable: dict[tuple[int, ...] | None, tuple[torch.Tensor, int]] = {None: (self.present, self.n_present)}
         self.gather_chosen = device.type == "cpu"
         self._merged: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._screens = Screens()  # float16 copies of key sets, for decoding (lorlib_ui.core.screening)
         # plain attributes: a buffer is looked up through nn.Module.__getattr__, which costs more
         # than the arithmetic of a decoding step at some layers
         self.compute_dtype = compute
@@ -112,7 +109,6 @@ class LibraryLinear(nn.Module):
         """Moving or casting the module replaces its buffers: the stack must hold the new ones,
         and they are no longer views of the group's."""
         super()._apply(fn, recurse)
-        self._screens.clear()
         self.keys["prototypes"] = self.prototypes
         self.compute_dtype = self.prototypes.dtype
         self.stack = ExpertStack(self.keys, self.lora_a, self.lora_bt, self.scales)
@@ -137,7 +133,6 @@ class LibraryLinear(nn.Module):
     def _changed(self) -> None:
         self._merged.clear()
         self._derived.clear()
-        self._screens.clear()
         if self.group is not None:
             self.group.changed()
 
@@ -188,9 +183,7 @@ class LibraryLinear(nn.Module):
             z = F.linear(h, stack.lora_a.to(h.dtype))
             routing = router.route(self, z, h)
         else:
-            keys, record = stack.keys[router.keys], self.state.record is not None
-            scores = self._screens.scores(h, keys, 1, router, self.usable(router.subset), record)
-            routing = router.route(self, scores, h)
+            routing = router.route(self, F.linear(h, stack.keys[router.keys]), h)
         if z is None and self._dispatches(h.shape[0], routing):
             delta = self._dispatch(h, routing, stack, router.mix)
         else:

@@ -20,7 +20,6 @@ class ArrowRouter(TopKRouter):
     name: ClassVar[str] = "arrow"
     summary: ClassVar[str] = "Arrow: each token to the top-k experts by |h·prototype|"
     presets: ClassVar[dict[str, str]] = {"arrow": "arrow@private", "arrow-cluster": "arrow@cluster"}
-    screens: ClassVar[bool] = True
 
     def logits(self, slot, scores, h):
         return scores.abs()  # |h·v_e|

@@ -105,9 +105,6 @@ class Router:
     # routes each row of its scores alone (so rows of several layers may be stacked): see
     # `lorlib_ui.core.input_groups`
     rowwise: ClassVar[bool] = False
-    # chooses the top k by |h·key| alone, so decoding may screen the keys in float16 and score
-    # only the candidates exactly (`lorlib_ui.core.screening`)
-    screens: ClassVar[bool] = False
     needs: ClassVar[str | None] = None  # a key set the library must hold for every expert it uses
     presets: ClassVar[dict[str, str]] = {}  # the comparisons `evaluate` offers: name -> spec
     # A group of the library whose experts the router reads but never chooses (GenKnowSub
