@@ -314,12 +314,6 @@ def _read_header_bytes(handle) -> bytes:
     return header
 
 
-def _read_header(handle) -> tuple[dict, int]:
-    """The tensors' header of an open safetensors file and where its data starts."""
-    header = _read_header_bytes(handle)
-    return _parsed(header)[0], 8 + len(header)
-
-
 def _read_config(folder: Path, what: str) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
@@ -395,19 +389,21 @@ class Spans:
 
 
 def factor_spans(folder: Path, modules: list[str]) -> Spans:
-    """The spans of A then B of each of `modules`, in that order, from the header alone: for
-    reading an adapter that `read_adapter` has already checked again, piece by piece (MBC reads
-    each expert in column blocks)."""
-    try:
-        with open(folder / WEIGHTS_FILE, "rb") as handle:
-            header, start = _read_header(handle)
-        places = [header[f"base_model.model.{m}.lora_{ab}.weight"] for m in modules for ab in "AB"]
-    except (LorlibError, OSError, ValueError, TypeError, KeyError) as exc:
-        raise LorlibError(f"adapter {folder}: {WEIGHTS_FILE} could not be read ({exc})") from None
+    """The spans of A then B of each of `modules`, in that order, from the header alone (checked
+    through the cached `Layout`, as `read_adapter` checks it): for reading an adapter again piece
+    by piece (MBC reads each expert in column blocks)."""
+    path = folder / WEIGHTS_FILE
+    with _invalid_file(path, f"adapter {folder}"), open(path, "rb") as handle:
+        header = _read_header_bytes(handle)
+        layout = _layout(header)
+        if missing := [m for m in modules if m not in layout.modules]:
+            raise LorlibError(f"it adapts no module {missing[0]}")
+    spans = [span for m in modules for span in layout.modules[m]]
+    start = 8 + len(header)
     return Spans(
-        np.array([start + begin for _, _, begin, _ in places], dtype=np.int64),
-        np.array([end - begin for _, _, begin, end in places], dtype=np.int64),
-        [dtype for dtype, _, _, _ in places],
+        np.array([start + span.begin for span in spans], dtype=np.int64),
+        np.array([span.end - span.begin for span in spans], dtype=np.int64),
+        [span.dtype for span in spans],
     )
 
 

@@ -152,3 +152,19 @@ def test_real_peft_ia3_adapter_is_refused(tmp_path, tiny_base):
     model.save_pretrained(tmp_path / "ia3")
     with pytest.raises(Exception, match="IA3 adapter; only LoRA adapters"):
         read_adapter(tmp_path / "ia3")
+
+
+def test_factor_spans_read_back_exactly_the_factors(tiny_adapters):
+    """MBC's piece-by-piece reads: A then B of each module asked for, in that order."""
+    from lorlib_ui.core.adapters import factor_spans, read_spans
+
+    folder = tiny_adapters[0]
+    factors = read_adapter(folder).factors
+    modules = sorted(factors)[::-1][:5]  # any order, any subset
+    pieces = read_spans(folder, factor_spans(folder, modules), 0, 2 * len(modules))
+    expected = [t.reshape(-1) for m in modules for t in factors[m]]
+    assert len(pieces) == len(expected)
+    for got, want in zip(pieces, expected):
+        assert torch.equal(got, want)
+    with pytest.raises(LorlibError, match=r"adapter .*: it adapts no module model\.nowhere$"):
+        factor_spans(folder, [modules[0], "model.nowhere"])

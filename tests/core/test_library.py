@@ -230,20 +230,28 @@ def test_remove_expert(tiny_library):
         reopened.remove_expert(name)
 
 
-def test_library_files_follow_the_umask(tiny_library):
+def test_library_files_follow_the_umask(tmp_path, tiny_base, tiny_adapters, monkeypatch):
     """safetensors creates files 0600; a library's weights, keys and caches must be as readable as
-    the manifest beside them (a library in a shared folder is read by other users)."""
+    the manifest beside them (a library in a shared folder is read by other users). The umask is
+    set to 022 here, so that the test fails whatever the umask it runs under."""
     import os
     import stat
 
-    from lorlib_ui.core.atomic import _UMASK
+    from lorlib_ui.core import atomic
+    from lorlib_ui.core.library import MBC_GRAM
 
-    first = tiny_library.experts[0]
-    keys = {m: torch.ones(8) for m in first.target_modules}
-    tiny_library.write_keys(first.name, "gates", keys, {}, first.weights_hash)
-    tiny_library.prototypes()
-    files = [p for p in tiny_library.path.rglob("*") if p.is_file()]
-    assert any(p.name == PROTOTYPES for p in files) and any(p.name == "gates.safetensors" for p in files)
-    assert any(p.name == WEIGHTS_FILE for p in files)
-    modes = {p.relative_to(tiny_library.path).as_posix(): stat.S_IMODE(os.stat(p).st_mode) for p in files}
-    assert modes == dict.fromkeys(modes, 0o666 & ~_UMASK)
+    previous = os.umask(0o022)
+    monkeypatch.setattr(atomic, "_UMASK", 0o022)
+    try:
+        library = build_library(tmp_path / "lib", tiny_base, tiny_adapters[:2])
+        first = library.experts[0]
+        gates = {m: torch.ones(8) for m in first.target_modules}
+        library.write_keys(first.name, "gates", gates, {}, first.weights_hash)
+        library.write_cache(MBC_GRAM, {"gram": torch.eye(2)}, {"hashes": "[]"})
+    finally:
+        os.umask(previous)
+    files = [p for p in library.path.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {PROTOTYPES, MBC_GRAM, "gates.safetensors", WEIGHTS_FILE, "manifest.json"} <= names
+    modes = {p.relative_to(library.path).as_posix(): stat.S_IMODE(os.stat(p).st_mode) for p in files}
+    assert modes == dict.fromkeys(modes, 0o644)
