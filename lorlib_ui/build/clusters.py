@@ -29,6 +29,7 @@ from lorlib_ui.build.mbc import (
     mbc_cluster,
     silhouette_by_k,
     threshold,
+    zero_small,
 )
 from lorlib_ui.build.trainers import BuildReport, Job, LocalTrainer, Progress, Trainer
 from lorlib_ui.core.adapters import WEIGHTS_FILE, factor_spans, read_spans
@@ -204,7 +205,7 @@ def _gram_rows(
                 if _stamp(folders[i]) != stamps[i]:
                     raise LorlibError(f"expert {experts[i].name} changed on disk while it was clustered; run again")
                 torch.from_numpy(matrix[i]).copy_(torch.cat(pieces))  # mixed dtypes: cat promotes
-                np.copyto(matrix[i], 0, where=np.abs(matrix[i]) <= thresholds[i])
+                zero_small(matrix[i], thresholds[i])
 
             list(pool.map(fill, range(len(experts))))
             # X Xᵀ is one symmetric BLAS call (half the work) where every row is new

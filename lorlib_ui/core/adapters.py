@@ -409,16 +409,28 @@ def factor_spans(folder: Path, modules: list[str]) -> Spans:
 
 def read_spans(folder: Path, spans: Spans, first: int, stop: int) -> list[torch.Tensor]:
     """Tensors `first`..`stop - 1` of `spans`, flattened, reading only their bytes (positional
-    reads, no memory map)."""
+    reads, no memory map): one read for each run of them that lies back to back in the file, as
+    tensors written together do."""
     out = []
     try:
         with open(folder / WEIGHTS_FILE, "rb") as handle:
-            for i in range(first, stop):
-                data = bytearray(int(spans.sizes[i]))
+            i = first
+            while i < stop:
+                end = i + 1
+                while end < stop and spans.offsets[end] == spans.offsets[end - 1] + spans.sizes[end - 1]:
+                    end += 1
+                data = bytearray(int(spans.offsets[end - 1] + spans.sizes[end - 1] - spans.offsets[i]))
                 handle.seek(int(spans.offsets[i]))
                 if handle.readinto(data) != len(data):
                     raise OSError("the file is shorter than its header says")
-                out.append(torch.frombuffer(data, dtype=spans.dtypes[i]) if data else torch.empty(0))
+                for j in range(i, end):
+                    at, size, dtype = int(spans.offsets[j] - spans.offsets[i]), int(spans.sizes[j]), spans.dtypes[j]
+                    out.append(
+                        torch.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=at)
+                        if size
+                        else torch.empty(0)
+                    )
+                i = end
     except OSError as exc:
         raise LorlibError(f"adapter {folder}: {WEIGHTS_FILE} could not be read ({exc})") from None
     return out
