@@ -1,17 +1,15 @@
-"""Decode step against the base model, alternating in one process: the least noisy decode ratio.
+"""Decode steps and prefill against the base model, alternating in one process: the least noisy ratios.
 
     python benchmarks/bench_decode.py [--experts 64,256,1024] [--rounds 8] [--steps 10]
 
-`bench_arrow.py` times `model.generate` in a fresh process per cell, so its decode ratio mixes
-two processes' luck on a shared machine (its range across rounds is often ±10%). Here one process
-holds the embedded SmolLM2-135M-Instruct with a library of random rank-4 experts (q, k, v, o of
-every layer, stored in bfloat16: bench_arrow's setting) and times single decoding steps (one
-token after a 64-token prompt in the KV cache), in blocks of `--steps` steps, the base model and
-Arrow routing (top-k 4) in turn, `--rounds` times. It reports the median step of each, the median
-of the per-round ratios to base and their range. Both are measured in the same process because
-the base step itself differs by up to a fifth between processes on a shared machine: ratios
-between processes mislead.
-"""
+`bench_arrow.py` times `model.generate` and prefill in a fresh process per cell, so its ratios
+mix two processes' luck on a shared machine (the base step itself differs by up to a fifth
+between processes). Here one process holds the embedded SmolLM2-135M-Instruct with a library of
+random rank-4 experts (q, k, v, o of every layer, stored in bfloat16: bench_arrow's setting) and,
+`--rounds` times, times in turn: blocks of `--steps` single decoding steps (one token after a
+64-token prompt in the KV cache) of the base model and of Arrow routing (top-k 4), then one
+prefill forward pass over 8 × 128 tokens (bench_arrow's batch) of each. It reports the median
+of each, the median of the per-round ratios to base and their range."""
 
 from __future__ import annotations
 
@@ -62,16 +60,26 @@ def measure(library: Path, rounds: int, steps: int) -> dict:
                 cache.crop(-1)  # every step sees the same 64-token cache
         return statistics.median(times)
 
-    base, routed = [], []
+    batch = torch.randint(100, 40000, (8, 128), generator=torch.Generator().manual_seed(2))
+
+    def prefill(routed: bool) -> float:
+        with rm.routing(router) if routed else contextlib.nullcontext():
+            start = time.perf_counter()
+            model(input_ids=batch)
+            return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"base": [], "routed": [], "prefill base": [], "prefill routed": []}
     with torch.inference_mode():
-        block(False), block(True)  # warm-up
+        block(False), block(True), prefill(False), prefill(True)  # warm-up
         for _ in range(rounds):
-            base.append(block(False))
-            routed.append(block(True))
+            times["base"].append(block(False))
+            times["routed"].append(block(True))
+            times["prefill base"].append(prefill(False))
+            times["prefill routed"].append(prefill(True))
     return {
-        "base": statistics.median(base),
-        "routed": statistics.median(routed),
-        "ratios": [b / r for b, r in zip(base, routed)],
+        **{key: statistics.median(values) for key, values in times.items()},
+        "ratios": [b / r for b, r in zip(times["base"], times["routed"])],
+        "prefill ratios": [b / r for b, r in zip(times["prefill base"], times["prefill routed"])],
     }
 
 
@@ -108,18 +116,23 @@ def main() -> None:
             print(f"{n} experts: done", file=sys.stderr, flush=True)
 
     print(
-        f"Run {date.today()} on {platform.machine()}: one decoding step after a {PROMPT}-token prompt, "
-        f"Arrow top-k 4, {args.rounds} rounds of {args.steps} steps of each (base, routed) in turn, "
-        "one process per row.\n"
+        f"Run {date.today()} on {platform.machine()}: Arrow top-k 4, {args.rounds} rounds, one process per row; "
+        f"each round times {args.steps} decoding steps after a {PROMPT}-token prompt, then a prefill of 8 x 128 "
+        "tokens, base and routed in turn.\n"
     )
-    print("| experts | base step ms | routed step ms | x base (median) | range |")
-    print("|---:|---:|---:|---:|---|")
+    print(
+        "| experts | base step ms | routed step ms | decode x base (median) | range "
+        "| base prefill s | routed prefill s | prefill x base (median) | range |"
+    )
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---|")
     for n, run in rows:
-        ratios = run["ratios"]
-        print(
-            f"| {n} | {run['base'] * 1e3:.1f} | {run['routed'] * 1e3:.1f} | {statistics.median(ratios):.2f} "
-            f"| {min(ratios):.2f}–{max(ratios):.2f} |"
-        )
+        cells = [f"{run['base'] * 1e3:.1f}", f"{run['routed'] * 1e3:.1f}", *_ratio(run["ratios"])]
+        cells += [f"{run['prefill base']:.2f}", f"{run['prefill routed']:.2f}", *_ratio(run["prefill ratios"])]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
+def _ratio(ratios: list[float]) -> list[str]:
+    return [f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}–{max(ratios):.2f}"]
 
 
 if __name__ == "__main__":

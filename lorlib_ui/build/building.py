@@ -132,7 +132,8 @@ def build_library(
     if shared:  # last, on all private tasks: those already in the library and these
         jobs.append(shared_job(library, loaded, shared_steps or 4 * config.steps, adding=train_tasks))
     report = (trainer or LocalTrainer()).train(library, loaded, jobs, config, force, progress, cancel)
-    keep_gram(Library.open(path))  # the next cluster view computes only what it must
+    if cancel is None or not cancel():
+        keep_gram(Library.open(path))  # the next cluster view computes only what it must
     report.held_out = held
     report.seconds = time.perf_counter() - start
     return report

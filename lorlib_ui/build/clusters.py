@@ -10,11 +10,11 @@ date. (Which cluster expert is a held-out task's oracle: `lorlib_ui.core.routers
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,13 +87,16 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
     factors flattened module by module in sorted order, entries at or under its threshold zeroed
     (`lorlib_ui.build.mbc`, steps 1 and 2).
 
-    G[i, j] depends only on the two experts' weights, so the library keeps G (`MBC_GRAM`: rows
-    keyed by weights hash, with each expert's threshold) and only the rows of the experts it
-    lacks are computed: n x D multiply-adds each, where the whole matrix is n² x D (10¹² at 1,024
-    experts, 24 s on 2 cores). `keep_gram` brings it up to date after experts are added."""
+    G[i, j] depends only on the two experts' weights, so the library keeps G at the default
+    quantile, which the Clusters tab uses (`MBC_GRAM`: rows keyed by weights hash, with each
+    expert's threshold), and only the rows of the experts it lacks are computed: n x D
+    multiply-adds each, where the whole matrix is n² x D (10¹² at 1,024 experts, 24 s on 2 cores).
+    `keep_gram` brings it up to date after experts are added. Another quantile is computed whole
+    each time, and never replaces the kept matrix."""
     check_quantile(keep_quantile)
     hashes = [e.weights_hash for e in experts]
-    stored = _stored_gram(library, keep_quantile)
+    kept = keep_quantile == KEEP_QUANTILE
+    stored = _stored_gram(library) if kept else _StoredGram.empty()
     known = [i for i, digest in enumerate(hashes) if digest in stored.rows]
     new = sorted(set(range(len(experts))) - set(known))
     at = [stored.rows[hashes[i]] for i in known]
@@ -106,23 +109,32 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
     rows = _gram_rows(library, experts, new, thresholds, keep_quantile, reference=known[0] if known else 0)
     gram[new, :] = rows
     gram[:, new] = rows.T
-    if all(hashes):  # an expert without a hash (a hand-edited manifest) could not be looked up again
+    if kept and all(hashes):  # an expert without a hash (a hand-edited manifest) could not be looked up again
         once = list({digest: i for i, digest in enumerate(hashes)}.values())  # experts stored twice: one row
         library.write_cache(
             MBC_GRAM,
             {"gram": torch.from_numpy(gram[np.ix_(once, once)]), "thresholds": torch.from_numpy(thresholds[once])},
-            {"hashes": json.dumps([hashes[i] for i in once]), "keep_quantile": repr(keep_quantile)},
+            {
+                "format": GRAM_FORMAT,
+                "hashes": json.dumps([hashes[i] for i in once]),
+                "keep_quantile": repr(keep_quantile),
+            },
         )
     return gram
 
 
-def keep_gram(library: Library, keep_quantile: float = KEEP_QUANTILE) -> None:
-    """Bring the library's stored MBC Gram matrix up to date with its task experts, after a build
+def keep_gram(library: Library) -> None:
+    """Bring the library's kept MBC Gram matrix up to date with its task experts, after a build
     or an import, so that the next cluster view computes nothing. A library with fewer than two
-    task experts, or with experts MBC cannot cluster together, has nothing to keep; one that
-    cannot be read now (an expert removed meanwhile) is kept up to date by the next view."""
-    with suppress(LorlibError, OSError):
-        weight_gram(library, task_experts(library), keep_quantile)
+    task experts, or with experts MBC cannot cluster together, has nothing to keep. It is only a
+    cache: whatever goes wrong here (an expert removed meanwhile, memory) is logged, never the
+    failure of the build or import that has already succeeded, and the next view computes it."""
+    try:
+        weight_gram(library, task_experts(library), KEEP_QUANTILE)
+    except LorlibError:
+        pass
+    except Exception as exc:  # a cache's refresh must not fail what called it
+        logging.getLogger(__name__).warning("the MBC Gram matrix of %s was not kept: %r", library.path, exc)
 
 
 @dataclass
@@ -131,22 +143,36 @@ class _StoredGram:
     gram: np.ndarray
     thresholds: np.ndarray
 
+    @staticmethod
+    def empty() -> _StoredGram:
+        return _StoredGram({}, np.empty((0, 0)), np.empty(0))
 
-def _stored_gram(library: Library, keep_quantile: float) -> _StoredGram:
-    """What the library keeps of the Gram matrix at this quantile: nothing where the cache is
-    missing, damaged, or was computed for another quantile."""
-    nothing = _StoredGram({}, np.empty((0, 0)), np.empty(0))
+
+GRAM_FORMAT = "1"  # what the kept matrix holds; a change to the MBC vectors or thresholds bumps it
+
+
+def _stored_gram(library: Library) -> _StoredGram:
+    """What the library keeps of the Gram matrix: nothing where the cache is missing, of another
+    format or quantile, or fails its checks (a Gram matrix has a finite, non-negative diagonal)."""
+    nothing = _StoredGram.empty()
     tensors, metadata = library.read_cache(MBC_GRAM) or ({}, {})
     try:
-        if metadata.get("keep_quantile") != repr(keep_quantile):
+        if metadata.get("format") != GRAM_FORMAT or metadata.get("keep_quantile") != repr(KEEP_QUANTILE):
             return nothing
         hashes = json.loads(metadata["hashes"])
         gram, thresholds = tensors["gram"].double().numpy(), tensors["thresholds"].double().numpy()
-        if gram.shape != (len(hashes), len(hashes)) or thresholds.shape != (len(hashes),):
+        if (
+            not all(isinstance(digest, str) for digest in hashes)
+            or gram.shape != (len(hashes), len(hashes))
+            or thresholds.shape != (len(hashes),)
+            or not (np.isfinite(gram).all() and np.isfinite(thresholds).all())
+            or (np.diag(gram) < 0).any()
+            or (thresholds < 0).any()
+        ):
             return nothing
+        return _StoredGram({digest: i for i, digest in enumerate(hashes)}, gram, thresholds)
     except (KeyError, ValueError, TypeError):
         return nothing
-    return _StoredGram({digest: i for i, digest in enumerate(hashes)}, gram, thresholds)
 
 
 def _gram_rows(

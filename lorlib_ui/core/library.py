@@ -515,7 +515,10 @@ class Library:
         try:
             with self._write_lock():
                 save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
                 os.replace(tmp, self.path / file)
+                fsync_dir(self.path)
         except (OSError, SafetensorError):
             tmp.unlink(missing_ok=True)
 

@@ -1,5 +1,6 @@
 """MBC over a library: the Gram matrix of the experts' weight vectors, summed block by block."""
 
+import json
 import os
 import shutil
 
@@ -89,14 +90,15 @@ def test_experts_stored_in_other_dtypes_are_read_as_float32(tiny_library):
     assert_gram_close(gram, reference @ reference.T)
 
 
-def test_the_shipped_library_clusters_the_same_streamed_or_in_memory():
+def test_the_shipped_library_clusters_the_same_streamed_or_in_memory(tmp_path):
     """Issue #15: the Gram path (never holding n x D) gives the shipped library the clusters of
     the in-memory path, at the k it was built with."""
     from lorlib_ui.build.mbc import adjusted_rand_index, mbc_cluster
     from lorlib_ui.cli.default_library import OUT
     from lorlib_ui.core.library import Library
 
-    shipped = Library.open(OUT)
+    shipped = Library.open(shutil.copytree(OUT, tmp_path / "library"))  # its kept Gram matrix unused
+    (shipped.path / MBC_GRAM).unlink(missing_ok=True)
     k = len(shipped.clusters["members"])
     names = [e.name for e in task_experts(shipped)]
     _, streamed = embed_library(shipped)
@@ -153,17 +155,78 @@ def test_only_the_rows_of_new_and_replaced_experts_are_computed(tiny_library, ti
     gram = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
     assert calls == [["task2", "task9"]]
     assert_gram_close(gram, fresh_gram(tiny_library))
-    kept = clusters._stored_gram(tiny_library, 0.5)
+    kept = clusters._stored_gram(tiny_library)
     assert sorted(kept.rows) == sorted(e.weights_hash for e in task_experts(tiny_library))  # the old task2 is gone
 
 
-def test_a_gram_kept_for_another_quantile_or_damaged_is_computed_again(tiny_library, monkeypatch):
+def test_another_quantile_is_computed_whole_and_leaves_the_kept_matrix(tiny_library, monkeypatch):
     weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    kept = (tiny_library.path / MBC_GRAM).read_bytes()
     calls = computed_rows(monkeypatch)
     assert_gram_close(weight_gram(tiny_library, task_experts(tiny_library), 0.3), fresh_gram(tiny_library, 0.3))
-    (tiny_library.path / MBC_GRAM).write_bytes(b"\x00" * 64)
+    assert_gram_close(weight_gram(tiny_library, task_experts(tiny_library), 0.3), fresh_gram(tiny_library, 0.3))
+    assert [len(rows) for rows in calls] == [6, 6]
+    assert (tiny_library.path / MBC_GRAM).read_bytes() == kept
+    weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    assert len(calls) == 2  # the default quantile's matrix is still the kept one
+
+
+def _rewrite_kept(library, tensors=None, **metadata):
+    """The kept matrix written again with some of its tensors or metadata changed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = library.path / MBC_GRAM
+    with safe_open(path, "pt") as handle:
+        stored = handle.metadata()
+    save_file({**load_file(path), **(tensors or {})}, path, metadata={**stored, **metadata})
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "bytes",  # not a safetensors file
+        "format",  # written by a lorlib that built the vectors otherwise
+        "not finite",
+        "negative diagonal",
+        "hashes",  # not a list of strings
+        "shape",
+    ],
+)
+def test_a_damaged_or_foreign_kept_matrix_is_computed_again(tiny_library, monkeypatch, damage):
+    gram = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    if damage == "bytes":
+        (tiny_library.path / MBC_GRAM).write_bytes(b"\x00" * 64)
+    elif damage == "format":
+        _rewrite_kept(tiny_library, format="0")
+    elif damage == "not finite":
+        bad = torch.from_numpy(gram.copy())
+        bad[2, 3] = float("nan")
+        _rewrite_kept(tiny_library, {"gram": bad})
+    elif damage == "negative diagonal":
+        _rewrite_kept(tiny_library, {"gram": -torch.from_numpy(gram.copy())})
+    elif damage == "hashes":
+        _rewrite_kept(tiny_library, hashes=json.dumps([[1]] * 6))
+    else:
+        _rewrite_kept(tiny_library, {"thresholds": torch.zeros(5, dtype=torch.float64)})
+    calls = computed_rows(monkeypatch)
     assert_gram_close(weight_gram(tiny_library, task_experts(tiny_library), 0.5), fresh_gram(tiny_library))
-    assert len(calls) == 2 and all(len(rows) == 6 for rows in calls)
+    assert [len(rows) for rows in calls] == [6]
+
+
+def test_experts_with_the_same_weights_share_one_kept_row(tiny_library, tiny_adapters, monkeypatch):
+    from lorlib_ui.core.library import import_adapters
+
+    weight_gram(tiny_library, task_experts(tiny_library), 0.5)
+    import_adapters(tiny_library.path, [str(tiny_adapters[1])], names=["twin"])  # task1's weights again
+    library = Library.open(tiny_library.path)
+    calls = computed_rows(monkeypatch)
+    gram = weight_gram(library, task_experts(library), 0.5)
+    assert calls == []  # its hash is task1's: nothing to compute
+    names = [e.name for e in task_experts(library)]
+    assert gram[names.index("twin")].tolist() == gram[names.index("task1")].tolist()
+    assert_gram_close(gram, fresh_gram(library))
+    assert len(clusters._stored_gram(library).rows) == 6
 
 
 def test_a_library_that_cannot_be_written_still_clusters(tiny_library, monkeypatch):
@@ -192,8 +255,21 @@ def test_importing_keeps_the_gram_up_to_date(tiny_library, tiny_base, tmp_path, 
     assert calls == []
 
 
+def test_the_command_line_import_keeps_the_gram_up_to_date(tiny_library, tiny_base, tmp_path, capsys, monkeypatch):
+    from conftest import run
+
+    folder = make_adapter(tmp_path / "extra", tiny_base, seed=51)
+    code, _, err = run(capsys, "import-peft", tiny_library.path, folder)
+    assert code == 0, err
+    calls = computed_rows(monkeypatch)
+    library = Library.open(tiny_library.path)
+    assert "extra" in library.names
+    assert_gram_close(weight_gram(library, task_experts(library), 0.5), fresh_gram(library))
+    assert calls == []
+
+
 def test_a_build_leaves_the_gram_of_its_experts_kept(built):
     library = Library.open(built)
-    kept = clusters._stored_gram(library, 0.5)
+    kept = clusters._stored_gram(library)
     assert sorted(kept.rows) == sorted(e.weights_hash for e in task_experts(library))
     assert_gram_close(kept.gram, fresh_gram(library))
