@@ -118,12 +118,10 @@ class InputGroup:
 
     def _route(self, router: Router, h: torch.Tensor, record: bool) -> dict[str, tuple]:
         g, e, r = len(self.members), self.n_experts, self.rank
-        keys = self._stacked_keys(router.keys)
+        scores = F.linear(h, self._stacked_keys(router.keys)).view(g, e)
         if router.subset not in self._slots:
             self._slots[router.subset] = _GroupSlot(self.members, router.subset)
-        slot = self._slots[router.subset]
-        scores = F.linear(h, keys).view(g, e)
-        routing = router.route(slot, scores, h)
+        routing = router.route(self._slots[router.subset], scores, h)
         index, top = routing.index, routing.top  # (G, k)
         k = index.shape[1]
         flat = (index + self.offsets).view(-1)
