@@ -53,7 +53,7 @@ class InputGroup:
         e, r, d = self.n_experts, self.rank, members[0].base.in_features
         # one buffer for the members' A factors and one for their prototypes; members keep views
         self.lora_a = torch.cat([m.lora_a.view(e, r, d) for m in members])  # (G·E, r, d)
-        self.prototypes = torch.cat([m.prototypes for m in members])  # (G·E, d)
+        self.prototypes = _stack_keys([m.prototypes for m in members])  # (G·E, d)
         for g, member in enumerate(members):
             member.share_buffers(self.lora_a[g * e : (g + 1) * e].view(e * r, d), self.prototypes[g * e : (g + 1) * e])
             member.group = self
@@ -113,7 +113,7 @@ class InputGroup:
         held = self._keys.get(kind)
         # the tensors themselves are held, so a key set attached again is a new object, never an old id
         if held is None or any(a is not b for a, b in zip(held[0], keys)):
-            self._keys[kind] = (keys, torch.cat(keys))
+            self._keys[kind] = (keys, _stack_keys(keys))
         return self._keys[kind][1]
 
     def _route(self, router: Router, h: torch.Tensor, record: bool) -> dict[str, tuple]:
@@ -140,6 +140,12 @@ class InputGroup:
                 weights = top.new_zeros(1, e).scatter_(1, index[i : i + 1], top[i : i + 1])
             out[member.name] = (weights, routing.logits[i : i + 1], delta)
         return out
+
+
+def _stack_keys(keys) -> torch.Tensor:
+    """The members' key sets stacked (G·E, d) and stored expert-major, as each member's are
+    (`lorlib_ui.core.routed_model.expert_major`): one contiguous (d, G·E) read by one matmul."""
+    return torch.cat([k.T for k in keys], dim=1).T
 
 
 class _GroupSlot:

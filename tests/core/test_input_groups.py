@@ -32,6 +32,24 @@ def test_q_k_v_of_each_layer_form_a_group_whose_buffer_they_share(tiny_routed):
             assert member.keys["prototypes"] is member.prototypes and member.stack.lora_a is member.lora_a
 
 
+def test_key_sets_are_stored_expert_major_so_one_token_scores_in_one_fast_matmul(keyed):
+    """Every layer's key sets, and each group's stacks of them, hold one input dimension's
+    values of all experts side by side (see routed_model.expert_major), also after a cast."""
+
+    def expert_major(keys):
+        return keys.dim() == 2 and keys.stride(0) == 1 and keys.stride(1) >= keys.shape[0]
+
+    for spec in ("arrow", "phatgoose", "avg_act"):  # attaches the gates and the activations
+        generate(keyed, "the", make_router(spec, keyed.experts, top_k=2), 2)
+    for layer in keyed.layers.values():
+        assert set(layer.keys) == {"prototypes", "gates", "activations"}
+        assert all(expert_major(keys) for keys in layer.keys.values())
+    for group in keyed.groups:
+        assert all(group._stacked_keys(kind).T.is_contiguous() for kind in ("prototypes", "gates", "activations"))
+    keyed.model.to(torch.float64)
+    assert all(expert_major(keys) for layer in keyed.layers.values() for keys in layer.keys.values())
+
+
 @pytest.mark.parametrize("spec", [r for r in PROMPT_ROUTERS if r not in ("base", "uniform", "mean_delta", "ties")])
 @pytest.mark.parametrize("mix", ["outputs", "parameters"])
 def test_fused_decoding_equals_each_layer_alone(keyed, spec, mix):
