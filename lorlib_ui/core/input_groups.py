@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from lorlib_ui.core.decode_kernel import DecodePlan, chosen_weights, decodes
 from lorlib_ui.core.routers.base import Router
 
 # Llama-style names of sibling layers that read one input (attention, MLP)
@@ -62,7 +63,8 @@ class InputGroup:
         self._keys: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self._fits: dict[tuple, bool] = {}
         self._input: torch.Tensor | None = None
-        self._scales: torch.Tensor | None = None
+        self._scales: torch.Tensor | None = None  # the members' scales stacked, and with them ...
+        self._plan: DecodePlan | None = None  # ... the decoding kernel's plan (None: tensor operations)
         self._slots: dict[tuple[int, ...] | None, _GroupSlot] = {}
         self._results: dict[str, tuple] = {}
 
@@ -121,14 +123,24 @@ class InputGroup:
         scores = F.linear(h, self._stacked_keys(router.keys)).view(g, e)
         if router.subset not in self._slots:
             self._slots[router.subset] = _GroupSlot(self.members, router.subset)
-        routing = router.route(self._slots[router.subset], scores, h)
+        slot = self._slots[router.subset]
+        if self._scales is None:
+            self._scales = torch.cat([m.scales for m in self.members])
+            bts = [m.lora_bt for m in self.members]
+            self._plan = DecodePlan.build(self.lora_a.view(g * e * r, -1), self._scales, bts, e)
+        if self._plan is not None and decodes(router, h):  # all that follows the scores, in C
+            logits, usable, k = router.choices(slot, scores, h)
+            if k and self._plan(h, logits, usable, k, router.temperature, router.mix):
+                return {
+                    m.name: (chosen_weights(self._plan, i, k, e) if record else None, logits[i : i + 1], out)
+                    for i, (m, out) in enumerate(zip(self.members, self._plan.outputs))
+                }
+        routing = router.route(slot, scores, h)
         index, top = routing.index, routing.top  # (G, k)
         k = index.shape[1]
         flat = (index + self.offsets).view(-1)
         a = self.lora_a.index_select(0, flat).view(g * k * r, -1)
         z = F.linear(h, a if a.dtype == h.dtype else a.to(h.dtype)).view(g, k * r)
-        if self._scales is None:
-            self._scales = torch.cat([m.scales for m in self.members])
         scales = self._scales.index_select(0, flat).view(g, k)
         coefficients = self.members[0].coefficients(z, top, scales, router.mix)  # (G, k·r)
         out = {}

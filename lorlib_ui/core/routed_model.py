@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from lorlib_ui.core.adapters import LoraAdapter, PackedAdapter, Span, read_layout, read_packed
 from lorlib_ui.core.base_model import linear_shapes, load_base_model, shapes_fingerprint
+from lorlib_ui.core.decode_kernel import DecodePlan, chosen_weights, decodes
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.input_groups import InputGroup, input_groups
 from lorlib_ui.core.library import Library
@@ -109,6 +110,7 @@ class LibraryLinear(nn.Module):
         self.compute_dtype = compute
         self.stack = ExpertStack(self.keys, self.lora_a, self.lora_bt, self.scales)
         self.group: InputGroup | None = None  # layers reading the same input, routed together
+        self._decode: tuple[ExpertStack, DecodePlan | None] | None = None  # see _decode_plan
 
     def share_buffers(self, lora_a: torch.Tensor, prototypes: torch.Tensor) -> None:
         """Hold these views of a group's buffers as the A factors and prototypes (same values)."""
@@ -189,6 +191,11 @@ class LibraryLinear(nn.Module):
 
     def _route(self, router: Router, h: torch.Tensor):
         stack = router.stack(self)
+        if h.shape[0] == 1 and stack is self.stack and decodes(router, h) and (plan := self._decode_plan()):
+            logits, usable, k = router.choices(self, F.linear(h, stack.keys[router.keys]), h)
+            if k and plan(h, logits, usable, k, router.temperature, router.mix):
+                weights = chosen_weights(plan, 0, k, self.n_experts) if self.state.record is not None else None
+                return weights, logits, plan.outputs[0]
         z = None  # every expert's projection A_e h, when computed: one matmul
         if router.keys is None:  # the router scores the projections themselves
             z = F.linear(h, stack.lora_a.to(h.dtype))
@@ -202,6 +209,12 @@ class LibraryLinear(nn.Module):
             delta = self.coefficients(z, routing.dense(), stack.scales, router.mix) @ stack.lora_bt.to(z.dtype)
         weights = routing.dense() if self.state.record is not None else None
         return weights, routing.logits, delta
+
+    def _decode_plan(self) -> DecodePlan | None:
+        """The decoding kernel's plan for this layer's own experts, built once per stack."""
+        if self._decode is None or self._decode[0] is not self.stack:
+            self._decode = (self.stack, DecodePlan.build(self.lora_a, self.scales, [self.lora_bt], self.n_experts))
+        return self._decode[1]
 
     def _dispatches(self, n_tokens: int, routing) -> bool:
         """Whether to compute only the chosen (token, expert) pairs: on a CPU, for top-k routing,

@@ -3,7 +3,8 @@ the experts that adapt the layer, weight them by softmax(score / T), give the ot
 
 A subclass says what its score is (`logits`) and which key vectors it reads (`Router.keys`):
 Arrow's |h·v_e|, the hidden-state baseline's h·v_e, PhatGoose's gate cosine, spectral routing's
-‖s_e B_e A_e h‖.
+‖s_e B_e A_e h‖. It does not change `route`: decoding on a CPU repeats it in C
+(`lorlib_ui.core.decode_kernel`).
 """
 
 from __future__ import annotations
@@ -42,15 +43,21 @@ class TopKRouter(Router):
         """Each expert's score per token (tokens, experts), higher is better; see `Router.route`."""
         raise NotImplementedError
 
-    def route(self, slot, scores, h):
+    def choices(self, slot, scores, h) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """What the top-k is taken over: the logits (tokens, experts) float32, the usable experts
+        (experts,) bool or None when all are, and k (0 when none is usable)."""
         logits = self.logits(slot, scores, h)
         if logits.dtype != torch.float32:
             logits = logits.float()
         usable, n = slot.usable(self.subset)
-        if n == 0:  # none of this router's experts adapts the layer
+        return logits, (usable if n < slot.n_experts else None), min(self.top_k, n)
+
+    def route(self, slot, scores, h):
+        # decoding on a CPU, `lorlib_ui.core.decode_kernel` does what follows `choices` in C
+        logits, usable, k = self.choices(slot, scores, h)
+        if k == 0:  # none of this router's experts adapts the layer
             return Routing(logits, weights=logits.new_zeros(logits.shape))
-        k = min(self.top_k, n)
-        masked = logits.masked_fill(~usable, float("-inf")) if n < slot.n_experts else logits
+        masked = logits if usable is None else logits.masked_fill(~usable, float("-inf"))
         top, index = masked.topk(k, dim=-1)
         if self.temperature != 1.0:
             top = top / self.temperature
