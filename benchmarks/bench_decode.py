@@ -1,15 +1,17 @@
 """Decode steps and prefill against the base model, alternating in one process: the least noisy ratios.
 
-    python benchmarks/bench_decode.py [--experts 64,256,1024] [--rounds 8] [--steps 10]
+    python benchmarks/bench_decode.py [--experts 64,256,1024] [--rounds 8] [--steps 10] [--kernel-off]
 
 `bench_arrow.py` times `model.generate` and prefill in a fresh process per cell, so its ratios
 mix two processes' luck on a shared machine (the base step itself differs by up to a fifth
 between processes). Here one process holds the embedded SmolLM2-135M-Instruct with a library of
 random rank-4 experts (q, k, v, o of every layer, stored in bfloat16: bench_arrow's setting) and,
-`--rounds` times, times in turn: blocks of `--steps` single decoding steps (one token after a
-64-token prompt in the KV cache) of the base model and of Arrow routing (top-k 4), then one
-prefill forward pass over 8 × 128 tokens (bench_arrow's batch) of each. It reports the median
-of each, the median of the per-round ratios to base and their range."""
+`--rounds` times, times: `--steps` single decoding steps (one token after a 64-token prompt in
+the KV cache) of the base model and of Arrow routing (top-k 4), taking turns step by step, then
+one prefill forward pass over 8 × 128 tokens (bench_arrow's batch) of each. It reports the
+median of each, the median of the per-round ratios to base and their range. `--kernel-off` adds
+a third turn to each decoding step, routed with the C decoding kernel turned off (the tensor
+operations it replaces), to measure what the kernel gives in the same process."""
 
 from __future__ import annotations
 
@@ -31,12 +33,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 PROMPT = 64
 
 
-def measure(library: Path, rounds: int, steps: int) -> dict:
+def measure(library: Path, rounds: int, steps: int, kernel_off: bool = False) -> dict:
     """Median step times (s) of the base model and of the routed one, alternating in this one
     process, and each round's ratio of the two."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from lorlib_ui.core import decode_kernel
     from lorlib_ui.core.base_model import fetch_embedded_model
     from lorlib_ui.core.library import Library
     from lorlib_ui.core.routed_model import RoutedModel
@@ -48,17 +51,30 @@ def measure(library: Path, rounds: int, steps: int) -> dict:
     prompt = torch.randint(100, 40000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     token = torch.tensor([[1234]])
 
-    def block(routed: bool) -> float:
-        cache = DynamicCache()
+    kernel = decode_kernel._kernel
+    variants = {"base": (False, True), "routed": (True, True)}  # (routed, with the kernel)
+    if kernel_off:
+        variants["kernel off"] = (True, False)
+
+    def step(cache, routed: bool, with_kernel: bool, tokens=token) -> float:
+        decode_kernel._kernel = kernel if with_kernel else lambda: None  # what `decodes` asks
         with rm.routing(router) if routed else contextlib.nullcontext():
-            model(input_ids=prompt, past_key_values=cache, use_cache=True)
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-                times.append(time.perf_counter() - start)
-                cache.crop(-1)  # every step sees the same 64-token cache
-        return statistics.median(times)
+            start = time.perf_counter()
+            model(input_ids=tokens, past_key_values=cache, use_cache=True)
+            return time.perf_counter() - start
+
+    def decode_round() -> dict[str, float]:
+        """Each variant's median step, the variants taking turns step by step (so that the
+        machine's drift, which is large on a shared host, falls on all of them alike)."""
+        caches = {name: DynamicCache() for name in variants}
+        for name, (routed, with_kernel) in variants.items():
+            step(caches[name], routed, with_kernel, prompt)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(steps):
+            for name, (routed, with_kernel) in variants.items():
+                times[name].append(step(caches[name], routed, with_kernel))
+                caches[name].crop(-1)  # every step sees the same 64-token cache
+        return {name: statistics.median(values) for name, values in times.items()}
 
     batch = torch.randint(100, 40000, (8, 128), generator=torch.Generator().manual_seed(2))
 
@@ -68,18 +84,20 @@ def measure(library: Path, rounds: int, steps: int) -> dict:
             model(input_ids=batch)
             return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {"base": [], "routed": [], "prefill base": [], "prefill routed": []}
+    times: dict[str, list[float]] = {name: [] for name in [*variants, "prefill base", "prefill routed"]}
     with torch.inference_mode():
-        block(False), block(True), prefill(False), prefill(True)  # warm-up
+        decode_round(), prefill(False), prefill(True)  # warm-up
         for _ in range(rounds):
-            times["base"].append(block(False))
-            times["routed"].append(block(True))
+            for name, median in decode_round().items():
+                times[name].append(median)
             times["prefill base"].append(prefill(False))
             times["prefill routed"].append(prefill(True))
     return {
         **{key: statistics.median(values) for key, values in times.items()},
         "ratios": [b / r for b, r in zip(times["base"], times["routed"])],
         "prefill ratios": [b / r for b, r in zip(times["prefill base"], times["prefill routed"])],
+        "kernel off ratios": [b / r for b, r in zip(times["base"], times.get("kernel off", []))],
+        "kernel gains": [off / r for off, r in zip(times.get("kernel off", []), times["routed"])],
     }
 
 
@@ -88,12 +106,13 @@ def main() -> None:
     parser.add_argument("--experts", default="64,256,1024")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--kernel-off", action="store_true", help="also decode with the C kernel turned off")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         import json
 
-        print(json.dumps(measure(Path(args.measure), args.rounds, args.steps)))
+        print(json.dumps(measure(Path(args.measure), args.rounds, args.steps, args.kernel_off)))
         return
 
     import json
@@ -110,15 +129,15 @@ def main() -> None:
         bench_arrow.make_libraries(work, bench_arrow.make_experts(work, max(counts), base_dir), counts, base_dir)
         for n in counts:
             command = [sys.executable, __file__, "--measure", str(work / f"library{n}")]
-            command += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
+            command += ["--rounds", str(args.rounds), "--steps", str(args.steps)] + ["--kernel-off"] * args.kernel_off
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             rows.append((n, json.loads(done.stdout.strip().splitlines()[-1])))
             print(f"{n} experts: done", file=sys.stderr, flush=True)
 
     print(
         f"Run {date.today()} on {platform.machine()}: Arrow top-k 4, {args.rounds} rounds, one process per row; "
-        f"each round times {args.steps} decoding steps after a {PROMPT}-token prompt, then a prefill of 8 x 128 "
-        "tokens, base and routed in turn.\n"
+        f"each round times {args.steps} decoding steps after a {PROMPT}-token prompt, the variants taking turns "
+        "step by step, then a prefill of 8 x 128 tokens, base and routed in turn.\n"
     )
     print(
         "| experts | base step ms | routed step ms | decode x base (median) | range "
@@ -129,6 +148,16 @@ def main() -> None:
         cells = [f"{run['base'] * 1e3:.1f}", f"{run['routed'] * 1e3:.1f}", *_ratio(run["ratios"])]
         cells += [f"{run['prefill base']:.2f}", f"{run['prefill routed']:.2f}", *_ratio(run["prefill ratios"])]
         print(f"| {n} | " + " | ".join(cells) + " |")
+    if args.kernel_off:
+        print("\nThe same rounds' third turn, decoding with the C kernel turned off (tensor operations):\n")
+        print(
+            "| experts | routed step ms | kernel off step ms | kernel off x base (median) | range "
+            "| kernel's speed-up | range |"
+        )
+        print("|---:|---:|---:|---:|---|---:|---|")
+        for n, run in rows:
+            cells = [f"{run['routed'] * 1e3:.1f}", f"{run['kernel off'] * 1e3:.1f}", *_ratio(run["kernel off ratios"])]
+            print(f"| {n} | " + " | ".join(cells + _ratio(run["kernel gains"])) + " |")
 
 
 def _ratio(ratios: list[float]) -> list[str]:

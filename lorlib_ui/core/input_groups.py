@@ -10,7 +10,9 @@ does the work of its members at once, the first time one of them runs on a new i
     A side    one gather of the chosen rows of all members' A and one matmul with h
     B side    per member (their output sizes differ): its chosen rows of Bᵀ
 
-and hands each member its own result when it runs. The members' A factors and prototypes live in
+and hands each member its own result when it runs. For per-token top-k routers the last three
+steps are one call of the C decoding kernel (`lorlib_ui.core.decode_kernel`) where it is compiled,
+with the tensor operations above as its fallback. The members' A factors and prototypes live in
 one buffer per group (each member's are views into it), so nothing is copied per step and no
 memory is added; key sets attached later (gates, activations) are stacked once per group.
 
