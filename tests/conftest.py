@@ -121,6 +121,35 @@ def build_library(path: Path, base_path: Path, adapter_dirs: list[Path], names: 
     return library
 
 
+def mixed_library(path: Path, base_path: Path, n: int, partial: tuple[str, ...], storage=torch.float32):
+    """n random experts in `storage`, for the paths that pad and mask: most rank 4 on q, k, v, o;
+    every 7th rank 2; every 5th only on the `partial` modules (absent from the others)."""
+    from lorlib_ui.core.adapters import LoraAdapter
+    from lorlib_ui.core.base_model import base_model_info
+    from lorlib_ui.core.library import Library, expert_from_adapter
+
+    info = base_model_info(str(base_path))
+    library = Library.create(path, info)
+    gen = torch.Generator().manual_seed(0)
+    entries = []
+    for i in range(n):
+        rank = 2 if i % 7 == 0 else 4
+        targets = partial if i % 5 == 0 else tuple(TARGETS)
+        factors = {
+            m: (
+                (torch.randn(rank, d_in, generator=gen) / d_in**0.5).to(storage),
+                (torch.randn(d_out, rank, generator=gen) / d_out**0.5).to(storage),
+            )
+            for m, (d_out, d_in) in info.linear_shapes.items()
+            if m.rsplit(".", 1)[-1] in targets
+        }
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
+        adapter = LoraAdapter(config=config, factors=factors, scales=dict.fromkeys(factors, 2.0))
+        entries.append((expert_from_adapter(f"e{i:03d}", adapter, info.name), adapter))
+    library.add_experts(entries)
+    return library
+
+
 def with_every_key(library, general: str = "task5"):
     """The library with random gates and mean activations stored for every expert and one expert
     marked general: every router of the registry can run on it."""

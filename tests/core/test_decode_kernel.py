@@ -7,14 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import with_every_key
+from conftest import mixed_library, with_every_key
 
 from lorlib_ui.core import decode_kernel
-from lorlib_ui.core.adapters import LoraAdapter
-from lorlib_ui.core.base_model import base_model_info
 from lorlib_ui.core.decode_kernel import DecodePlan, decodes
 from lorlib_ui.core.generation import generate
-from lorlib_ui.core.library import Library, expert_from_adapter
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router
 
@@ -93,34 +90,12 @@ def test_what_the_kernel_cannot_read_gets_no_plan():
     assert DecodePlan.build(a, scales, [bt], e) is not None
 
 
-def _library(path, base, storage: torch.dtype) -> Library:
-    """40 random experts in `storage`: most rank 4 on q, k, v, o; every 7th rank 2; every 5th
-    on q, k and v only (padding, and experts absent from a layer)."""
-    info = base_model_info(str(base))
-    library = Library.create(path, info)
-    gen = torch.Generator().manual_seed(0)
-    entries = []
-    for i in range(40):
-        rank = 2 if i % 7 == 0 else 4
-        targets = ("q_proj", "k_proj", "v_proj") if i % 5 == 0 else ("q_proj", "k_proj", "v_proj", "o_proj")
-        factors = {
-            m: (
-                (torch.randn(rank, d_in, generator=gen) / d_in**0.5).to(storage),
-                (torch.randn(d_out, rank, generator=gen) / d_out**0.5).to(storage),
-            )
-            for m, (d_out, d_in) in info.linear_shapes.items()
-            if m.rsplit(".", 1)[-1] in targets
-        }
-        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
-        adapter = LoraAdapter(config=config, factors=factors, scales=dict.fromkeys(factors, 2.0))
-        entries.append((expert_from_adapter(f"e{i:02d}", adapter, info.name), adapter))
-    library.add_experts(entries)
-    return with_every_key(library, general="e39")
-
-
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def routed(request, tmp_path_factory, tiny_base):
-    library = _library(tmp_path_factory.mktemp("decode") / "lib", tiny_base, request.param)
+    # 40 experts: some of rank 2 (padding), every 5th on q, k and v only (absent from o)
+    partial = ("q_proj", "k_proj", "v_proj")
+    library = mixed_library(tmp_path_factory.mktemp("decode") / "lib", tiny_base, 40, partial, request.param)
+    library = with_every_key(library, general="e039")
     rm = RoutedModel.load(library, device="cpu")
     assert next(iter(rm.layers.values())).lora_a.dtype == request.param
     return rm

@@ -2,11 +2,9 @@
 
 import pytest
 import torch
+from conftest import mixed_library
 
 from lorlib_ui.core import routed_model
-from lorlib_ui.core.adapters import LoraAdapter
-from lorlib_ui.core.base_model import base_model_info
-from lorlib_ui.core.library import Library, expert_from_adapter
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router
 
@@ -15,22 +13,7 @@ from lorlib_ui.core.routers import make_router
 def wide(tmp_path_factory, tiny_base):
     """A routed model over 256 random experts: most rank 4 on q, k, v, o; every 7th rank 2; every
     5th on q and v only, so padding and experts absent from a layer are both dispatched."""
-    info = base_model_info(str(tiny_base))
-    library = Library.create(tmp_path_factory.mktemp("wide") / "lib", info)
-    gen = torch.Generator().manual_seed(0)
-    entries = []
-    for i in range(256):
-        rank = 2 if i % 7 == 0 else 4
-        targets = ("q_proj", "v_proj") if i % 5 == 0 else ("q_proj", "k_proj", "v_proj", "o_proj")
-        factors = {
-            m: (torch.randn(rank, d_in, generator=gen) / d_in**0.5, torch.randn(d_out, rank, generator=gen) / d_out)
-            for m, (d_out, d_in) in info.linear_shapes.items()
-            if m.rsplit(".", 1)[-1] in targets
-        }
-        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets)}
-        adapter = LoraAdapter(config=config, factors=factors, scales=dict.fromkeys(factors, 2.0))
-        entries.append((expert_from_adapter(f"e{i:03d}", adapter, info.name), adapter))
-    library.add_experts(entries)
+    library = mixed_library(tmp_path_factory.mktemp("wide") / "lib", tiny_base, 256, ("q_proj", "v_proj"))
     return RoutedModel.load(library, device="cpu")
 
 
