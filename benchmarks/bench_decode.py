@@ -139,25 +139,40 @@ def main() -> None:
         f"each round times {args.steps} decoding steps after a {PROMPT}-token prompt, the variants taking turns "
         "step by step, then a prefill of 8 x 128 tokens, base and routed in turn.\n"
     )
-    print(
-        "| experts | base step ms | routed step ms | decode x base (median) | range "
-        "| base prefill s | routed prefill s | prefill x base (median) | range |"
+    _table(
+        ["base step ms", "routed step ms", "decode x base (median)", "range"]
+        + ["base prefill s", "routed prefill s", "prefill x base (median)", "range"],
+        [
+            (
+                n,
+                [f"{run['base'] * 1e3:.1f}", f"{run['routed'] * 1e3:.1f}", *_ratio(run["ratios"])]
+                + [f"{run['prefill base']:.2f}", f"{run['prefill routed']:.2f}", *_ratio(run["prefill ratios"])],
+            )
+            for n, run in rows
+        ],
     )
-    print("|---:|---:|---:|---:|---|---:|---:|---:|---|")
-    for n, run in rows:
-        cells = [f"{run['base'] * 1e3:.1f}", f"{run['routed'] * 1e3:.1f}", *_ratio(run["ratios"])]
-        cells += [f"{run['prefill base']:.2f}", f"{run['prefill routed']:.2f}", *_ratio(run["prefill ratios"])]
-        print(f"| {n} | " + " | ".join(cells) + " |")
     if args.kernel_off:
         print("\nThe same rounds' third turn, decoding with the C kernel turned off (tensor operations):\n")
-        print(
-            "| experts | routed step ms | kernel off step ms | kernel off x base (median) | range "
-            "| kernel's speed-up | range |"
+        _table(
+            ["routed step ms", "kernel off step ms", "kernel off x base (median)", "range"]
+            + ["kernel's speed-up", "range"],
+            [
+                (
+                    n,
+                    [f"{run['routed'] * 1e3:.1f}", f"{run['kernel off'] * 1e3:.1f}", *_ratio(run["kernel off ratios"])]
+                    + _ratio(run["kernel gains"]),
+                )
+                for n, run in rows
+            ],
         )
-        print("|---:|---:|---:|---:|---|---:|---|")
-        for n, run in rows:
-            cells = [f"{run['routed'] * 1e3:.1f}", f"{run['kernel off'] * 1e3:.1f}", *_ratio(run["kernel off ratios"])]
-            print(f"| {n} | " + " | ".join(cells + _ratio(run["kernel gains"])) + " |")
+
+
+def _table(columns: list[str], rows: list[tuple[int, list[str]]]) -> None:
+    """A markdown table, one row per library size; ranges left-aligned, figures right-aligned."""
+    print("| experts | " + " | ".join(columns) + " |")
+    print("|---:|" + "".join("---|" if c == "range" else "---:|" for c in columns))
+    for n, cells in rows:
+        print(f"| {n} | " + " | ".join(cells) + " |")
 
 
 def _ratio(ratios: list[float]) -> list[str]:

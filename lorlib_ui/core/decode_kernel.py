@@ -4,11 +4,11 @@ Decoding one token, a routed layer (or a group of layers that read one input,
 `lorlib_ui.core.input_groups`) does some twenty tensor operations after scoring the experts:
 top-k, softmax, gathering the chosen rows of A and Bᵀ, widening them, the mix's coefficients and
 two small matmuls. Each costs a few microseconds of fixed overhead (Python, dispatch,
-allocation) for a few thousand multiply-adds, and together they made a step of the embedded
-model with 64 experts 0.75–0.83x as fast as the base model's (issue #15). PyTorch has no fused
-operation for this, and torch.compile measured slower than eager here (its guards cost more than
-the operations), so `decode_kernel.c` does all of it in one call; the scores themselves stay one
-matmul of PyTorch's, which reads the keys with both cores.
+allocation) for a few thousand multiply-adds: routing added 7.7 ms to a 46 ms step of the
+embedded model with 64 experts, 4.6 ms with this kernel (`benchmarks/bench_decode.py
+--kernel-off`, BENCHMARKS.md). PyTorch has no fused operation for this, and torch.compile, tried
+once, was slower than eager (its guards cost more than the operations), so `decode_kernel.c`
+does all of it in one call; the scores themselves stay one matmul of PyTorch's.
 
 The C file is compiled once per machine with the system's C compiler (`$CC`, else `cc`) into
 the lorlib cache (`kernels/`), named by a hash of the source, the flags and the CPU's vector
@@ -110,11 +110,6 @@ def decodes(router, h: torch.Tensor) -> bool:
 def chosen_weights(plan: DecodePlan, g: int, k: int, n_experts: int) -> torch.Tensor:
     """Layer g's routing weights (1, n_experts) from the plan's last call: k non-zero."""
     return plan.top.new_zeros(1, n_experts).scatter_(1, plan.index[g : g + 1, :k], plan.top[g : g + 1, :k])
-
-
-def available() -> bool:
-    """Whether the kernel is compiled and loaded (compiling it on the first call)."""
-    return _kernel() is not None
 
 
 class DecodePlan:

@@ -169,22 +169,22 @@ def fresh_kernel(tmp_path, monkeypatch):
 
 
 def test_the_kernel_is_compiled_once_into_the_cache(fresh_kernel):
-    assert decode_kernel.available()
+    assert decode_kernel._kernel() is not None
     (built,) = (fresh_kernel / "kernels").glob("decode-*.so")
     stamp = built.stat().st_mtime_ns
     decode_kernel._kernel.cache_clear()
-    assert decode_kernel.available() and built.stat().st_mtime_ns == stamp  # loaded, not built again
+    assert decode_kernel._kernel() is not None and built.stat().st_mtime_ns == stamp  # loaded, not built again
     assert [p.name for p in (fresh_kernel / "kernels").iterdir()] == [built.name]  # no temporary left
 
 
 def test_without_a_working_compiler_decoding_falls_back_and_says_so(fresh_kernel, monkeypatch, caplog, routed):
     monkeypatch.setenv("CC", str(fresh_kernel / "no-such-cc"))
     with caplog.at_level(logging.INFO, logger="lorlib_ui.core.decode_kernel"):
-        assert not decode_kernel.available()
+        assert decode_kernel._kernel() is None
     assert "decoding kernel unavailable" in caplog.text
     result = generate(routed, "the quick", make_router("arrow", routed.experts, top_k=2), 3)
     assert len(result.new_ids) == 3
     monkeypatch.setenv("CC", str(shutil.which("false")))  # a compiler that fails
     decode_kernel._kernel.cache_clear()
-    assert not decode_kernel.available()
+    assert decode_kernel._kernel() is None
     assert not list((fresh_kernel / "kernels").iterdir())  # nothing half-written left
