@@ -61,7 +61,7 @@ def main() -> None:
         wins = sum(task_mean([x]) > task_mean([y]) for x, y in zip(rows[a], rows[b]))
         print(f"{a} − {b}: {d:+.3f} [{low:.3f}, {high:.3f}]; {a} higher on {wins} of {len(tasks)} tasks")
 
-    held = [t for t in (library.extra.get("held_out") or {}).get("tasks", []) if t in matrix.tasks]
+    held = [t for t in library.held_out.tasks if t in matrix.tasks]
     kinds = {e.name: e.kind for e in library.experts}
     gain = matrix.gain()
     print(

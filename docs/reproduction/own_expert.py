@@ -36,7 +36,7 @@ def main() -> None:
 
     library = Library.open(args.library)
     own = {e.tasks[0]: e.name for e in library.experts if e.kind == "private" and len(e.tasks) == 1}
-    data = load_tasks((library.extra.get("held_out") or {}).get("data") or "default")
+    data = load_tasks(library.data_source())
     rm = RoutedModel.load(library, device="cpu")
     rows = {task: test_rows(data, task, args.limit, args.split) for task in own}
     budgets = {task: answer_budget(rm.tokenizer, data, task) for task in own}

@@ -11,7 +11,7 @@ import pandas as pd
 
 from lorlib_ui.app import figures
 from lorlib_ui.app.evaluate import differences_frame, evaluation_frame
-from lorlib_ui.app.events import cancel_job, follow_job, shows_errors
+from lorlib_ui.app.events import bind, cancel_job, follow_job, session, shows_errors
 from lorlib_ui.worker.api import ADAPT_METHODS, JobRequest, LibraryInfo, Worker
 
 HELP = (
@@ -150,6 +150,7 @@ def adapt(
     steps,
     limit,
     progress=gr.Progress(),  # noqa: B008 (Gradio fills it in)
+    request: gr.Request | None = None,  # Gradio fills it in too: its session owns the job
 ):
     if not task or not str(task).strip():
         raise gr.Error("pick a task, or type the name of one in your file")
@@ -165,7 +166,8 @@ def adapt(
         options["steps"] = int(steps)
     if upload:
         options["data"] = upload
-    for job_id, line, state in follow_job(worker, JobRequest("adapt", folder, options), progress):
+    job = JobRequest("adapt", folder, options, owner=session(request))
+    for job_id, line, state in follow_job(worker, job, progress):
         update = {tab.job: job_id, tab.status: line}
         if state is not None and state.detail:
             update[tab.losses] = figures.loss_curves(state.detail.get("curves", {}))
@@ -179,7 +181,7 @@ def wire(tab: AdaptTab, worker: Worker, path: gr.State):
     that the new experts show in the Library tab) and `redraw(event)`, which refreshes this tab
     after `event` (opening or changing the library), keeping the picked task."""
     adapted = tab.adapt_btn.click(
-        partial(adapt, worker, tab),
+        bind(adapt, worker, tab),
         [path, tab.task, tab.data_file, tab.shots, tab.methods, tab.steps, tab.limit],
         [tab.job, tab.status, *tab.result_outputs()],
         api_name="adapt",

@@ -8,7 +8,7 @@ from functools import partial
 
 import gradio as gr
 
-from lorlib_ui.app.events import cancel_job, run_job, shows_errors
+from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_errors
 from lorlib_ui.worker.api import JobRequest, LibraryInfo, Worker
 
 HELP = (
@@ -25,6 +25,7 @@ class BuildTab:
     steps: gr.Slider
     rank: gr.Slider
     shared: gr.Checkbox
+    detach: gr.Checkbox
     targets: gr.Dropdown
     build_btn: gr.Button
     cancel_btn: gr.Button
@@ -44,6 +45,7 @@ def build_tab(tasks_by_family: dict[str, list[str]]) -> BuildTab:
             steps = gr.Slider(1, 500, value=60, step=1, label="steps per expert")
             rank = gr.Slider(1, 32, value=4, step=1, label="rank")
             shared = gr.Checkbox(value=False, label="also train the shared expert")
+            detach = gr.Checkbox(value=False, label="finish in the background if I leave the page")
         targets = gr.Dropdown(  # choices follow the open library; the worker checks the names
             [],
             multiselect=True,
@@ -56,7 +58,9 @@ def build_tab(tasks_by_family: dict[str, list[str]]) -> BuildTab:
             cancel_btn = gr.Button("Cancel")
         status = gr.Markdown()
         job = gr.State()  # inside the tab: a Tabs block holds only tabs
-    return BuildTab(families, tasks, data_file, steps, rank, shared, targets, build_btn, cancel_btn, status, job)
+    return BuildTab(
+        families, tasks, data_file, steps, rank, shared, detach, targets, build_btn, cancel_btn, status, job
+    )
 
 
 def opened(tab: BuildTab, info: LibraryInfo) -> dict:
@@ -79,8 +83,12 @@ def build(
     rank,
     targets,
     with_shared,
+    detach=False,
     progress=gr.Progress(),  # noqa: B008 (Gradio fills it in)
+    request: gr.Request | None = None,  # Gradio fills it in too: its session owns the job
 ):
+    """Train experts into the open library as a job, which ends with the page's session unless
+    `detach` (a build the user asked to finish in the background)."""
     if not targets:
         raise gr.Error("pick at least one module to adapt")
     options = {"steps": int(steps), "rank": int(rank), "targets": list(targets), "shared": bool(with_shared)}
@@ -92,15 +100,16 @@ def build(
         options["families"] = list(families)
     elif not upload:
         raise gr.Error("pick families or tasks, or upload a data file")
-    for job_id, line in run_job(worker, JobRequest("build", folder, options), progress):
+    job = JobRequest("build", folder, options, owner=session(request), detached=bool(detach))
+    for job_id, line in run_job(worker, job, progress):
         yield {tab.job: job_id, tab.status: line}
 
 
 def wire(tab: BuildTab, worker: Worker, path: gr.State):
     """This tab's events; returns the build event, after which the layout reopens the library."""
     built = tab.build_btn.click(
-        partial(build, worker, tab),
-        [path, tab.families, tab.tasks, tab.data_file, tab.steps, tab.rank, tab.targets, tab.shared],
+        bind(build, worker, tab),
+        [path, tab.families, tab.tasks, tab.data_file, tab.steps, tab.rank, tab.targets, tab.shared, tab.detach],
         [tab.job, tab.status],
         api_name="build",
     )

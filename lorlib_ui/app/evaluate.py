@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from lorlib_ui.app import figures
-from lorlib_ui.app.events import cancel_job, run_job, shows_errors
+from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_errors
 from lorlib_ui.worker.api import TASK_SETS, JobRequest, LibraryInfo, Worker
 
 HELP = (
@@ -130,10 +130,20 @@ def draw_per_task(worker: Worker, folder: str, measure: str):
 
 
 @shows_errors
-def evaluate(worker: Worker, tab: EvaluateTab, folder, names, tasks, limit, progress=gr.Progress()):  # noqa: B008 (Gradio fills it in)
+def evaluate(
+    worker: Worker,
+    tab: EvaluateTab,
+    folder,
+    names,
+    tasks,
+    limit,
+    progress=gr.Progress(),  # noqa: B008 (Gradio fills it in)
+    request: gr.Request | None = None,  # Gradio fills it in too: its session owns the job
+):
     if not names:
         raise gr.Error("pick at least one router")
-    request = JobRequest("evaluate", folder, {"routers": list(names), "tasks": tasks, "limit": int(limit)})
+    options = {"routers": list(names), "tasks": tasks, "limit": int(limit)}
+    request = JobRequest("evaluate", folder, options, owner=session(request))
     for job_id, line in run_job(worker, request, progress):
         yield {tab.job: job_id, tab.status: line}
 
@@ -141,7 +151,7 @@ def evaluate(worker: Worker, tab: EvaluateTab, folder, names, tasks, limit, prog
 def wire(tab: EvaluateTab, worker: Worker, path: gr.State):
     """This tab's events; returns the evaluate event, after which the layout reopens the library."""
     evaluated = tab.evaluate_btn.click(
-        partial(evaluate, worker, tab),
+        bind(evaluate, worker, tab),
         [path, tab.routers, tab.tasks, tab.limit],
         [tab.job, tab.status],
         api_name="evaluate",

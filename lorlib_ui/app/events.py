@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import typing
 from collections.abc import Iterator
 
 import gradio as gr
@@ -51,6 +52,33 @@ def shows_errors(handler):
     return answering
 
 
+def bind(handler, *bound):
+    """`functools.partial(handler, *bound)` that Gradio can still read: Gradio passes the request
+    (`request: gr.Request`, whose session owns the jobs the event starts) to a parameter by its
+    annotation, which a partial hides, and streams a handler only if it is a generator function."""
+    signature = inspect.signature(handler)
+    hints = typing.get_type_hints(handler)
+    if inspect.isgeneratorfunction(handler):
+
+        def event(*args, **kwargs):
+            yield from handler(*bound, *args, **kwargs)
+
+    else:
+
+        def event(*args, **kwargs):
+            return handler(*bound, *args, **kwargs)
+
+    event.__name__, event.__doc__ = handler.__name__, handler.__doc__
+    event.__signature__ = signature.replace(parameters=list(signature.parameters.values())[len(bound) :])
+    event.__annotations__ = {name: hint for name, hint in hints.items() if name in event.__signature__.parameters}
+    return event
+
+
+def session(request: gr.Request | None) -> str | None:
+    """The session an event came from: the owner of the jobs it starts."""
+    return getattr(request, "session_hash", None)
+
+
 def follow_job(
     worker: Worker, request: JobRequest, progress: gr.Progress
 ) -> Iterator[tuple[str, str, JobStatus | None]]:
@@ -74,6 +102,8 @@ def run_job(worker: Worker, request: JobRequest, progress: gr.Progress) -> Itera
 
 
 def cancel_job(worker: Worker, job_id: str | None) -> str:
-    if job_id:
-        worker.cancel(job_id)
-    return "cancelling..." if job_id else "no job to cancel"
+    if not job_id:
+        return "no job to cancel"
+    worker.cancel(job_id)
+    state = worker.job(job_id).state
+    return "cancelled" if state == "cancelled" else ("cancelling..." if state in ("queued", "running") else state)

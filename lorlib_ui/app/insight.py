@@ -11,7 +11,7 @@ from functools import partial
 import gradio as gr
 
 from lorlib_ui.app import insight_figures as figs
-from lorlib_ui.app.events import cancel_job, run_job, shows_errors
+from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_errors
 from lorlib_ui.worker.api import TASK_SETS, JobRequest, Worker
 
 HELP = (
@@ -159,17 +159,35 @@ def show(worker: Worker, tab: InsightTab, folder: str, spec: str | None, tokens:
 
 
 @shows_errors
-def compute_transfer(worker: Worker, tab: InsightTab, folder, tasks, limit, progress=gr.Progress()):  # noqa: B008 (Gradio fills it in)
-    request = JobRequest("transfer", folder, {"tasks": tasks, "limit": int(limit)})
+def compute_transfer(
+    worker: Worker,
+    tab: InsightTab,
+    folder,
+    tasks,
+    limit,
+    progress=gr.Progress(),  # noqa: B008 (Gradio fills it in)
+    request: gr.Request | None = None,  # Gradio fills it in too: its session owns the job
+):
+    request = JobRequest("transfer", folder, {"tasks": tasks, "limit": int(limit)}, owner=session(request))
     for job_id, line in run_job(worker, request, progress):
         yield {tab.job: job_id, tab.status: line}
 
 
 @shows_errors
-def route_tasks(worker: Worker, tab: InsightTab, folder, spec, tasks, limit, progress=gr.Progress()):  # noqa: B008
+def route_tasks(
+    worker: Worker,
+    tab: InsightTab,
+    folder,
+    spec,
+    tasks,
+    limit,
+    progress=gr.Progress(),  # noqa: B008 (Gradio fills it in)
+    request: gr.Request | None = None,  # Gradio fills it in too: its session owns the job
+):
     if not spec:
         raise gr.Error("pick a router")
-    request = JobRequest("routing", folder, {"router": spec, "tasks": tasks, "limit": int(limit)})
+    options = {"router": spec, "tasks": tasks, "limit": int(limit)}
+    request = JobRequest("routing", folder, options, owner=session(request))
     for job_id, line in run_job(worker, request, progress):
         yield {tab.job: job_id, tab.status: line}
 
@@ -186,13 +204,13 @@ def wire(tab: InsightTab, worker: Worker, path: gr.State):
     tab.tokens.input(draw, inputs, tab.shown(), api_visibility="private")
     tab.layer.input(draw, inputs, tab.shown(), api_visibility="private")
     transferred = tab.transfer_btn.click(
-        partial(compute_transfer, worker, tab),
+        bind(compute_transfer, worker, tab),
         [path, tab.tasks, tab.limit],
         [tab.job, tab.status],
         api_name="transfer",
     )
     routed = tab.routing_btn.click(
-        partial(route_tasks, worker, tab),
+        bind(route_tasks, worker, tab),
         [path, tab.router, tab.tasks, tab.limit],
         [tab.job, tab.status],
         api_name="routing_stats",

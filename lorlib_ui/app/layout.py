@@ -17,10 +17,12 @@ from functools import partial
 import gradio as gr
 
 from lorlib_ui.app import adapt, build, clusters, evaluate, insight, library, route
-from lorlib_ui.app.events import shows_errors
+from lorlib_ui.app.events import bind, shows_errors
 from lorlib_ui.worker.api import Worker
 
 CONCURRENCY = 8  # events of one kind served at once; model work still queues at the worker's lock
+DOWNLOAD_TTL = 600  # seconds an upload or a download stays in the app's temporary folder
+READ_ONLY_NOTE = "This explorer is read-only: it routes and shows; imports, removals, builds and jobs are off."
 INTRO = (
     "**lorlib** explores a *library* of LoRA experts over one language model (Ostapenko et al., 2024). "
     "Each expert was trained on one task; **Arrow** routes every token, at every adapted layer, to the "
@@ -71,9 +73,12 @@ def open_library(worker: Worker, page: Page, folder: str) -> dict:
     info = worker.library(folder)
     examples = worker.examples(folder)
     held = f"; held out: {', '.join(info.held_out)}" if info.held_out else ""
+    status = f"Opened **{info.path}**: {len(info.experts)} experts on {info.base_model}{held}."
+    for name, why in info.problems.items():
+        status += f"\n\n⚠ expert **{name}** cannot be used: {why}. Remove it (Library tab, or `lorlib remove`)."
     return {
         page.path: info.path,
-        page.status: f"Opened **{info.path}**: {len(info.experts)} experts on {info.base_model}{held}.",
+        page.status: status,
         **library.opened(page.library, info),
         **clusters.opened(page.clusters, info),
         **route.opened(page.route, info, examples),
@@ -88,18 +93,48 @@ def import_and_reopen(worker: Worker, page: Page, folder: str, archive: str | No
     return open_library(worker, page, folder)
 
 
-def build_app(worker: Worker, library_path: str, tasks_by_family: dict[str, list[str]] | None = None) -> gr.Blocks:
+@shows_errors
+def remove_and_reopen(worker: Worker, page: Page, folder: str, name: str | None) -> dict:
+    library.remove(worker, folder, name)
+    return open_library(worker, page, folder)
+
+
+def build_app(
+    worker: Worker,
+    library_path: str,
+    tasks_by_family: dict[str, list[str]] | None = None,
+    read_only: bool = False,
+    ttl: int = DOWNLOAD_TTL,
+) -> gr.Blocks:
     """The explorer over `worker`, opening `library_path` first; `tasks_by_family` fills the Build
-    tab's pickers (the embedded data's families and tasks)."""
-    return build_page(worker, library_path, tasks_by_family)[0]
+    tab's pickers (the embedded data's families and tasks). `read_only` says so at the top (the
+    worker refuses writes); uploads and downloads are deleted `ttl` seconds after they were made."""
+    return build_page(worker, library_path, tasks_by_family, read_only, ttl)[0]
+
+
+def health(worker: Worker) -> dict:
+    """Whether the app is up and busy, and no more: no paths, no job ids."""
+    state = worker.health()
+    busy = bool(state.get("busy") or state.get("jobs_running") or state.get("jobs_queued"))
+    return {"up": True, "busy": busy}
+
+
+def end_session(worker: Worker, request: gr.Request) -> None:
+    """A browser tab (or client) went away: its jobs end, except builds it asked to finish."""
+    if request is not None and request.session_hash:
+        worker.end_session(request.session_hash)
 
 
 def build_page(
-    worker: Worker, library_path: str, tasks_by_family: dict[str, list[str]] | None = None
+    worker: Worker,
+    library_path: str,
+    tasks_by_family: dict[str, list[str]] | None = None,
+    read_only: bool = False,
+    ttl: int = DOWNLOAD_TTL,
 ) -> tuple[gr.Blocks, Page]:
     """`build_app`, and the page's components (for tests of the handlers)."""
-    with gr.Blocks(title="lorlib: LoRA library explorer") as app:
-        gr.Markdown(f"# lorlib: LoRA library explorer\n{INTRO}")
+    with gr.Blocks(title="lorlib: LoRA library explorer", delete_cache=(min(60, ttl), ttl)) as app:
+        gr.Markdown(f"# lorlib: LoRA library explorer\n{INTRO}" + (f"\n\n*{READ_ONLY_NOTE}*" if read_only else ""))
         path = gr.State(library_path)
         with gr.Row():
             path_box = gr.Textbox(library_path, label="Library folder", scale=4)
@@ -121,8 +156,9 @@ def build_page(
             )
         _wire(page, worker, app)
         gr.Button("health", visible=False).click(
-            lambda: worker.health(), None, gr.JSON(visible=False), api_name="health"
+            partial(health, worker), None, gr.JSON(visible=False), api_name="health", queue=False
         )
+        app.unload(bind(end_session, worker))
     return app, page
 
 
@@ -149,14 +185,29 @@ def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
         partial(import_and_reopen, worker, page), [page.path, page.library.upload], outputs, api_name="import_adapters"
     )
     redraw(imported)
+    removed = page.library.remove_btn.click(
+        partial(remove_and_reopen, worker, page),
+        [page.path, page.library.expert_pick],
+        outputs,
+        api_name="remove_expert",
+    )
+    redraw(removed)
     redraw(built.then(reopen, page.path, outputs, api_visibility="private"))  # also after a cancel
     evaluated.then(reopen, page.path, outputs, api_visibility="private")
     redraw(adapted.then(reopen, page.path, outputs, api_visibility="private"))  # new experts, routers
 
 
-def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> None:
+def launch(
+    app: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    block: bool = True,
+    auth: list[tuple[str, str]] | None = None,
+    max_file_size: int = 256 * 10**6,
+) -> None:
     """Serve the explorer: bound to `host` only, no share link, system fonts (nothing fetched from
-    outside), several events at once. `block=False` returns once it serves (tests, benchmarks)."""
+    outside), several events at once, uploads up to `max_file_size` bytes, a login when `auth`
+    (user, password) pairs are given. `block=False` returns once it serves (tests, benchmarks)."""
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     app.queue(default_concurrency_limit=CONCURRENCY)
     app.launch(
@@ -167,4 +218,6 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: boo
         footer_links=["api"],
         prevent_thread_lock=not block,
         quiet=not block,
+        auth=auth,
+        max_file_size=max_file_size,
     )

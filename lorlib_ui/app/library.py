@@ -39,6 +39,7 @@ class LibraryTab:
     expert_pick: gr.Dropdown
     export_btn: gr.Button
     export_lib_btn: gr.Button
+    remove_btn: gr.Button
     download: gr.File
     summary: gr.Markdown  # the picked expert: what it is, how it was trained, what is missing
     norms_plot: gr.Plot
@@ -63,6 +64,7 @@ def build_tab() -> LibraryTab:
             expert_pick = gr.Dropdown([], label="Expert", allow_custom_value=False, info=PICK_INFO)
             export_btn = gr.Button("Download expert")
             export_lib_btn = gr.Button("Download library")
+            remove_btn = gr.Button("Remove expert", variant="stop")
             download = gr.File(label="Download", interactive=False)
         # the expert view: nothing of it shows before an expert is picked
         summary = gr.Markdown(visible=False, elem_id="expert-summary")
@@ -81,6 +83,7 @@ def build_tab() -> LibraryTab:
         expert_pick,
         export_btn,
         export_lib_btn,
+        remove_btn,
         download,
         summary,
         norms_plot,
@@ -195,6 +198,15 @@ def import_zip(worker: Worker, folder: str, archive: str | None) -> list[str]:
     names = worker.import_archive(folder, archive)
     gr.Info(f"imported {', '.join(names)}")
     return names
+
+
+@shows_errors
+def remove(worker: Worker, folder: str, name: str | None) -> None:
+    """Remove the picked expert from the library; the caller reopens the library."""
+    if not name:
+        raise gr.Error("pick an expert to remove")
+    worker.remove_expert(folder, name)
+    gr.Info(f"removed {name}")
 
 
 @shows_errors

@@ -197,7 +197,11 @@ def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens
         record = update.record
         note = f"first token after {update.first_token_s:.2f} s, done in {update.total_s:.2f} s"
         if update.truncated:
-            note += " (the prompt was cut to fit the model's context)"
+            note += " (the prompt was cut from the left to fit " + (
+                f"this explorer's limit of {update.prompt_limit} tokens)"
+                if update.prompt_limit
+                else "the model's context)"
+            )
         shown = figures.shown_experts(record, group_members(spec, worker.library(folder).experts))
         default = record.modules[len(record.modules) // 2] if record.modules else None
         tokens = [(label, i) for i, label in enumerate(figures.token_labels(record))]

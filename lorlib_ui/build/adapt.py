@@ -173,7 +173,7 @@ def adapt_library(
         raise LorlibError(f"library {library.path} has no private experts to adapt from")
     chosen, notes = parse_methods(methods, library)
     config = adapt_config(library, steps, seed)
-    source = data or (library.extra.get("held_out") or {}).get("data") or "default"
+    source = library.data_source(data)
     loaded = load_tasks(source, task=task)
     family = loaded.family_of(task)  # an unknown task is refused here
     for n in shots:

@@ -89,11 +89,13 @@ def build_library(
     progress: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
+    keep_data: bool = False,
 ) -> BuildReport:
     """Train private experts for the selected tasks, then (with `shared`) the shared expert,
     into the library at `path` (created on `base_model` if there is none), with `trainer` (by
     default a `LocalTrainer`). Everything is checked before anything is written: a refused build
-    leaves the library as it was."""
+    leaves the library as it was. `keep_data`: copy a data file into the library and record that
+    copy as the held-out data (the app does, for an uploaded file that it will delete)."""
     from lorlib_ui.build.data import load_tasks
     from lorlib_ui.core.library import existing_or_new
 
@@ -111,7 +113,7 @@ def build_library(
     for target in config.targets:
         if not any(m == target or m.endswith("." + target) for m in shapes):
             raise LorlibError(f"the base model has no linear layer named {target!r} to adapt")
-    recorded = set((library.extra.get("held_out") or {}).get("tasks", [])) if library else set()
+    recorded = set(library.held_out.tasks) if library else set()
     held = sorted(recorded | set(hold_out(selected, holdout_per_family, config.seed)))
     if tasks and (asked := [t for t in tasks if t in recorded]):
         raise LorlibError(f"task {asked[0]!r} is held out of library {path} for evaluation")
@@ -125,6 +127,8 @@ def build_library(
     local = data != "default" and Path(data).exists()
     source = str(Path(data).resolve()) if local else data  # else "default" or a hub id
     with library.edit() as current:
+        if local and keep_data and Path(data).is_file():  # an upload: the library keeps its own copy
+            source = _keep_data(current, Path(data))
         current.extra["held_out"] = {"data": source, "tasks": held}
     if held and log is not None:
         log(f"held out for evaluation: {', '.join(held)}")
@@ -137,3 +141,22 @@ def build_library(
     report.held_out = held
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _keep_data(library: Library, data: Path) -> str:
+    """Copy a data file into the library (atomically, as `data.<its suffixes>`); the name to record."""
+    import shutil
+
+    from lorlib_ui.core.atomic import fsync_dir, temporary_name
+
+    suffixes = "".join(s for s in data.suffixes[-2:] if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", s))
+    target = library.path / f"data{suffixes}"
+    tmp = temporary_name(target)
+    try:
+        shutil.copyfile(data, tmp)
+        tmp.replace(target)
+        fsync_dir(library.path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LorlibError(f"library {library.path}: could not keep the data file ({exc.strerror or exc})") from None
+    return target.name

@@ -343,7 +343,7 @@ def cluster_and_train(
     jobs = cluster_jobs(library, clustering, steps)
     loaded = None
     if train:  # every task of every cluster must be in the data before anything is written
-        loaded = load_tasks(data or (library.extra.get("held_out") or {}).get("data") or "default")
+        loaded = load_tasks(library.data_source(data))
         for task in {t for job in jobs for t in job.tasks}:
             loaded.family_of(task)
     dropped = record_clustering(library, clustering, jobs, drop_stale=train)

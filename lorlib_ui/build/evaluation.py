@@ -340,7 +340,7 @@ def format_differences(rows: list[dict]) -> str:
 
 
 def held_out_tasks(library: Library) -> list[str]:
-    return list((library.extra.get("held_out") or {}).get("tasks") or [])
+    return list(library.held_out.tasks)
 
 
 def seen_tasks(library: Library) -> list[str]:
@@ -396,7 +396,7 @@ def evaluate_library(
     library = Library.open(path)
     if not library.experts:
         raise LorlibError(f"library {library.path} has no experts to evaluate")
-    source = data or (library.extra.get("held_out") or {}).get("data") or "default"
+    source = library.data_source(data)
     tasks = select_tasks(library, tasks)
     names = list(presets()) if routers is None else routers
     if not names:

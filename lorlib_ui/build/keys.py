@@ -110,7 +110,7 @@ def compute_keys(
         raise LorlibError(f"learning rate must be positive, got {learning_rate}")
     start = time.perf_counter()
     library = Library.open(path)
-    source = data or (library.extra.get("held_out") or {}).get("data") or "default"
+    source = library.data_source(data)
     loaded = load_tasks(source)
     todo, skipped = plan_keys(library, kind, loaded, experts, force)
     report = KeysReport(skipped=skipped)

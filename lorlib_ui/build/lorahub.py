@@ -112,7 +112,7 @@ def lorahub_expert(
             kind = existing.kind
             raise LorlibError(f"library {library.path} has a {kind} expert named {name!r}; use --force to replace it")
         return LoraHubReport(existing, reused=True, seconds=time.perf_counter() - start)
-    source = data or (library.extra.get("held_out") or {}).get("data") or "default"
+    source = library.data_source(data)
     loaded = load_tasks(source, task=task)  # a file without a task column is this task's rows
     rows, picked = draw_shots(loaded, task, shots, seed)
     family = loaded.family_of(task)

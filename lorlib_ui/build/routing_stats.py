@@ -419,7 +419,7 @@ def routing_stats_library(
         raise LorlibError(f"library {library.path} has no experts")
     spec = make_router(router, library.names, top_k, temperature, mix, groups=library.groups(), density=density)
     tasks = select_tasks(library, tasks)
-    source = data or (library.extra.get("held_out") or {}).get("data") or "default"
+    source = library.data_source(data)
     loaded = load_tasks(source)
     for task in tasks:
         test_rows(loaded, task, limit)

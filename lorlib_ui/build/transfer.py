@@ -231,7 +231,7 @@ def transfer_library(
         raise LorlibError(f"library {library.path} has no experts")
     tasks = select_tasks(library, tasks)
     columns = select_columns(library, experts)
-    source = data or (library.extra.get("held_out") or {}).get("data") or "default"
+    source = library.data_source(data)
     loaded = load_tasks(source)
     for task in tasks:
         test_rows(loaded, task, limit)  # an unknown task, or one without test rows, fails before the model loads

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     mark.add_argument("names", nargs="+", metavar="NAME", help="experts of the library")
     mark.add_argument("--unmark", action="store_true", help="make them ordinary experts again")
 
+    about = "remove experts from a library (in one atomic step)"
+    remove = commands.add_parser("remove", help=about, description=about)
+    remove.add_argument("library")
+    remove.add_argument("names", nargs="+", metavar="NAME", help="experts of the library")
+
     info = commands.add_parser("info", help="list the experts of a library")
     info.add_argument("library")
     info.add_argument("--json", action="store_true")
@@ -327,6 +332,17 @@ def cmd_mark_general(args) -> None:
         print(f"{name} is {'no longer' if args.unmark else 'now'} general in {library.path}")
 
 
+def cmd_remove(args) -> None:
+    from lorlib_ui.core.library import Library
+
+    library = Library.open(args.library)
+    for name in dict.fromkeys(args.names):
+        library.expert(name)  # every name known before anything is removed
+    with library.edit() as current:
+        current.experts = [e for e in current.experts if e.name not in args.names]
+    print(f"removed {', '.join(dict.fromkeys(args.names))} from {library.path}")
+
+
 def cmd_info(args) -> None:
     from lorlib_ui.core.library import Library
 
@@ -335,6 +351,8 @@ def cmd_info(args) -> None:
         print(json.dumps(library.manifest(), indent=1))
         return
     print(f"library {library.path}: {len(library.experts)} experts on {library.base_model}")
+    for name, why in library.problems.items():
+        print(f"warning: expert {name} cannot be used: {why}; remove it with `lorlib remove {library.path} {name}`")
     if not library.experts:
         return
     rows = [("name", "kind", "rank", "targets", "family", "tasks")]
@@ -414,6 +432,7 @@ COMMANDS = {
     "new": cmd_new,
     "import-peft": cmd_import_peft,
     "mark-general": cmd_mark_general,
+    "remove": cmd_remove,
     "info": cmd_info,
     "route": cmd_route,
     "score": cmd_score,

@@ -15,12 +15,16 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
+import stat
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import regex
 import torch
 
 from lorlib_ui.core.atomic import save_tensors
@@ -29,7 +33,54 @@ from lorlib_ui.core.errors import LorlibError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.ckpt", "pytorch_model.bin")
-_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+_KEY = re.compile(r"base_model\.model\.(?P<module>[A-Za-z0-9_.]{1,300})\.lora_(?P<ab>[AB])\.weight")
+MAX_CONFIG = 2**20  # an adapter_config.json is a few hundred bytes
+MAX_RANK_ENV = "LORLIB_MAX_RANK"
+DEFAULT_MAX_RANK = 64  # far above the paper's ranks (4-16); every expert is padded to a layer's largest rank
+MAX_ALPHA = 1e5  # a lora_alpha beyond this is not a trained adapter's
+MAX_PATTERNS = 1000  # rank_pattern and alpha_pattern keys: at most one per module of a large model
+MAX_PATTERN_LENGTH = 300
+PATTERN_BUDGET_S = 0.5  # all of one adapter's pattern matching: a backtracking key cannot hold the server
+# what `adapter_config.json` keeps in a library: what PEFT needs to load a plain LoRA, and nothing
+# an upload could carry to whoever loads the expert next (its own base model id, remote code, auto_mapping)
+STORED_CONFIG = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout")
+
+
+def max_rank() -> int:
+    """The largest rank an expert may have ($LORLIB_MAX_RANK, default 64)."""
+    raw = os.environ.get(MAX_RANK_ENV, str(DEFAULT_MAX_RANK))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise LorlibError(f"{MAX_RANK_ENV} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise LorlibError(f"{MAX_RANK_ENV} must be a positive integer, got {raw!r}")
+    return value
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of `path`, which must be a regular file, not a link (O_NOFOLLOW), a FIFO (opened
+    without blocking, then refused) or a device; refused past `limit` bytes. Everything lorlib
+    reads from a library or an upload comes through here or `open_regular`."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if limit is not None and size > limit:
+            raise OSError(f"{path.name} is larger than {limit // 2**20} MiB")
+        return handle.read()
+
+
+def open_regular(path: Path):
+    """`path` opened for reading as a binary file object, if it is a regular file (see `read_regular`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the last component is a link
+            raise OSError(exc.errno, f"{path.name} is a link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path.name} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 @dataclass
@@ -60,20 +111,39 @@ class LoraAdapter:
 
     def check_fits(self, base_shapes: dict[str, tuple[int, int]], what: str) -> None:
         """Refuse, naming the first offending module, unless every factor fits a base linear layer."""
-        for module, (d_out, d_in) in sorted(self.shapes.items()):
-            if module not in base_shapes:
-                raise LorlibError(f"{what}: module {module} is not a linear layer of the base model")
-            if base_shapes[module] != (d_out, d_in):
-                expected = "x".join(map(str, base_shapes[module]))
-                raise LorlibError(
-                    f"{what}: module {module} is {d_out}x{d_in} in the adapter but {expected} "
-                    "in the base model (an adapter for another base model?)"
-                )
+        check_shapes(self.shapes, base_shapes, what)
+
+    def stored_config(self, base_model: str) -> dict:
+        """The adapter_config.json a library keeps: what PEFT needs to load this plain LoRA, with
+        patterns rewritten as exact module names and the library's own base model."""
+        config = {key: self.config[key] for key in STORED_CONFIG if self.config.get(key) is not None}
+        config["target_modules"] = self.target_modules
+        r, alpha = self.config["r"], float(self.config.get("lora_alpha", self.config["r"]))
+        ranks, alphas = _per_module(self.config, sorted(self.factors), "adapter")
+        config["rank_pattern"] = {re.escape(m): n for m, n in ranks.items() if n != r}
+        config["alpha_pattern"] = {re.escape(m): a for m, a in alphas.items() if a != alpha}
+        config.update(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model, bias="none")
+        return config
 
 
-def read_adapter(folder: str | Path) -> LoraAdapter:
-    """Read and check a PEFT LoRA adapter folder; raise LorlibError with one clear line if unfit."""
-    packed = read_packed(folder)
+def check_shapes(shapes: dict[str, tuple[int, int]], base_shapes: dict[str, tuple[int, int]], what: str) -> None:
+    """Refuse, naming the first offending module, unless every (d_out, d_in) fits a base linear layer."""
+    for module, (d_out, d_in) in sorted(shapes.items()):
+        if module not in base_shapes:
+            raise LorlibError(f"{what}: module {module[:200]} is not a linear layer of the base model")
+        if tuple(base_shapes[module]) != (d_out, d_in):
+            expected = "x".join(map(str, base_shapes[module]))
+            raise LorlibError(
+                f"{what}: module {module} is {d_out}x{d_in} in the adapter but {expected} "
+                "in the base model (an adapter for another base model?)"
+            )
+
+
+def read_adapter(folder: str | Path, base_shapes: dict[str, tuple[int, int]] | None = None) -> LoraAdapter:
+    """Read and check a PEFT LoRA adapter folder; raise LorlibError with one clear line if unfit.
+    With `base_shapes`, every module must be a linear layer of that shape in the base model,
+    checked before anything else reads the module names (the config's patterns match them)."""
+    packed = read_packed(folder, base_shapes)
     return LoraAdapter(config=packed.config, factors=packed.factors(), scales=packed.scales)
 
 
@@ -104,6 +174,10 @@ class Layout:
         return {m: a.shape[0] for m, (a, _) in self.modules.items()}
 
     @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {m: (b.shape[0], a.shape[1]) for m, (a, b) in self.modules.items()}
+
+    @property
     def dtypes(self) -> set[torch.dtype]:
         return {span.dtype for pair in self.modules.values() for span in pair}
 
@@ -132,7 +206,7 @@ class PackedAdapter:
         return torch.frombuffer(self.data, dtype=torch.uint8)[self.start :]
 
 
-def read_packed(folder: str | Path) -> PackedAdapter:
+def read_packed(folder: str | Path, base_shapes: dict[str, tuple[int, int]] | None = None) -> PackedAdapter:
     """Read and check a PEFT LoRA adapter folder (everything `read_adapter` checks), unsplit."""
     folder = Path(folder)
     what = f"adapter {folder}"
@@ -156,13 +230,21 @@ def read_packed(folder: str | Path) -> PackedAdapter:
             name = next(n for n, (_, _, _, e) in tensors.items() if start + e > len(data))
             raise ValueError(f"tensor {name} lies outside the file")
         layout = _layout(header)
+    if base_shapes is not None:
+        check_shapes(layout.shapes, base_shapes, what)
+    for module, (a, b) in layout.modules.items():
+        if a.shape[0] > min(a.shape[1], b.shape[0]):
+            raise LorlibError(
+                f"{what}: module {module} has rank {a.shape[0]}, above its size {b.shape[0]}x{a.shape[1]} allows"
+            )
     if (bad := _first_not_finite(data, start, layout)) is not None:
         raise LorlibError(f"{what}: tensor {bad} contains NaN or Inf")
+    ranks, alphas = _per_module(config, list(layout.modules), what)
     for module, rank in layout.ranks.items():
-        expected = _pattern_value(config.get("rank_pattern"), module, config["r"])
-        if rank != expected:
-            raise LorlibError(f"{what}: module {module} has rank {rank} but {CONFIG_FILE} says {expected}")
-    scales = {m: _scale(config, m, rank) for m, rank in layout.ranks.items()}
+        if rank != ranks[module]:
+            raise LorlibError(f"{what}: module {module} has rank {rank} but {CONFIG_FILE} says {ranks[module]}")
+    root = math.sqrt if config.get("use_rslora") else (lambda r: r)
+    scales = {m: alphas[m] / root(rank) for m, rank in layout.ranks.items()}
     return PackedAdapter(config=config, layout=layout, data=data, start=start, scales=scales)
 
 
@@ -173,8 +255,8 @@ def _read_file(path: Path, what: str) -> tuple[bytearray, bytes]:
     process crashes it with SIGBUS. The format: an 8-byte little-endian header length, a JSON
     header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {}}, then the data."""
     with _invalid_file(path, what):
-        data = bytearray(path.stat().st_size)
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
+            data = bytearray(os.fstat(handle.fileno()).st_size)
             if handle.readinto(data) != len(data):
                 raise OSError("the file changed while it was read")
         size = int.from_bytes(data[:8], "little")
@@ -305,9 +387,21 @@ def _parse_header(data: bytes) -> tuple[dict[str, tuple[torch.dtype, list[int], 
     return out, metadata, 8 + size
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, reading only its header (a regular file only)."""
+    with open_regular(path) as handle:
+        header = _read_header_bytes(handle)
+    metadata = json.loads(header).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("its metadata is not an object")
+    return metadata
+
+
 def _read_header_bytes(handle) -> bytes:
     """The JSON header of an open safetensors file, reading only its bytes."""
     size = int.from_bytes(handle.read(8), "little")
+    if size > 100 * 2**20:
+        raise ValueError("the header is larger than 100 MiB")
     header = handle.read(size)
     if len(header) < size:
         raise ValueError("the header runs past the end of the file")
@@ -319,9 +413,11 @@ def _read_config(folder: Path, what: str) -> dict:
     if not path.is_file():
         raise LorlibError(f"{what}: {CONFIG_FILE} is missing")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LorlibError(f"{what}: {CONFIG_FILE} is not valid JSON ({exc})") from None
+        config = json.loads(read_regular(path, MAX_CONFIG).decode("utf-8"))
+    except OSError as exc:
+        raise LorlibError(f"{what}: {CONFIG_FILE} is unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LorlibError(f"{what}: {CONFIG_FILE} is not valid JSON ({str(exc)[:100]})") from None
     if not isinstance(config, dict):
         raise LorlibError(f"{what}: {CONFIG_FILE} must hold a JSON object")
     peft_type = str(config.get("peft_type", "")).upper()
@@ -340,32 +436,88 @@ def _read_config(folder: Path, what: str) -> dict:
         raise LorlibError(f"{what}: trained biases (bias={config['bias']!r}) are not supported")
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise LorlibError(f"{what}: rank r must be a positive integer, got {r!r}")
+        raise LorlibError(f"{what}: rank r must be a positive integer, got {str(r)[:40]!r}")
+    if r > max_rank():
+        raise LorlibError(f"{what}: rank r = {r} is above the largest rank allowed, {max_rank()} ({MAX_RANK_ENV})")
     return config
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern/alpha_pattern: a key matches a module name or its dotted suffix."""
-    for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?({key})", module):
-            return value
-    return default
+def _number(value, what: str, low: float, high: float, integer: bool = False):
+    """`value` if it is a (finite) number in [low, high], else a one-line error naming `what`."""
+    kinds = int if integer else int | float
+    if not isinstance(value, kinds) or isinstance(value, bool) or not math.isfinite(value) or not low <= value <= high:
+        kind = "an integer" if integer else "a finite number"
+        raise LorlibError(f"{what} must be {kind} between {low:g} and {high:g}, got {str(value)[:40]!r}")
+    return value
 
 
-def _scale(config: dict, module: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", config["r"]))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+def _patterns(config: dict, key: str, what: str) -> list[tuple[object, object]]:
+    """A config's rank_pattern or alpha_pattern, checked: (compiled key, value) in order. Keys are
+    regular expressions (PEFT matches `(.*\\.)?(key)$` against module names), so they are bounded
+    in number and length, and compiled here: a bad one is one line, not an exception."""
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise LorlibError(f"{what}: {key} must be a JSON object of module patterns")
+    if len(patterns) > MAX_PATTERNS:
+        raise LorlibError(f"{what}: {key} has {len(patterns)} keys, more than {MAX_PATTERNS}")
+    out = []
+    for pattern, value in patterns.items():
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            raise LorlibError(f"{what}: a {key} key is longer than {MAX_PATTERN_LENGTH} characters")
+        if key == "rank_pattern":
+            _number(value, f"{what}: {key}[{pattern[:40]!r}]", 1, max_rank(), integer=True)
+        else:
+            _number(value, f"{what}: {key}[{pattern[:40]!r}]", -MAX_ALPHA, MAX_ALPHA)
+        try:
+            out.append((regex.compile(rf"(.*\.)?({pattern})"), value))
+        except (regex.error, RecursionError, OverflowError) as exc:
+            raise LorlibError(f"{what}: {key} key {pattern[:40]!r} is not a valid regular expression ({exc})") from None
+    return out
 
 
-def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
-    """Write the adapter as PEFT does (keys `base_model.model.<module>.lora_A.weight`)."""
+def _per_module(config: dict, modules: list[str], what: str) -> tuple[dict[str, int], dict[str, float]]:
+    """Each module's rank and alpha from the config: r and lora_alpha, unless a rank_pattern or
+    alpha_pattern key matches the module (the first that does, as PEFT's `get_pattern_key`).
+    The matching runs with the `regex` package under one deadline for the whole adapter, so a
+    key that backtracks without bound ((a+)+b) is refused in one line instead of holding the
+    process: Python's `re` cannot be interrupted."""
+    r = _number(config.get("r"), f"{what}: rank r", 1, max_rank(), integer=True)
+    alpha = _number(config.get("lora_alpha", r), f"{what}: lora_alpha", -MAX_ALPHA, MAX_ALPHA)
+    if config.get("lora_dropout") is not None:
+        _number(config["lora_dropout"], f"{what}: lora_dropout", 0, 1)
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise LorlibError(f"{what}: use_rslora must be true or false")
+    rank_patterns, alpha_patterns = _patterns(config, "rank_pattern", what), _patterns(config, "alpha_pattern", what)
+    deadline = time.monotonic() + PATTERN_BUDGET_S
+
+    def first(patterns, module, default):
+        for compiled, value in patterns:
+            try:
+                if compiled.fullmatch(module, timeout=max(deadline - time.monotonic(), 1e-3)):
+                    return value
+            except TimeoutError:
+                raise LorlibError(
+                    f"{what}: matching its rank_pattern or alpha_pattern against the module names took too "
+                    "long; use module names as the keys"
+                ) from None
+        return default
+
+    ranks = {m: first(rank_patterns, m, r) for m in modules}
+    alphas = {m: float(first(alpha_patterns, m, alpha)) for m in modules}
+    return ranks, alphas
+
+
+def write_adapter(folder: Path, adapter: LoraAdapter, config: dict | None = None) -> None:
+    """Write the adapter as PEFT does (keys `base_model.model.<module>.lora_A.weight`), with
+    `config` (default: the adapter's own) as its adapter_config.json."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (a, b) in adapter.factors.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
     save_tensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True), encoding="utf-8")
+    text = json.dumps(adapter.config if config is None else config, indent=2, sort_keys=True, allow_nan=False)
+    (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
 
 
 def read_layout(folder: Path) -> tuple[dict[str, int], set[str]]:

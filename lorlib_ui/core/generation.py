@@ -19,6 +19,8 @@ from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import Router
 
+CHARS_PER_TOKEN = 64  # more characters than any token of a BPE vocabulary holds
+
 
 @dataclass
 class Generation:
@@ -60,16 +62,23 @@ def generate(
     record: bool = True,
     chat: bool = True,
     on_token: Callable[[str], None] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> Generation:
-    """Greedy decoding under `router`; `on_token` receives the text generated so far after each token."""
+    """Greedy decoding under `router`; `on_token` receives the text generated so far after each token.
+    A prompt longer than the model's context leaves (or than `max_prompt_tokens`, a served app's
+    limit on one request's prefill) is cut from the left, and the result says so."""
     prompt = checked_text(prompt, "prompt")
     check_max_new_tokens(max_new_tokens)
+    cut = max_prompt_tokens is not None and len(prompt) > CHARS_PER_TOKEN * max_prompt_tokens
+    if cut:  # no token is this long, so the cut to tokens below ends the same; a huge prompt costs no tokenizing
+        prompt = prompt[-CHARS_PER_TOKEN * max_prompt_tokens :]
     ids = encode_prompt(rm.tokenizer, prompt, chat)
     context = context_length(rm.model)
     room = context - max_new_tokens
     if room < 1:
         raise LorlibError(f"max new tokens ({max_new_tokens}) leaves no room in the model's context of {context}")
-    truncated = len(ids) > room
+    room = min(room, max_prompt_tokens or room)
+    truncated = cut or len(ids) > room
     ids = ids[-room:]
     stops, new = _stop_ids(rm), []
     with rm.routing(router, record=record) as builder:

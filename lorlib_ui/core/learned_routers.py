@@ -24,12 +24,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from lorlib_ui.core.adapters import read_regular
 from lorlib_ui.core.atomic import fsync_dir, save_tensors, temporary_name
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import LEARNED_ROUTERS as MANIFEST_KEY
+from lorlib_ui.core.library import ROUTERS_FOLDER as FOLDER
 from lorlib_ui.core.library import Library, check_name
 
-FOLDER = "routers"
-MANIFEST_KEY = "learned_routers"
 METHODS = ("poly-router", "poly-full")  # the experts frozen, or trained along with the router
 
 
@@ -95,7 +96,7 @@ def read_learned_router(library: Library, name: str) -> tuple[LearnedRouter, dic
         raise LorlibError(problem)
     record = learned_routers(current)[name]
     try:
-        tensors = load((current.path / record.file).read_bytes())  # not memory-mapped (see read_adapter)
+        tensors = load(read_regular(current.path / record.file))  # not memory-mapped (see read_adapter)
     except (OSError, SafetensorError) as exc:
         raise LorlibError(f"learned router {name}: its file {record.file} is unreadable ({exc})") from None
     return record, tensors
@@ -148,11 +149,6 @@ def remove_learned_router(library: Library, name: str) -> None:
         if name not in stored:
             raise LorlibError(f"library {library.path} has no learned router {name!r}")
         del stored[name]
-
-
-def referenced_files(extra: dict) -> set[str]:
-    """The router files a manifest names (the library's sweep keeps these and deletes the rest)."""
-    return {str(entry.get("file", "")) for entry in (extra.get(MANIFEST_KEY) or {}).values()}
 
 
 def summary(record: LearnedRouter) -> str:

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -44,10 +46,20 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load
 
-from lorlib_ui.core.adapters import LoraAdapter, read_adapter, read_safetensors, weights_hash, write_adapter
+from lorlib_ui.core.adapters import (
+    MAX_ALPHA,
+    LoraAdapter,
+    max_rank,
+    read_adapter,
+    read_metadata,
+    read_regular,
+    read_safetensors,
+    weights_hash,
+    write_adapter,
+)
 from lorlib_ui.core.atomic import atomic_write_text, fsync_dir, fsync_tree, save_tensors, temporary_name
 from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
@@ -57,6 +69,7 @@ MANIFEST = "manifest.json"
 PROTOTYPES = "prototypes.safetensors"
 MBC_GRAM = "mbc-gram.safetensors"
 CACHES = (PROTOTYPES, MBC_GRAM)  # files computed from the experts, rebuilt when missing or stale
+MAX_SIDE_FILE = 256 * 2**20  # a side file larger than this is not one lorlib wrote: not read
 FORMAT = "lorlib-library"
 VERSION = 1
 # lorahub: a few-shot merge of experts; adapted: trained on a few examples of a new task (`adapt`)
@@ -64,6 +77,11 @@ KINDS = ("private", "cluster", "shared", "imported", "general", "lorahub", "adap
 TASK_KINDS = ("private", "imported")  # experts of one task each: what MBC clusters
 KEY_SETS = ("gates", "activations")  # routing keys stored next to an expert (see `write_keys`)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,159}")  # a folder or file name the library writes
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{32}")  # `atomic.temporary_name`'s names
+LEARNED_ROUTERS = "learned_routers"  # the manifest's key for them (`learned_routers`)
+ROUTERS_FOLDER = "routers"
 
 
 def check_name(name: str) -> str:
@@ -105,6 +123,54 @@ class Expert:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The manifest's held-out record: the tasks kept out of every expert, and their data, which
+    is "default" (the embedded data), a file inside the library (a relative path), a local file
+    (an absolute path, as `build` records the file it was given) or a hub dataset id. Opening a
+    library only reads the record; the data loads when a command needs it."""
+
+    data: str = "default"
+    tasks: tuple[str, ...] = ()
+
+    @classmethod
+    def from_manifest(cls, record, path: Path) -> HeldOut:
+        if record is None:
+            return cls()
+        if not isinstance(record, dict):
+            raise LorlibError(f"library {path}: its held_out record must name its data and a list of tasks")
+        data, tasks = record.get("data") or "default", record.get("tasks") or []
+        if not isinstance(data, str) or not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise LorlibError(f"library {path}: its held_out record must name its data and a list of tasks")
+        parts = PurePosixPath(data).parts
+        inside = not PurePosixPath(data).is_absolute() and ".." not in parts and "\\" not in data
+        if not (data == "default" or PurePosixPath(data).is_absolute() or inside):
+            raise LorlibError(f"library {path}: its held-out data {data[:80]!r} is neither a file in it nor a path")
+        if "\0" in data or len(data) > 4096:
+            raise LorlibError(f"library {path}: its held-out data is not a usable name")
+        return cls(data, tuple(tasks))
+
+    @property
+    def kind(self) -> str:
+        """default, inside (a file in the library), path (a local file anywhere) or hub (a dataset id)."""
+        if self.data == "default":
+            return "default"
+        if PurePosixPath(self.data).is_absolute():
+            return "path"
+        return "hub" if _HUB_ID.fullmatch(self.data) and len(PurePosixPath(self.data).parts) == 2 else "inside"
+
+    def source(self, library_path: Path) -> str:
+        """What `load_tasks` reads: a file in the library by its full path (a relative path that
+        names no file there but looks like owner/name is a hub id)."""
+        if self.kind == "inside" or (self.kind == "hub" and (library_path / self.data).exists()):
+            return str(library_path / self.data)
+        return self.data
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 class Library:
     """A library folder. Opening reads only the manifest; weights load on demand."""
 
@@ -119,34 +185,117 @@ class Library:
     # ---- opening and creating -------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> Library:
+        """Open the library at `path`, checking its manifest whole (it is untrusted input: a library
+        may come from anywhere) and its tree: a one-line error on anything that could make lorlib
+        read, write or delete outside the library."""
         path = Path(path)
         manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise LorlibError(f"no library at {path} ({MANIFEST} not found)")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            text = read_regular(manifest_path).decode("utf-8")
+        except FileNotFoundError:
+            raise LorlibError(f"no library at {path} ({MANIFEST} not found)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LorlibError(f"library {path}: {MANIFEST} is unreadable ({_reason(exc)})") from None
+        try:
+            manifest = json.loads(text)
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format is {manifest.get('format')!r}, not {FORMAT!r}")
             if manifest.get("version", 0) > VERSION:
                 raise ValueError(f"version {manifest['version']} is newer than this lorlib ({VERSION})")
             library = cls(path, manifest)
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LorlibError(f"library {path}: {MANIFEST} is unreadable ({exc})") from None
         library._check_folders()
+        library._check_named_files()
+        library._check_tree()
+        library.held_out  # noqa: B018 (checks the record)
         return library
 
     def _check_folders(self) -> None:
-        """Every expert's folder is experts/<one name> inside this library, after links: a manifest
-        from elsewhere must not make lorlib read (or zip up for download) any other folder."""
-        experts_dir = (self.path / "experts").resolve()
+        """Every expert's folder is experts/<one name> inside this library: a manifest from
+        elsewhere must not make lorlib read (or zip up for download) any other folder."""
         for e in self.experts:
             check_name(e.name)
             parts = PurePosixPath(str(e.path)).parts
-            inside = len(parts) == 2 and parts[0] == "experts" and parts[1] not in (".", "..") and "\\" not in e.path
-            if not inside or (self.path / e.path).resolve().parent != experts_dir:
+            inside = len(parts) == 2 and parts[0] == "experts" and _FILE.fullmatch(parts[1]) and ".." not in parts[1]
+            if not inside:
                 raise LorlibError(
                     f"library {self.path}: expert {e.name!r} names folder {e.path!r}, which is not in its experts/"
                 )
+
+    def _check_named_files(self) -> None:
+        """The files the manifest names beside the experts are the names the library itself
+        writes: side files `<key>.json`, learned routers `routers/<name>-<hash>.safetensors`."""
+        side = self.extra.get("side_files", {})
+        routers = self.extra.get(LEARNED_ROUTERS) or {}
+        if not isinstance(side, dict) or not isinstance(routers, dict):
+            raise LorlibError(f"library {self.path}: side_files and {LEARNED_ROUTERS} must be JSON objects")
+        for key, entry in side.items():
+            file = entry.get("file") if isinstance(entry, dict) else None
+            if not (isinstance(key, str) and _NAME.fullmatch(key) and ".." not in key and file == f"{key}.json"):
+                raise LorlibError(
+                    f"library {self.path}: side file {str(key)[:60]!r} names {str(file)[:60]!r}; "
+                    "a side file is <name>.json in the library itself"
+                )
+        for name, entry in routers.items():
+            file = str(entry.get("file", "")) if isinstance(entry, dict) else ""
+            folder, _, base = file.partition("/")
+            plain = _FILE.fullmatch(base) and ".." not in base and base.endswith(".safetensors")
+            if folder != ROUTERS_FOLDER or not plain:
+                raise LorlibError(
+                    f"library {self.path}: learned router {str(name)[:60]!r} names file {file[:60]!r}, "
+                    f"which is not in its {ROUTERS_FOLDER}/"
+                )
+
+    def _check_tree(self) -> None:
+        """Nothing in the library's own tree is a link or a special file (a FIFO, a device): each
+        could make a read hang or lead a read, a write or a sweep outside the library."""
+        pending = [self.path]
+        while pending:
+            folder = pending.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue  # a concurrent writer renamed it away
+            except OSError as exc:
+                raise LorlibError(f"library {self.path}: {folder} is unreadable ({_reason(exc)})") from None
+            for entry in entries:
+                try:
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(mode):
+                    pending.append(Path(entry.path))
+                elif not stat.S_ISREG(mode):
+                    what = "a link" if stat.S_ISLNK(mode) else "a special file"
+                    rel = Path(entry.path).relative_to(self.path)
+                    raise LorlibError(f"library {self.path}: {rel} is {what}; a library holds only plain files")
+
+    @property
+    def held_out(self) -> HeldOut:
+        """The held-out record: which tasks no expert saw, and where their data is."""
+        return HeldOut.from_manifest(self.extra.get("held_out"), self.path)
+
+    def data_source(self, data: str | None = None) -> str:
+        """Where a command's rows come from: `data` when given, else the library's held-out data
+        (a file kept inside the library is given by its full path), else the embedded data."""
+        return data or self.held_out.source(self.path)
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """Experts whose recorded values cannot be used (a NaN or huge alpha, a rank past the cap,
+        from a library written elsewhere or by an older lorlib): name -> why. Such a library still
+        opens, so that the expert can be removed (`lorlib remove`, the Library tab)."""
+        out = {}
+        for e in self.experts:
+            alpha, rank = e.alpha, e.rank
+            if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+                out[e.name] = f"its lora_alpha is {alpha!r}, not a finite number"
+            elif abs(alpha) > MAX_ALPHA:
+                out[e.name] = f"its lora_alpha {alpha:g} is beyond {MAX_ALPHA:g}"
+            elif not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank():
+                out[e.name] = f"its rank {rank!r} is not between 1 and {max_rank()}"
+        return out
 
     @classmethod
     def create(cls, path: str | Path, base: BaseModelInfo) -> Library:
@@ -185,7 +334,7 @@ class Library:
         raise LorlibError(f"unknown expert {name!r} in library {self.path} (experts: {known})")
 
     def load_adapter(self, name: str) -> LoraAdapter:
-        return read_adapter(self.path / self.expert(name).path)
+        return read_adapter(self.path / self.expert(name).path, self.base_shapes)
 
     def check_base(self, base: BaseModelInfo) -> None:
         if base.fingerprint != self.base_fingerprint:
@@ -247,7 +396,7 @@ class Library:
                 staging.mkdir(exist_ok=True)
                 for expert, adapter in entries:
                     folder = staging / uuid.uuid4().hex
-                    write_adapter(folder, adapter)
+                    write_adapter(folder, adapter, adapter.stored_config(current.base_model))
                     fsync_tree(folder)
                     final = _free_folder(self.path / "experts", expert.name, current)
                     final.parent.mkdir(exist_ok=True)
@@ -312,28 +461,27 @@ class Library:
 
     def _sweep(self) -> None:
         """Delete what the manifest no longer names: staging leftovers, replaced experts, and the
-        temporary files of writes that a killed process left (all under the write lock)."""
+        temporary files of writes that a killed process left (all under the write lock). Only
+        names this library writes itself are deleted: never a pattern taken from the manifest."""
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
-        written = [MANIFEST, *CACHES, *(entry["file"] for entry in self.extra.get("side_files", {}).values())]
-        for leftover in [p for name in written for p in self.path.glob(f".{name}.*")]:
-            leftover.unlink(missing_ok=True)
+        written = {MANIFEST, *CACHES, *(f"{key}.json" for key in self.extra.get("side_files", {}))}
+        _sweep_temporaries(self.path, written)
         for e in self.experts:  # key-set writes a killed process left inside an expert's folder
-            for kind in KEY_SETS:
-                for leftover in (self.path / e.path).glob(f".{kind}.safetensors.*"):
-                    leftover.unlink(missing_ok=True)
-        from lorlib_ui.core.learned_routers import FOLDER, referenced_files
-
-        if (routers := self.path / FOLDER).is_dir():  # files of replaced learned routers, and temporaries
-            named = referenced_files(self.extra)
+            _sweep_temporaries(self.path / e.path, {f"{kind}.safetensors" for kind in KEY_SETS})
+        if (routers := self.path / ROUTERS_FOLDER).is_dir():  # replaced learned routers, and temporaries
+            named = {str(entry.get("file", "")) for entry in (self.extra.get(LEARNED_ROUTERS) or {}).values()}
             for child in routers.iterdir():
-                if f"{FOLDER}/{child.name}" not in named:
+                if f"{ROUTERS_FOLDER}/{child.name}" not in named and not child.is_dir():
                     child.unlink(missing_ok=True)
-        referenced = {(self.path / e.path).resolve() for e in self.experts}
+        referenced = {PurePosixPath(e.path).name for e in self.experts}
         experts_dir = self.path / "experts"
-        if experts_dir.is_dir():
+        if experts_dir.is_dir() and not experts_dir.is_symlink():
             for child in experts_dir.iterdir():
-                if child.resolve() not in referenced:
-                    shutil.rmtree(child, ignore_errors=True)
+                if child.name not in referenced:
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
 
     # ---- side files ------------------------------------------------------------------------
     def read_side_file(self, key: str) -> dict | None:
@@ -343,7 +491,7 @@ class Library:
         if entry is None:
             return None
         try:
-            return json.loads((self.path / entry["file"]).read_text(encoding="utf-8"))
+            return json.loads(read_regular(self.path / entry["file"], MAX_SIDE_FILE).decode("utf-8"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -377,10 +525,9 @@ class Library:
             if not path.is_file():
                 continue
             try:
-                with safe_open(path, "pt") as handle:
-                    meta = handle.metadata() or {}
+                meta = read_metadata(path)
                 info = json.loads(meta.get("info", "{}"))
-            except (SafetensorError, OSError, ValueError):
+            except (OSError, ValueError, TypeError, AttributeError):
                 continue  # damaged: as if missing, computed again
             if meta.get("weights_hash") == e.weights_hash and isinstance(info, dict):
                 out[e.name] = info
@@ -414,7 +561,7 @@ class Library:
         out = {}
         for name in self.keys_info(kind):
             try:
-                out[name] = load(self._key_file(self.expert(name), kind).read_bytes())
+                out[name] = load(read_regular(self._key_file(self.expert(name), kind)))
             except (SafetensorError, OSError):
                 continue
         return out
@@ -588,18 +735,26 @@ def import_adapters(
     names = [check_name(n) for n in (names or [Path(d).resolve().name for d in folders])]
     if len(names) != len(folders):
         raise LorlibError("give one name per adapter folder")
-    adapters = [read_adapter(d) for d in folders]
     library, base = existing_or_new(path, base_model)
     shapes = library.base_shapes if library else base.linear_shapes
     base_name = library.base_model if library else base.name
-    for name, adapter in zip(names, adapters):
-        adapter.check_fits(shapes, f"adapter {name}")
+    adapters = [read_adapter(d, shapes) for d in folders]  # module names checked before any pattern
     entries = [
         (expert_from_adapter(n, a, base_name, kind=kind, tasks=list(tasks or [n]), family=family), a)
         for n, a in zip(names, adapters)
     ]
     library = library or Library.create(path, base)
     return library.add_experts(entries, force=force)
+
+
+def _sweep_temporaries(folder: Path, written: set[str]) -> None:
+    """Delete the leftover temporary files (`atomic.temporary_name`) of the names in `written`."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for child in folder.iterdir():
+        match = _TEMPORARY.fullmatch(child.name)
+        if match and match["name"] in written and not child.is_symlink() and child.is_file():
+            child.unlink(missing_ok=True)
 
 
 def _free_folder(experts_dir: Path, name: str, library: Library) -> Path:

@@ -21,6 +21,8 @@ from lorlib_ui.build.config import TASK_SETS as TASK_SETS  # the sets of tasks j
 from lorlib_ui.core.prompting import MAX_NEW_TOKENS as MAX_NEW_TOKENS  # the UI's limit is the worker's
 from lorlib_ui.core.record import RoutingRecord
 
+KEEP_EXPORTS = 4  # download zips a worker keeps (the app copies each one as it serves it)
+
 
 @dataclass
 class LibraryInfo:
@@ -39,6 +41,7 @@ class LibraryInfo:
     routers_missing: dict[str, str] = field(default_factory=dict)  # spec it cannot run yet -> what it lacks
     adaptation: dict = field(default_factory=dict)  # task -> the last `adapt` record on it
     learned_routers: list[dict] = field(default_factory=list)  # manifest entries of its learned routers
+    problems: dict[str, str] = field(default_factory=dict)  # expert -> why it cannot be used (remove it)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class RouteUpdate:
     truncated: bool = False
     first_token_s: float | None = None  # seconds from the request to the first generated token
     total_s: float | None = None
+    prompt_limit: int | None = None  # the longest prompt the worker prefills (a cut one is `truncated`)
 
 
 @dataclass
@@ -120,6 +124,8 @@ class JobRequest:
     kind: str  # "build", "cluster", "evaluate", "transfer", "routing" or "adapt"
     library: str
     options: dict = field(default_factory=dict)
+    owner: str | None = None  # the app session that asked: the job is cancelled when it ends...
+    detached: bool = False  # ...unless the user asked for it to finish in the background
 
 
 @dataclass
@@ -186,6 +192,10 @@ class Worker(ABC):
         """A zip of the library, or of one expert; returns its path (in the worker's temp folder)."""
 
     @abstractmethod
+    def remove_expert(self, path: str, name: str) -> None:
+        """Remove one expert from a library (in one atomic step)."""
+
+    @abstractmethod
     def submit(self, job: JobRequest) -> str:
         """Queue a long job (build, cluster, evaluate); returns its id."""
 
@@ -194,3 +204,11 @@ class Worker(ABC):
 
     @abstractmethod
     def cancel(self, job_id: str) -> None: ...
+
+    @abstractmethod
+    def end_session(self, owner: str) -> None:
+        """An app session has ended: cancel its jobs, except those it detached."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Remove what the worker keeps on this machine's disk (at a clean exit)."""

@@ -50,15 +50,18 @@ class JobBoard:
         self._jobs: dict[str, JobStatus] = {}  # in submission order
         self._finished: list[str] = []  # in finishing order
         self._cancelled: set[str] = set()
+        self._owners: dict[str, str] = {}  # job -> the session that may lose it when it ends
         self._queue: queue.Queue[tuple[str, JobRequest]] = queue.Queue()
         threading.Thread(target=self._run, name="lorlib-jobs", daemon=True).start()
 
     def submit(self, job: JobRequest) -> str:
         if job.kind not in JOBS:
             raise LorlibError(f"unknown job {job.kind!r}; use one of {', '.join(JOBS)}")
-        job_id = uuid.uuid4().hex[:12]
+        job_id = uuid.uuid4().hex
         with self._lock:
             self._jobs[job_id] = JobStatus(job_id, job.kind, "queued", message="waiting for earlier jobs")
+            if job.owner is not None and not job.detached:
+                self._owners[job_id] = job.owner
         self._queue.put((job_id, job))
         return job_id
 
@@ -73,11 +76,23 @@ class JobBoard:
             return [replace(status) for status in self._jobs.values()]
 
     def cancel(self, job_id: str) -> None:
+        """Cancel a job: a queued one ends at once (and is skipped when its turn comes), a running
+        one at its next check."""
         with self._lock:
             if job_id not in self._jobs:
                 raise LorlibError(f"no job {job_id!r}")
             if self._jobs[job_id].state in ACTIVE:
                 self._cancelled.add(job_id)
+            queued = self._jobs[job_id].state == "queued"
+        if queued:
+            self._finish(job_id, state="cancelled", message="cancelled before it started")
+
+    def end_session(self, owner: str) -> None:
+        """Cancel the active jobs `owner` submitted (not those it detached)."""
+        with self._lock:
+            owned = [j for j, o in self._owners.items() if o == owner and self._jobs[j].state in ACTIVE]
+        for job_id in owned:
+            self.cancel(job_id)
 
     def _set(self, job_id: str, **changes) -> None:
         with self._lock:
@@ -90,9 +105,13 @@ class JobBoard:
             return job_id in self._cancelled
 
     def _finish(self, job_id: str, **changes) -> None:
-        self._set(job_id, **changes)
         with self._lock:
+            if self._jobs[job_id].state not in ACTIVE:
+                return  # already ended (a queued job cancelled)
+            for name, value in changes.items():
+                setattr(self._jobs[job_id], name, value)
             self._cancelled.discard(job_id)
+            self._owners.pop(job_id, None)
             self._finished.append(job_id)
             while len(self._finished) > self._keep:
                 del self._jobs[self._finished.pop(0)]
@@ -100,10 +119,10 @@ class JobBoard:
     def _run(self) -> None:
         while True:
             job_id, job = self._queue.get()
-            if self._is_cancelled(job_id):
-                self._finish(job_id, state="cancelled", message="cancelled before it started")
-                continue
-            self._set(job_id, state="running", message="starting")
+            with self._lock:
+                if job_id not in self._jobs or self._jobs[job_id].state != "queued":
+                    continue  # cancelled while it waited
+                self._jobs[job_id].state, self._jobs[job_id].message = "running", "starting"
             context = JobContext(self, job_id, self._new_trainer)
             try:
                 result, message = JOBS[job.kind](job, context)
@@ -155,6 +174,7 @@ def _build_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
         shared=bool(o.get("shared", True)),
         force=bool(o.get("force", False)),
         base_model=o.get("base_model"),
+        keep_data=o.get("data", "default") != "default",  # an upload, deleted after a while: the library keeps it
         trainer=context.new_trainer(),
         progress=_training_progress(context),
         cancel=context.cancelled,

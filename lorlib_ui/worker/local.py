@@ -16,13 +16,14 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
 import traceback
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,9 @@ from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.learned_routers import learned_problem, learned_routers, summary
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import check_max_new_tokens
+from lorlib_ui.worker.access import Access
 from lorlib_ui.worker.api import (
+    KEEP_EXPORTS,
     ClusterView,
     ExpertDetail,
     InsightView,
@@ -48,10 +51,24 @@ from lorlib_ui.worker.jobs import JobBoard
 MAX_MODELS_ENV = "LORLIB_MAX_MODELS"
 DEFAULT_MAX_MODELS = 2  # routed models kept: the library on screen and one more
 MAX_EMBEDDINGS = 4  # cluster views' embeddings kept (a few MB to a GB each)
+MAX_PROMPT_TOKENS_ENV = "LORLIB_MAX_PROMPT_TOKENS"
+DEFAULT_MAX_PROMPT_TOKENS = 1024  # one request's prefill: about 1 s of the embedded model on 2 CPU cores
 
 
 def manifest_key(library: Library) -> str:
     return hashlib.sha256(json.dumps(library.manifest(), sort_keys=True).encode()).hexdigest()
+
+
+def _positive_setting(value: int | None, env: str, default: int) -> int:
+    if value is None:
+        raw = os.environ.get(env, str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise LorlibError(f"{env} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise LorlibError(f"{env} must be a positive integer, got {value}")
+    return value
 
 
 def _max_models(value: int | None) -> int:
@@ -74,12 +91,19 @@ class LocalWorker(Worker):
         base_model: str | None = None,
         trainer_factory: Callable[[], Trainer] | None = None,
         max_models: int | None = None,
+        access: Access | None = None,
+        max_prompt_tokens: int | None = None,
     ):
         """`trainer_factory`: makes the trainer of each build and cluster job (default: a
         `LocalTrainer` on `device`). `max_models`: routed models kept (default
-        $LORLIB_MAX_MODELS, else 2)."""
+        $LORLIB_MAX_MODELS, else 2). `access`: which libraries requests may open and whether
+        they may write (default: any path, as the command line). `max_prompt_tokens`: the
+        longest prompt one route prefills, longer ones are cut from the left (default
+        $LORLIB_MAX_PROMPT_TOKENS, else 1024)."""
         self.device, self.dtype, self.base_model = device, dtype, base_model
         self.max_models = _max_models(max_models)
+        self.access = access or Access()
+        self.max_prompt_tokens = _positive_setting(max_prompt_tokens, MAX_PROMPT_TOKENS_ENV, DEFAULT_MAX_PROMPT_TOKENS)
         self._lock = threading.Lock()  # one model computation at a time; guards _routed
         self._routed: OrderedDict[str, tuple[str, object]] = OrderedDict()  # path -> (manifest key, RoutedModel)
         self._embeddings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
@@ -87,6 +111,21 @@ class LocalWorker(Worker):
         self._jobs = JobBoard(trainer_factory or (lambda: LocalTrainer(self.device)))
         self._warm_ups: list[threading.Thread] = []
         self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): uploads unpack and downloads go here
+        self._exports: list[Path] = []  # download folders, oldest first
+        self._exports_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Remove the worker's temporary folder (unpacked uploads, download zips): at a clean exit."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _open(self, path: str) -> Library:
+        """The library a request names, if this worker may open it (`Access`), checked whole."""
+        path = self.access.library_path(path)
+        if self.access.served and Path(self._tmp) in Path(path).resolve().parents:
+            raise LorlibError(f"{path} is not a library this explorer serves")
+        library = Library.open(path)
+        self.access.check_data(library)
+        return library
 
     # ---- queries --------------------------------------------------------------------------------
     def health(self) -> dict:
@@ -115,7 +154,7 @@ class LocalWorker(Worker):
         def work() -> None:
             try:
                 with self._lock:
-                    rm = self._routed_model(path)
+                    rm = self._routed_model(self._open(path))
                     generate(rm, "Hello", make_router("arrow", rm.experts), max_new_tokens=2)
                 umap_coords(np.random.default_rng(0).normal(size=(8, 4)))
             except Exception:  # a bad library shows its error on the first real request
@@ -128,7 +167,7 @@ class LocalWorker(Worker):
     def library(self, path: str) -> LibraryInfo:
         from lorlib_ui.build.config import TrainConfig
 
-        library = Library.open(path)
+        library = self._open(path)
         assignment = (library.clusters or {}).get("assignment", {})
         experts = [{**e, "cluster": assignment.get(e["name"])} for e in library.manifest()["experts"]]
         short = [m.rsplit(".", 1)[-1] for m in library.base_shapes]
@@ -142,7 +181,8 @@ class LocalWorker(Worker):
             modules=[m for m in dict.fromkeys(short) if short.count(m) > 1],  # per layer: not lm_head
             new_targets=list(targets),
             new_rank=int(rank),
-            held_out=list((library.extra.get("held_out") or {}).get("tasks", [])),
+            held_out=list(library.held_out.tasks),
+            problems=library.problems,
             clusters=library.clusters or {},
             evaluation=library.extra.get("evaluation"),
             history=list(library.extra.get("history", [])),
@@ -159,24 +199,23 @@ class LocalWorker(Worker):
     def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
         from lorlib_ui.build.data import load_tasks
 
-        library = Library.open(path)
-        held = library.extra.get("held_out") or {}
-        if not held.get("tasks"):
+        library = self._open(path)
+        held = library.held_out
+        if not held.tasks or held.kind == "hub":  # opening a library never touches the network
             return []
-        data = load_tasks(held.get("data") or "default")
+        data = load_tasks(library.data_source())
         out = []
-        for task in held["tasks"]:
+        for task in held.tasks:
             out += [(task, row["input"]) for row in data.rows(task, "test")[:per_task]]
         return out
 
     # ---- routing --------------------------------------------------------------------------------
-    def _routed_model(self, path: str):
-        """The routed model of a library, rebuilt when its manifest changed; the least recently
-        used beyond `max_models` are dropped (call under the lock)."""
+    def _routed_model(self, library: Library):
+        """The routed model of a library (as opened now), rebuilt when its manifest changed; the
+        least recently used beyond `max_models` are dropped (call under the lock)."""
         from lorlib_ui.core.routed_model import RoutedModel
 
-        library = Library.open(path)
-        key = str(Path(path).resolve())
+        key = str(library.path.resolve())
         version = manifest_key(library)
         cached = self._routed.get(key)
         if cached is not None and cached[0] == version:
@@ -196,7 +235,7 @@ class LocalWorker(Worker):
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise LorlibError("the prompt is empty")
         check_max_new_tokens(request.max_new_tokens)
-        library = Library.open(request.library)
+        library = self._open(request.library)
         router = make_router(
             request.router,
             library.names,
@@ -212,7 +251,7 @@ class LocalWorker(Worker):
         def work() -> None:
             try:
                 with self._lock:
-                    rm = self._routed_model(request.library)
+                    rm = self._routed_model(Library.open(library.path))
                     if rm.experts != library.names:  # the library changed between the check and now
                         raise LorlibError("the library changed while the request waited; try again")
                     result = generate(
@@ -222,6 +261,7 @@ class LocalWorker(Worker):
                         max_new_tokens=request.max_new_tokens,
                         chat=request.chat,
                         on_token=lambda text: updates.put(("text", text)),
+                        max_prompt_tokens=self.max_prompt_tokens,
                     )
                 updates.put(("done", result))
             except Exception as exc:  # handed to the caller's thread
@@ -244,6 +284,7 @@ class LocalWorker(Worker):
                 record=value.record,
                 n_prompt_tokens=len(value.prompt_ids),
                 truncated=value.truncated,
+                prompt_limit=self.max_prompt_tokens,
                 first_token_s=first,
                 total_s=time.perf_counter() - start,
             )
@@ -268,11 +309,11 @@ class LocalWorker(Worker):
         from lorlib_ui.build.clusters import task_experts, umap_coords
         from lorlib_ui.build.mbc import adjusted_rand_index, check_k, mbc_cluster, silhouette_by_k
 
-        library = Library.open(path)
+        library = self._open(path)
         n = len(task_experts(library))
         check_k(k, n)
         with self._embedding_lock:
-            entry = self._embedding(path, library)
+            entry = self._embedding(str(library.path), library)
             if "coords" not in entry:  # an expert view may have embedded the library without them
                 entry["coords"] = umap_coords(entry["embedding"].vectors)
                 entry["silhouette"] = silhouette_by_k(entry["embedding"], range(2, min(n - 1, 16) + 1))
@@ -301,12 +342,12 @@ class LocalWorker(Worker):
     def expert_detail(self, path: str, name: str) -> ExpertDetail:
         from lorlib_ui.core.spectrum import expert_spectrum
 
-        library = Library.open(path)
+        library = self._open(path)
         expert = library.expert(name)  # an unknown name: a one-line error naming it
         adapter = library.load_adapter(name)
         order = [m for m in library.base_shapes if m in adapter.factors]  # as the model runs them
         spectrum = expert_spectrum(adapter, order + sorted(set(adapter.factors) - set(order)))
-        nearest, note = self._nearest(path, library, expert)
+        nearest, note = self._nearest(str(library.path), library, expert)
         metrics = {key: value for key, value in expert.metrics.items() if key != "loss_curve"}
         curve = expert.metrics.get("loss_curve")
         return ExpertDetail(
@@ -347,7 +388,7 @@ class LocalWorker(Worker):
         from lorlib_ui.build.routing_stats import load_routing
         from lorlib_ui.build.transfer import load_transfer
 
-        library = Library.open(path)
+        library = self._open(path)
         matrix = load_transfer(library)
         routing = load_routing(library)
         families = dict(zip(matrix.tasks, matrix.families)) if matrix else {}
@@ -377,31 +418,53 @@ class LocalWorker(Worker):
         from lorlib_ui.build.clusters import keep_gram
         from lorlib_ui.core.library import import_adapters
 
-        stored = import_adapters(path, folders, force=force)
-        keep_gram(Library.open(path))  # so that the cluster view computes only the new experts' rows
+        self.access.check_writable()
+        library = self._open(path)
+        stored = import_adapters(library.path, folders, force=force)
+        keep_gram(Library.open(library.path))  # so that the cluster view computes only the new experts' rows
         return [e.name for e in stored]
 
     def import_archive(self, path: str, archive: str, force: bool = False) -> list[str]:
         from lorlib_ui.core.archives import adapter_folders, safe_extract
 
-        Library.open(path)  # refuse before unpacking anything
+        self.access.check_writable()
+        library = self._open(path)  # refuse before unpacking anything
         with tempfile.TemporaryDirectory(dir=self._tmp) as tmp:
             folders = adapter_folders(safe_extract(archive, Path(tmp) / "unpacked"))
-            return self.import_adapters(path, [str(f) for f in folders], force=force)
+            return self.import_adapters(str(library.path), [str(f) for f in folders], force=force)
+
+    def remove_expert(self, path: str, name: str) -> None:
+        self.access.check_writable()
+        self._open(path).remove_expert(name)
 
     def export(self, path: str, expert: str | None = None) -> str:
         from lorlib_ui.core.archives import zip_folder
 
-        library = Library.open(path)
+        library = self._open(path)
         folder = library.path / library.expert(expert).path if expert else library.path
         name = f"{expert or library.path.name}.zip"
-        return str(zip_folder(folder, Path(tempfile.mkdtemp(dir=self._tmp)) / name))
+        with self._exports_lock:  # the app copies a download as it serves it: keep only the last few
+            self._exports.append(Path(tempfile.mkdtemp(dir=self._tmp)))
+            while len(self._exports) > KEEP_EXPORTS:
+                shutil.rmtree(self._exports.pop(0), ignore_errors=True)
+            out = self._exports[-1] / name
+        try:
+            return str(zip_folder(folder, out))
+        except OSError as exc:
+            raise LorlibError(f"could not write the download ({exc.strerror or exc})") from None
 
     # ---- jobs ------------------------------------------------------------------------------------
     def submit(self, job: JobRequest) -> str:
-        if job.kind in ("cluster", "evaluate", "adapt"):  # they need an existing library; build may create one
-            Library.open(job.library)
+        self.access.check_writable()  # every job writes its results into the library
+        job = replace(job, library=self.access.library_path(job.library))
+        if job.kind != "build" or Path(job.library).exists():  # build may create a library
+            self._open(job.library)
+        if job.options.get("data"):
+            job = replace(job, options={**job.options, "data": self.access.data_file(job.options["data"])})
         return self._jobs.submit(job)
+
+    def end_session(self, owner: str) -> None:
+        self._jobs.end_session(owner)
 
     def job(self, job_id: str) -> JobStatus:
         return self._jobs.status(job_id)

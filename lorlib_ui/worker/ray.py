@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.worker.api import (
+    KEEP_EXPORTS,
     ClusterView,
     ExpertDetail,
     InsightView,
@@ -126,7 +129,7 @@ class _WorkerActor:
 
     CALLS = {"health", "warm_up", "library", "comparisons", "examples", "clusters", "import_adapters"}
     CALLS |= {"submit", "job", "cancel"}
-    CALLS |= {"expert_detail", "insight"}
+    CALLS |= {"expert_detail", "insight", "remove_expert", "end_session"}
 
     def __init__(self, serve: Callable[[], Worker]):
         self.worker = serve()
@@ -151,11 +154,18 @@ class _WorkerActor:
         return str(path)
 
     def import_archive(self, path: str, name: str, payload: bytes, force: bool) -> list[str]:
-        return self.worker.import_archive(path, self._receive(name, payload), force)
+        received = self._receive(name, payload)
+        try:
+            return self.worker.import_archive(path, received, force)
+        finally:
+            shutil.rmtree(Path(received).parent, ignore_errors=True)
 
     def export(self, path: str, expert: str | None) -> tuple[str, bytes]:
         archive = Path(self.worker.export(path, expert))
-        return archive.name, archive.read_bytes()
+        try:
+            return archive.name, archive.read_bytes()
+        finally:
+            archive.unlink(missing_ok=True)
 
     def submit(self, job: JobRequest, upload: tuple[str, bytes] | None) -> str:
         if upload is not None:  # a data file from the app's machine
@@ -188,6 +198,8 @@ class RayWorker(Worker):
             .remote(serve)
         )
         self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): downloads land here
+        self._exports: list[Path] = []
+        self._exports_lock = threading.Lock()
 
     def _call(self, method: str, *args):
         return _get(self.actor.call.remote(method, *args))
@@ -228,9 +240,23 @@ class RayWorker(Worker):
 
     def export(self, path: str, expert: str | None = None) -> str:
         name, payload = _get(self.actor.export.remote(path, expert))
-        out = Path(tempfile.mkdtemp(dir=self._tmp)) / name
+        with self._exports_lock:  # the app copies a download as it serves it: keep only the last few
+            self._exports.append(Path(tempfile.mkdtemp(dir=self._tmp)))
+            while len(self._exports) > KEEP_EXPORTS:
+                shutil.rmtree(self._exports.pop(0), ignore_errors=True)
+            out = self._exports[-1] / name
         out.write_bytes(payload)
         return str(out)
+
+    def remove_expert(self, path: str, name: str) -> None:
+        self._call("remove_expert", path, name)
+
+    def end_session(self, owner: str) -> None:
+        self._call("end_session", owner)
+
+    def close(self) -> None:
+        """Remove this side's downloads; the actor, detached, keeps serving other apps."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def submit(self, job: JobRequest) -> str:
         data = job.options.get("data")

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,14 @@ def _listeners(port: int) -> set[str]:
     return out
 
 
-@pytest.fixture
-def app_process(tiny_library, tmp_path):
-    """`python app.py` as a user starts it, on the tiny library; yields (url, process)."""
+@contextmanager
+def _app_process(library: Path, tmp_path: Path, *extra: str):
+    """`python app.py` as a user starts it; yields (url, process) and stops it with SIGTERM."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
     log = open(tmp_path / "app.log", "w")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--library", str(tiny_library.path), "--port", str(port), "--device", "cpu"],
+        [sys.executable, "app.py", "--library", str(library), "--port", str(port), "--device", "cpu", *extra],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -56,14 +57,41 @@ def app_process(tiny_library, tmp_path):
                 break
         assert process.poll() is None and time.time() < deadline, (tmp_path / "app.log").read_text()[-3000:]
         time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}/", process
-    process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        yield f"http://127.0.0.1:{port}/", process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
     assert "gradio.live" not in (tmp_path / "app.log").read_text()  # no share link, ever
+
+
+@pytest.fixture
+def app_process(tiny_library, tmp_path):
+    with _app_process(tiny_library.path, tmp_path) as served:
+        yield served
+
+
+def _temporary_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("lorlib-*"))
+
+
+def test_a_clean_exit_leaves_no_temporary_files(tiny_library, tmp_path):
+    """After SIGTERM: no upload, no download, no worker folder is left behind."""
+    from gradio_client import Client
+
+    before = _temporary_folders()
+    with _app_process(tiny_library.path, tmp_path) as (url, process):
+        client = Client(url, verbose=False)
+        client.predict(str(tiny_library.path), api_name="/open_library")
+        assert Path(client.predict(api_name="/export_library")).stat().st_size > 0
+        made = _temporary_folders() - before
+        assert {p.name.split("-")[1] for p in made} >= {"uploads"} and len(made) >= 2, made
+    assert process.returncode == 0, (tmp_path / "app.log").read_text()[-2000:]
+    assert not [p for p in made if p.exists()], "left behind after SIGTERM"
 
 
 def test_the_app_binds_loopback_and_keeps_uploads_private(app_process, tmp_path):
@@ -134,7 +162,7 @@ def test_a_symlinked_expert_folder_is_refused(tiny_library, tmp_path):
     path = _crafted(tiny_library, tmp_path, "experts/task0")
     shutil.rmtree(path / "experts" / "task0")
     (path / "experts" / "task0").symlink_to("/etc")
-    with pytest.raises(LorlibError, match="which is not in its experts/"):
+    with pytest.raises(LorlibError, match="experts/task0 is a link"):
         Library.open(path)
 
 

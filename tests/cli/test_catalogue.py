@@ -49,7 +49,7 @@ def unchanged(library, client):
     before = library_snapshot(library.path)
     yield
     assert library_snapshot(library.path) == before
-    assert client.predict(api_name="/health")["backend"] == "local"
+    assert client.predict(api_name="/health")["up"]
 
 
 def _one_line_error(code, out, err, message):
@@ -302,7 +302,7 @@ def test_binary_and_overlong_prompts_are_answered(prompt, library, client, uncha
     assert ("notice: the prompt was longer than the model's context" in err) == (prompt.startswith("word"))
     _, note, *_ = client.predict(prompt, "arrow", 2, 1.0, 2, api_name="/route")
     assert "done in" in note
-    assert ("the prompt was cut to fit" in note) == (prompt.startswith("word"))
+    assert ("the prompt was cut from the left to fit" in note) == (prompt.startswith("word"))
 
 
 # ---- clusters and empty libraries -----------------------------------------------------------------

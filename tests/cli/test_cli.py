@@ -37,6 +37,23 @@ def test_info(cli_library, capsys):
     assert manifest["experts"][0]["rank"] == 4
 
 
+def test_an_unusable_expert_is_named_and_removed(cli_library, capsys):
+    """A library written elsewhere with a NaN alpha opens, says which expert, and loses it."""
+    manifest = json.loads((cli_library / "manifest.json").read_text())
+    manifest["experts"][2]["alpha"] = float("nan")
+    (cli_library / "manifest.json").write_text(json.dumps(manifest))
+    code, out, _ = run(capsys, "info", cli_library)
+    assert code == 0 and "warning: expert task2 cannot be used: its lora_alpha is nan" in out
+    code, _, err = run(capsys, "remove", cli_library, "task2", "nope")
+    assert code == 1 and "unknown expert 'nope'" in err and "task2" in (cli_library / "manifest.json").read_text()
+    code, out, _ = run(capsys, "remove", cli_library, "task2")
+    assert code == 0 and "removed task2" in out
+    code, out, _ = run(capsys, "info", cli_library)
+    assert "warning" not in out and "3 experts" in out
+    assert "NaN" not in (cli_library / "manifest.json").read_text()
+    assert not (cli_library / "experts" / "task2").exists()  # swept with the manifest's change
+
+
 def test_route_json_contract(cli_library, capsys):
     code, out, err = run(
         capsys,

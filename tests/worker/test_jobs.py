@@ -55,14 +55,31 @@ def test_cancel_a_running_and_a_queued_job(quick_jobs):
     queued = board.submit(JobRequest("wait", "lib", {"n": 2}))
     _until(lambda: board.status(running).state == "running", "the first job to start")
     board.cancel(queued)
-    board.cancel(running)
-    _until(lambda: board.status(queued).state == "cancelled", "the queued job to be dropped")
-    assert board.status(running).state == "cancelled"
+    # a queued job is cancelled at once, not when its turn comes: its caller stops waiting now
+    assert board.status(queued).state == "cancelled"
     assert board.status(queued).message == "cancelled before it started"
+    board.cancel(running)
+    _until(lambda: board.status(running).state == "cancelled", "the running job to stop")
+    assert board.status(queued).state == "cancelled"  # its turn came and went: it never ran
     with pytest.raises(LorlibError, match="no job 'nope'"):
         board.cancel("nope")
     with pytest.raises(LorlibError, match="unknown job 'train'"):
         board.submit(JobRequest("train", "lib"))
+
+
+def test_a_session_that_ends_takes_its_jobs_but_not_detached_ones(quick_jobs):
+    board = JobBoard(new_trainer=lambda: None)
+    mine = board.submit(JobRequest("wait", "lib", {"n": 1}, owner="alice"))
+    kept = board.submit(JobRequest("wait", "lib", {"n": 2}, owner="alice", detached=True))
+    theirs = board.submit(JobRequest("wait", "lib", {"n": 3}, owner="bob"))
+    _until(lambda: board.status(mine).state == "running", "the first job to start")
+    board.end_session("alice")
+    _until(lambda: board.status(mine).state == "cancelled", "alice's running job to stop")
+    _until(lambda: board.status(kept).state == "running", "the detached job to run")
+    board.end_session("nobody")
+    quick_jobs.set()
+    _until(lambda: board.status(theirs).state == "done", "bob's job to finish")
+    assert board.status(kept).state == "done"
 
 
 def test_only_the_last_finished_jobs_are_kept(quick_jobs):

@@ -146,7 +146,7 @@ def test_the_app_on_the_ray_backend_routes_a_prompt(local_ray, tiny_library, tin
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
     explorer = explorer_module()
-    app = explorer.create(explorer.parse_args(["--backend", "ray", "--library", str(tiny_library.path)]))
+    app, worker = explorer.create(explorer.parse_args(["--backend", "ray", "--library", str(tiny_library.path)]))
     port = free_port()
     launch(app, "127.0.0.1", port, block=False)
     try:
@@ -154,7 +154,8 @@ def test_the_app_on_the_ray_backend_routes_a_prompt(local_ray, tiny_library, tin
         text, note, *_ = client.predict("the quick brown", "arrow", 2, 1.0, 5, api_name="/route")
         expected = generate(tiny_routed, "the quick brown", make_router("arrow", tiny_routed.experts, 2), 5)
         assert text == expected.text and "done in" in note
-        assert client.predict(api_name="/health")["backend"] == "ray"
+        assert client.predict(api_name="/health") == {"up": True, "busy": False}
+        assert worker.health()["backend"] == "ray"
     finally:
         app.close()
 

@@ -1,0 +1,98 @@
+"""What a served app may touch: the libraries it was started with, and nothing else.
+
+The explorer is served to other people (a class on a LAN, a shared lab machine), so every path a
+request carries is untrusted. A served worker opens only the library it was started with
+(`--library`) and the libraries under its folders of libraries (`--libraries DIR`), never one in
+the upload or cache folders, whatever links the path goes through (it is resolved before it is
+compared). A library's held-out data must be the embedded data, a file inside the library or
+under those folders, or a hub dataset id (which opening never loads). Data files sent with a job
+must be uploads or files under those folders. With `read_only`, nothing is written at all.
+
+The command line, run by a local user on their own files, opens any path: `Access()`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.library import Library
+
+READ_ONLY = "this explorer is read-only: it routes and shows, and changes no library"
+
+
+@dataclass(frozen=True)
+class Access:
+    served: bool = False  # False: any path (a local user's own command line or tests)
+    libraries: tuple[str, ...] = ()  # library folders that may be opened, resolved
+    roots: tuple[str, ...] = ()  # folders under which any library may be opened, resolved
+    uploads: tuple[str, ...] = ()  # where uploaded files land: data may come from there, libraries never
+    read_only: bool = False
+
+    @classmethod
+    def serving(
+        cls,
+        libraries: list[str] = (),
+        roots: list[str] = (),
+        uploads: list[str] = (),
+        read_only: bool = False,
+    ) -> Access:
+        def resolved(paths) -> tuple[str, ...]:
+            return tuple(str(Path(p).expanduser().resolve()) for p in paths if p)
+
+        return cls(True, resolved(libraries), resolved(roots), resolved(uploads), read_only)
+
+    def library_path(self, path: str) -> str:
+        """The path to open for a library a request names, or a one-line refusal."""
+        if not self.served:
+            return str(path)
+        if not isinstance(path, str) or not path.strip() or "\0" in path:
+            raise LorlibError("no library folder given")
+        resolved = Path(path).expanduser().resolve()
+        allowed = str(resolved) in self.libraries or any(_within(resolved, root) for root in self.roots)
+        if not allowed or any(_within(resolved, folder) for folder in self.uploads):
+            raise LorlibError(
+                f"{path} is not a library this explorer serves: it opens only its --library and the "
+                "libraries under its --libraries folders"
+            )
+        return str(resolved)
+
+    def check_data(self, library: Library) -> None:
+        """Refuse a library whose held-out data is a local file outside what this app may read."""
+        held = library.held_out
+        if not self.served or held.kind in ("default", "hub"):
+            return
+        path = Path(held.source(library.path))
+        inside = _within(path.resolve(), str(library.path.resolve()))
+        if not (inside or any(_within(path.resolve(), root) for root in self.roots)) or not _regular(path):
+            raise LorlibError(
+                f"library {library.path}: its held-out data {held.data[:100]!r} is not a file in the library "
+                "or under the explorer's --libraries folders, so the explorer does not read it"
+            )
+
+    def data_file(self, data: str) -> str:
+        """A data file sent with a job: an upload, or a file under the library folders."""
+        if not self.served or data == "default":
+            return data
+        path = Path(data).resolve()
+        if not any(_within(path, folder) for folder in self.roots + self.uploads) or not _regular(path):
+            raise LorlibError("a job's data must be the embedded data or an uploaded file")
+        return str(path)
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise LorlibError(READ_ONLY)
+
+
+def _within(path: Path, folder: str) -> bool:
+    return path == Path(folder) or Path(folder) in path.parents
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
