@@ -10,9 +10,13 @@ Errors a user can cause come back as `LorlibError` with a one-line message for t
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +25,21 @@ from lorlib_ui.build.config import TASK_SETS as TASK_SETS  # the sets of tasks j
 from lorlib_ui.core.prompting import MAX_NEW_TOKENS as MAX_NEW_TOKENS  # the UI's limit is the worker's
 from lorlib_ui.core.record import RoutingRecord
 
-KEEP_EXPORTS = 4  # download zips a worker keeps (the app copies each one as it serves it)
+DOWNLOAD_KEEP_S = 60  # a worker's download zip is copied by the app as it is returned: older ones go
+
+
+def download_folder(root: str | Path) -> Path:
+    """A new private folder under `root` for one download, after removing the downloads that have
+    not been written to for `DOWNLOAD_KEEP_S` (one still being zipped is being written to)."""
+    now = time.time()
+    for folder in Path(root).glob("download-*"):
+        try:
+            newest = max((f.stat().st_mtime for f in folder.iterdir()), default=folder.stat().st_mtime)
+        except OSError:
+            continue  # removed meanwhile
+        if now - newest > DOWNLOAD_KEEP_S:
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="download-", dir=root))
 
 
 @dataclass

@@ -35,7 +35,6 @@ from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import check_max_new_tokens
 from lorlib_ui.worker.access import Access
 from lorlib_ui.worker.api import (
-    KEEP_EXPORTS,
     ClusterView,
     ExpertDetail,
     InsightView,
@@ -45,6 +44,7 @@ from lorlib_ui.worker.api import (
     RouteRequest,
     RouteUpdate,
     Worker,
+    download_folder,
 )
 from lorlib_ui.worker.jobs import JobBoard
 
@@ -111,8 +111,6 @@ class LocalWorker(Worker):
         self._jobs = JobBoard(trainer_factory or (lambda: LocalTrainer(self.device)))
         self._warm_ups: list[threading.Thread] = []
         self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): uploads unpack and downloads go here
-        self._exports: list[Path] = []  # download folders, oldest first
-        self._exports_lock = threading.Lock()
 
     def close(self) -> None:
         """Remove the worker's temporary folder (unpacked uploads, download zips): at a clean exit."""
@@ -443,11 +441,7 @@ class LocalWorker(Worker):
         library = self._open(path)
         folder = library.path / library.expert(expert).path if expert else library.path
         name = f"{expert or library.path.name}.zip"
-        with self._exports_lock:  # the app copies a download as it serves it: keep only the last few
-            self._exports.append(Path(tempfile.mkdtemp(dir=self._tmp)))
-            while len(self._exports) > KEEP_EXPORTS:
-                shutil.rmtree(self._exports.pop(0), ignore_errors=True)
-            out = self._exports[-1] / name
+        out = download_folder(self._tmp) / name
         try:
             return str(zip_folder(folder, out))
         except OSError as exc:

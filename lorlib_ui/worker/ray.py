@@ -33,7 +33,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -41,7 +40,6 @@ from pathlib import Path
 
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.worker.api import (
-    KEEP_EXPORTS,
     ClusterView,
     ExpertDetail,
     InsightView,
@@ -51,6 +49,7 @@ from lorlib_ui.worker.api import (
     RouteRequest,
     RouteUpdate,
     Worker,
+    download_folder,
 )
 
 NAMESPACE = "lorlib"
@@ -198,8 +197,6 @@ class RayWorker(Worker):
             .remote(serve)
         )
         self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): downloads land here
-        self._exports: list[Path] = []
-        self._exports_lock = threading.Lock()
 
     def _call(self, method: str, *args):
         return _get(self.actor.call.remote(method, *args))
@@ -240,11 +237,7 @@ class RayWorker(Worker):
 
     def export(self, path: str, expert: str | None = None) -> str:
         name, payload = _get(self.actor.export.remote(path, expert))
-        with self._exports_lock:  # the app copies a download as it serves it: keep only the last few
-            self._exports.append(Path(tempfile.mkdtemp(dir=self._tmp)))
-            while len(self._exports) > KEEP_EXPORTS:
-                shutil.rmtree(self._exports.pop(0), ignore_errors=True)
-            out = self._exports[-1] / name
+        out = download_folder(self._tmp) / name
         out.write_bytes(payload)
         return str(out)
 

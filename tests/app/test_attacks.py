@@ -326,14 +326,22 @@ def test_only_the_fields_peft_needs_are_stored(served, tmp_path, tiny_adapters, 
 
 
 def test_downloads_do_not_pile_up(served):
-    from lorlib_ui.worker.api import KEEP_EXPORTS
+    """The worker's download zips go once they are a minute old (the app copied each as it
+    returned it); the app's own copies expire with --download-ttl."""
+    from lorlib_ui.worker.api import DOWNLOAD_KEEP_S
 
     url, root, _, worker = served
     client = Client(url, verbose=False)
     client.predict(str(root / "lib"), api_name="/open_library")
-    for _ in range(KEEP_EXPORTS + 4):
+    for _ in range(3):
         assert Path(client.predict(api_name="/export_library")).stat().st_size > 0
-    assert len(list(Path(worker._tmp).rglob("*.zip"))) <= KEEP_EXPORTS
+    zips = list(Path(worker._tmp).rglob("*.zip"))
+    assert len(zips) >= 3
+    old = time.time() - DOWNLOAD_KEEP_S - 1
+    for archive in zips:
+        os.utime(archive, (old, old))
+    assert Path(client.predict("task0", api_name="/export_expert")).stat().st_size > 0
+    assert [p.name for p in Path(worker._tmp).rglob("*.zip")] == ["task0.zip"]
 
 
 def test_an_upload_over_the_limit_is_refused(served, tmp_path):

@@ -182,3 +182,31 @@ def test_remote_code_is_never_run(tmp_path, tiny_base):
     assert type(model).__module__.startswith("transformers.models.llama")
     assert not marker.exists()
     assert library_snapshot(evil) == before
+
+
+def test_auth_file_asks_for_a_login(tiny_library, tmp_path):
+    """--auth-file: Gradio's login; without it, no endpoint answers."""
+    from gradio_client import Client
+
+    users = tmp_path / "users.txt"
+    users.write_text("# the class\nteacher:s3cret-words\n")
+    with _app_process(tiny_library.path, tmp_path, "--auth-file", str(users)) as (url, _):
+        for route in ("config", "gradio_api/info"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url + route, timeout=10)
+            assert refused.value.code == 401
+        with pytest.raises(Exception):  # noqa: B017 (gradio_client's error for a refused login varies)
+            Client(url, verbose=False, auth=("teacher", "wrong"))
+        client = Client(url, verbose=False, auth=("teacher", "s3cret-words"))
+        assert client.predict(api_name="/health")["up"]
+
+
+@pytest.mark.parametrize("content", ["", "no colon here\n", ":empty-user\n"])
+def test_a_bad_auth_file_is_one_line(tmp_path, content):
+    users = tmp_path / "users.txt"
+    users.write_text(content)
+    result = subprocess.run(
+        [sys.executable, "app.py", "--auth-file", str(users)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "user:password" in result.stderr and "Traceback" not in result.stderr
