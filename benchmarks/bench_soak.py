@@ -1,6 +1,6 @@
 """Soak: 8 sessions for 10 minutes on a served explorer, then SIGTERM; does anything grow or stay behind?
 
-    python benchmarks/bench_soak.py [--sessions 8] [--minutes 10] [--warm-up 3] [--download-ttl 120]
+    python benchmarks/bench_soak.py [--sessions 8] [--minutes 10] [--warm-up 5] [--download-ttl 120]
 
 Starts `python app.py` as a user would (the embedded SmolLM2-135M-Instruct), serving a folder of
 libraries (`--libraries`): one copy of the shipped library per session and one shared copy. Each
@@ -9,11 +9,13 @@ expert, imports an adapter zip into its own library and removes it again (so the
 stays the same size), opens the shared library and its own again, and every fifth round downloads
 its whole library. Every 10 s it samples the server's RSS (with its children) and the size of the
 temporary folders the server made (uploads, Gradio's cache, the worker's downloads). Uploads and
-downloads expire after --download-ttl seconds, so the first --warm-up minutes are the warm-up.
+downloads expire after --download-ttl seconds, so the first --warm-up minutes are the warm-up: the
+folder fills until the oldest files start to expire.
 
-Reports requests served, errors, p50/p95 latency by request, and the growth of RSS and temporary
-disk between the end of the warm-up and the end of the run; then stops the server with SIGTERM
-and lists what it left in the temporary folder (nothing, if the run passes).
+Reports requests served, errors, p50/p95 latency by request, RSS and temporary disk minute by
+minute, and their growth: the mean of the last two minutes' samples against the mean of the two
+minutes after the warm-up (single samples swing by a download or two). Then it stops the server
+with SIGTERM and lists what it left in the temporary folder (nothing, if the run passes).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=10)
-    parser.add_argument("--warm-up", type=float, default=3, help="minutes before growth is measured")
+    parser.add_argument("--warm-up", type=float, default=5, help="minutes before growth is measured")
     parser.add_argument("--download-ttl", type=int, default=120)
     args = parser.parse_args()
 
@@ -163,7 +165,6 @@ def main() -> None:
         t.join()
     wall = time.perf_counter() - start
     samples.append((wall, _rss(process), _folder_size(made)))
-    warm = [s for s in samples if s[0] >= 60 * args.warm_up]
     server.send_signal(signal.SIGTERM)
     code = server.wait(timeout=120)
     log.close()
@@ -184,10 +185,21 @@ def main() -> None:
         print(f"| {kind} | {len(values)} | {q[49]:.2f} | {q[94]:.2f} | {max(values):.2f} |")
     served = sum(len(v) for v in latencies.values())
     print(f"\n{served} requests served, {len(errors)} errors, in {wall:.0f} s.\n")
-    print("| measure | after warm-up | at the end | growth | peak |")
+
+    def mean(index: int, begin: float, end: float) -> float:
+        window = [s[index] for s in samples if begin <= s[0] < end] or [samples[-1][index]]
+        return sum(window) / len(window) / mb
+
+    after, end = 60 * args.warm_up, samples[-1][0]
+    print("| minute | server RSS (MB) | temporary disk (MB) |")
+    print("|---:|---:|---:|")
+    for minute in range(int(end // 60) + 1):
+        begin = 60 * minute
+        print(f"| {minute} | {mean(1, begin, begin + 60):.0f} | {mean(2, begin, begin + 60):.0f} |")
+    print("\n| measure | 2 min after warm-up | last 2 min | growth | peak |")
     print("|---|---:|---:|---:|---:|")
     for index, name in ((1, "server RSS (MB)"), (2, "temporary disk (MB)")):
-        first, last = warm[0][index] / mb, warm[-1][index] / mb
+        first, last = mean(index, after, after + 120), mean(index, end - 120, end + 1)
         peak = max(s[index] for s in samples) / mb
         print(f"| {name} | {first:.0f} | {last:.0f} | {last - first:+.0f} | {peak:.0f} |")
     print(f"\n(one download of the library is {zip_mb:.0f} MB unpacked)")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.limits import MAX_ALPHA, MAX_RANK_ENV, max_rank
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Test rows per task that the analyses of routing (transfer, routing-stats) use unless told: the
@@ -50,6 +51,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LorlibError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if self.rank > max_rank():  # checked now, not when the trained expert is stored
+            raise LorlibError(f"rank {self.rank} is above the largest rank allowed, {max_rank()} ({MAX_RANK_ENV})")
+        if self.alpha is not None and isinstance(self.alpha, int | float) and abs(self.alpha) > MAX_ALPHA:
+            raise LorlibError(f"alpha must be at most {MAX_ALPHA:g}, got {self.alpha!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise LorlibError(f"seed must be an integer, got {self.seed!r}")
         for name in ("learning_rate", "alpha"):

@@ -29,33 +29,19 @@ import torch
 
 from lorlib_ui.core.atomic import save_tensors
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.limits import MAX_ALPHA, MAX_RANK_ENV, max_rank
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.ckpt", "pytorch_model.bin")
 _KEY = re.compile(r"base_model\.model\.(?P<module>[A-Za-z0-9_.]{1,300})\.lora_(?P<ab>[AB])\.weight")
 MAX_CONFIG = 2**20  # an adapter_config.json is a few hundred bytes
-MAX_RANK_ENV = "LORLIB_MAX_RANK"
-DEFAULT_MAX_RANK = 64  # far above the paper's ranks (4-16); every expert is padded to a layer's largest rank
-MAX_ALPHA = 1e5  # a lora_alpha beyond this is not a trained adapter's
 MAX_PATTERNS = 1000  # rank_pattern and alpha_pattern keys: at most one per module of a large model
 MAX_PATTERN_LENGTH = 300
 PATTERN_BUDGET_S = 0.5  # all of one adapter's pattern matching: a backtracking key cannot hold the server
 # what `adapter_config.json` keeps in a library: what PEFT needs to load a plain LoRA, and nothing
 # an upload could carry to whoever loads the expert next (its own base model id, remote code, auto_mapping)
 STORED_CONFIG = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout")
-
-
-def max_rank() -> int:
-    """The largest rank an expert may have ($LORLIB_MAX_RANK, default 64)."""
-    raw = os.environ.get(MAX_RANK_ENV, str(DEFAULT_MAX_RANK))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise LorlibError(f"{MAX_RANK_ENV} must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise LorlibError(f"{MAX_RANK_ENV} must be a positive integer, got {raw!r}")
-    return value
 
 
 def read_regular(path: Path, limit: int | None = None) -> bytes:

@@ -50,9 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 
 from lorlib_ui.core.adapters import (
-    MAX_ALPHA,
     LoraAdapter,
-    max_rank,
     read_adapter,
     read_metadata,
     read_regular,
@@ -63,6 +61,7 @@ from lorlib_ui.core.adapters import (
 from lorlib_ui.core.atomic import atomic_write_text, fsync_dir, fsync_tree, save_tensors, temporary_name
 from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.limits import MAX_ALPHA, max_rank
 from lorlib_ui.core.prototypes import prototypes_for_adapter
 
 MANIFEST = "manifest.json"

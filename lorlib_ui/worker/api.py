@@ -227,6 +227,11 @@ class Worker(ABC):
     def end_session(self, owner: str) -> None:
         """An app session has ended: cancel its jobs, except those it detached."""
 
+    def accept_uploads(self, folder: str) -> None:
+        """Files sent to this worker land in `folder` (the Ray actor's inbox): a served worker may
+        read a job's data file from there."""
+        raise NotImplementedError(f"{type(self).__name__} takes no files sent to it")
+
     @abstractmethod
     def close(self) -> None:
         """Remove what the worker keeps on this machine's disk (at a clean exit)."""

@@ -112,6 +112,9 @@ class LocalWorker(Worker):
         self._warm_ups: list[threading.Thread] = []
         self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): uploads unpack and downloads go here
 
+    def accept_uploads(self, folder: str) -> None:
+        self.access = replace(self.access, uploads=(*self.access.uploads, str(Path(folder).resolve())))
+
     def close(self) -> None:
         """Remove the worker's temporary folder (unpacked uploads, download zips): at a clean exit."""
         shutil.rmtree(self._tmp, ignore_errors=True)

@@ -134,6 +134,7 @@ class _WorkerActor:
         self.worker = serve()
         self.started = time.time()
         self.inbox = tempfile.mkdtemp(prefix="lorlib-actor-")  # private (0700): shipped files land here
+        self.worker.accept_uploads(self.inbox)
 
     def call(self, method: str, *args):
         if method not in self.CALLS:

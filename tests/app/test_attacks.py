@@ -443,3 +443,22 @@ def test_a_read_only_explorer_writes_nothing(tiny_library, tmp_path, tiny_adapte
     finally:
         app.close()
     assert library_snapshot(tiny_library.path) == before
+
+
+def test_a_job_reads_data_only_from_uploads(served, tasks_file, tmp_path):
+    """A job's data file is an upload (or a file under the libraries), never any file of the server."""
+    from lorlib_ui.core.errors import LorlibError
+    from lorlib_ui.worker.api import JobRequest
+
+    _, root, outside, worker = served
+    lib = str(_copy_library(root, "jobdata"))
+    for data in (str(outside / "secrets.csv"), "/etc/passwd", str(tasks_file)):
+        with pytest.raises(LorlibError, match="must be the embedded data or an uploaded file"):
+            worker.submit(JobRequest("build", lib, {"data": data, "steps": 1}))
+    inbox = tmp_path / "inbox"  # where the Ray actor receives the files the app ships to it
+    inbox.mkdir()
+    shutil.copy(tasks_file, inbox / "tasks.jsonl")
+    worker.accept_uploads(str(inbox))
+    job = worker.submit(JobRequest("build", lib, {"data": str(inbox / "tasks.jsonl"), "tasks": ["copy0"], "steps": 1}))
+    worker.cancel(job)
+    _until(lambda: worker.job(job).state in ("cancelled", "done", "failed"), "the build to end")

@@ -47,3 +47,18 @@ def test_an_override_of_none_keeps_what_the_options_say():
     recorded = {"steps": 60, "rank": 4, "targets": ["q_proj", "v_proj"], "data": "default"}
     assert TrainConfig.from_options(recorded, steps=None, seed=3).steps == 60
     assert TrainConfig.from_options(recorded, steps=7).steps == 7
+
+
+def test_a_rank_past_the_cap_is_refused_before_any_training(monkeypatch):
+    """The cap every stored expert obeys ($LORLIB_MAX_RANK) is checked when training is asked for."""
+    from lorlib_ui.build.config import TrainConfig
+
+    assert TrainConfig(rank=64).rank == 64
+    with pytest.raises(LorlibError, match=r"rank 65 is above the largest rank allowed, 64 \(LORLIB_MAX_RANK\)"):
+        TrainConfig(rank=65)
+    monkeypatch.setenv("LORLIB_MAX_RANK", "8")
+    with pytest.raises(LorlibError, match="above the largest rank allowed, 8"):
+        TrainConfig(rank=16)
+    monkeypatch.setenv("LORLIB_MAX_RANK", "zero")
+    with pytest.raises(LorlibError, match="LORLIB_MAX_RANK must be a positive integer"):
+        TrainConfig(rank=4)
