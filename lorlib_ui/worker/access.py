@@ -5,7 +5,8 @@ request carries is untrusted. A served worker opens only the library it was star
 (`--library`) and the libraries under its folders of libraries (`--libraries DIR`), never one in
 the upload or cache folders, whatever links the path goes through (it is resolved before it is
 compared). A library's held-out data must be the embedded data, a file inside the library or
-under those folders, or a hub dataset id (which opening never loads). Data files sent with a job
+under those folders (or the file the operator's own `--library` names), or a hub dataset id
+(which opening never loads). Data files sent with a job
 must be uploads or files under those folders. With `read_only`, nothing is written at all.
 
 The command line, run by a local user on their own files, opens any path: `Access()`.
@@ -31,6 +32,7 @@ class Access:
     roots: tuple[str, ...] = ()  # folders under which any library may be opened, resolved
     uploads: tuple[str, ...] = ()  # where uploaded files land: data may come from there, libraries never
     read_only: bool = False
+    data_files: tuple[str, ...] = ()  # held-out data the operator's own --library names, wherever it is
 
     @classmethod
     def serving(
@@ -40,10 +42,22 @@ class Access:
         uploads: list[str] = (),
         read_only: bool = False,
     ) -> Access:
+        """What an app started with these folders serves. The held-out data that the operator's
+        own libraries (`libraries`) name as they are now is trusted too, wherever it lies: the
+        operator chose them (a build in the app keeps its data inside the library)."""
+
         def resolved(paths) -> tuple[str, ...]:
             return tuple(str(Path(p).expanduser().resolve()) for p in paths if p)
 
-        return cls(True, resolved(libraries), resolved(roots), resolved(uploads), read_only)
+        data = []
+        for path in libraries:
+            try:
+                library = Library.open(path)
+            except LorlibError:
+                continue  # refused later, with its error, when it is opened
+            if library.held_out.kind == "path":
+                data.append(library.held_out.data)
+        return cls(True, resolved(libraries), resolved(roots), resolved(uploads), read_only, resolved(data))
 
     def library_path(self, path: str) -> str:
         """The path to open for a library a request names, or a one-line refusal."""
@@ -67,7 +81,8 @@ class Access:
             return
         path = Path(held.source(library.path))
         inside = _within(path.resolve(), str(library.path.resolve()))
-        if not (inside or any(_within(path.resolve(), root) for root in self.roots)) or not _regular(path):
+        trusted = str(path.resolve()) in self.data_files or any(_within(path.resolve(), r) for r in self.roots)
+        if not (inside or trusted) or not _regular(path):
             raise LorlibError(
                 f"library {library.path}: its held-out data {held.data[:100]!r} is not a file in the library "
                 "or under the explorer's --libraries folders, so the explorer does not read it"

@@ -462,3 +462,17 @@ def test_a_job_reads_data_only_from_uploads(served, tasks_file, tmp_path):
     job = worker.submit(JobRequest("build", lib, {"data": str(inbox / "tasks.jsonl"), "tasks": ["copy0"], "steps": 1}))
     worker.cancel(job)
     _until(lambda: worker.job(job).state in ("cancelled", "done", "failed"), "the build to end")
+
+
+def test_the_operators_own_library_keeps_its_data_file(tiny_library, tasks_file):
+    """A library built from the command line names its data by path, outside any folder of
+    libraries: served as --library it still opens; found under --libraries only, it does not."""
+    from lorlib_ui.core.errors import LorlibError
+    from lorlib_ui.core.library import Library
+    from lorlib_ui.worker.access import Access
+
+    path = tiny_library.path
+    _edit_manifest(path, lambda m: m.update(held_out={"data": str(tasks_file), "tasks": ["copy0"]}))
+    Access.serving([str(path)]).check_data(Library.open(path))
+    with pytest.raises(LorlibError, match="held-out data"):
+        Access.serving([], roots=[str(path.parent / "lib")]).check_data(Library.open(path))
