@@ -107,7 +107,7 @@ def create(args: argparse.Namespace, uploads: str | None = None):
     """The app (not launched) over its worker, and the worker."""
     uploads = uploads or _offline_environment()
     from lorlib_ui.app.layout import build_app
-    from lorlib_ui.build.data import load_tasks
+    from lorlib_ui.training.data import load_tasks
     from lorlib_ui.worker.access import Access
     from lorlib_ui.worker.local import LocalWorker
 

@@ -5,7 +5,7 @@ experts frozen (poly-router) and trained (poly-full), against a new LoRA from sc
 
 Every method trains on the same 32 examples of one task of the embedded BIG-bench data, batch 8,
 from the embedded SmolLM2-135M-Instruct in float32, with the loop `adapt` uses
-(`lorlib_ui.build.training.fit`). scratch is a rank-4 LoRA on q, k, v, o (PEFT, the `build`
+(`lorlib_ui.training.training.fit`). scratch is a rank-4 LoRA on q, k, v, o (PEFT, the `build`
 trainer); the routers mix N random rank-4 experts on the same modules (stored in bfloat16, as
 trained experts are). Each cell runs in a fresh process: the first step is a warm-up, the median
 of the other steps is reported, with the process's peak resident memory and the numbers trained.
@@ -34,7 +34,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _pairs(task: str) -> list[tuple[str, str]]:
-    from lorlib_ui.build.data import load_tasks
+    from lorlib_ui.training.data import load_tasks
 
     rows = load_tasks("default").rows(task, "train")[:SHOTS]
     return [(row["input"], row["output"]) for row in rows]
@@ -56,12 +56,12 @@ def _step_times(progress_times: list[float]) -> float:
 def run_cell(method: str, n: int, work: Path, base_dir: Path, task: str, steps: int) -> dict:
     import torch
 
-    from lorlib_ui.build.adaptation import train_poly, trainable_numbers
-    from lorlib_ui.build.config import TrainConfig
-    from lorlib_ui.build.training import train_expert
     from lorlib_ui.core.base_model import load_base_model
     from lorlib_ui.core.library import Library
     from lorlib_ui.core.routed_model import RoutedModel
+    from lorlib_ui.training.adaptation_methods import train_poly, trainable_numbers
+    from lorlib_ui.training.config import TrainConfig
+    from lorlib_ui.training.training import train_expert
 
     torch.manual_seed(0)
     config = TrainConfig(rank=RANK, targets=TARGETS, steps=steps, batch_size=BATCH, learning_rate=1e-3)

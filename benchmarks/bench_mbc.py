@@ -96,9 +96,9 @@ def measure(path: str, k: int, how: str) -> dict:
     import numpy as np
     import torch
 
-    from lorlib_ui.build.clusters import embed_library, task_experts
-    from lorlib_ui.build.mbc import embed, mbc_cluster, silhouette_by_k
     from lorlib_ui.core.library import Library
+    from lorlib_ui.training.clusters import embed_library, task_experts
+    from lorlib_ui.training.mbc import embed, mbc_cluster, silhouette_by_k
 
     library = Library.open(path)
     start = time.perf_counter()
@@ -150,7 +150,7 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.k, args.how)))
         return
 
-    from lorlib_ui.build.mbc import adjusted_rand_index
+    from lorlib_ui.training.mbc import adjusted_rand_index
 
     rows = []
     for n in [int(x) for x in args.experts.split(",")]:

@@ -33,10 +33,10 @@ def main() -> None:
 
     import ray
 
-    from lorlib_ui.build.building import LocalTrainer, build_library
-    from lorlib_ui.build.config import TrainConfig
-    from lorlib_ui.build.data import load_tasks
     from lorlib_ui.core.library import Library
+    from lorlib_ui.training.building import LocalTrainer, build_library
+    from lorlib_ui.training.config import TrainConfig
+    from lorlib_ui.training.data import load_tasks
     from lorlib_ui.worker.ray import RayTrainer, connect
 
     tasks = load_tasks("default").tasks[: args.experts]

@@ -30,16 +30,16 @@ RANK, BATCH, LR, WARMUP = 4, 8, 1e-3, 10
 
 
 def _examples(task: str) -> list[tuple[str, str]]:
-    from lorlib_ui.build.data import load_tasks
-    from lorlib_ui.build.trainers import examples
+    from lorlib_ui.training.data import load_tasks
+    from lorlib_ui.training.trainers import examples
 
     return examples(load_tasks("default"), [task])
 
 
 def run_lorlib(task: str, steps: int, bf16: bool) -> dict:
-    from lorlib_ui.build.config import TrainConfig
-    from lorlib_ui.build.training import train_expert
     from lorlib_ui.core.base_model import load_base_model
+    from lorlib_ui.training.config import TrainConfig
+    from lorlib_ui.training.training import train_expert
 
     model, tokenizer = load_base_model(None, device="cpu", dtype="float32")
     config = TrainConfig(rank=RANK, targets=TARGETS, steps=steps, batch_size=BATCH, learning_rate=LR, bf16=bf16)
@@ -53,8 +53,8 @@ def run_hf_trainer(task: str, steps: int, bf16: bool) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from lorlib_ui.build.training import encode_example
     from lorlib_ui.core.base_model import load_base_model
+    from lorlib_ui.training.training import encode_example
 
     model, tokenizer = load_base_model(None, device="cpu", dtype="float32")
     if tokenizer.pad_token_id is None:

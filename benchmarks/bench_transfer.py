@@ -33,7 +33,7 @@ def main() -> None:
 
     import torch
 
-    from lorlib_ui.build.transfer import transfer_library
+    from lorlib_ui.analysis.transfer import transfer_library
     from lorlib_ui.core.library import Library
 
     with tempfile.TemporaryDirectory() as tmp:

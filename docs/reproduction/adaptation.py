@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=32)
     args = parser.parse_args()
 
-    from lorlib_ui.build.stats import bootstrap_interval, paired_interval, task_mean
+    from lorlib_ui.analysis.stats import bootstrap_interval, paired_interval, task_mean
 
     found = records(args.library)
     labels = ["base", "arrow", *METHODS]
@@ -179,7 +179,7 @@ def _curve_differences(curves: dict[str, dict]) -> None:
     """Each method minus scratch at each point of the learning curves, over the tasks that have one
     (paired over test rows; exact match in points, then log-likelihood). The curves' points are
     matched by rank: the largest may differ between tasks (a task with fewer training rows)."""
-    from lorlib_ui.build.stats import paired_interval
+    from lorlib_ui.analysis.stats import paired_interval
 
     points = {t: sorted({run["shots"] for run in r["runs"]}) for t, r in curves.items()}
     if len({len(p) for p in points.values()}) != 1:

@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--library", default=str(ROOT / "assets" / "library"))
     args = parser.parse_args()
 
-    from lorlib_ui.build.stats import bootstrap_interval, paired_interval, task_mean
-    from lorlib_ui.build.transfer import load_transfer
+    from lorlib_ui.analysis.stats import bootstrap_interval, paired_interval, task_mean
+    from lorlib_ui.analysis.transfer import load_transfer
     from lorlib_ui.core.library import Library
 
     library = Library.open(args.library)

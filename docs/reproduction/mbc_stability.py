@@ -28,9 +28,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     args = parser.parse_args()
 
-    from lorlib_ui.build.clusters import embed_library
-    from lorlib_ui.build.mbc import adjusted_rand_index, mbc_cluster, silhouette_by_k
     from lorlib_ui.core.library import Library
+    from lorlib_ui.training.clusters import embed_library
+    from lorlib_ui.training.mbc import adjusted_rand_index, mbc_cluster, silhouette_by_k
 
     experts, embedding = embed_library(Library.open(args.library))
     families = [e.family for e in experts]

@@ -27,12 +27,12 @@ def main() -> None:
     parser.add_argument("--split", default="validation")
     args = parser.parse_args()
 
-    from lorlib_ui.build.data import load_tasks
-    from lorlib_ui.build.evaluation import answer_budget, score_rows, test_rows
-    from lorlib_ui.build.stats import bootstrap_interval, paired_interval, task_mean
+    from lorlib_ui.analysis.evaluation import answer_budget, score_rows, test_rows
+    from lorlib_ui.analysis.stats import bootstrap_interval, paired_interval, task_mean
     from lorlib_ui.core.library import Library
     from lorlib_ui.core.routed_model import RoutedModel
     from lorlib_ui.core.routers import make_router
+    from lorlib_ui.training.data import load_tasks
 
     library = Library.open(args.library)
     own = {e.tasks[0]: e.name for e in library.experts if e.kind == "private" and len(e.tasks) == 1}

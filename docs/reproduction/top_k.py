@@ -28,14 +28,14 @@ def _rows(record: dict, router: str, measure: str) -> dict[str, list[float]]:
 
 
 def _cell(values: list[list[float]], scale: float, digits: int) -> str:
-    from lorlib_ui.build.stats import bootstrap_interval, task_mean
+    from lorlib_ui.analysis.stats import bootstrap_interval, task_mean
 
     low, high = bootstrap_interval(values)
     return f"{scale * task_mean(values):.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
 
 
 def _paired(a: dict, b: dict, scale: float, digits: int) -> str:
-    from lorlib_ui.build.stats import paired_interval
+    from lorlib_ui.analysis.stats import paired_interval
 
     tasks = [t for t in a if t in b]
     d, low, high = paired_interval([a[t] for t in tasks], [b[t] for t in tasks])
@@ -77,7 +77,7 @@ def main() -> None:
         shared = next(r for r in records if any(s["router"] == "shared" for s in r["scores"]))
         by_k = {r["top_k"]: r for r in records if any(s["router"] == "arrow" for s in r["scores"])}
     elif args.library:
-        from lorlib_ui.build.evaluation import evaluate_library
+        from lorlib_ui.analysis.evaluation import evaluate_library
         from lorlib_ui.core.library import Library
 
         def run(routers: list[str], k: int | None) -> dict:

@@ -12,7 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from lorlib_ui.build.config import (
+from lorlib_ui.cli.analysis import cmd_adapt, cmd_evaluate, cmd_routing_stats, cmd_transfer
+from lorlib_ui.cli.training import cmd_build, cmd_cluster, cmd_keys, cmd_lorahub
+from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, ROUTERS, help_text, presets
+from lorlib_ui.core.routers.lorahub import DEFAULT_BUDGET, DEFAULT_SHOTS
+from lorlib_ui.training.config import (
     ACTIVATION_EXAMPLES,
     ADAPT_METHODS,
     ANALYSIS_ROWS,
@@ -20,11 +25,6 @@ from lorlib_ui.build.config import (
     KEEP_QUANTILE,
     TrainConfig,
 )
-from lorlib_ui.cli.build import cmd_adapt, cmd_build, cmd_cluster, cmd_evaluate, cmd_keys, cmd_lorahub
-from lorlib_ui.cli.insight import cmd_routing_stats, cmd_transfer
-from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, ROUTERS, help_text, presets
-from lorlib_ui.core.routers.lorahub import DEFAULT_BUDGET, DEFAULT_SHOTS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -303,8 +303,8 @@ def cmd_new(args) -> None:
 
 
 def cmd_import_peft(args) -> None:
-    from lorlib_ui.build.clusters import keep_gram
     from lorlib_ui.core.library import Library, import_adapters
+    from lorlib_ui.training.clusters import keep_gram
 
     if args.name and len(args.adapters) > 1:
         raise LorlibError("--name can only be used with a single adapter folder")

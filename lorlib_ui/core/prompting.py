@@ -50,3 +50,13 @@ def check_max_new_tokens(n: int) -> None:
 def context_length(model) -> int:
     """How many tokens the model attends to at once, from its config."""
     return getattr(model.config, "max_position_embeddings", None) or FALLBACK_CONTEXT
+
+
+def template_span(tokenizer, chat: bool) -> tuple[int, int]:
+    """How many tokens the chat template puts before and after a prompt's content: the common
+    prefix and suffix of two prompts whose contents share no token."""
+    a = encode_prompt(tokenizer, "alpha", chat)
+    b = encode_prompt(tokenizer, "7 + 8 = ?", chat)
+    prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    suffix = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1])) if x != y), min(len(a), len(b)))
+    return prefix, min(suffix, min(len(a), len(b)) - prefix)

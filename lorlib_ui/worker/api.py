@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lorlib_ui.build.config import ADAPT_METHODS as ADAPT_METHODS  # the ways an adapt job learns a task
-from lorlib_ui.build.config import TASK_SETS as TASK_SETS  # the sets of tasks jobs take by name
 from lorlib_ui.core.prompting import MAX_NEW_TOKENS as MAX_NEW_TOKENS  # the UI's limit is the worker's
 from lorlib_ui.core.record import RoutingRecord
+from lorlib_ui.training.config import ADAPT_METHODS as ADAPT_METHODS  # the ways an adapt job learns a task
+from lorlib_ui.training.config import TASK_SETS as TASK_SETS  # the sets of tasks jobs take by name
 
 DOWNLOAD_KEEP_S = 60  # a worker's download zip is copied by the app as it is returned: older ones go
 

@@ -2,9 +2,9 @@
 time on a background thread, with cancel, progress, and a bounded history.
 
 Jobs arrive as plain `JobRequest`s (options as the app sends them) and are run by the builders of
-`lorlib_ui.build`. Status is written by the job's thread and read by the UI's polls, always under
-one lock and handed out as copies, so a poll never sees half an update. Finished jobs beyond the
-last `KEEP_FINISHED` are forgotten.
+`lorlib_ui.training` and `lorlib_ui.analysis`. Status is written by the job's thread and read by
+the UI's polls, always under one lock and handed out as copies, so a poll never sees half an
+update. Finished jobs beyond the last `KEEP_FINISHED` are forgotten.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
-from lorlib_ui.build.trainers import Trainer
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
+from lorlib_ui.training.trainers import Trainer
 from lorlib_ui.worker.api import JobRequest, JobStatus
 
 KEEP_FINISHED = 20
@@ -135,7 +135,7 @@ class JobBoard:
                 self._finish(job_id, state="failed", message=f"unexpected {type(exc).__name__}: {exc}")
 
 
-# ---- the jobs: options as the app sends them -> a builder of lorlib_ui.build ------------------------
+# ---- the jobs: options as the app sends them -> a builder of training or analysis ---------------------
 
 
 def _training_progress(context: JobContext):
@@ -159,8 +159,8 @@ def _history(job: JobRequest, seconds: float) -> None:
 
 
 def _build_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.build.building import build_library
-    from lorlib_ui.build.config import TrainConfig
+    from lorlib_ui.training.building import build_library
+    from lorlib_ui.training.config import TrainConfig
 
     o = job.options
     report = build_library(
@@ -185,7 +185,7 @@ def _build_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
 
 
 def _cluster_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.build.clusters import cluster_and_train
+    from lorlib_ui.training.clusters import cluster_and_train
 
     o = job.options
     summary, report = cluster_and_train(
@@ -204,7 +204,7 @@ def _cluster_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
 
 
 def _evaluate_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.build.evaluation import evaluate_library
+    from lorlib_ui.analysis.evaluation import evaluate_library
 
     o = job.options
 
@@ -222,7 +222,7 @@ def _evaluate_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
 def _transfer_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
     import time
 
-    from lorlib_ui.build.transfer import DEFAULT_LIMIT, transfer_library
+    from lorlib_ui.analysis.transfer import DEFAULT_LIMIT, transfer_library
 
     o = job.options
     start = time.perf_counter()
@@ -246,7 +246,7 @@ def _transfer_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
 
 
 def _routing_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.build.routing_stats import DEFAULT_LIMIT, routing_stats_library
+    from lorlib_ui.analysis.routing_stats import DEFAULT_LIMIT, routing_stats_library
 
     o = job.options
 
@@ -268,7 +268,7 @@ def _routing_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
 
 
 def _adapt_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.build.adapt import adapt_library
+    from lorlib_ui.analysis.adaptation_runs import adapt_library
 
     o = job.options
     curves: dict[str, list[float]] = {}  # method/shots -> loss at each step so far

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lorlib_ui.build.trainers import LocalTrainer, Trainer
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.learned_routers import learned_problem, learned_routers, summary
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import check_max_new_tokens
+from lorlib_ui.training.trainers import LocalTrainer, Trainer
 from lorlib_ui.worker.access import Access
 from lorlib_ui.worker.api import (
     ClusterView,
@@ -148,9 +148,9 @@ class LocalWorker(Worker):
         pass sets up kernels and buffers, about a second on CPU) and compile UMAP (numba, tens of
         seconds on first use), on a background thread, so the first route and cluster view do not
         wait for them."""
-        from lorlib_ui.build.clusters import umap_coords
         from lorlib_ui.core.generation import generate
         from lorlib_ui.core.routers import make_router
+        from lorlib_ui.training.clusters import umap_coords
 
         def work() -> None:
             try:
@@ -166,7 +166,7 @@ class LocalWorker(Worker):
         thread.start()
 
     def library(self, path: str) -> LibraryInfo:
-        from lorlib_ui.build.config import TrainConfig
+        from lorlib_ui.training.config import TrainConfig
 
         library = self._open(path)
         assignment = (library.clusters or {}).get("assignment", {})
@@ -198,7 +198,7 @@ class LocalWorker(Worker):
         return evaluable()
 
     def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
-        from lorlib_ui.build.data import load_tasks
+        from lorlib_ui.training.data import load_tasks
 
         library = self._open(path)
         held = library.held_out
@@ -295,7 +295,7 @@ class LocalWorker(Worker):
     def _embedding(self, path: str, library: Library) -> dict:
         """The library's MBC embedding from the LRU: {"experts", "embedding"}, and "coords" (UMAP)
         and "silhouette" once a cluster view has needed them. Call under the embedding lock."""
-        from lorlib_ui.build.clusters import embed_library
+        from lorlib_ui.training.clusters import embed_library
 
         cache_key = (str(Path(path).resolve()), manifest_key(library))
         if cache_key not in self._embeddings:
@@ -307,8 +307,8 @@ class LocalWorker(Worker):
         return self._embeddings[cache_key]
 
     def clusters(self, path: str, k: int) -> ClusterView:
-        from lorlib_ui.build.clusters import task_experts, umap_coords
-        from lorlib_ui.build.mbc import adjusted_rand_index, check_k, mbc_cluster, silhouette_by_k
+        from lorlib_ui.training.clusters import task_experts, umap_coords
+        from lorlib_ui.training.mbc import adjusted_rand_index, check_k, mbc_cluster, silhouette_by_k
 
         library = self._open(path)
         n = len(task_experts(library))
@@ -386,8 +386,8 @@ class LocalWorker(Worker):
     # ---- imports ---------------------------------------------------------------------------------
     # ---- judging routing ------------------------------------------------------------------------
     def insight(self, path: str) -> InsightView:
-        from lorlib_ui.build.routing_stats import load_routing
-        from lorlib_ui.build.transfer import load_transfer
+        from lorlib_ui.analysis.routing_stats import load_routing
+        from lorlib_ui.analysis.transfer import load_transfer
 
         library = self._open(path)
         matrix = load_transfer(library)
@@ -416,8 +416,8 @@ class LocalWorker(Worker):
         )
 
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
-        from lorlib_ui.build.clusters import keep_gram
         from lorlib_ui.core.library import import_adapters
+        from lorlib_ui.training.clusters import keep_gram
 
         self.access.check_writable()
         library = self._open(path)

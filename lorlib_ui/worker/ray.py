@@ -271,8 +271,8 @@ class RayWorker(Worker):
 
 def _train_task(library_path, job, pairs, data_origin, config, index, total, device, bf16, events) -> str:
     """On a Ray worker: load the base model, train one expert and store it in the library."""
-    from lorlib_ui.build.trainers import load_trainer_model, train_job
     from lorlib_ui.core.library import Library
+    from lorlib_ui.training.trainers import load_trainer_model, train_job
 
     library = Library.open(library_path)
     model, tokenizer, fast = load_trainer_model(library.base_model, device, bf16)
@@ -309,7 +309,7 @@ class RayTrainer:
         gpus_per_task: float | None = None,
         max_retries: int = 3,
     ):
-        from lorlib_ui.build.trainers import bf16_setting
+        from lorlib_ui.training.trainers import bf16_setting
 
         _ray()  # say how to install Ray before any work
         bf16_setting(bf16, "cpu")
@@ -319,8 +319,8 @@ class RayTrainer:
         self.cpus_per_task, self.gpus_per_task, self.max_retries = cpus_per_task, gpus_per_task, max_retries
 
     def train(self, library, data, jobs, config, force=False, progress=None, cancel=None):
-        from lorlib_ui.build.trainers import BuildReport, examples, plan
-        from lorlib_ui.build.training import Cancelled
+        from lorlib_ui.training.trainers import BuildReport, examples, plan
+        from lorlib_ui.training.training import Cancelled
 
         todo, skipped = plan(library, jobs, force)
         report = BuildReport(skipped=skipped)

@@ -321,8 +321,8 @@ def _served(library):
 @pytest.fixture
 def judged_url(built):
     """The explorer on a library whose transfer matrix and routing statistics are stored."""
-    from lorlib_ui.build.routing_stats import routing_stats_library
-    from lorlib_ui.build.transfer import transfer_library
+    from lorlib_ui.analysis.routing_stats import routing_stats_library
+    from lorlib_ui.analysis.transfer import transfer_library
 
     transfer_library(str(built), "held-out", limit=2)
     routing_stats_library(str(built), "arrow@private", "held-out", limit=2)

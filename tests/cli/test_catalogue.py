@@ -310,7 +310,7 @@ def test_binary_and_overlong_prompts_are_answered(prompt, library, client, uncha
 
 @pytest.mark.parametrize("k", [0, 5, 99])
 def test_k_out_of_range(k, library, client, unchanged, capsys):
-    from lorlib_ui.build.clusters import cluster_library
+    from lorlib_ui.training.clusters import cluster_library
 
     message = "k must be between 1 and the number of"
     _one_line_error(*run(capsys, "cluster", library.path, "--k", k, "--no-train"), message)
@@ -364,8 +364,8 @@ BAD_DATA = {
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_files(case, library, client, unchanged, tmp_path, capsys):
-    from lorlib_ui.build.building import build_library
-    from lorlib_ui.build.config import TrainConfig
+    from lorlib_ui.training.building import build_library
+    from lorlib_ui.training.config import TrainConfig
 
     content, message = BAD_DATA[case]
     data = tmp_path / "data.jsonl"

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorlib_ui.build.data import load_tasks
 from lorlib_ui.cli.default_library import FAMILIES, OUT
 from lorlib_ui.core.adapters import read_layout
 from lorlib_ui.core.library import Library
+from lorlib_ui.training.data import load_tasks
 
 
 @pytest.fixture(scope="module")

@@ -135,9 +135,9 @@ def test_fetch_model_cli_prints_path(embedded_dir, capsys):
 def test_shipped_library_routes_a_held_out_prompt(embedded_dir, capsys):
     """Arrow over the shipped library's private experts, on a prompt of a held-out task: the
     routing record covers every token and layer, and each token's weights sum to one."""
-    from lorlib_ui.build.data import load_tasks
     from lorlib_ui.cli.default_library import OUT
     from lorlib_ui.core.library import Library
+    from lorlib_ui.training.data import load_tasks
 
     library = Library.open(OUT)
     task = library.extra["held_out"]["tasks"][0]

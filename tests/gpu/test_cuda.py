@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorlib_ui.build.config import TrainConfig
-from lorlib_ui.build.training import train_expert
 from lorlib_ui.core import routed_model
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router
+from lorlib_ui.training.config import TrainConfig
+from lorlib_ui.training.training import train_expert
 from lorlib_ui.worker.api import RouteRequest
 from lorlib_ui.worker.local import LocalWorker
 

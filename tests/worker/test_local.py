@@ -243,7 +243,7 @@ def test_the_number_of_models_kept_is_a_setting(monkeypatch):
 
 def test_jobs_train_with_the_injected_trainer(tmp_path, tiny_base, tasks_file):
     """The worker's build jobs use the trainer its factory makes (the Ray backend injects its own)."""
-    from lorlib_ui.build.trainers import LocalTrainer
+    from lorlib_ui.training.trainers import LocalTrainer
 
     made = []
 
@@ -293,7 +293,7 @@ def test_expert_detail_refuses_an_unknown_expert_in_one_line(worker, tiny_librar
 
 
 def test_expert_detail_and_cluster_view_share_one_embedding(worker, tiny_library, monkeypatch):
-    from lorlib_ui.build import clusters
+    from lorlib_ui.training import clusters
 
     calls = []
     embed = clusters.embed_library

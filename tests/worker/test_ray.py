@@ -13,9 +13,9 @@ from conftest import run
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray: pip install -r requirements-ray.txt")
 pytestmark = pytest.mark.ray
 
-from lorlib_ui.build.building import build_library  # noqa: E402
-from lorlib_ui.build.config import TrainConfig  # noqa: E402
 from lorlib_ui.core.library import Library  # noqa: E402
+from lorlib_ui.training.building import build_library  # noqa: E402
+from lorlib_ui.training.config import TrainConfig  # noqa: E402
 from lorlib_ui.worker.api import RouteRequest  # noqa: E402
 from lorlib_ui.worker.local import LocalWorker  # noqa: E402
 from lorlib_ui.worker.ray import RayTrainer, RayWorker, connect  # noqa: E402
@@ -278,7 +278,7 @@ def test_expert_detail_crosses_from_the_actor(local_ray, tiny_library):
 
 
 def test_insight_crosses_from_the_actor(local_ray, built):
-    from lorlib_ui.build.transfer import transfer_library
+    from lorlib_ui.analysis.transfer import transfer_library
 
     path = str(built)
     transfer_library(path, "held-out", limit=1)

@@ -1,7 +1,7 @@
 """The hidden-state baseline (Ostapenko et al., 2024, Sec. 6; `avg_act` in their code).
 
 Each expert's key at a layer is the L2-normalised mean input hidden state of the base model over
-examples of the expert's own tasks (`lorlib_ui.build.keys`, stored in the library as
+examples of the expert's own tasks (`lorlib_ui.training.keys`, stored in the library as
 "activations"). A token is scored by h·v_e, signed (unlike Arrow's singular vectors, a mean has a
 meaningful sign), divided by √d as in the paper's code, then top-k and softmax(score / T).
 """

@@ -24,15 +24,38 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:  # routers only use the tensors they are handed: the registry loads without torch
     import torch
 
     from lorlib_ui.core.library import Library
-    from lorlib_ui.core.routed_model import LibraryLinear
 
 MIXES = ("outputs", "parameters")
+
+
+class LayerSlot(Protocol):
+    """What a router reads of one LoRA'd layer: the routed model's `LayerSlot`, or the rows
+    of an input group (`input_groups`) for the routers that score row by row. Written here, below
+    the routed model, so that routers need nothing of it."""
+
+    name: str
+    n_experts: int
+    rank: int  # the largest expert rank at the layer; factors are padded to it
+    ranks: list[int]  # per expert, 0 where it does not adapt the layer
+    lora_a: torch.Tensor  # (E·r, d_in)
+    lora_bt: torch.Tensor  # (E·r, d_out)
+    scales: torch.Tensor  # (E,)
+    prototypes: torch.Tensor  # Arrow's keys, (E, d_in)
+    present: torch.Tensor  # (E,) bool: the experts that adapt the layer
+    keys: dict[str, torch.Tensor]  # key sets by name (prototypes, gates, activations)
+    stack: ExpertStack
+
+    def usable(self, subset: tuple[int, ...] | None) -> tuple[torch.Tensor, int]: ...
+
+    def derived(self, key: tuple, build): ...
+
+
 DEFAULT_TOP_K = 4  # capped at the number of experts
 
 
@@ -135,22 +158,22 @@ class Router:
         """Per-task routers: the router that runs on the context's task; None when none fits."""
         raise NotImplementedError
 
-    def weights(self, slot: LibraryLinear) -> torch.Tensor:
+    def weights(self, slot: LayerSlot) -> torch.Tensor:
         """Static routers: one weight per expert (experts,), the same for every token."""
         raise NotImplementedError
 
-    def merge(self, slot: LibraryLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def merge(self, slot: LayerSlot) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Static routers whose merge is not a weighted sum of the experts' factors (TIES): the
         merged pair (A (r, d_in), s·Bᵀ (r, d_out)) at this layer; None folds `weights` instead."""
         return None
 
-    def route(self, slot: LibraryLinear, scores: torch.Tensor, h: torch.Tensor) -> Routing:
+    def route(self, slot: LayerSlot, scores: torch.Tensor, h: torch.Tensor) -> Routing:
         """Dynamic routers: weights per token for the tokens' inputs h (tokens, d_in), from
         scores = h·key_e (tokens, experts), or, where `keys` is None, the experts' projections
         A_e h (tokens, experts·r)."""
         raise NotImplementedError
 
-    def stack(self, slot: LibraryLinear) -> ExpertStack:
+    def stack(self, slot: LayerSlot) -> ExpertStack:
         """The experts' stacked factors and keys this router mixes at a layer: the layer's own,
         unless the router changes the experts (GenKnowSub subtracts the general ones)."""
         return slot.stack

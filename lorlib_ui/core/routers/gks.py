@@ -27,17 +27,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routers.arrow import ArrowRouter
-from lorlib_ui.core.routers.base import ExpertStack
-
-if TYPE_CHECKING:
-    from lorlib_ui.core.routed_model import LibraryLinear
+from lorlib_ui.core.routers.base import ExpertStack, LayerSlot
 
 
-def subtract_general(slot: LibraryLinear, routed: list[int], general: list[int]) -> ExpertStack:
+def subtract_general(slot: LayerSlot, routed: list[int], general: list[int]) -> ExpertStack:
     """The layer's experts with the general experts' mean factors subtracted from each routed
     expert, and the prototypes of what is left; the other experts as they are. The layer's own
     buffers are not changed (other routers read them)."""

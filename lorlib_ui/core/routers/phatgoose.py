@@ -2,7 +2,7 @@
 Generalization"), a baseline of Ostapenko et al. (2024, Sec. 6).
 
 After an expert is trained, a sigmoid gate σ(g·h) on its output is trained at each layer it
-adapts, with everything else frozen (`lorlib_ui.build.keys`, stored in the library as "gates").
+adapts, with everything else frozen (`lorlib_ui.training.keys`, stored in the library as "gates").
 Routing compares a token with every expert's gate, both standardised as a LayerNorm without
 affine parameters does (the paper's code, `norm_d`): score = LN(h)·LN(g) / √d, top-k (default
 2), softmax(score / T). Since LN(g) sums to zero, LN(h)·LN(g) = h·LN(g) / σ(h): the layer holds
