@@ -11,7 +11,7 @@ It also times the prototypes of 256 experts (exact QR+SVD against PEFT's power i
 reports how close PEFT's prototypes come to the exact ones. Prints one markdown table.
 
 `lorlib_arrow_dense` is lorlib's Arrow with the many-token dispatch turned off (every expert's
-projection for every token, the path before issue #15), to measure where dispatching pays.
+projection for every token, the path before dispatching), to measure where dispatching pays.
 With `--rounds R` every cell runs R times, the cells alternating within each round, and the table
 gives each cell's median over rounds; the ratios to base are computed within each round, and
 their median and range (min-max) are reported, since decoding is the noisiest figure.

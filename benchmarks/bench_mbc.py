@@ -9,7 +9,7 @@ process per measurement (so that peak memory, ru_maxrss, is its own), times what
 `python -m lorlib_ui cluster LIBRARY --k K --no-train` computes: the embedding (the Gram matrix
 summed block by block over the adapters, exact eigendecomposition, L2), k-means at k, and
 silhouette scores for k = 2..16. Up to `--reference-up-to` experts it also runs the in-memory
-path (the n x D weight matrix, as lorlib did before issue #15) and reports the adjusted Rand index
+path (the n x D weight matrix, as lorlib did before streaming) and reports the adjusted Rand index
 between the two clusterings, and each clustering's ARI against the families.
 """
 

@@ -9,7 +9,7 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from lorlib_ui.app import figures
+from lorlib_ui.app import evaluation_figures
 from lorlib_ui.app.evaluate import differences_frame, evaluation_frame
 from lorlib_ui.app.events import bind, cancel_job, follow_job, session, shows_errors
 from lorlib_ui.worker.api import ADAPT_METHODS, JobRequest, LibraryInfo, Worker
@@ -112,11 +112,11 @@ def results(tab: AdaptTab, record: dict | None, curves: dict[str, list[float]] |
     task = (record or {}).get("task", "")
     title = f"{task}: test scores (%), 95% intervals" if task else "Test scores (%)"
     return {
-        tab.plot: figures.evaluation_bars((record or {}).get("summary", []), title),
+        tab.plot: evaluation_figures.evaluation_bars((record or {}).get("summary", []), title),
         tab.table: evaluation_frame(record),
         tab.differences: differences_frame(record),
         tab.training: training_frame(record),
-        tab.losses: figures.loss_curves(stored_curves(record) if curves is None else curves),
+        tab.losses: evaluation_figures.loss_curves(stored_curves(record) if curves is None else curves),
     }
 
 
@@ -170,7 +170,7 @@ def adapt(
     for job_id, line, state in follow_job(worker, job, progress):
         update = {tab.job: job_id, tab.status: line}
         if state is not None and state.detail:
-            update[tab.losses] = figures.loss_curves(state.detail.get("curves", {}))
+            update[tab.losses] = evaluation_figures.loss_curves(state.detail.get("curves", {}))
         if state is not None and state.state == "done":
             update |= results(tab, state.result["adaptation"], state.result.get("curves"))
         yield update

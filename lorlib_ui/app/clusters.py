@@ -7,7 +7,7 @@ from functools import partial
 
 import gradio as gr
 
-from lorlib_ui.app import figures
+from lorlib_ui.app import cluster_figures
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.worker.api import LibraryInfo, Worker
 
@@ -43,8 +43,8 @@ def build_tab() -> ClustersTab:
         with gr.Row():
             with gr.Column():
                 focus = gr.Dropdown(
-                    [figures.ALL_CLUSTERS],
-                    value=figures.ALL_CLUSTERS,
+                    [cluster_figures.ALL_CLUSTERS],
+                    value=cluster_figures.ALL_CLUSTERS,
                     label="Similarity of",
                     info="with many experts, the clusters; pick one to see its experts",
                     elem_id="cluster-focus",
@@ -68,13 +68,13 @@ def clusters(worker: Worker, tab: ClustersTab, folder: str, k: int, colour_by: s
     exists (a new k renumbers clusters, so it then shows all of them again)."""
     view = worker.clusters(folder, int(k))
     note = "" if view.ari is None else f"Adjusted Rand index against the task families: **{view.ari:.2f}**"
-    choices = figures.similarity_focus(view)
-    focus = focus if focus in choices else figures.ALL_CLUSTERS
+    choices = cluster_figures.similarity_focus(view)
+    focus = focus if focus in choices else cluster_figures.ALL_CLUSTERS
     return {
-        tab.scatter: figures.cluster_scatter(view, colour_by),
+        tab.scatter: cluster_figures.cluster_scatter(view, colour_by),
         tab.focus: gr.Dropdown(choices, value=focus, interactive=len(choices) > 1),
-        tab.similarity: figures.similarity_heatmap(view, focus),
-        tab.silhouette: figures.silhouette_curve(view),
+        tab.similarity: cluster_figures.similarity_heatmap(view, focus),
+        tab.silhouette: cluster_figures.silhouette_curve(view),
         tab.ari: note,
     }
 

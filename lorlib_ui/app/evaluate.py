@@ -8,7 +8,7 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from lorlib_ui.app import figures
+from lorlib_ui.app import evaluation_figures
 from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_errors
 from lorlib_ui.worker.api import TASK_SETS, JobRequest, LibraryInfo, Worker
 
@@ -110,7 +110,7 @@ def differences_frame(evaluation: dict | None) -> pd.DataFrame:
 def per_task(evaluation: dict | None, measure: str):
     evaluation = evaluation or {}
     routers = [r["router"] for r in evaluation.get("summary", [])]
-    return figures.per_task_bars(evaluation.get("scores", []), routers, measure)
+    return evaluation_figures.per_task_bars(evaluation.get("scores", []), routers, measure)
 
 
 def opened(tab: EvaluateTab, info: LibraryInfo) -> dict:
@@ -119,7 +119,7 @@ def opened(tab: EvaluateTab, info: LibraryInfo) -> dict:
     return {
         tab.table: evaluation_frame(info.evaluation),
         tab.differences: differences_frame(info.evaluation),
-        tab.plot: figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
+        tab.plot: evaluation_figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
         tab.task_plot: per_task(info.evaluation, "exact_match"),
     }
 

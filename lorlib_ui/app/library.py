@@ -13,7 +13,7 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from lorlib_ui.app import figures
+from lorlib_ui.app import expert_figures
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.worker.api import ExpertDetail, LibraryInfo, Worker
 
@@ -172,10 +172,10 @@ def expert_detail(worker: Worker, tab: LibraryTab, folder: str, name: str | None
     curve = detail.loss_curve
     return {
         tab.summary: gr.update(value=describe(detail), visible=True),
-        tab.norms_plot: gr.update(value=figures.delta_norms(name, detail.modules, detail.norms), visible=True),
-        tab.loss_plot: gr.update(value=figures.loss_curve(name, curve) if curve else None, visible=bool(curve)),
+        tab.norms_plot: gr.update(value=expert_figures.delta_norms(name, detail.modules, detail.norms), visible=True),
+        tab.loss_plot: gr.update(value=expert_figures.loss_curve(name, curve) if curve else None, visible=bool(curve)),
         tab.spectrum_plot: gr.update(
-            value=figures.singular_value_heatmap(name, detail.modules, detail.singular_values), visible=True
+            value=expert_figures.singular_value_heatmap(name, detail.modules, detail.singular_values), visible=True
         ),
         tab.nearest: gr.update(value=nearest, visible=bool(detail.nearest)),
         tab.inspecting: True,

@@ -13,7 +13,7 @@ from functools import partial
 
 import gradio as gr
 
-from lorlib_ui.app import figures
+from lorlib_ui.app import figures, routing_figures
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.worker.api import MAX_NEW_TOKENS, LibraryInfo, RouteRequest, Worker
@@ -169,9 +169,12 @@ def router_note(spec: str | None, other: str | None, notes: dict) -> str:
 
 def group_members(spec: str, experts: list[dict]) -> set[str] | None:
     """The experts a router spec limits itself to: for `arrow@private`, the names of the library's
-    experts of kind private (`experts` as in `LibraryInfo.experts`); None for a spec without a group."""
+    experts of kind private (`experts` as in `LibraryInfo.experts`); for `@general`, those marked
+    general, whatever their kind (general is a flag beside the kind); None for a spec without a group."""
     _, at, group = spec.partition("@")
-    return {e["name"] for e in experts if e.get("kind") == group} if at else None
+    if not at:
+        return None
+    return {e["name"] for e in experts if (e.get("general") if group == "general" else e.get("kind") == group)}
 
 
 def default_token(record: RoutingRecord, n_prompt_tokens: int) -> int | None:
@@ -202,13 +205,13 @@ def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens
                 if update.prompt_limit
                 else "the model's context)"
             )
-        shown = figures.shown_experts(record, group_members(spec, worker.library(folder).experts))
+        shown = routing_figures.shown_experts(record, group_members(spec, worker.library(folder).experts))
         default = record.modules[len(record.modules) // 2] if record.modules else None
-        tokens = [(label, i) for i, label in enumerate(figures.token_labels(record))]
+        tokens = [(label, i) for i, label in enumerate(routing_figures.token_labels(record))]
         yield {
             tab.answer: update.text,
             tab.timing: note,
-            tab.layer_plot: figures.layer_heatmap(record, shown),
+            tab.layer_plot: routing_figures.layer_heatmap(record, shown),
             tab.layer_box: gr.Column(visible=True),
             tab.detail_box: gr.Column(visible=True),
             tab.record: record,
@@ -222,10 +225,10 @@ def layer_detail(tab: RouteTab, record: RoutingRecord | None, module: str | None
     """One layer: the tokens coloured by their top expert, their weights, and the picked token's logits."""
     if record is None or not module:
         return {tab.coloured: None, tab.token_plot: None, tab.logits_plot: None}
-    pairs, colours = figures.token_colours(record, module)
+    pairs, colours = routing_figures.token_colours(record, module)
     return {
         tab.coloured: gr.HighlightedText(pairs, color_map=colours),
-        tab.token_plot: figures.token_heatmap(record, module, shown or None),
+        tab.token_plot: routing_figures.token_heatmap(record, module, shown or None),
         **token_detail(tab, record, module, token, shown),
     }
 
@@ -234,7 +237,7 @@ def token_detail(tab: RouteTab, record: RoutingRecord | None, module: str | None
     """Why one token at one layer went to its experts: every shown expert's routing logit."""
     if record is None or not module or token is None or not 0 <= int(token) < len(record.tokens):
         return {tab.logits_plot: None}
-    return {tab.logits_plot: figures.expert_logits(record, module, int(token), shown or None)}
+    return {tab.logits_plot: routing_figures.expert_logits(record, module, int(token), shown or None)}
 
 
 @shows_errors
@@ -246,13 +249,13 @@ def compare(worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp
         (spec_b, tab.compare_b, tab.compare_plot_b),
     ):
         final = list(worker.route(_request(folder, text, spec, k, temp, max_tokens, density)))[-1]
-        names = figures.shown_experts(final.record, group_members(spec, info.experts))
-        out |= {answer: final.text, plot: figures.layer_heatmap(final.record, names)}
+        names = routing_figures.shown_experts(final.record, group_members(spec, info.experts))
+        out |= {answer: final.text, plot: routing_figures.layer_heatmap(final.record, names)}
         records.append(final.record)
         shown |= set(names)
     either = [name for name in records[0].experts if name in shown]
     return out | {
-        tab.compare_diff: figures.difference_heatmap(*records, either),
+        tab.compare_diff: routing_figures.difference_heatmap(*records, either),
         tab.compare_box: gr.Column(visible=True),
     }
 

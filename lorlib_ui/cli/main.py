@@ -1,6 +1,6 @@
 """Command line: `python -m lorlib_ui COMMAND`.
 
-The command names, their options and the JSON they print are a contract (README, issue #2).
+The command names, their options and the JSON they print are a contract (README).
 Bad input exits non-zero with one line on stderr and no traceback.
 """
 

@@ -263,7 +263,7 @@ def _invalid_file(path: Path, what: str):
 
 
 # Parsing and checking a header's few hundred entries cost more than reading an adapter's
-# tensors (issue #15: a 1024-expert library); the experts of a library are usually written
+# tensors (a 1024-expert library); the experts of a library are usually written
 # alike, so both are cached by the header's bytes.
 @functools.lru_cache(maxsize=64)
 def _parsed(header: bytes) -> tuple[dict[str, tuple[torch.dtype, list[int], int, int]], dict[str, str], int]:

@@ -2,7 +2,7 @@
 
 In a Llama-style block q, k and v project the same hidden state, and so do an MLP's gate and up.
 Decoding one token, each routed layer costs some twenty small tensor operations whose fixed
-overhead, not their arithmetic, makes the step slower than the base model's (issue #15). A group
+overhead, not their arithmetic, makes the step slower than the base model's (BENCHMARKS.md, Scale). A group
 does the work of its members at once, the first time one of them runs on a new input:
 
     scores    one matmul of h against all members' keys, stacked (G·E, d_in), read as G rows

@@ -50,11 +50,9 @@ from lorlib_ui.core.routers.base import ExpertStack
 
 # Experts per chosen expert (E / k) from which computing only the chosen pairs beats the dense
 # path for many tokens on a CPU: the dense path costs E·r·d multiply-adds per token, the sparse
-# one k·r·d plus the cost of building its index. 8 is from a one-layer timing on a busy machine
-# (equal at E = 16, k = 4; dispatch 1.8x faster at 64); bench_arrow's lorlib_arrow_dense rows check it.
+# one k·r·d plus the cost of building its index. The ratio comes from timing one layer both ways;
+# bench_arrow's lorlib_arrow_dense rows measure it (BENCHMARKS.md, Scale).
 DISPATCH_RATIO = 8
-# torch warns once that its sparse CSR tensors are in beta; the two calls used here are tested
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 FILL_RUN = 32  # experts copied together when building (see RoutedModel._fill)
 MERGED_CACHE = 8  # static merges kept folded per layer; a search (LoraHub) tries a new one each step
 
@@ -70,11 +68,10 @@ class RoutingState:
 def expert_major(keys: torch.Tensor) -> torch.Tensor:
     """Key vectors (E, d_in) with the same values, stored as the transpose of a contiguous (d_in, E).
 
-    Scoring one token, h·keysᵀ, then reads the matrix as h @ (d_in, E), which on a CPU runs twice
-    as fast as the matrix-vector product over rows of (E, d_in) that F.linear takes for one row
-    (7 MB of keys: 0.39 ms against 0.73 ms with MKL on a 2-core AVX2 machine). With many experts,
-    scoring is most of what a decoding step adds (bench_decode.py at 1,024 experts: 0.60x -> 0.70x
-    base); many tokens run as fast either way."""
+    Scoring one token, h·keysᵀ, then reads the matrix as h @ (d_in, E), which on a CPU is faster
+    than the matrix-vector product over rows of (E, d_in) that F.linear takes for one row when the
+    keys come from memory. With many experts, scoring is most of what a decoding step adds
+    (`benchmarks/bench_decode.py`, BENCHMARKS.md, Scale); many tokens run as fast either way."""
     return keys.T.contiguous().T
 
 
@@ -175,7 +172,7 @@ class LibraryLinear(nn.Module):
         if h.dtype != self.compute_dtype:
             h = h.to(self.compute_dtype)
         if router.static:
-            weights, a, bt = self._merged_factors(router)
+            weights, a, bt = self.merged_factors(router)
             logits = None
             delta = (h @ a.T) @ bt if router.applies_experts else None
         else:
@@ -245,13 +242,15 @@ class LibraryLinear(nn.Module):
         index, order = routing.index.sort(dim=1)  # a sparse row lists its columns in order
         top = routing.top.gather(1, order)
         rows = (index.unsqueeze(-1) * r + torch.arange(r, device=h.device)).flatten(1)  # (n, k·r)
-        pattern = torch.sparse_csr_tensor(
-            torch.arange(0, n * k * r + 1, k * r, device=h.device),
-            rows.flatten(),
-            h.new_zeros(n * k * r),
-            size=(n, e * r),
-            check_invariants=False,
-        )
+        with warnings.catch_warnings():  # torch: "Sparse CSR tensor support is in beta state"; tested here
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            pattern = torch.sparse_csr_tensor(
+                torch.arange(0, n * k * r + 1, k * r, device=h.device),
+                rows.flatten(),
+                h.new_zeros(n * k * r),
+                size=(n, e * r),
+                check_invariants=False,
+            )
         z = torch.sparse.sampled_addmm(pattern, h, stack.lora_a.to(h.dtype).T).values()
         c = self.coefficients(z.view(n, k * r), top, stack.scales[index], mix)
         return F.embedding_bag(rows, stack.lora_bt.to(h.dtype), per_sample_weights=c, mode="sum")
@@ -270,7 +269,7 @@ class LibraryLinear(nn.Module):
             z = ws * (z * w.unsqueeze(-1)).sum(dim=1, keepdim=True)
         return z.flatten(1)
 
-    def _merged_factors(self, router: Router) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def merged_factors(self, router: Router) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A static router's weights and its merge folded into one low-rank pair (a, bt), cached."""
         if router.key not in self._merged:
             w = router.weights(self)
@@ -371,7 +370,7 @@ class RoutedModel:
         factors = {}
         for name, layer in self.layers.items():
             if layer.usable(router.subset)[1]:
-                _, a, bt = layer._merged_factors(router)
+                _, a, bt = layer.merged_factors(router)
                 factors[name] = (a.detach().float().cpu(), bt.detach().float().cpu().T)
         rank = max((a.shape[0] for a, _ in factors.values()), default=0)
         if rank == 0:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lorlib_ui.app import figures
+from lorlib_ui.app import cluster_figures, evaluation_figures, figures, routing_figures
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.worker.api import ClusterView
 
@@ -20,7 +20,7 @@ def _record():
 
 def test_layer_heatmap_is_layers_by_experts():
     record = _record()
-    trace = figures.layer_heatmap(record).data[0]
+    trace = routing_figures.layer_heatmap(record).data[0]
     assert np.asarray(trace.z).shape == (4, 3) and list(trace.x) == ["a", "b", "c"]
     assert list(trace.y) == ["L0 q_proj", "L0 v_proj", "L1 q_proj", "L1 v_proj"]
     assert np.allclose(trace.z, record.weights.mean(axis=1))
@@ -30,9 +30,9 @@ def test_token_heatmap_and_colours_at_one_layer():
     record = _record()
     module = record.modules[3]
     record.weights[3][:, 2] = 0.0  # expert c tops no token at this layer: it stays out of the legend
-    trace = figures.token_heatmap(record, module).data[0]
+    trace = routing_figures.token_heatmap(record, module).data[0]
     assert np.asarray(trace.z).shape == (5, 3) and np.allclose(trace.z, record.weights[3])
-    coloured, legend = figures.token_colours(record, module)
+    coloured, legend = routing_figures.token_colours(record, module)
     assert [t for t, _ in coloured] == record.tokens
     expected = ["abc"[i] for i in record.weights[3].argmax(-1)]
     assert [label for _, label in coloured] == [e if i != 2 else None for i, e in enumerate(expected)]
@@ -63,24 +63,24 @@ def _view(n=6):
 def test_cluster_scatter_has_one_point_per_expert_in_each_colouring():
     view = _view()
     for colour_by, groups in (("cluster", 2), ("family", 4)):
-        fig = figures.cluster_scatter(view, colour_by)
+        fig = cluster_figures.cluster_scatter(view, colour_by)
         assert len(fig.data) == groups
         assert sorted(name for trace in fig.data for name in trace.text) == sorted(view.names)
-    by_cluster = figures.cluster_scatter(view, "cluster")
+    by_cluster = cluster_figures.cluster_scatter(view, "cluster")
     for trace in by_cluster.data:
         assert {view.labels[view.names.index(n)] for n in trace.text} == {int(trace.name.split()[-1])}
 
 
 def test_similarity_silhouette_and_evaluation_figures():
     view = _view()
-    assert np.asarray(figures.similarity_heatmap(view).data[0].z).shape == (6, 6)
-    curve = figures.silhouette_curve(view)
+    assert np.asarray(cluster_figures.similarity_heatmap(view).data[0].z).shape == (6, 6)
+    curve = cluster_figures.silhouette_curve(view)
     assert list(curve.data[0].x) == [2, 3] and list(curve.data[1].x) == [2]
     summary = [
         {"router": "base", "exact_match": 0.1, "mc_accuracy": None},
         {"router": "arrow", "exact_match": 0.4, "mc_accuracy": 0.5},
     ]
-    bars = figures.evaluation_bars(summary)
+    bars = evaluation_figures.evaluation_bars(summary)
     assert [t.name for t in bars.data] == ["base", "arrow"]
     assert np.isnan(bars.data[0].y[1]) and bars.data[1].y[0] == 40.0
 
@@ -101,29 +101,29 @@ def _grouped_record():
 
 def test_shown_experts_are_those_the_router_could_use():
     record = _grouped_record()
-    assert figures.shown_experts(record) == ["a", "b", "c", "d"]  # Arrow scores every expert
-    assert figures.shown_experts(record, {"a", "b", "c"}) == ["a", "b", "c"]  # its group, from the spec
+    assert routing_figures.shown_experts(record) == ["a", "b", "c", "d"]  # Arrow scores every expert
+    assert routing_figures.shown_experts(record, {"a", "b", "c"}) == ["a", "b", "c"]  # its group, from the spec
     no_logits = np.full((2, 3, 3), np.nan)  # a static router scores nothing
     one = RoutingRecord("expert:b", ["a", "b", "c"], record.modules, record.tokens, np.zeros((2, 3, 3)), no_logits)
     one.weights[:, :, 1] = 1.0
-    assert figures.shown_experts(one) == ["b"]
+    assert routing_figures.shown_experts(one) == ["b"]
     base = RoutingRecord("base", ["a", "b", "c"], record.modules, record.tokens, np.zeros((2, 3, 3)), no_logits)
-    assert figures.shown_experts(base) == ["a", "b", "c"]  # no expert used: all, not an empty figure
-    assert figures.shown_experts(base, {"c"}) == ["c"]
+    assert routing_figures.shown_experts(base) == ["a", "b", "c"]  # no expert used: all, not an empty figure
+    assert routing_figures.shown_experts(base, {"c"}) == ["c"]
 
 
 def test_heatmaps_show_only_the_shown_experts():
     record = _grouped_record()
     shown = ["a", "b", "c"]
-    layer = figures.layer_heatmap(record, shown).data[0]
+    layer = routing_figures.layer_heatmap(record, shown).data[0]
     assert list(layer.x) == shown and np.allclose(layer.z, record.weights.mean(axis=1)[:, :3])
-    tokens = figures.token_heatmap(record, record.modules[1], shown).data[0]
+    tokens = routing_figures.token_heatmap(record, record.modules[1], shown).data[0]
     assert list(tokens.x) == shown and np.allclose(tokens.z, record.weights[1][:, :3])
 
 
 def test_expert_logits_has_a_bar_per_shown_expert_and_highlights_the_top_k():
     record = _grouped_record()
-    fig = figures.expert_logits(record, record.modules[1], 2, ["a", "b", "c"])
+    fig = routing_figures.expert_logits(record, record.modules[1], 2, ["a", "b", "c"])
     others, chosen = fig.data
     assert len(others.x) + len(chosen.x) == 3  # d, outside the group, has no bar
     top = [["a", "b", "c"][i] for i in np.argsort(-record.logits[1, 2, :3])[:2]]
@@ -140,7 +140,7 @@ def test_expert_logits_of_a_static_router_shows_its_weights_and_says_so():
     record = _record()  # weights over a, b, c; no logits
     record.logits[:] = np.nan
     record.router = "uniform"
-    fig = figures.expert_logits(record, record.modules[0], 1)
+    fig = routing_figures.expert_logits(record, record.modules[0], 1)
     assert "uniform computes no routing logits" in fig.layout.title.text
     bars = {e: y for trace in fig.data for e, y in zip(trace.x, trace.y)}
     assert bars == pytest.approx({e: record.weights[0, 1, i] for i, e in enumerate("abc")})
@@ -152,11 +152,11 @@ def test_difference_heatmap_is_a_minus_b_over_either_routers_experts():
     b.weights = np.zeros_like(b.weights)
     b.weights[:, :, 3] = 1.0  # B always picks d
     b.logits = np.full_like(b.logits, np.nan)
-    trace = figures.difference_heatmap(a, b, ["a", "b", "c", "d"]).data[0]
+    trace = routing_figures.difference_heatmap(a, b, ["a", "b", "c", "d"]).data[0]
     assert list(trace.x) == ["a", "b", "c", "d"]
     assert np.allclose(trace.z, a.weights.mean(axis=1) - b.weights.mean(axis=1))
     assert trace.zmid == 0 and trace.zmin == -trace.zmax == pytest.approx(-1.0)
-    narrow = figures.difference_heatmap(a, b, ["b", "d"]).data[0]
+    narrow = routing_figures.difference_heatmap(a, b, ["b", "d"]).data[0]
     assert list(narrow.x) == ["b", "d"] and np.allclose(narrow.z[:, 1], -1.0)
 
 
@@ -165,7 +165,7 @@ def test_similarity_colours_span_the_off_diagonal_range():
     view.similarity = np.array(
         [[1.0, 0.2, -0.1, 0.4], [0.2, 1.0, 0.3, 0.05], [-0.1, 0.3, 1.0, 0.25], [0.4, 0.05, 0.25, 1.0]]
     )
-    fig = figures.similarity_heatmap(view)
+    fig = cluster_figures.similarity_heatmap(view)
     trace = fig.data[0]
     assert (trace.zmin, trace.zmax) == (-0.1, 0.4)
     assert np.isnan(np.diag(np.asarray(trace.z, dtype=float))).all()  # the diagonal is left blank
@@ -198,23 +198,23 @@ def _big_view(n=300, k=3, seed=0):
 
 
 def test_many_experts_scatter_in_webgl_and_few_in_svg():
-    assert {trace.type for trace in figures.cluster_scatter(_big_view()).data} == {"scattergl"}
-    assert {trace.type for trace in figures.cluster_scatter(_view()).data} == {"scatter"}
-    assert sum(len(trace.x) for trace in figures.cluster_scatter(_big_view()).data) == 300
+    assert {trace.type for trace in cluster_figures.cluster_scatter(_big_view()).data} == {"scattergl"}
+    assert {trace.type for trace in cluster_figures.cluster_scatter(_view()).data} == {"scatter"}
+    assert sum(len(trace.x) for trace in cluster_figures.cluster_scatter(_big_view()).data) == 300
 
 
 def test_many_experts_similarity_is_by_cluster_with_a_drill_down():
     view = _big_view()
-    choices = figures.similarity_focus(view)
+    choices = cluster_figures.similarity_focus(view)
     assert choices == ["all clusters", "cluster 0 (100 experts)", "cluster 1 (100 experts)", "cluster 2 (100 experts)"]
-    overview = figures.similarity_heatmap(view).data[0]
+    overview = cluster_figures.similarity_heatmap(view).data[0]
     z = np.asarray(overview.z, dtype=float)
     assert z.shape == (3, 3) and np.allclose(np.diag(z), 0.8, atol=0.01) and np.allclose(z[0, 1], 0.1, atol=0.01)
     assert list(overview.x) == ["cluster 0 (100)", "cluster 1 (100)", "cluster 2 (100)"]
-    inside = figures.similarity_heatmap(view, choices[2]).data[0]
+    inside = cluster_figures.similarity_heatmap(view, choices[2]).data[0]
     assert np.asarray(inside.z).shape == (100, 100)
     assert list(inside.x) == [name for name in view.clustered if view.labels[view.names.index(name)] == 1]
-    assert figures.similarity_focus(_view()) == ["all clusters"]  # few experts: each has its row
+    assert cluster_figures.similarity_focus(_view()) == ["all clusters"]  # few experts: each has its row
 
 
 def test_cluster_means_leave_out_each_expert_with_itself():
@@ -222,5 +222,5 @@ def test_cluster_means_leave_out_each_expert_with_itself():
     view.labels, view.k = [0, 0, 1, 1], 2
     view.clustered = view.names
     view.similarity = np.array([[1.0, 0.5, 0.1, 0.2], [0.5, 1.0, 0.3, 0.0], [0.1, 0.3, 1.0, 0.7], [0.2, 0.0, 0.7, 1.0]])
-    z = np.asarray(figures._cluster_heatmap(view.similarity, np.array(view.labels), 2).data[0].z, dtype=float)
+    z = np.asarray(cluster_figures._cluster_heatmap(view.similarity, np.array(view.labels), 2).data[0].z, dtype=float)
     assert np.allclose(z, [[0.5, 0.15], [0.15, 0.7]])

@@ -75,6 +75,10 @@ def test_route_group_members_and_default_token():
     assert route.group_members("arrow@private", experts) == {"p0", "p1"}
     assert route.group_members("uniform@shared", experts) == {"s"}
     assert route.group_members("arrow", experts) is None and route.group_members("expert:s", experts) is None
+    # general is a flag beside the kind: the marked shared expert and one of kind general, no other
+    flagged = [*experts, {"name": "g", "kind": "general", "general": True}]
+    flagged[1] = {**flagged[1], "general": True}
+    assert route.group_members("arrow@general", flagged) == {"s", "g"}
     record = RoutingRecord("arrow", [], [], ["a", "b", "c", "d"], np.zeros((0, 4, 0)), np.zeros((0, 4, 0)))
     assert route.default_token(record, 3) == 2 and route.default_token(record, 0) == 0
     assert route.default_token(record, 9) == 0  # a prompt count that does not fit the record

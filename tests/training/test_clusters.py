@@ -108,7 +108,7 @@ def test_the_shipped_library_clusters_the_same_streamed_or_in_memory(tmp_path):
     assert adjusted_rand_index(mbc_cluster(streamed, k), labels) == 1.0
 
 
-# ---- the Gram matrix the library keeps (issue #15: the cluster view of 1,024 experts) ----------
+# ---- the Gram matrix the library keeps (the cluster view of 1,024 experts) ---------------------
 
 
 def fresh_gram(library, keep_quantile=0.5):

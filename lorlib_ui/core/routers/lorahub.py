@@ -11,7 +11,7 @@ Composition"), the few-shot merge baseline: one weight per expert, searched on K
        L(w) = mean answer negative log-likelihood of the K examples + 0.05·‖w‖₁.
 
 Each candidate is scored on the routed model as a static router, whose merge every layer folds once
-(`LibraryLinear._merged_factors`): no model is built per candidate. Choices, against the paper and
+(`LibraryLinear.merged_factors`): no model is built per candidate. Choices, against the paper and
 the authors' code (github.com/sail-sg/lorahub):
 - the search starts at w = 0, the base model, as the authors' implementation of the paper does
   (`ng.p.Array(init=[0] * E, ...)`); we found no other starting point stated in the paper;

@@ -3,7 +3,7 @@
 µ ("uniform") is the paper's merge baseline (Ostapenko et al., 2024, Sec. 6): the mean of the
 experts' A factors and the mean of their B factors, as in its code. `mean_delta` averages the
 experts' updates ΔW_e = s_e B_e A_e instead. Both are computed once per layer and folded into one
-low-rank pair of factors by the layer (`LibraryLinear._merged_factors`).
+low-rank pair of factors by the layer (`LibraryLinear.merged_factors`).
 """
 
 from __future__ import annotations
