@@ -10,7 +10,7 @@ random rank-4 experts (q, k, v, o of every layer, stored in bfloat16: bench_arro
 the KV cache) of the base model and of Arrow routing (top-k 4), taking turns step by step, then
 one prefill forward pass over 8 × 128 tokens (bench_arrow's batch) of each. It reports the
 median of each, the median of the per-round ratios to base and their range. `--kernel-off` adds
-a third turn to each decoding step, routed with the C decoding kernel turned off (the tensor
+a third turn to each decoding step, routed with the decoding kernel turned off (the tensor
 operations it replaces), to measure what the kernel gives in the same process."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--experts", default="64,256,1024")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--kernel-off", action="store_true", help="also decode with the C kernel turned off")
+    parser.add_argument("--kernel-off", action="store_true", help="also decode with the decoding kernel turned off")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -152,7 +152,7 @@ def main() -> None:
         ],
     )
     if args.kernel_off:
-        print("\nThe same rounds' third turn, decoding with the C kernel turned off (tensor operations):\n")
+        print("\nThe same rounds' third turn, decoding with the decoding kernel turned off (tensor operations):\n")
         _table(
             ["routed step ms", "kernel off step ms", "kernel off x base (median)", "range"]
             + ["kernel's speed-up", "range"],

@@ -19,9 +19,9 @@ Arrow slow and memory-hungry with many experts.
 One token (decoding) on a CPU: the step is bound by memory traffic, not arithmetic, so after
 scoring the experts we gather the rows of only the top-k chosen, instead of reading every
 expert's weights for one token. (On a GPU the dense path is cheap.) For per-token top-k routers
-everything after the scores runs in one call of a small C function (`decode_kernel`), where it is
-compiled; with many experts, scoring every expert's key, E·d per layer, is then most of what a
-step adds to the base model's.
+everything after the scores runs in one call of a compiled function (`decode_kernel`); with many
+experts, scoring every expert's key, E·d per layer, is then most of what a step adds to the base
+model's.
 """
 
 from __future__ import annotations
