@@ -324,11 +324,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, as views into one buffer holding the file."""
-    return read_safetensors(path, what)[0]
-
-
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of a safetensors file, as views into one buffer holding the file, and the
     file's metadata. Parsed here rather than by `safetensors.torch.load`, which copies every

@@ -149,6 +149,9 @@ class HeldOut:
             raise LorlibError(f"library {path}: its held-out data is not a usable name")
         return cls(data, tuple(tasks))
 
+    def to_manifest(self) -> dict:
+        return {"data": self.data, "tasks": list(self.tasks)}
+
     @property
     def kind(self) -> str:
         """default, inside (a file in the library), path (a local file anywhere) or hub (a dataset id)."""

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.library import Library, check_name
+from lorlib_ui.core.library import HeldOut, Library, check_name
 from lorlib_ui.training.clusters import keep_gram
 from lorlib_ui.training.config import TrainConfig
 from lorlib_ui.training.data import MultiTaskData
@@ -129,7 +129,7 @@ def build_library(
     with library.edit() as current:
         if local and keep_data and Path(data).is_file():  # an upload: the library keeps its own copy
             source = _keep_data(current, Path(data))
-        current.extra["held_out"] = {"data": source, "tasks": held}
+        current.extra["held_out"] = HeldOut(source, tuple(held)).to_manifest()
     if held and log is not None:
         log(f"held out for evaluation: {', '.join(held)}")
     jobs = private_jobs(loaded, train_tasks)

@@ -119,9 +119,9 @@ def test_malformed_safetensors_are_one_line_errors(adapter_copy, content, messag
 
 
 def test_tensors_read_by_the_parser_equal_safetensors_own(adapter_copy):
-    from lorlib_ui.core.adapters import read_tensors
+    from lorlib_ui.core.adapters import read_safetensors
 
-    ours = read_tensors(adapter_copy / WEIGHTS_FILE, "x")
+    ours, _ = read_safetensors(adapter_copy / WEIGHTS_FILE, "x")
     theirs = load_file(adapter_copy / WEIGHTS_FILE)
     assert set(ours) == set(theirs)
     assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
