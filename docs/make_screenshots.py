@@ -9,8 +9,10 @@ Run it again whenever the UI changes.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,11 @@ def main() -> None:
     import app as explorer
     from lorlib_ui.app.layout import launch
 
-    app = explorer.create(explorer.parse_args(["--device", "cpu"]))  # what `python app.py` serves
+    # what `python app.py` serves, with a folder of libraries holding the copy that the Adapt tab changes
+    work = Path(tempfile.mkdtemp(prefix="lorlib-screenshot-"))
+    copy = work / "library"
+    shutil.copytree(ROOT / "assets" / "library", copy)
+    app, worker = explorer.create(explorer.parse_args(["--device", "cpu", "--libraries", str(work)]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -61,22 +67,19 @@ def main() -> None:
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(1500)
                 page.screenshot(path=OUT / f"{tab.lower()}.png", full_page=True)
-            adapt_on_a_copy(page)
+            adapt_on_a_copy(page, copy)
             page.screenshot(path=OUT / "adapt.png", full_page=True)
             browser.close()
     finally:
         app.close()
+        worker.close()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"screenshots in {OUT}")
 
 
-def adapt_on_a_copy(page) -> None:
+def adapt_on_a_copy(page, copy: Path) -> None:
     """A short adaptation (3 methods, 16 shots, 20 steps, 20 test rows) of a held-out task, run
     from the Adapt tab on a copy of the shipped library, so the shipped one stays as it is."""
-    import shutil
-    import tempfile
-
-    copy = Path(tempfile.mkdtemp(prefix="lorlib-screenshot-")) / "library"
-    shutil.copytree(ROOT / "assets" / "library", copy)
     page.get_by_label("Library folder").fill(str(copy))
     page.get_by_role("button", name="Open", exact=True).click()
     page.get_by_text(f"Opened {copy}").wait_for(timeout=120_000)

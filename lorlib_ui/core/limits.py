@@ -16,13 +16,18 @@ DEFAULT_MAX_RANK = 64  # far above the paper's ranks (4-16)
 MAX_ALPHA = 1e5  # a lora_alpha beyond this is not a trained adapter's
 
 
-def max_rank() -> int:
-    """The largest rank an expert may have ($LORLIB_MAX_RANK, default 64)."""
-    raw = os.environ.get(MAX_RANK_ENV, str(DEFAULT_MAX_RANK))
+def positive_setting(env: str, default: int) -> int:
+    """A positive integer setting from the environment variable `env`, else `default`."""
+    raw = os.environ.get(env, str(default))
     try:
         value = int(raw)
     except ValueError:
-        raise LorlibError(f"{MAX_RANK_ENV} must be a positive integer, got {raw!r}") from None
+        value = 0
     if value < 1:
-        raise LorlibError(f"{MAX_RANK_ENV} must be a positive integer, got {raw!r}")
+        raise LorlibError(f"{env} must be a positive integer, got {raw!r}")
     return value
+
+
+def max_rank() -> int:
+    """The largest rank an expert may have ($LORLIB_MAX_RANK, default 64)."""
+    return positive_setting(MAX_RANK_ENV, DEFAULT_MAX_RANK)

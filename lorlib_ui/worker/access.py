@@ -6,8 +6,8 @@ request carries is untrusted. A served worker opens only the library it was star
 the upload or cache folders, whatever links the path goes through (it is resolved before it is
 compared). A library's held-out data must be the embedded data, a file inside the library or
 under those folders (or the file the operator's own `--library` names), or a hub dataset id
-(which opening never loads). Data files sent with a job
-must be uploads or files under those folders. With `read_only`, nothing is written at all.
+(which opening never loads). Data files sent with a job must be uploads or files under those
+folders. With `read_only`, nothing is written at all.
 
 The command line, run by a local user on their own files, opens any path: `Access()`.
 """
@@ -80,8 +80,9 @@ class Access:
         if not self.served or held.kind in ("default", "hub"):
             return
         path = Path(held.source(library.path))
-        inside = _within(path.resolve(), str(library.path.resolve()))
-        trusted = str(path.resolve()) in self.data_files or any(_within(path.resolve(), r) for r in self.roots)
+        resolved = path.resolve()
+        inside = _within(resolved, str(library.path.resolve()))
+        trusted = str(resolved) in self.data_files or any(_within(resolved, root) for root in self.roots)
         if not (inside or trusted) or not _regular(path):
             raise LorlibError(
                 f"library {library.path}: its held-out data {held.data[:100]!r} is not a file in the library "

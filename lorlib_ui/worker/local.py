@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.learned_routers import learned_problem, learned_routers, summary
 from lorlib_ui.core.library import TASK_KINDS, Library
+from lorlib_ui.core.limits import positive_setting
 from lorlib_ui.core.prompting import check_max_new_tokens
 from lorlib_ui.training.trainers import LocalTrainer, Trainer
 from lorlib_ui.worker.access import Access
@@ -52,32 +52,15 @@ MAX_MODELS_ENV = "LORLIB_MAX_MODELS"
 DEFAULT_MAX_MODELS = 2  # routed models kept: the library on screen and one more
 MAX_EMBEDDINGS = 4  # cluster views' embeddings kept (a few MB to a GB each)
 MAX_PROMPT_TOKENS_ENV = "LORLIB_MAX_PROMPT_TOKENS"
-DEFAULT_MAX_PROMPT_TOKENS = 1024  # one request's prefill: about 1 s of the embedded model on 2 CPU cores
+DEFAULT_MAX_PROMPT_TOKENS = 1024  # one request's prefill, far below SmolLM2's 8,192-token context
 
 
 def manifest_key(library: Library) -> str:
     return hashlib.sha256(json.dumps(library.manifest(), sort_keys=True).encode()).hexdigest()
 
 
-def _positive_setting(value: int | None, env: str, default: int) -> int:
-    if value is None:
-        raw = os.environ.get(env, str(default))
-        try:
-            value = int(raw)
-        except ValueError:
-            raise LorlibError(f"{env} must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise LorlibError(f"{env} must be a positive integer, got {value}")
-    return value
-
-
 def _max_models(value: int | None) -> int:
-    if value is None:
-        raw = os.environ.get(MAX_MODELS_ENV, str(DEFAULT_MAX_MODELS))
-        try:
-            value = int(raw)
-        except ValueError:
-            raise LorlibError(f"{MAX_MODELS_ENV} must be a positive integer, got {raw!r}") from None
+    value = positive_setting(MAX_MODELS_ENV, DEFAULT_MAX_MODELS) if value is None else value
     if value < 1:
         raise LorlibError(f"the worker must keep at least one routed model, got {value}")
     return value
@@ -103,7 +86,13 @@ class LocalWorker(Worker):
         self.device, self.dtype, self.base_model = device, dtype, base_model
         self.max_models = _max_models(max_models)
         self.access = access or Access()
-        self.max_prompt_tokens = _positive_setting(max_prompt_tokens, MAX_PROMPT_TOKENS_ENV, DEFAULT_MAX_PROMPT_TOKENS)
+        self.max_prompt_tokens = (
+            positive_setting(MAX_PROMPT_TOKENS_ENV, DEFAULT_MAX_PROMPT_TOKENS)
+            if max_prompt_tokens is None
+            else max_prompt_tokens
+        )
+        if self.max_prompt_tokens < 1:
+            raise LorlibError(f"the longest prompt must be at least one token, got {self.max_prompt_tokens}")
         self._lock = threading.Lock()  # one model computation at a time; guards _routed
         self._routed: OrderedDict[str, tuple[str, object]] = OrderedDict()  # path -> (manifest key, RoutedModel)
         self._embeddings: OrderedDict[tuple[str, str], tuple] = OrderedDict()
@@ -111,6 +100,7 @@ class LocalWorker(Worker):
         self._jobs = JobBoard(trainer_factory or (lambda: LocalTrainer(self.device)))
         self._warm_ups: list[threading.Thread] = []
         self._tmp = tempfile.mkdtemp(prefix="lorlib-")  # private (0700): uploads unpack and downloads go here
+        self.accept_uploads(self._tmp)  # unpacked uploads: read as data, never opened as libraries
 
     def accept_uploads(self, folder: str) -> None:
         self.access = replace(self.access, uploads=(*self.access.uploads, str(Path(folder).resolve())))
@@ -121,10 +111,7 @@ class LocalWorker(Worker):
 
     def _open(self, path: str) -> Library:
         """The library a request names, if this worker may open it (`Access`), checked whole."""
-        path = self.access.library_path(path)
-        if self.access.served and Path(self._tmp) in Path(path).resolve().parents:
-            raise LorlibError(f"{path} is not a library this explorer serves")
-        library = Library.open(path)
+        library = Library.open(self.access.library_path(path))
         self.access.check_data(library)
         return library
 
