@@ -34,7 +34,7 @@ def main() -> None:
     import ray
 
     from lorlib_ui.core.library import Library
-    from lorlib_ui.training.building import LocalTrainer, build_library
+    from lorlib_ui.training.building import BuildOptions, LocalTrainer, build_library
     from lorlib_ui.training.config import TrainConfig
     from lorlib_ui.training.data import load_tasks
     from lorlib_ui.worker.ray import RayTrainer, connect
@@ -49,7 +49,8 @@ def main() -> None:
                 connect(None)
                 times["ray start"] = time.perf_counter() - start
             start = time.perf_counter()
-            build_library(Path(tmp) / name, tasks=tasks, config=TrainConfig(**config), shared=False, trainer=make())
+            options = BuildOptions(tasks=tuple(tasks), shared=False)
+            build_library(Path(tmp) / name, options, TrainConfig(**config), trainer=make())
             times[name] = time.perf_counter() - start
         a, b = Library.open(Path(tmp) / "sequential"), Library.open(Path(tmp) / "ray")
         diff = max(

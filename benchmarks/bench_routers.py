@@ -57,7 +57,9 @@ def make_library(work: Path, n: int, base_dir: Path) -> Path:
     for kind in ("gates", "activations"):
         for expert, adapter in entries:
             keys = {m: torch.randn(a.shape[1], generator=gen) for m, (a, _) in adapter.factors.items()}
-            library.write_keys(expert.name, kind, keys, {"random": True}, library.expert(expert.name).weights_hash)
+            library.derived.write_expert(
+                kind, expert.name, keys, {"random": True}, library.expert(expert.name).weights_hash
+            )
     library.mark_general([e.name for e, _ in entries[:GENERAL]])
     return work / "library"
 

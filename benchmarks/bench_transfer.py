@@ -33,8 +33,9 @@ def main() -> None:
 
     import torch
 
-    from lorlib_ui.analysis.transfer import transfer_library
+    from lorlib_ui.analysis.transfer import TransferOptions, transfer_library
     from lorlib_ui.core.library import Library
+    from lorlib_ui.training.reporter import Reporter
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "library"
@@ -42,9 +43,9 @@ def main() -> None:
         (copy / "transfer.json").unlink(missing_ok=True)
         columns_done = []
         start = time.perf_counter()
-        matrix, counts = transfer_library(
-            str(copy), args.tasks, limit=args.limit, device="cpu", progress=lambda d, t, c: columns_done.append(c)
-        )
+        options = TransferOptions(tasks=args.tasks, limit=args.limit, device="cpu")
+        reporter = Reporter(progress=lambda count: columns_done.append(count.what))
+        matrix, counts = transfer_library(str(copy), options, reporter)
         seconds = time.perf_counter() - start
         rows = int(matrix.rows[:, 0].sum())
         experts = len(Library.open(copy).experts)

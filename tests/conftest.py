@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# huggingface_hub reads its cache folder once, at import: the tests' own, empty, never the user's
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="lorlib-test-hub-")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _CORPUS = [
@@ -160,13 +164,23 @@ def with_every_key(library, general: str = "task5"):
         for e in library.experts:
             factors = library.load_adapter(e.name).factors
             keys = {m: torch.randn(a.shape[1], generator=gen) for m, (a, _) in factors.items()}
-            library.write_keys(e.name, kind, keys, {}, e.weights_hash)
+            library.derived.write_expert(kind, e.name, keys, {}, e.weights_hash)
     library.mark_general([general])
     return library
 
 
 # Every router that runs on a typed prompt (the oracle and LoraHub choose per evaluated task).
 PROMPT_ROUTERS = ["base", "uniform", "mean_delta", "ties", "arrow", "arrow_gks", "spectral", "phatgoose", "avg_act"]
+
+
+@pytest.fixture
+def hub() -> Path:
+    """huggingface_hub's cache folder, offline, emptied after the test (`hub_cache.publish` lays
+    repos out in it)."""
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    yield cache
+    for child in cache.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 @pytest.fixture
@@ -288,3 +302,17 @@ def explorer_url(tiny_library):
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails the test if a model loads: what the plan of a long command must not do."""
+    from transformers import AutoModelForCausalLM
+
+    from lorlib_ui.core.routed_model import RoutedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(RoutedModel, "load", refuse)

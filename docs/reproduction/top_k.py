@@ -77,11 +77,12 @@ def main() -> None:
         shared = next(r for r in records if any(s["router"] == "shared" for s in r["scores"]))
         by_k = {r["top_k"]: r for r in records if any(s["router"] == "arrow" for s in r["scores"])}
     elif args.library:
-        from lorlib_ui.analysis.evaluation import evaluate_library
+        from lorlib_ui.analysis.evaluation import EvaluateOptions, evaluate_library
         from lorlib_ui.core.library import Library
 
         def run(routers: list[str], k: int | None) -> dict:
-            return evaluate_library(args.library, "held-out", routers, limit=args.limit, split="validation", top_k=k)[0]
+            options = EvaluateOptions(routers=tuple(routers), limit=args.limit, split="validation", top_k=k)
+            return evaluate_library(args.library, options)[0]
 
         shared = run(["shared"], None)
         clusters = sum(e.kind == "cluster" for e in Library.open(args.library).experts)

@@ -11,13 +11,13 @@ For each number of shots and each method of `lorlib_ui.training.adaptation_metho
    scores (exact match, answer log-likelihood, multiple choice), with bootstrap intervals and
    paired differences against Arrow, and keep the record in the manifest under `adaptation`.
 
-Everything is checked before any training, so a refused run changes nothing.
+Everything is checked before any training (`plan_adaptation`: nothing written, no model loaded),
+so a refused run changes nothing; `run_adaptation` trains, scores and stores.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,8 +36,16 @@ from lorlib_ui.training.adaptation_methods import (
 from lorlib_ui.training.building import expert_name
 from lorlib_ui.training.config import ADAPT_METHODS, TrainConfig
 from lorlib_ui.training.data import MultiTaskData, load_tasks
-from lorlib_ui.training.lorahub import check_shots, draw_shots, lorahub_expert, lorahub_name
-from lorlib_ui.training.trainers import Progress
+from lorlib_ui.training.lorahub import (
+    FewShotTask,
+    LoraHubOptions,
+    check_shots,
+    draw_shots,
+    lorahub_expert,
+    lorahub_name,
+)
+from lorlib_ui.training.options import option
+from lorlib_ui.training.reporter import QUIET, Progress, Reporter
 
 ZERO_SHOT = ("arrow", "base")  # what every method is compared with, as `evaluate` runs them
 MANIFEST_KEY = "adaptation"
@@ -67,13 +75,39 @@ def adapted_name(method: str, task: str, shots: int, seed: int) -> str:
     return check_name(f"adapt-{method}-{expert_name(task)[:60]}-k{shots}-s{seed}")
 
 
-def parse_methods(methods: list[str] | None, library: Library) -> tuple[list[str], list[str]]:
-    """The methods to run (default: all the library allows) and notes on those left out."""
-    if methods is not None:
-        if not methods:
-            raise LorlibError("the list of methods is empty")
-        if unknown := [m for m in methods if m not in ADAPT_METHODS]:
-            raise LorlibError(f"unknown method {unknown[0]!r}; use {', '.join(ADAPT_METHODS)}")
+@dataclass(frozen=True, kw_only=True)
+class AdaptOptions(FewShotTask):
+    """An adaptation study of one task (the `adapt` command's flags and an adapt job's keys)."""
+
+    task: str = option(help="the task to learn (a held-out task, or one of --data)")
+    shots: tuple[int, ...] = option((32,), "training examples, or several for a learning curve: 8,32,128")
+    methods: tuple[str, ...] | None = option(None, f"comma-separated, of {','.join(ADAPT_METHODS)} (default: all)")
+    steps: int | None = option(None, "training steps (default: the library's experts')")
+    budget: int = option(LoraHubOptions.budget, f"LoraHub's evaluations (default {LoraHubOptions.budget})")
+    seed: int = option(0, "draws the examples and seeds the training")
+    limit: int | None = option(None, "test rows scored (default: all)")
+    force: bool = option(False, "train again what the library already holds")
+    device: str | None = option(None, "cuda or cpu (default: cuda when present)")
+
+    def __post_init__(self):
+        if not self.shots:
+            raise LorlibError("give at least one number of shots")
+        for n in self.shots:
+            check_shots(n)
+        object.__setattr__(self, "shots", tuple(sorted(set(self.shots))))
+        if self.methods is not None:
+            if not self.methods:
+                raise LorlibError("the list of methods is empty")
+            if unknown := [m for m in self.methods if m not in ADAPT_METHODS]:
+                raise LorlibError(f"unknown method {unknown[0]!r}; use {', '.join(ADAPT_METHODS)}")
+        for name, value in (("steps", self.steps), ("budget", self.budget), ("limit", self.limit)):
+            if value is not None and value < 1:
+                raise LorlibError(f"the {name} must be positive, got {value}")
+
+
+def parse_methods(methods: tuple[str, ...] | None, library: Library) -> tuple[list[str], list[str]]:
+    """The methods to run (default: all the library allows; the options checked the names) and
+    notes on those left out."""
     chosen, notes = list(dict.fromkeys(methods or ADAPT_METHODS)), []
     if "shared" in chosen and not library.groups()["shared"]:
         if methods is not None:
@@ -137,91 +171,110 @@ def adapt_config(library: Library, steps: int | None, seed: int) -> TrainConfig:
     return TrainConfig.from_options(recorded, steps=steps, seed=seed, bf16=False)
 
 
-def adapt_library(
-    path: str | Path,
-    task: str,
-    data: str | None = None,
-    shots: list[int] | tuple[int, ...] = (32,),
-    methods: list[str] | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-    budget: int | None = None,
-    force: bool = False,
-    device: str | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[dict, list[str]]:
-    """Adapt the library at `path` to `task` with each method at each number of `shots`; store
-    every result and the scores (manifest `adaptation`, by task). Returns the task's record and
-    notes on methods left out."""
-    from lorlib_ui.core.routers.lorahub import DEFAULT_BUDGET
+@dataclass
+class AdaptationPlan:
+    """An adaptation checked whole, before anything is trained or written."""
 
-    start = time.perf_counter()
-    shots = sorted(set(shots or []))
-    if not shots:
-        raise LorlibError("give at least one number of shots")
-    for n in shots:
-        check_shots(n)
-    if limit is not None and limit < 1:
-        raise LorlibError(f"the limit must be positive, got {limit}")
-    budget = budget or DEFAULT_BUDGET
+    library: Library
+    options: AdaptOptions
+    data: MultiTaskData
+    family: str | None
+    mixed: list[str]  # the task experts the methods start from or mix
+    config: TrainConfig  # how the LoRA methods train
+    source: str  # the data, as recorded
+    test_rows: int  # scored per result
+    runs: list[Plan]  # every (method, shots), marked done where stored
+    notes: list[str]  # on methods left out
+
+
+def plan_adaptation(path: str | Path, options: AdaptOptions) -> AdaptationPlan:
+    """Check an adaptation of the library at `path` to `options.task`, with each method at each
+    number of shots: the methods the library allows, the task's rows for every number of shots and
+    its test rows, and what is stored already. Reads the library and the data; writes nothing,
+    loads no model."""
+    o = options
     library = Library.open(path)
     mixed = [e.name for e in library.experts if e.kind in TASK_KINDS]
     if not mixed:
         raise LorlibError(f"library {library.path} has no private experts to adapt from")
-    chosen, notes = parse_methods(methods, library)
-    config = adapt_config(library, steps, seed)
-    source = library.data_source(data)
-    loaded = load_tasks(source, task=task)
-    family = loaded.family_of(task)  # an unknown task is refused here
-    for n in shots:
-        draw_shots(loaded, task, n, seed)  # and so are too few training rows
-    rows = test_rows(loaded, task, limit)
+    chosen, notes = parse_methods(o.methods, library)
+    config = adapt_config(library, o.steps, o.seed)
+    source = library.data_source(o.data)
+    loaded = load_tasks(source, task=o.task)
+    family = loaded.family_of(o.task)  # an unknown task is refused here
+    for n in o.shots:
+        draw_shots(loaded, o.task, n, o.seed)  # and so are too few training rows
+    rows = test_rows(loaded, o.task, o.limit)
     local = source != "default" and Path(source).exists()
     source = str(Path(source).resolve()) if local else source
-    plans = plan_runs(library, task, shots, chosen, config, source, budget, force)
+    runs = plan_runs(library, o.task, list(o.shots), chosen, config, source, o.budget, o.force)
+    return AdaptationPlan(library, o, loaded, family, mixed, config, source, len(rows), runs, notes)
 
-    todo = [p for p in plans if not p.done]
-    trainer = _Training(library, loaded, task, family, mixed, config, source, budget, force, device, progress, cancel)
-    for index, plan in enumerate(todo, 1):
-        if log is not None:
-            log(f"[{index}/{len(todo)}] {plan.method} on {plan.shots} shots of {task}")
-        trainer.run(plan, index, len(todo))
+
+def run_adaptation(plan: AdaptationPlan, reporter: Reporter = QUIET) -> tuple[dict, list[str]]:
+    """Train what the plan lacks (each method's steps to `reporter`, which may cancel), score every
+    result and store the record (manifest `adaptation`, by task). Returns the task's record and
+    notes on methods left out."""
+    start = time.perf_counter()
+    task, path = plan.options.task, plan.library.path
+    todo = [run for run in plan.runs if not run.done]
+    trainer = _Training(plan, reporter)
+    for index, run in enumerate(todo, 1):
+        reporter.log(f"[{index}/{len(todo)}] {run.method} on {run.shots} shots of {task}")
+        trainer.run(run, index, len(todo))
     trainer.release()
 
-    if log is not None:
-        log(f"scoring {len(plans) + len(ZERO_SHOT)} routers on {len(rows)} test rows of {task}")
-    scores = _score(Library.open(path), loaded, task, plans, limit, device, cancel)
+    reporter.log(f"scoring {len(plan.runs) + len(ZERO_SHOT)} routers on {plan.test_rows} test rows of {task}")
+    scores = _score(Library.open(path), plan.data, task, plan.runs, plan.options.limit, plan.options.device, reporter)
+    seconds = time.perf_counter() - start
     record = _record(
-        Library.open(path), task, family, plans, scores, config, source, limit, time.perf_counter() - start
+        Library.open(path), task, plan.family, plan.runs, scores, plan.config, plan.source, plan.options.limit, seconds
     )
-    with library.edit() as current:
+    with plan.library.edit() as current:
         current.extra.setdefault(MANIFEST_KEY, {})[task] = record
-    return record, notes
+    return record, plan.notes
+
+
+def adapt_library(path: str | Path, options: AdaptOptions, reporter: Reporter = QUIET) -> tuple[dict, list[str]]:
+    """`plan_adaptation`, then `run_adaptation`: (the task's record, notes on methods left out)."""
+    return run_adaptation(plan_adaptation(path, options), reporter)
+
+
+class _Nested(Reporter):
+    """`outer`, with a nested run's training events shown as expert `index` of `total` of this run's."""
+
+    def __init__(self, outer: Reporter, expert: str, index: int, total: int):
+        super().__init__()
+        self.outer, self.expert, self.index, self.total = outer, expert, index, total
+
+    def progress(self, event) -> None:
+        if isinstance(event, Progress):
+            event = replace(event, expert=self.expert, index=self.index, total=self.total)
+        self.outer.progress(event)
+
+    def cancelled(self) -> bool:
+        return self.outer.cancelled()
+
+    def log(self, line: str) -> None:
+        self.outer.log(line)
 
 
 class _Training:
     """Trains plans one by one, loading each model only when a method first needs it: the plain base
     model for the LoRA methods, a routed model of the library for the routers."""
 
-    def __init__(self, library, data, task, family, mixed, config, source, budget, force, device, progress, cancel):
-        self.library, self.data, self.task, self.family, self.mixed = library, data, task, family, mixed
-        self.config, self.source, self.budget, self.force = config, source, budget, force
-        self.device, self.progress, self.cancel = device, progress, cancel
+    def __init__(self, plan: AdaptationPlan, reporter: Reporter):
+        self.library, self.data, self.task = plan.library, plan.data, plan.options.task
+        self.family, self.mixed, self.config, self.source = plan.family, plan.mixed, plan.config, plan.source
+        self.budget, self.force, self.device = plan.options.budget, plan.options.force, plan.options.device
+        self.reporter = reporter
         self.plain = None  # (model, tokenizer)
         self.routed = None
-
-    def _events(self, plan: Plan, index: int, total: int):
-        if self.progress is None:
-            return None
-        return lambda step, steps, loss: self.progress(Progress(plan.label, index, total, step, steps, loss))
 
     def run(self, plan: Plan, index: int, total: int) -> None:
         rows, picked = draw_shots(self.data, self.task, plan.shots, self.config.seed)
         pairs = [(row["input"], row["output"]) for row in rows]
-        events = self._events(plan, index, total)
+        events = self.reporter.steps(plan.label, index, total)
         training = {
             **_settings(plan.method, self.task, plan.shots, self.config, self.source, self.budget),
             "shot_rows": picked,
@@ -230,14 +283,14 @@ class _Training:
             "learning_rate": self.config.learning_rate,
             "batch_size": self.config.batch_size,
         }
-        if events is not None:  # a bar of the steps (LoraHub: the evaluations of its search)
-            events(0, self.budget if plan.method == "lorahub" else self.config.steps, None)
+        # a bar of the steps (LoraHub: the evaluations of its search)
+        events(0, self.budget if plan.method == "lorahub" else self.config.steps, None)
         if plan.method in LORA_METHODS:
             self._lora(plan, pairs, training, events)
         elif plan.method in ROUTER_METHODS:
             self._router(plan, pairs, training, events)
         else:
-            self._lorahub(plan, events)
+            self._lorahub(plan, index, total)
 
     def _lora(self, plan, pairs, training, events) -> None:
         from lorlib_ui.training.trainers import load_trainer_model
@@ -249,7 +302,7 @@ class _Training:
         model, tokenizer = self.plain
         config, init = self.config, None
         if plan.method == "mu":
-            init = mu_adapter(self.library, self.mixed, config)
+            init = mu_adapter(self.routed_model(), self.mixed, config)
             config = replace(config, targets=tuple(init.target_modules))
             training |= {"init": f"µ of {len(self.mixed)} experts", "targets": list(config.targets)}
         elif plan.method == "shared":
@@ -257,7 +310,7 @@ class _Training:
             rank, alpha = init.rank, float(init.config.get("lora_alpha", init.rank))
             config = replace(config, rank=rank, alpha=alpha, targets=tuple(init.target_modules))
             training |= {"init": "shared", "rank": rank, "targets": list(config.targets)}
-        result = train_expert(model, tokenizer, pairs, config, events, self.cancel, init=init)
+        result = train_expert(model, tokenizer, pairs, config, events, self.reporter.cancelled, init=init)
         entry = expert_from_adapter(
             plan.name,
             result.adapter,
@@ -270,14 +323,18 @@ class _Training:
         )
         self.library.add_experts([(entry, result.adapter)], force=True)
 
-    def _router(self, plan, pairs, training, events) -> None:
+    def routed_model(self):
+        """The routed model of the library, loaded once (µ is its uniform merge; the routers learn on it)."""
         from lorlib_ui.core.routed_model import RoutedModel
 
         if self.routed is None:
             self.routed = RoutedModel.load(Library.open(self.library.path), device=self.device, dtype="float32")
-        rm = self.routed
+        return self.routed
+
+    def _router(self, plan, pairs, training, events) -> None:
+        rm = self.routed_model()
         full = plan.method == "poly-full"
-        result = train_poly(rm, self.mixed, pairs, self.config, full, events, self.cancel)
+        result = train_poly(rm, self.mixed, pairs, self.config, full, events, self.reporter.cancelled)
         training["router_learning_rate"] = ROUTER_LEARNING_RATE
         record = LearnedRouter(
             name=plan.name,
@@ -291,29 +348,24 @@ class _Training:
         )
         store_learned_router(self.library, record, result.tensors, force=True)
 
-    def _lorahub(self, plan, events) -> None:
-        def searched(done, total, best):
-            if events is not None:
-                events(done, total, best)
-
+    def _lorahub(self, plan: Plan, index: int, total: int) -> None:
         self.release()  # LoraHub loads its own routed model
-        lorahub_expert(
-            self.library.path,
-            self.task,
+        options = LoraHubOptions(
+            task=self.task,
             data=self.source,
             shots=plan.shots,
             budget=self.budget,
             seed=self.config.seed,
             force=True,
             device=self.device,
-            progress=searched,
         )
+        lorahub_expert(self.library.path, options, _Nested(self.reporter, plan.label, index, total))
 
     def release(self) -> None:
         self.plain = self.routed = None
 
 
-def _score(library, data: MultiTaskData, task, plans, limit, device, cancel) -> list[TaskScore]:
+def _score(library, data: MultiTaskData, task, plans, limit, device, reporter: Reporter) -> list[TaskScore]:
     """Zero-shot Arrow, the base model and every plan's result on the task's test rows."""
     from lorlib_ui.core.routed_model import RoutedModel
     from lorlib_ui.training.training import Cancelled
@@ -321,7 +373,7 @@ def _score(library, data: MultiTaskData, task, plans, limit, device, cancel) -> 
     rm = RoutedModel.load(library, device=device)
     scores = []
     for label, spec in [(z, z) for z in ZERO_SHOT] + [(p.label, p.spec) for p in plans]:
-        if cancel is not None and cancel():
+        if reporter.cancelled():
             raise Cancelled("adaptation cancelled while scoring; the trained results are kept")
         score = evaluate_task(rm, data, task, spec, limit)
         scores.append(replace(score, router=label))
@@ -379,38 +431,3 @@ def _stored_metrics(library: Library, plan: Plan) -> dict:
     if plan.method == "lorahub":
         return {"seconds": expert.metrics.get("seconds"), "final_loss": expert.training.get("loss")}
     return expert.metrics
-
-
-def format_runs(record: dict) -> str:
-    """Each method's training as a Markdown table: shots, steps, seconds, first and final loss."""
-    lines = ["| method | shots | stored as | training s | first loss | final loss |", "|---|---:|---|---:|---:|---:|"]
-    for run in record["runs"]:
-        cells = [_number(run.get(k), d) for k, d in (("training_seconds", 0), ("first_loss", 3), ("final_loss", 3))]
-        lines.append(f"| {run['method']} | {run['shots']} | {run['router']} | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
-def format_curve(record: dict) -> str:
-    """Exact match (%) and answer log-likelihood of each method by number of shots (a learning
-    curve), beside zero-shot Arrow and the base model; empty with one number of shots."""
-    shots = sorted({run["shots"] for run in record["runs"]})
-    if len(shots) < 2:
-        return ""
-    zero = {s["router"]: s for s in record["zero_shot"]}
-    head = "| method | " + " | ".join(f"{n} shots" for n in shots) + " |"
-    lines = [head, "|---|" + "---:|" * len(shots)]
-    for name in ZERO_SHOT:
-        cell = _cell(zero[name])
-        lines.append(f"| {name} (zero-shot) | " + " | ".join(cell for _ in shots) + " |")
-    for method in dict.fromkeys(run["method"] for run in record["runs"]):
-        by_shots = {run["shots"]: run["score"] for run in record["runs"] if run["method"] == method}
-        lines.append(f"| {method} | " + " | ".join(_cell(by_shots[n]) if n in by_shots else "-" for n in shots) + " |")
-    return "\n".join(lines)
-
-
-def _cell(score: dict) -> str:
-    return f"{100 * score['exact_match']:.1f} ({score['loglik']:.3f})"
-
-
-def _number(value, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"

@@ -16,12 +16,15 @@ Tables average over tasks, so that each task weighs the same.
 
 Routers that choose per task are resolved on each task from a `TaskContext`: the oracle from the
 library, LoraHub (a few-shot baseline, run by name) from a few of the task's training rows.
+
+`evaluate_library` is `plan_evaluation` (the library, tasks, routers and data checked, nothing
+written and no model loaded) then `run_evaluation` (score, store the record in the manifest).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -31,14 +34,64 @@ from lorlib_ui.core.generation import generate_batch, score_continuations
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import answer_ids, encode_prompt
 from lorlib_ui.core.routed_model import RoutedModel
-from lorlib_ui.core.routers import Router, TaskContext, make_router, presets
-from lorlib_ui.core.routers.lorahub import DEFAULT_SHOTS
+from lorlib_ui.core.routers import DEFAULT_TOP_K, ROUTERS, Router, TaskContext, TaskRouter, make_router, presets
 from lorlib_ui.training.config import TASK_SETS
 from lorlib_ui.training.data import MultiTaskData
-from lorlib_ui.training.lorahub import draw_shots, few_shot_context
+from lorlib_ui.training.lorahub import LoraHubOptions, check_shots, draw_shots, few_shot_context
+from lorlib_ui.training.options import option
+from lorlib_ui.training.reporter import QUIET, Count, Reporter
 from lorlib_ui.training.training import Cancelled
 
 EXTRA_TOKENS = 8  # generated beyond the longest training answer of the task
+DEFAULT_SHOTS = LoraHubOptions.shots  # LoraHub's own default
+SPLITS = ("test", "validation")  # what evaluations score; ablations choose on validation rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetOptions:
+    """Which tasks' test rows a command reads (evaluate, transfer, routing-stats)."""
+
+    tasks: str | tuple[str, ...] = option(
+        "held-out", "held-out, seen (tasks the library trained on), all, or comma-separated", sets=TASK_SETS
+    )
+    data: str | None = option(None, "test data (default: what the library was built from)")
+    limit: int | None = option(None, "at most this many test rows per task (default: all)")
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise LorlibError(f"the limit must be positive, got {self.limit}")
+
+
+def _routers_help() -> str:
+    by_name = [c.name for c in ROUTERS.values() if issubclass(c, TaskRouter) and c.name not in presets().values()]
+    return (
+        f"comma-separated: {', '.join(f'{name} ({spec})' for name, spec in presets().items())} "
+        "(default: all of these that the library allows), or any router spec such as arrow@cluster "
+        f"or {' or '.join(by_name)} (per task, few-shot: see --shots)"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateOptions(DatasetOptions):
+    """An evaluation of routers (the `evaluate` command's flags and an evaluate job's keys)."""
+
+    routers: tuple[str, ...] | None = option(None, _routers_help())
+    shots: int = option(
+        DEFAULT_SHOTS, f"training rows per task that few-shot routers (lorahub) learn from (default {DEFAULT_SHOTS})"
+    )
+    split: str = option("test", "validation: for ablations (default test)", choices=SPLITS)
+    top_k: int | None = option(None, f"experts per token for arrow (default {DEFAULT_TOP_K})")
+    density: float | None = option(None, "ties: share of each expert's entries kept (default 0.2)")
+    device: str | None = option(None, "cuda or cpu (default: cuda when present)")
+    dtype: str | None = option(None, "float32, bfloat16, float16 or auto")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.routers == ():
+            raise LorlibError("the list of routers is empty")
+        check_shots(self.shots)
+        if self.split not in SPLITS:
+            raise LorlibError(f"unknown split {self.split!r}; use {' or '.join(SPLITS)}")
 
 
 @dataclass
@@ -71,7 +124,7 @@ def resolve_routers(
     for name in names:
         try:
             router = _router(library, name, top_k, density)
-            if (lacking := library.lacks_for(router)) is not None:  # keys not computed yet (gates, ...)
+            if (lacking := library.derived.lacks_for(router)) is not None:  # keys not computed yet (gates, ...)
                 raise LorlibError(lacking)
         except LorlibError as exc:
             if explicit:
@@ -89,9 +142,6 @@ class RowScores:
     loglik: list[float]  # mean log-probability per token of the reference answer
     exact_match: list[float] | None  # 1.0 or 0.0 per row; None when not asked for
     mc: list[float]  # 1.0 or 0.0 per multiple-choice row (rows with options only)
-
-
-SPLITS = ("test", "validation")  # what evaluations score; ablations choose on validation rows
 
 
 def test_rows(data: MultiTaskData, task: str, limit: int | None = None, split: str = "test") -> list[dict]:
@@ -167,7 +217,7 @@ def evaluate_task(
     library = rm.library
     family = data.family_of(task)
     router = _router(library, name, top_k, density)
-    if router.per_task:
+    if isinstance(router, TaskRouter):
         if router.few_shot:
             context = few_shot_context(rm, data, task, shots)
         else:
@@ -208,25 +258,23 @@ def evaluate(
     tasks: list[str],
     routers: list[str],
     limit: int | None = None,
-    progress: Callable[[int, int, str, str], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    reporter: Reporter = QUIET,
     split: str = "test",
     top_k: int | None = None,
     shots: int = DEFAULT_SHOTS,
     density: float | None = None,
 ) -> list[TaskScore]:
-    """Every router on every task; `progress(done, total, router, task)` after each pair."""
+    """Every router on every task; a `Count` to `reporter` after each pair."""
     scores, total, done = [], len(routers) * len(tasks), 0
     for name in routers:
         for task in tasks:
-            if cancel is not None and cancel():
+            if reporter.cancelled():
                 raise Cancelled("evaluation cancelled")
             score = evaluate_task(rm, data, task, name, limit, split, top_k, shots, density)
             if score is not None:
                 scores.append(score)
             done += 1
-            if progress is not None:
-                progress(done, total, name, task)
+            reporter.progress(Count(done, total, f"{name} on {task}"))
     return scores
 
 
@@ -367,55 +415,58 @@ def select_tasks(library: Library, which: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(which))
 
 
-def evaluate_library(
-    path: str,
-    tasks: str | list[str] | None = None,
-    routers: list[str] | None = None,
-    data: str | None = None,
-    limit: int | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: Callable[[int, int, str, str], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-    split: str = "test",
-    top_k: int | None = None,
-    shots: int = DEFAULT_SHOTS,
-    density: float | None = None,
-) -> tuple[dict, list[str]]:
-    """Evaluate routers (default: every preset of the router registry that the library allows) on
-    tasks (a list, or a set of `select_tasks`; default: the library's held-out tasks) and store the
-    result in its manifest (`evaluation`). Few-shot routers (LoraHub) learn from `shots` training
-    rows of each task. Returns the stored record and notes on routers skipped."""
-    import time
+@dataclass
+class EvaluationPlan:
+    """An evaluation checked whole, before the model loads."""
 
+    library: Library
+    options: EvaluateOptions
+    source: str  # where the test rows come from
+    data: MultiTaskData
+    tasks: list[str]
+    routers: list[str]  # those that run
+    notes: list[str]  # on routers skipped
+    few_shot: bool  # a router learns from each task's training rows (LoraHub)
+
+
+def plan_evaluation(path: str, options: EvaluateOptions) -> EvaluationPlan:
+    """Check an evaluation of routers (default: every preset of the router registry that the library
+    allows) on tasks (a list, or a set of `select_tasks`; default: the library's held-out tasks):
+    the routers, the tasks and their rows, and the training rows few-shot routers (LoraHub) learn
+    from. Reads the library and the data; writes nothing, loads no model."""
     from lorlib_ui.training.data import load_tasks
 
-    start = time.perf_counter()
-    if limit is not None and limit < 1:
-        raise LorlibError(f"the limit must be positive, got {limit}")
+    top_k = options.top_k
     library = Library.open(path)
     if not library.experts:
         raise LorlibError(f"library {library.path} has no experts to evaluate")
-    source = library.data_source(data)
-    tasks = select_tasks(library, tasks)
-    names = list(presets()) if routers is None else routers
-    if not names:
-        raise LorlibError("the list of routers is empty")
-    kept, notes = resolve_routers(library, names, explicit=routers is not None, top_k=top_k, density=density)
+    source = library.data_source(options.data)
+    tasks = select_tasks(library, options.tasks)
+    explicit = options.routers is not None
+    names = list(options.routers) if explicit else list(presets())
+    kept, notes = resolve_routers(library, names, explicit, top_k=top_k, density=options.density)
     loaded = load_tasks(source)
-    few_shot = any(_router(library, name, top_k).few_shot for name in kept)
+    few_shot = any(isinstance(r := _router(library, name, top_k), TaskRouter) and r.few_shot for name in kept)
     for task in tasks:
         loaded.family_of(task)  # an unknown task fails here, before the model loads
         if few_shot:
-            draw_shots(loaded, task, shots)  # and so do too few training rows for the shots
-    rm = RoutedModel.load(library, device=device, dtype=dtype)
-    scores = evaluate(rm, loaded, tasks, kept, limit, progress, cancel, split, top_k, shots, density)
-    record = result_record(scores, kept, source, limit, time.perf_counter() - start)
-    record["tasks"], record["split"], record["top_k"] = list(tasks), split, top_k
-    if few_shot:
-        record["shots"] = shots
-    if density is not None:
-        record["density"] = density
+            draw_shots(loaded, task, options.shots)  # and so do too few training rows for the shots
+    return EvaluationPlan(library, options, source, loaded, tasks, kept, notes, few_shot)
+
+
+def run_evaluation(plan: EvaluationPlan, reporter: Reporter = QUIET) -> tuple[dict, list[str]]:
+    """Score the plan's routers on its tasks and store the result in the library's manifest
+    (`evaluation`). Returns the stored record and notes on routers skipped."""
+    start = time.perf_counter()
+    o, library, tasks, kept = plan.options, plan.library, plan.tasks, plan.routers
+    rm = RoutedModel.load(library, device=o.device, dtype=o.dtype)
+    scores = evaluate(rm, plan.data, tasks, kept, o.limit, reporter, o.split, o.top_k, o.shots, o.density)
+    record = result_record(scores, kept, plan.source, o.limit, time.perf_counter() - start)
+    record["tasks"], record["split"], record["top_k"] = list(tasks), o.split, o.top_k
+    if plan.few_shot:
+        record["shots"] = o.shots
+    if o.density is not None:
+        record["density"] = o.density
     seen = set(seen_tasks(library))
     record["seen"] = [t for t in tasks if t in seen]
     if record["seen"] and len(record["seen"]) < len(tasks):  # both kinds: a summary of each as well
@@ -425,4 +476,11 @@ def evaluate_library(
         }
     with library.edit() as current:
         current.extra["evaluation"] = record
-    return record, notes
+    return record, plan.notes
+
+
+def evaluate_library(
+    path: str, options: EvaluateOptions | None = None, reporter: Reporter = QUIET
+) -> tuple[dict, list[str]]:
+    """`plan_evaluation`, then `run_evaluation`: (the stored record, notes on routers skipped)."""
+    return run_evaluation(plan_evaluation(path, options or EvaluateOptions()), reporter)

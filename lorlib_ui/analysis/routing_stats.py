@@ -22,7 +22,6 @@ and over the task's own content tokens only (`content`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -30,19 +29,48 @@ import numpy as np
 import torch
 
 from lorlib_ui.analysis import stats
-from lorlib_ui.analysis.evaluation import select_tasks, test_rows
+from lorlib_ui.analysis.evaluation import DatasetOptions, select_tasks, test_rows
 from lorlib_ui.analysis.transfer import load_transfer
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import encode_prompt, template_span
 from lorlib_ui.core.routed_model import RoutedModel
-from lorlib_ui.core.routers import Router, make_router
+from lorlib_ui.core.routers import DEFAULT_TOP_K, MIXES, Router, help_text, make_router
 from lorlib_ui.training.config import ANALYSIS_ROWS
 from lorlib_ui.training.data import MultiTaskData, load_tasks
+from lorlib_ui.training.options import option
+from lorlib_ui.training.reporter import QUIET, Count, Reporter
 from lorlib_ui.training.training import Cancelled
 
 DEFAULT_LIMIT = ANALYSIS_ROWS
 TOKEN_SETS = ("all", "content")  # every prompt token; the task's own tokens, without the template's
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterOptions:
+    """A router and the model it routes (the flags of `route`, `score` and `routing-stats`); the
+    router's own settings are checked by the router registry when it is made."""
+
+    router: str = option("arrow", help_text())
+    top_k: int | None = option(None, f"experts per token (default {DEFAULT_TOP_K}, or all if fewer)")
+    temperature: float = option(1.0, "arrow softmax temperature (> 0)")
+    mix: str = option(
+        "outputs",
+        "combine the chosen experts' outputs (PEFT) or their parameters (paper's code)",
+        choices=MIXES,
+    )
+    density: float | None = option(None, "ties: share of each expert's entries kept (default 0.2)")
+    base_model: str | None = option(None, "override the library's base model (must fit it)")
+    device: str | None = option(None, "cuda or cpu (default: cuda when present)")
+    dtype: str | None = option(None, "float32, bfloat16, float16 or auto")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingStatsOptions(DatasetOptions, RouterOptions):
+    """Routing statistics of one router (the `routing-stats` command's flags and a routing job's keys)."""
+
+    router: str = option("arrow@private", help_text())
+    limit: int | None = option(DEFAULT_LIMIT, f"test prompts per task (default {DEFAULT_LIMIT})")
 
 
 @dataclass
@@ -197,8 +225,7 @@ def route_dataset(
     data: MultiTaskData,
     tasks: list[str],
     limit: int | None = DEFAULT_LIMIT,
-    progress: Callable[[int, int, str], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    reporter: Reporter = QUIET,
 ) -> dict[str, RoutingStats]:
     """Route every test prompt of every task under `router`; the statistics over all prompt
     tokens ("all") and over content tokens only ("content")."""
@@ -213,7 +240,7 @@ def route_dataset(
     tallies: dict[str, list[_Tally]] = {kind: [] for kind in TOKEN_SETS}
     own_experts, task_families = [], []
     for done, task in enumerate(tasks, start=1):
-        if cancel is not None and cancel():
+        if reporter.cancelled():
             raise Cancelled("routing statistics cancelled")
         family = data.family_of(task)
         own = next((n for n in rm.experts if by_name[n].kind in TASK_KINDS and by_name[n].tasks == [task]), None)
@@ -232,8 +259,7 @@ def route_dataset(
             tallies[kind].append(task_tallies[kind])
         own_experts.append(own)
         task_families.append(family)
-        if progress is not None:
-            progress(done, len(tasks), task)
+        reporter.progress(Count(done, len(tasks), task))
     out = {}
     for kind in TOKEN_SETS:
         out[kind] = _finish(
@@ -372,52 +398,39 @@ def store_routing(library: Library, spec: str, results: dict[str, RoutingStats],
         routers[spec] = entry
         return {"format": "lorlib-routing", "version": 1, "routers": routers}, {"routers": sorted(routers)}
 
-    library.update_side_file(SIDE_FILE, update)
+    library.derived.update_json(SIDE_FILE, update)
 
 
 def load_routing(library: Library) -> dict[str, dict]:
     """router spec -> {"all": statistics, "content": statistics, "limit": ...}, for the current experts."""
-    stored = library.read_side_file(SIDE_FILE) or {}
+    stored = library.derived.read_json(SIDE_FILE) or {}
     key = library_key(library)
     return {s: e for s, e in stored.get("routers", {}).items() if isinstance(e, dict) and e.get("key") == key}
 
 
 def routing_stats_library(
-    path: str,
-    router: str = "arrow@private",
-    tasks: str | list[str] | None = "held-out",
-    data: str | None = None,
-    limit: int | None = DEFAULT_LIMIT,
-    top_k: int | None = None,
-    temperature: float = 1.0,
-    mix: str = "outputs",
-    base_model: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-    store: bool = True,
-    density: float | None = None,
+    path: str, options: RoutingStatsOptions | None = None, reporter: Reporter = QUIET, store: bool = True
 ) -> dict[str, RoutingStats]:
     """Routing statistics of one router over the library's tasks (a list, or held-out, seen, all),
     compared with the stored transfer matrix where it has the tasks; stored in the library under
     the router's spec when `store` says so."""
-    if limit is not None and limit < 1:
-        raise LorlibError(f"the limit must be positive, got {limit}")
+    o = options or RoutingStatsOptions()
     library = Library.open(path)
     if not library.experts:
         raise LorlibError(f"library {library.path} has no experts")
-    spec = make_router(router, library.names, top_k, temperature, mix, groups=library.groups(), density=density)
-    tasks = select_tasks(library, tasks)
-    source = library.data_source(data)
+    spec = make_router(
+        o.router, library.names, o.top_k, o.temperature, o.mix, groups=library.groups(), density=o.density
+    )
+    tasks = select_tasks(library, o.tasks)
+    source = library.data_source(o.data)
     loaded = load_tasks(source)
     for task in tasks:
-        test_rows(loaded, task, limit)
-    rm = RoutedModel.load(library, base_model, device=device, dtype=dtype)
-    results = route_dataset(rm, spec, loaded, tasks, limit, progress, cancel)
+        test_rows(loaded, task, o.limit)
+    rm = RoutedModel.load(library, o.base_model, device=o.device, dtype=o.dtype)
+    results = route_dataset(rm, spec, loaded, tasks, o.limit, reporter)
     for result in results.values():
         agree_with_transfer(result, library, top=getattr(spec, "top_k", 1))
     if store:
         with suppress(LorlibError):  # a read-only library still reports its statistics
-            store_routing(library, router, results, limit)
+            store_routing(library, o.router, results, o.limit)
     return results

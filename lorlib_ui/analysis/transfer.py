@@ -17,24 +17,38 @@ after each expert, so a cancelled or killed run keeps what it finished.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from lorlib_ui.analysis.evaluation import answer_budget, score_rows, select_tasks, test_rows
+from lorlib_ui.analysis.evaluation import DatasetOptions, answer_budget, score_rows, select_tasks, test_rows
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import KINDS, Library
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router
 from lorlib_ui.training.config import ANALYSIS_ROWS
 from lorlib_ui.training.data import MultiTaskData, load_tasks
+from lorlib_ui.training.options import option
+from lorlib_ui.training.reporter import QUIET, Count, Reporter
 from lorlib_ui.training.training import Cancelled
 
 SIDE_FILE = "transfer"  # LIBRARY/transfer.json
 FORMAT = "lorlib-transfer"
 BASE = "base"  # the column of the base model alone
 DEFAULT_LIMIT = ANALYSIS_ROWS
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferOptions(DatasetOptions):
+    """Which cells of the transfer matrix to fill (the `transfer` command's flags and a transfer job's keys)."""
+
+    limit: int | None = option(DEFAULT_LIMIT, f"test rows per task (default {DEFAULT_LIMIT})")
+    experts: str | tuple[str, ...] | None = option(
+        None, "a kind (private, cluster, ...) or comma-separated experts", sets=KINDS
+    )
+    exact_match: bool = option(False, "also generate answers for exact match (slower)")
+    device: str | None = option(None, "cuda or cpu (default: cuda when present)")
+    dtype: str | None = option(None, "float32, bfloat16, float16 or auto")
 
 
 @dataclass
@@ -94,7 +108,7 @@ def select_columns(library: Library, which: str | list[str] | None) -> list[str]
 
 
 def _stored_cells(library: Library) -> dict[str, dict[str, dict]]:
-    stored = library.read_side_file(SIDE_FILE)
+    stored = library.derived.read_json(SIDE_FILE)
     if not stored or stored.get("format") != FORMAT or not isinstance(stored.get("cells"), dict):
         return {}  # none yet, or damaged: computed again
     return stored["cells"]
@@ -154,12 +168,10 @@ def compute_transfer(
     columns: list[str],
     limit: int | None = DEFAULT_LIMIT,
     exact_match: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    reporter: Reporter = QUIET,
 ) -> dict[str, int]:
     """Fill in the missing cells of tasks x (base + columns) and store them in the library after
-    each column; `progress(done, total, column)` after each. Returns counts of computed and reused
-    cells."""
+    each column, a `Count` to `reporter` after each. Returns counts of computed and reused cells."""
     library = rm.library
     keys = column_keys(library)
     cells = _stored_cells(library)
@@ -174,7 +186,7 @@ def compute_transfer(
     counts = {"computed": sum(map(len, todo.values())), "reused": len(tasks) * len(wanted)}
     counts["reused"] -= counts["computed"]
     for done, (col, missing) in enumerate(todo.items(), start=1):
-        if cancel is not None and cancel():
+        if reporter.cancelled():
             raise Cancelled("transfer cancelled")
         router = make_router("base" if col == BASE else f"expert:{col}", rm.experts)
         scores = score_rows(rm, router, {t: rows[t] for t in missing}, budgets, choices=False)
@@ -190,8 +202,7 @@ def compute_transfer(
             for task in missing
         }
         _store(library, col, fresh)
-        if progress is not None:
-            progress(done, len(todo), col)
+        reporter.progress(Count(done, len(todo), col))
     return counts
 
 
@@ -206,37 +217,27 @@ def _store(library: Library, column: str, fresh: dict[str, dict]) -> None:
             cells.setdefault(task, {})[column] = cell
         return {"format": FORMAT, "version": 1, "cells": cells}, {"cells": sum(map(len, cells.values()))}
 
-    library.update_side_file(SIDE_FILE, update)
+    library.derived.update_json(SIDE_FILE, update)
 
 
 def transfer_library(
-    path: str,
-    tasks: str | list[str] | None = "held-out",
-    experts: str | list[str] | None = None,
-    data: str | None = None,
-    limit: int | None = DEFAULT_LIMIT,
-    exact_match: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    path: str, options: TransferOptions | None = None, reporter: Reporter = QUIET
 ) -> tuple[TransferMatrix, dict[str, int]]:
-    """Compute the missing cells of the library's transfer matrix over `tasks` (a list or a set:
-    held-out, seen, all) and `experts` (a list, a kind, or None for all), store them, and return
-    the stored matrix with counts of computed and reused cells."""
-    if limit is not None and limit < 1:
-        raise LorlibError(f"the limit must be positive, got {limit}")
+    """Compute the missing cells of the library's transfer matrix over `options.tasks` (a list or
+    a set: held-out, seen, all) and `options.experts` (a list, a kind, or None for all), store
+    them, and return the stored matrix with counts of computed and reused cells."""
+    o = options or TransferOptions()
     library = Library.open(path)
     if not library.experts:
         raise LorlibError(f"library {library.path} has no experts")
-    tasks = select_tasks(library, tasks)
-    columns = select_columns(library, experts)
-    source = library.data_source(data)
+    tasks = select_tasks(library, o.tasks)
+    columns = select_columns(library, o.experts)
+    source = library.data_source(o.data)
     loaded = load_tasks(source)
     for task in tasks:
-        test_rows(loaded, task, limit)  # an unknown task, or one without test rows, fails before the model loads
-    rm = RoutedModel.load(library, device=device, dtype=dtype)
-    counts = compute_transfer(rm, loaded, source, tasks, columns, limit, exact_match, progress, cancel)
+        test_rows(loaded, task, o.limit)  # an unknown task, or one without test rows, fails before the model loads
+    rm = RoutedModel.load(library, device=o.device, dtype=o.dtype)
+    counts = compute_transfer(rm, loaded, source, tasks, columns, o.limit, o.exact_match, reporter)
     matrix = load_transfer(Library.open(path))
     if matrix is None:  # every expert changed while the run went on
         raise LorlibError(f"library {path} changed during the run; run transfer again")

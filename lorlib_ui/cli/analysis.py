@@ -1,7 +1,9 @@
 """The commands that judge experts and routers: `evaluate` (routers compared on held-out tasks),
 `adapt` (ways of learning a new task, scored), `transfer` (each expert alone on each task) and
 `routing-stats` (where a router sends each task's tokens, and whether that agrees with transfer).
-Options are parsed in `lorlib_ui.cli.main`.
+Their flags are made in `lorlib_ui.cli.main` from the options dataclasses of the entry points they
+call (`EvaluateOptions`, `AdaptOptions`, `TransferOptions`, `RoutingStatsOptions`), which these
+functions read back from the parsed flags.
 """
 
 from __future__ import annotations
@@ -11,41 +13,17 @@ import math
 import sys
 import time
 
-from lorlib_ui.cli.progress import csv_list, log, positive, record_history, task_bar, with_expert_bars
-from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.training.config import TASK_SETS
+from lorlib_ui.analysis.adaptation_runs import ZERO_SHOT, AdaptOptions, adapt_library
+from lorlib_ui.analysis.evaluation import EvaluateOptions, evaluate_library, format_differences, format_table
+from lorlib_ui.analysis.routing_stats import RoutingStatsOptions, routing_stats_library
+from lorlib_ui.analysis.transfer import TransferOptions, transfer_library
+from lorlib_ui.cli.progress import Bars, record_history
+from lorlib_ui.training.options import from_namespace
 
 
 def cmd_evaluate(args) -> None:
-    from lorlib_ui.analysis.evaluation import evaluate_library, format_differences, format_table
-    from lorlib_ui.training.config import TASK_SETS
-
-    tasks = args.tasks if args.tasks in TASK_SETS else (csv_list(args.tasks) or [])
-    routers = None if args.routers is None else (csv_list(args.routers) or [])
-    positive(limit=args.limit)
-    bar, bars = task_bar("evaluate", "task")  # made at the first progress event: a refusal prints one line only
-
-    def progress(done, total, router, task):
-        bar(done, total, f"{router} on {task}")
-
-    try:
-        record, notes = evaluate_library(
-            args.library,
-            tasks,
-            routers,
-            args.data,
-            args.limit,
-            args.device,
-            args.dtype,
-            progress,
-            split=args.split,
-            top_k=args.top_k,
-            shots=args.shots,
-            density=args.density,
-        )
-    finally:
-        for bar in bars:
-            bar.close()
+    with Bars("evaluate", "task") as reporter:
+        record, notes = evaluate_library(args.library, from_namespace(EvaluateOptions, args), reporter)
     record_history(args.library, args.argv, record["seconds"])
     for note in notes:
         print(note, file=sys.stderr)
@@ -64,31 +42,8 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_adapt(args) -> None:
-    from lorlib_ui.analysis.adaptation_runs import adapt_library, format_curve, format_runs
-    from lorlib_ui.analysis.evaluation import format_differences, format_table
-
-    try:
-        shots = [int(x) for x in csv_list(args.shots) or []]
-    except ValueError:
-        raise LorlibError(f"--shots takes whole numbers separated by commas, got {args.shots!r}") from None
-    positive(steps=args.steps, budget=args.budget, limit=args.limit)
-    record, notes = with_expert_bars(
-        lambda progress: adapt_library(
-            args.library,
-            args.task,
-            data=args.data,
-            shots=shots,
-            methods=csv_list(args.methods),
-            steps=args.steps,
-            seed=args.seed,
-            limit=args.limit,
-            budget=args.budget,
-            force=args.force,
-            device=args.device,
-            progress=progress,
-            log=log,
-        )
-    )
+    with Bars(resumable=True) as reporter:
+        record, notes = adapt_library(args.library, from_namespace(AdaptOptions, args), reporter)
     record_history(args.library, args.argv, record["seconds"])
     for note in notes:
         print(note, file=sys.stderr)
@@ -108,34 +63,10 @@ def cmd_adapt(args) -> None:
         print(curve)
 
 
-def _tasks(text: str) -> str | list[str]:
-    return text if text in TASK_SETS else (csv_list(text) or [])
-
-
 def cmd_transfer(args) -> None:
-    from lorlib_ui.analysis.transfer import transfer_library
-    from lorlib_ui.core.library import KINDS
-
-    experts = (
-        None if args.experts is None else (args.experts if args.experts in KINDS else csv_list(args.experts) or [])
-    )
-    progress, bars = task_bar("transfer", "expert")
     start = time.perf_counter()
-    try:
-        matrix, counts = transfer_library(
-            args.library,
-            _tasks(args.tasks),
-            experts,
-            args.data,
-            args.limit,
-            args.exact_match,
-            args.device,
-            args.dtype,
-            progress,
-        )
-    finally:
-        for bar in bars:
-            bar.close()
+    with Bars("transfer", "expert") as reporter:
+        matrix, counts = transfer_library(args.library, from_namespace(TransferOptions, args), reporter)
     seconds = time.perf_counter() - start
     if counts["computed"]:
         record_history(args.library, args.argv, seconds)
@@ -144,6 +75,41 @@ def cmd_transfer(args) -> None:
         print(json.dumps(matrix.to_dict() | counts))
         return
     print(format_matrix(matrix))
+
+
+def format_runs(record: dict) -> str:
+    """Each method's training as a Markdown table: shots, steps, seconds, first and final loss."""
+    lines = ["| method | shots | stored as | training s | first loss | final loss |", "|---|---:|---|---:|---:|---:|"]
+    for run in record["runs"]:
+        cells = [_number(run.get(k), d) for k, d in (("training_seconds", 0), ("first_loss", 3), ("final_loss", 3))]
+        lines.append(f"| {run['method']} | {run['shots']} | {run['router']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def format_curve(record: dict) -> str:
+    """Exact match (%) and answer log-likelihood of each method by number of shots (a learning
+    curve), beside zero-shot Arrow and the base model; empty with one number of shots."""
+    shots = sorted({run["shots"] for run in record["runs"]})
+    if len(shots) < 2:
+        return ""
+    zero = {s["router"]: s for s in record["zero_shot"]}
+    head = "| method | " + " | ".join(f"{n} shots" for n in shots) + " |"
+    lines = [head, "|---|" + "---:|" * len(shots)]
+    for name in ZERO_SHOT:
+        cell = _cell(zero[name])
+        lines.append(f"| {name} (zero-shot) | " + " | ".join(cell for _ in shots) + " |")
+    for method in dict.fromkeys(run["method"] for run in record["runs"]):
+        by_shots = {run["shots"]: run["score"] for run in record["runs"] if run["method"] == method}
+        lines.append(f"| {method} | " + " | ".join(_cell(by_shots[n]) if n in by_shots else "-" for n in shots) + " |")
+    return "\n".join(lines)
+
+
+def _cell(score: dict) -> str:
+    return f"{100 * score['exact_match']:.1f} ({score['loglik']:.3f})"
+
+
+def _number(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def format_matrix(matrix) -> str:
@@ -164,28 +130,8 @@ def format_matrix(matrix) -> str:
 
 
 def cmd_routing_stats(args) -> None:
-    from lorlib_ui.analysis.routing_stats import routing_stats_library
-
-    progress, bars = task_bar("routing", "task")
-    try:
-        results = routing_stats_library(
-            args.library,
-            args.router,
-            _tasks(args.tasks),
-            args.data,
-            args.limit,
-            args.top_k,
-            args.temperature,
-            args.mix,
-            args.base_model,
-            args.device,
-            args.dtype,
-            progress,
-            density=args.density,
-        )
-    finally:
-        for bar in bars:
-            bar.close()
+    with Bars("routing", "task") as reporter:
+        results = routing_stats_library(args.library, from_namespace(RoutingStatsOptions, args), reporter)
     if args.json:
         print(json.dumps({kind: result.to_dict() for kind, result in results.items()}, allow_nan=False, default=str))
         return

@@ -1,145 +1,82 @@
 """The commands that make experts: `build`, `gates` and `activations`, `cluster`, `lorahub`.
 
-Their options are parsed in `lorlib_ui.cli.main` with the others; these functions do the work, with a
-tqdm bar per expert on stderr, and append each finished command to the library's `history`.
+Their flags are made in `lorlib_ui.cli.main` from the options dataclasses of the entry points they
+call (`BuildOptions` and `TrainConfig`, `GatesOptions`, `ActivationsOptions`, `ClusterOptions`,
+`LoraHubOptions`, and `TrainerOptions` for where to train); these functions read the dataclasses
+back from the parsed flags, run with tqdm bars on stderr, and append each finished command to the
+library's `history`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 
-from lorlib_ui.cli.progress import csv_list, log, positive, record_history, task_bar, trainer, with_expert_bars
-from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.cli.progress import Bars, TrainerOptions, record_history
+from lorlib_ui.core.library import Library
+from lorlib_ui.training.building import BuildOptions, build_library
+from lorlib_ui.training.clusters import ClusterOptions, cluster_and_train
+from lorlib_ui.training.config import TrainConfig
+from lorlib_ui.training.keys import ActivationsOptions, GatesOptions, KeysOptions, compute_keys
+from lorlib_ui.training.lorahub import LoraHubOptions, lorahub_expert
+from lorlib_ui.training.options import from_namespace
+
+KEYS = {options.kind: options for options in (GatesOptions, ActivationsOptions)}  # command -> its options
 
 
 def cmd_build(args) -> None:
-    from lorlib_ui.core.library import Library
-    from lorlib_ui.training.building import build_library
-    from lorlib_ui.training.config import TrainConfig
-
-    positive(shared_steps=args.shared_steps)
-    targets = tuple(csv_list(args.targets) or [])
-    if not targets:
-        raise LorlibError("--targets is empty")
-    config = TrainConfig(  # it checks the values
-        rank=args.rank,
-        targets=targets,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-    )
-    report = with_expert_bars(
-        lambda progress: build_library(
-            args.library,
-            data=args.data,
-            tasks=csv_list(args.tasks),
-            families=csv_list(args.families),
-            holdout_per_family=args.holdout_per_family,
-            config=config,
-            shared_steps=args.shared_steps,
-            shared=not args.no_shared,
-            force=args.force,
-            base_model=args.base_model,
-            trainer=trainer(args),
-            progress=progress,
-            log=log,
-        )
-    )
+    options, config = from_namespace(BuildOptions, args), from_namespace(TrainConfig, args)
+    trainer = from_namespace(TrainerOptions, args).trainer()
+    with Bars(resumable=True) as reporter:
+        report = build_library(args.library, options, config, trainer, reporter)
     record_history(args.library, args.argv, report.seconds)
     library = Library.open(args.library)
     print(
         f"library {library.path}: trained {len(report.trained)}, skipped {len(report.skipped)} already there; "
         f"{len(library.experts)} experts, {len(report.held_out)} tasks held out ({report.seconds:.0f} s)"
     )
-    if args.gates:  # PhatGoose gates for every expert of the build that lacks them
-        built = report.trained + report.skipped
-        _compute_keys(args, "gates", built, args.data) if built else None
+    if args.gates and (built := report.trained + report.skipped):  # PhatGoose gates for the build's experts
+        gates = GatesOptions(experts=tuple(built), data=options.data, seed=config.seed, device=args.device)
+        _compute_keys(args, gates)
 
 
-def _compute_keys(args, kind: str, experts: list[str] | None, data: str | None) -> None:
-    from lorlib_ui.training.keys import compute_keys
-
-    options = {"examples": args.examples} if kind == "activations" else {"steps": args.gate_steps}
-    report = with_expert_bars(
-        lambda progress: compute_keys(
-            args.library,
-            kind,
-            data=data,
-            experts=experts,
-            seed=args.seed,
-            force=getattr(args, "force_keys", False),
-            device=args.device,
-            progress=progress,
-            **options,
-        )
-    )
+def _compute_keys(args, options: KeysOptions) -> None:
+    with Bars(resumable=True) as reporter:
+        report = compute_keys(args.library, options, reporter)
     if report.computed:
         record_history(args.library, args.argv, report.seconds)
     print(
-        f"library {args.library}: {kind} computed for {len(report.computed)} experts, "
+        f"library {args.library}: {options.kind} computed for {len(report.computed)} experts, "
         f"{len(report.skipped)} already had them ({report.seconds:.0f} s)"
     )
 
 
 def cmd_keys(args) -> None:
     """`gates` and `activations`: the routing keys PhatGoose and the hidden-state router need."""
-    _compute_keys(args, args.command, csv_list(args.experts), args.data)
+    _compute_keys(args, from_namespace(KEYS[args.command], args))
 
 
 def cmd_cluster(args) -> None:
-    from lorlib_ui.training.clusters import cluster_and_train
+    options = from_namespace(ClusterOptions, args)
+    trainer = from_namespace(TrainerOptions, args).trainer()
 
-    positive(steps=args.steps)
-    _, report = with_expert_bars(
-        lambda progress: cluster_and_train(
-            args.library,
-            args.k,
-            steps=args.steps,
-            train=not args.no_train,
-            seed=args.seed,
-            keep_quantile=args.keep_quantile,
-            data=args.data,
-            trainer=trainer(args),
-            force=args.force,
-            progress=progress,
-            log=log,
-            on_clustering=lambda summary: print(json.dumps(summary)) if args.json else _print_clustering(summary),
-        )
-    )
-    if not args.no_train:
+    def show(summary: dict) -> None:
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            _print_clustering(summary)
+
+    with Bars(resumable=True) as reporter:
+        _, report = cluster_and_train(args.library, options, trainer, reporter, on_clustering=show)
+    if options.train:
         print(f"trained {len(report.trained)} cluster experts, {len(report.skipped)} up to date", file=sys.stderr)
     record_history(args.library, args.argv, report.seconds)
 
 
 def cmd_lorahub(args) -> None:
-    from dataclasses import asdict
-
-    from lorlib_ui.training.lorahub import lorahub_expert
-
-    bar, bars = task_bar("lorahub search", "evaluation")  # made at the first progress event
-
-    def progress(done, total, best):
-        bar(done, total, f"best objective {best:.3f}")
-
-    try:
-        report = lorahub_expert(
-            args.library,
-            args.task,
-            data=args.data,
-            shots=args.shots,
-            budget=args.budget,
-            seed=args.seed,
-            experts=args.experts,
-            force=args.force,
-            device=args.device,
-            dtype=args.dtype,
-            progress=progress,
-        )
-    finally:
-        for bar in bars:
-            bar.close()
+    with Bars() as reporter:  # LoraHub's evaluations are the steps of the expert it makes
+        report = lorahub_expert(args.library, from_namespace(LoraHubOptions, args), reporter)
     if not report.reused:
         record_history(args.library, args.argv, report.seconds)
     expert, training = report.expert, report.expert.training

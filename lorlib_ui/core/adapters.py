@@ -99,6 +99,24 @@ class LoraAdapter:
         """Refuse, naming the first offending module, unless every factor fits a base linear layer."""
         check_shapes(self.shapes, base_shapes, what)
 
+    def at_rank(self, rank: int, alpha: float) -> LoraAdapter:
+        """The same update ΔW = s·B·A at every module, as one LoRA of rank `rank` and scale
+        alpha / rank: each pair zero-padded to that rank (zero rows add nothing), B rescaled."""
+        if rank < self.rank:
+            raise LorlibError(f"an adapter of rank {self.rank} cannot be written at the lower rank {rank}")
+        scale = alpha / rank
+        factors = {}
+        for module, (a, b) in self.factors.items():
+            pad = rank - a.shape[0]
+            b = b.float() * (self.scales.get(module, 1.0) / scale)
+            factors[module] = (
+                torch.cat([a.float(), a.new_zeros(pad, a.shape[1], dtype=torch.float32)]).contiguous(),
+                torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous(),
+            )
+        config = {**self.config, "r": rank, "lora_alpha": alpha, "target_modules": self.target_modules}
+        config.pop("rank_pattern", None), config.pop("alpha_pattern", None)
+        return LoraAdapter(config=config, factors=factors, scales=dict.fromkeys(factors, scale))
+
     def stored_config(self, base_model: str) -> dict:
         """The adapter_config.json a library keeps: what PEFT needs to load this plain LoRA, with
         patterns rewritten as exact module names and the library's own base model."""

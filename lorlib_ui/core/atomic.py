@@ -49,6 +49,19 @@ def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = No
     os.chmod(path, 0o666 & ~_UMASK)
 
 
+def atomic_save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """`save_tensors` as an atomic write: whole or not at all, and durable once it returns."""
+    tmp = temporary_name(path)
+    try:
+        save_tensors(tensors, tmp, metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
 def fsync_tree(folder: Path) -> None:
     for child in folder.iterdir():
         with open(child, "rb") as handle:

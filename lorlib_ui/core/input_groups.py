@@ -27,7 +27,8 @@ import torch
 from torch.nn import functional as F
 
 from lorlib_ui.core.decode_kernel import DecodePlan, chosen_weights, decodes
-from lorlib_ui.core.routers.base import Router
+from lorlib_ui.core.routers.base import RowSlot, TokenRouter
+from lorlib_ui.core.routers.per_token import TopKRouter
 
 # Llama-style names of sibling layers that read one input (attention, MLP)
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -83,13 +84,14 @@ class InputGroup:
         self._results.clear()
         self._input = None
 
-    def fits(self, router: Router) -> bool:
-        """Whether `router` can route the members together: a per-token top-k router that scores
-        key vectors row by row, on each member's own experts, with as many usable experts in each."""
+    def fits(self, router: TokenRouter) -> bool:
+        """Whether `router` can route the members together: a per-token top-k router (it routes
+        each row of its scores alone) that scores key vectors, on each member's own experts, with
+        as many usable experts in each."""
         if router.key not in self._fits:
             usable = {m.usable(router.subset)[1] for m in self.members}
             self._fits[router.key] = (
-                router.rowwise
+                isinstance(router, TopKRouter)
                 and router.keys is not None
                 and all(router.stack(m) is m.stack for m in self.members)
                 and len(usable) == 1
@@ -97,7 +99,7 @@ class InputGroup:
             )
         return self._fits[router.key]
 
-    def result(self, member, router: Router, h: torch.Tensor, x: torch.Tensor, record: bool):
+    def result(self, member, router: TopKRouter, h: torch.Tensor, x: torch.Tensor, record: bool):
         """(weights, logits, delta) of `member` for its one-token input `x` (h: x as (1, d_in)), or
         None when the members turn out not to share their input (then each routes alone)."""
         same = self._input is not None and self._input is x  # held here, so never another's id
@@ -120,7 +122,7 @@ class InputGroup:
             self._keys[kind] = (keys, _stack_keys(keys))
         return self._keys[kind][1]
 
-    def _route(self, router: Router, h: torch.Tensor, record: bool) -> dict[str, tuple]:
+    def _route(self, router: TopKRouter, h: torch.Tensor, record: bool) -> dict[str, tuple]:
         g, e, r = len(self.members), self.n_experts, self.rank
         scores = F.linear(h, self._stacked_keys(router.keys)).view(g, e)
         if router.subset not in self._slots:
@@ -162,8 +164,8 @@ def _stack_keys(keys) -> torch.Tensor:
     return torch.cat([k.T for k in keys], dim=1).T
 
 
-class _GroupSlot:
-    """What a row-wise router asks of a layer, for the group's G rows: which experts each member
+class _GroupSlot(RowSlot):
+    """The group's G rows as a top-k router reads them (`RowSlot`): which experts each member
     may use (G, E) and how many (the same for all: `InputGroup.fits`)."""
 
     def __init__(self, members: list, subset: tuple[int, ...] | None):

@@ -9,28 +9,22 @@
 The manifest lists them under `learned_routers`: name -> the experts mixed (with the weights hash
 each had when the router was learned), the method, task, shots and steps. A learned router routes
 as `poly:NAME` (`lorlib_ui.core.routers.poly`); it refuses, in one line, once an expert it mixes
-has changed or gone. Writes follow the library's rule: the file under a fresh name, then the
-manifest by one atomic rename; a replaced router's file is swept afterwards.
+has changed or gone. They are the library's derived data of kind `learned_routers`, named entries
+(`lorlib_ui.core.derived`): the file under a fresh name, then the manifest by one atomic rename;
+a replaced router's file is swept afterwards.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load
 
-from lorlib_ui.core.adapters import read_regular
-from lorlib_ui.core.atomic import fsync_dir, save_tensors, temporary_name
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.library import LEARNED_ROUTERS as MANIFEST_KEY
-from lorlib_ui.core.library import ROUTERS_FOLDER as FOLDER
 from lorlib_ui.core.library import Library, check_name
 
+KIND = "learned_routers"  # their kind of derived data (`lorlib_ui.core.derived`): named entries
 METHODS = ("poly-router", "poly-full")  # the experts frozen, or trained along with the router
 
 
@@ -63,7 +57,7 @@ class LearnedRouter:
 def learned_routers(library: Library) -> dict[str, LearnedRouter]:
     """The library's learned routers by name (an entry that does not parse is left out)."""
     out = {}
-    for name, entry in (library.extra.get(MANIFEST_KEY) or {}).items():
+    for name, entry in library.derived.entries(KIND).items():
         try:
             out[name] = LearnedRouter.from_dict({**entry, "name": name})
         except TypeError:
@@ -90,16 +84,10 @@ def learned_problem(library: Library, name: str, hashes: dict[str, str] | None =
 
 
 def read_learned_router(library: Library, name: str) -> tuple[LearnedRouter, dict[str, torch.Tensor]]:
-    """A learned router's record and tensors, read from the library as it is on disk now."""
-    current = Library.open(library.path)
-    if (problem := learned_problem(current, name, {e.name: e.weights_hash for e in library.experts})) is not None:
+    """A learned router's record and tensors, as `library` (the one a request opened) names them."""
+    if (problem := learned_problem(library, name)) is not None:
         raise LorlibError(problem)
-    record = learned_routers(current)[name]
-    try:
-        tensors = load(read_regular(current.path / record.file))  # not memory-mapped (see read_adapter)
-    except (OSError, SafetensorError) as exc:
-        raise LorlibError(f"learned router {name}: its file {record.file} is unreadable ({exc})") from None
-    return record, tensors
+    return learned_routers(library)[name], library.derived.read_entry(KIND, name)
 
 
 def store_learned_router(
@@ -109,46 +97,20 @@ def store_learned_router(
     check_name(record.name)
     if record.method not in METHODS:
         raise LorlibError(f"unknown method {record.method!r} for a learned router; use {', '.join(METHODS)}")
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].numpy().tobytes())
-    with library.edit() as current:
-        stored = current.extra.setdefault(MANIFEST_KEY, {})
-        if record.name in stored and not force:
-            raise LorlibError(
-                f"library {library.path} already has a learned router {record.name!r} (use --force to replace it)"
-            )
+
+    def entry(current: Library, file: str) -> dict:
         hashes = {e.name: e.weights_hash for e in current.experts}
         if changed := [x for x, h in zip(record.experts, record.hashes) if hashes.get(x) != h]:
             raise LorlibError(f"expert {changed[0]} changed while the router was learned; run again")
-        folder = current.path / FOLDER
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{record.name}-{digest.hexdigest()[:12]}.safetensors"
-        tmp = temporary_name(path)
-        try:
-            save_tensors(tensors, tmp, metadata={"router": record.name})
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            fsync_dir(folder)
-        except (OSError, SafetensorError) as exc:
-            tmp.unlink(missing_ok=True)
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise LorlibError(f"library {library.path}: could not write ({reason}); the library is unchanged") from None
-        record.file, record.content = f"{FOLDER}/{path.name}", digest.hexdigest()[:16]
-        record.created = datetime.now(UTC).isoformat(timespec="seconds")
-        stored[record.name] = {k: v for k, v in asdict(record).items() if k != "name"}
-    return record
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        return {k: v for k, v in asdict(record).items() if k != "name"} | {"file": file, "created": created}
+
+    stored = library.derived.store_entry(KIND, record.name, tensors, entry, force=force)
+    return LearnedRouter.from_dict({**stored, "name": record.name})
 
 
 def remove_learned_router(library: Library, name: str) -> None:
-    with library.edit() as current:
-        stored = current.extra.get(MANIFEST_KEY) or {}
-        if name not in stored:
-            raise LorlibError(f"library {library.path} has no learned router {name!r}")
-        del stored[name]
+    library.derived.remove_entry(KIND, name)
 
 
 def summary(record: LearnedRouter) -> str:

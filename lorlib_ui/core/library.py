@@ -3,18 +3,9 @@
     LIBRARY/
       manifest.json               base model, its linear shapes, experts, clusters
       experts/<name>/             one standard PEFT adapter folder per expert
-      experts/<name>/<keys>.safetensors
-                                  routing keys computed for one expert after training, next to it:
-                                  PhatGoose gates ("gates"), mean hidden states ("activations"),
-                                  each stamped with the hash of the weights it was computed for
-      prototypes.safetensors      cached Arrow prototypes: one matrix per module, its rows keyed by
-                                  a hash of each expert's weights
-      mbc-gram.safetensors        cached Gram matrix of the experts' MBC weight vectors, its rows
-                                  keyed the same way (`build.clusters.weight_gram`)
-      routers/<name>-<hash>.safetensors
-                                  routers learned on a task over the experts (`learned_routers`)
-      <analysis>.json             side files the manifest names under `side_files` (the transfer
-                                  matrix, say), whose entries carry the weights hash they used
+      ...                         data computed from the experts (prototypes, the MBC Gram matrix,
+                                  gates, transfer, learned routers), each keyed by the weights
+                                  hashes it was computed from: see `lorlib_ui.core.derived`
 
 Experts have a kind: private (one task), cluster (MBC), shared (all tasks), imported, general
 (general knowledge, no task), lorahub or adapted (for a new task, from a few of its examples). Any
@@ -38,6 +29,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -45,42 +37,32 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load
 
 from lorlib_ui.core.adapters import (
     LoraAdapter,
     read_adapter,
-    read_metadata,
     read_regular,
-    read_safetensors,
     weights_hash,
     write_adapter,
 )
-from lorlib_ui.core.atomic import atomic_write_text, fsync_dir, fsync_tree, save_tensors, temporary_name
+from lorlib_ui.core.atomic import atomic_write_text, fsync_tree
 from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
+from lorlib_ui.core.derived import Derived, sweep_temporaries
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.hub import HubSource, fetch_adapters, hub_source
 from lorlib_ui.core.limits import MAX_ALPHA, max_rank
-from lorlib_ui.core.prototypes import prototypes_for_adapter
+from lorlib_ui.core.prototypes import cache_prototypes
 
 MANIFEST = "manifest.json"
-PROTOTYPES = "prototypes.safetensors"
-MBC_GRAM = "mbc-gram.safetensors"
-CACHES = (PROTOTYPES, MBC_GRAM)  # files computed from the experts, rebuilt when missing or stale
-MAX_SIDE_FILE = 256 * 2**20  # a side file larger than this is not one lorlib wrote: not read
 FORMAT = "lorlib-library"
 VERSION = 1
 # lorahub: a few-shot merge of experts; adapted: trained on a few examples of a new task (`adapt`)
 KINDS = ("private", "cluster", "shared", "imported", "general", "lorahub", "adapted")
 TASK_KINDS = ("private", "imported")  # experts of one task each: what MBC clusters
-KEY_SETS = ("gates", "activations")  # routing keys stored next to an expert (see `write_keys`)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,159}")  # a folder or file name the library writes
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{32}")  # `atomic.temporary_name`'s names
-LEARNED_ROUTERS = "learned_routers"  # the manifest's key for them (`learned_routers`)
-ROUTERS_FOLDER = "routers"
 
 
 def check_name(name: str) -> str:
@@ -112,6 +94,7 @@ class Expert:
     metrics: dict = field(default_factory=dict)
     created: str = ""
     general: bool = False  # subtracted by GenKnowSub (`arrow_gks`); always so for kind general
+    source: dict = field(default_factory=dict)  # imported from the hub: repo, subfolder, revision, commit
 
     def __post_init__(self):
         self.general = bool(self.general) or self.kind == "general"
@@ -226,28 +209,9 @@ class Library:
                 )
 
     def _check_named_files(self) -> None:
-        """The files the manifest names beside the experts are the names the library itself
-        writes: side files `<key>.json`, learned routers `routers/<name>-<hash>.safetensors`."""
-        side = self.extra.get("side_files", {})
-        routers = self.extra.get(LEARNED_ROUTERS) or {}
-        if not isinstance(side, dict) or not isinstance(routers, dict):
-            raise LorlibError(f"library {self.path}: side_files and {LEARNED_ROUTERS} must be JSON objects")
-        for key, entry in side.items():
-            file = entry.get("file") if isinstance(entry, dict) else None
-            if not (isinstance(key, str) and _NAME.fullmatch(key) and ".." not in key and file == f"{key}.json"):
-                raise LorlibError(
-                    f"library {self.path}: side file {str(key)[:60]!r} names {str(file)[:60]!r}; "
-                    "a side file is <name>.json in the library itself"
-                )
-        for name, entry in routers.items():
-            file = str(entry.get("file", "")) if isinstance(entry, dict) else ""
-            folder, _, base = file.partition("/")
-            plain = _FILE.fullmatch(base) and ".." not in base and base.endswith(".safetensors")
-            if folder != ROUTERS_FOLDER or not plain:
-                raise LorlibError(
-                    f"library {self.path}: learned router {str(name)[:60]!r} names file {file[:60]!r}, "
-                    f"which is not in its {ROUTERS_FOLDER}/"
-                )
+        """The files the manifest names beside the experts are those its derived data writes."""
+        if (problem := self.derived.problem()) is not None:
+            raise LorlibError(f"library {self.path}: {problem}")
 
     def _check_tree(self) -> None:
         """Nothing in the library's own tree is a link or a special file (a FIFO, a device): each
@@ -418,8 +382,20 @@ class Library:
                 raise _write_error(self.path, exc) from None
             current._sweep()
             self.__dict__.update(current.__dict__)
-        self.prototypes()  # computes and caches the new experts' prototypes
+        cache_prototypes(self)  # the new experts' prototypes, so that the first route computes nothing
         return stored
+
+    @contextmanager
+    def locked(self):
+        """The library as it is on disk now, under the write lock, for a write beside the
+        manifest (derived data) that must not race a change of the experts."""
+        with self._write_lock():
+            yield Library.open(self.path)
+
+    @property
+    def derived(self) -> Derived:
+        """What is kept computed from the experts (prototypes, gates, analyses, learned routers)."""
+        return Derived(self)
 
     @contextmanager
     def edit(self):
@@ -466,15 +442,8 @@ class Library:
         temporary files of writes that a killed process left (all under the write lock). Only
         names this library writes itself are deleted: never a pattern taken from the manifest."""
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
-        written = {MANIFEST, *CACHES, *(f"{key}.json" for key in self.extra.get("side_files", {}))}
-        _sweep_temporaries(self.path, written)
-        for e in self.experts:  # key-set writes a killed process left inside an expert's folder
-            _sweep_temporaries(self.path / e.path, {f"{kind}.safetensors" for kind in KEY_SETS})
-        if (routers := self.path / ROUTERS_FOLDER).is_dir():  # replaced learned routers, and temporaries
-            named = {str(entry.get("file", "")) for entry in (self.extra.get(LEARNED_ROUTERS) or {}).values()}
-            for child in routers.iterdir():
-                if f"{ROUTERS_FOLDER}/{child.name}" not in named and not child.is_dir():
-                    child.unlink(missing_ok=True)
+        sweep_temporaries(self.path, {MANIFEST})
+        self.derived.sweep()
         referenced = {PurePosixPath(e.path).name for e in self.experts}
         experts_dir = self.path / "experts"
         if experts_dir.is_dir() and not experts_dir.is_symlink():
@@ -484,206 +453,6 @@ class Library:
                         shutil.rmtree(child, ignore_errors=True)
                     else:
                         child.unlink(missing_ok=True)
-
-    # ---- side files ------------------------------------------------------------------------
-    def read_side_file(self, key: str) -> dict | None:
-        """The JSON side file the manifest names under `key`, or None when there is none or it is
-        unreadable (side files hold analyses that can be computed again)."""
-        entry = self.extra.get("side_files", {}).get(key)
-        if entry is None:
-            return None
-        try:
-            return json.loads(read_regular(self.path / entry["file"], MAX_SIDE_FILE).decode("utf-8"))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def update_side_file(self, key: str, update: Callable[[dict | None, Library], tuple[dict, dict]]) -> None:
-        """Rewrite LIBRARY/<key>.json atomically under the write lock: `update(stored, library)`
-        gets what is stored now (None if nothing) and the library as it is on disk, and returns
-        the new contents and a summary of them (a few fields) for the manifest, which names the file."""
-        check_name(key)
-        name = f"{key}.json"
-        with self.edit() as current:
-            data, summary = update(current.read_side_file(key), current)
-            try:
-                atomic_write_text(current.path / name, json.dumps(data, separators=(",", ":")))
-            except OSError as exc:
-                raise _write_error(self.path, exc) from None
-            updated = datetime.now(UTC).isoformat(timespec="seconds")
-            current.extra.setdefault("side_files", {})[key] = {"file": name, "updated": updated, **summary}
-
-    # ---- routing keys stored next to the experts ----------------------------------------------
-    def _key_file(self, expert: Expert, kind: str) -> Path:
-        if kind not in KEY_SETS:
-            raise ValueError(f"unknown key set {kind!r}")
-        return self.path / expert.path / f"{kind}.safetensors"
-
-    def keys_info(self, kind: str) -> dict[str, dict]:
-        """Expert name -> how its `kind` keys were computed, for the experts that have them for
-        their current weights (only the files' headers are read)."""
-        out = {}
-        for e in self.experts:
-            path = self._key_file(e, kind)
-            if not path.is_file():
-                continue
-            try:
-                meta = read_metadata(path)
-                info = json.loads(meta.get("info", "{}"))
-            except (OSError, ValueError, TypeError, AttributeError):
-                continue  # damaged: as if missing, computed again
-            if meta.get("weights_hash") == e.weights_hash and isinstance(info, dict):
-                out[e.name] = info
-        return out
-
-    def lacking_keys(self, kind: str, names: list[str] | None = None) -> list[str]:
-        """The experts among `names` (default: all) without `kind` keys for their current weights."""
-        have = self.keys_info(kind)
-        return [n for n in (self.names if names is None else names) if n not in have]
-
-    def lacks_for(self, router) -> str | None:
-        """Why `router` cannot run on this library (the key set it needs is missing for some of
-        the experts it would use), in one line; None when it can."""
-        if (problem := router.missing(self)) is not None:  # what it stores in the library (a learned router)
-            return problem
-        kind = router.needs
-        if kind not in KEY_SETS:
-            return None
-        used = self.names if router.subset is None else [self.names[i] for i in router.subset]
-        lacking = self.lacking_keys(kind, used)
-        if not lacking:
-            return None
-        shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
-        return (
-            f"router {router.describe()} needs {kind} for every expert it uses, and {shown} "
-            f"{'has' if len(lacking) == 1 else 'have'} none; compute them with `lorlib {kind} {self.path}`"
-        )
-
-    def read_keys(self, kind: str) -> dict[str, dict[str, torch.Tensor]]:
-        """Expert name -> module -> key vector (d_in,), for the experts that have `kind` keys."""
-        out = {}
-        for name in self.keys_info(kind):
-            try:
-                out[name] = load(read_regular(self._key_file(self.expert(name), kind)))
-            except (SafetensorError, OSError):
-                continue
-        return out
-
-    def write_keys(self, name: str, kind: str, keys: dict[str, torch.Tensor], info: dict, weights_hash: str) -> None:
-        """Store one expert's `kind` keys (module -> (d_in,)) computed for the weights with hash
-        `weights_hash`, atomically, next to its adapter. Refused if the expert has changed since."""
-        with self._write_lock():
-            current = Library.open(self.path)
-            expert = current.expert(name)
-            if expert.weights_hash != weights_hash:
-                raise LorlibError(f"expert {name} changed while its {kind} were computed; run again")
-            path = current._key_file(expert, kind)
-            tmp = temporary_name(path)
-            tensors = {m: v.detach().float().contiguous().cpu() for m, v in keys.items()}
-            try:
-                save_tensors(tensors, tmp, metadata={"weights_hash": weights_hash, "info": json.dumps(info)})
-                with open(tmp, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-                fsync_dir(path.parent)
-            except (OSError, SafetensorError) as exc:
-                tmp.unlink(missing_ok=True)
-                raise _write_error(self.path, exc) from None
-
-    # ---- Arrow prototypes cache --------------------------------------------------------------
-    def prototypes(self) -> dict[str, dict[str, torch.Tensor]]:
-        """expert name -> module -> prototype (d_in,), from the cache where the weights are unchanged."""
-        by_hash: dict[str, dict[str, torch.Tensor]] = {}
-        for module, (hashes, stack) in self._read_prototype_cache().items():
-            for digest, prototype in zip(hashes, stack.unbind()):
-                by_hash.setdefault(digest, {})[module] = prototype
-        out, missing = {}, False
-        for e in self.experts:
-            if e.weights_hash in by_hash:
-                out[e.name] = by_hash[e.weights_hash]
-            else:
-                out[e.name] = prototypes_for_adapter(self.load_adapter(e.name).factors)
-                missing = True
-        if missing:  # a read-only library still routes; its prototypes are just computed again next time
-            self._write_prototype_cache(out)
-        return out
-
-    def prototype_matrices(self) -> dict[str, torch.Tensor]:
-        """module -> (experts, d_in): row e is the prototype of expert e in the manifest's order,
-        zeros where it does not adapt the module. Rows are picked from the cache's stacks at once
-        (a tensor per expert and module costs a second at 1024 experts); what the cache lacks is
-        computed (and cached) first."""
-        stacks = self._read_prototype_cache()
-        cached = {digest for hashes, _ in stacks.values() for digest in hashes}
-        if any(e.weights_hash not in cached for e in self.experts):
-            stacks = _stacked_prototypes(self.prototypes(), {e.name: e.weights_hash for e in self.experts})
-        out = {}
-        for module, (hashes, stack) in stacks.items():
-            row = {digest: i for i, digest in enumerate(hashes)}
-            padded = torch.cat([stack.float(), stack.new_zeros(1, stack.shape[1], dtype=torch.float32)])
-            out[module] = padded[[row.get(e.weights_hash, len(hashes)) for e in self.experts]]
-        return out
-
-    def _read_prototype_cache(self) -> dict[str, tuple[list[str], torch.Tensor]]:
-        """module -> (weights hash of each row, (rows, d_in) prototypes). One tensor per module
-        however many experts there are; the hashes are in the file's metadata."""
-        stacks, metadata = self.read_cache(PROTOTYPES) or ({}, {})
-        try:
-            rows = json.loads(metadata.get("rows", "{}"))
-            if any(len(hashes) != len(stacks[module]) for module, hashes in rows.items()):
-                raise ValueError("rows and hashes differ")
-        except (ValueError, KeyError, TypeError):
-            return {}  # a damaged (or older) cache is only a cache: recompute
-        return {module: (hashes, stacks[module]) for module, hashes in rows.items()}
-
-    def _write_prototype_cache(self, protos: dict[str, dict[str, torch.Tensor]]) -> None:
-        stacks = _stacked_prototypes(protos, {e.name: e.weights_hash for e in self.experts})
-        rows = {module: hashes for module, (hashes, _) in stacks.items()}
-        self.write_cache(
-            PROTOTYPES, {module: stack for module, (_, stack) in stacks.items()}, {"rows": json.dumps(rows)}
-        )
-
-    # ---- caches ----------------------------------------------------------------------------
-    def read_cache(self, file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        """The tensors and metadata of one of the library's CACHES, or None where it is missing or
-        unreadable: a cache is only ever computed again, never trusted over the experts."""
-        path = self.path / file
-        if file not in CACHES or not path.is_file():
-            return None
-        try:
-            return read_safetensors(path, f"the cache {file}")
-        except LorlibError:
-            return None
-
-    def write_cache(self, file: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        """Replace one of the library's CACHES whole, atomically, under the write lock. Where it
-        cannot be written (a read-only library, a full disk) nothing is: it is computed again
-        next time."""
-        if file not in CACHES:
-            raise ValueError(f"{file} is not one of the library's caches")
-        tmp = temporary_name(self.path / file)
-        try:
-            with self._write_lock():
-                save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-                with open(tmp, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.path / file)
-                fsync_dir(self.path)
-        except (OSError, SafetensorError):
-            tmp.unlink(missing_ok=True)
-
-
-def _stacked_prototypes(
-    protos: dict[str, dict[str, torch.Tensor]], hashes: dict[str, str]
-) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """expert -> module -> prototype as the cache holds them: module -> (weights hash of each
-    row, (rows, d_in) float32)."""
-    rows: dict[str, list[str]] = {}
-    vectors: dict[str, list[torch.Tensor]] = {}
-    for name, by_module in protos.items():
-        for module, vector in by_module.items():
-            rows.setdefault(module, []).append(hashes[name])
-            vectors.setdefault(module, []).append(vector.float())
-    return {module: (rows[module], torch.stack(parts)) for module, parts in vectors.items()}
 
 
 _MANIFEST_KEYS = {"format", "version", "base_model", "base_fingerprint", "base_shapes", "experts", "clusters"}
@@ -721,42 +490,52 @@ def existing_or_new(path: str | Path, base_model: str | None) -> tuple[Library |
 
 def import_adapters(
     path: str | Path,
-    folders: list[str | Path],
+    sources: list[str | Path],
     names: list[str] | None = None,
     base_model: str | None = None,
     kind: str = "imported",
     tasks: list[str] | None = None,
     family: str | None = None,
     force: bool = False,
+    fetched: Callable[[int, int], None] | None = None,
 ) -> list[Expert]:
-    """Import PEFT LoRA adapter folders into the library at `path`, creating it on `base_model`
-    (default: the embedded model) if there is none. Every adapter is read and checked before
-    anything is written, so a refused import leaves the library byte-for-byte as it was."""
-    if not folders:
+    """Import PEFT LoRA adapters into the library at `path`, creating it on `base_model` (default:
+    the embedded model) if there is none. A source is a local adapter folder or a hub id
+    (`owner/repo[:subfolder][@revision]`, `lorlib_ui.core.hub`), fetched first, in parallel, with
+    `fetched(done, total)` after each. Every adapter is read and checked before anything is
+    written, so a refused import leaves the library byte-for-byte as it was."""
+    if not sources:
         raise LorlibError("no adapter folders to import")
-    names = [check_name(n) for n in (names or [Path(d).resolve().name for d in folders])]
-    if len(names) != len(folders):
+    hub = {i: source for i, text in enumerate(map(str, sources)) if (source := hub_source(text)) is not None}
+    names = [check_name(n) for n in (names or [default_name(s, hub.get(i)) for i, s in enumerate(sources)])]
+    if len(names) != len(sources):
         raise LorlibError("give one name per adapter folder")
     library, base = existing_or_new(path, base_model)
     shapes = library.base_shapes if library else base.linear_shapes
     base_name = library.base_model if library else base.name
-    adapters = [read_adapter(d, shapes) for d in folders]  # module names checked before any pattern
+    with tempfile.TemporaryDirectory(prefix="lorlib-hub-") as tmp:
+        folders, provenance = list(sources), [{} for _ in sources]
+        for i, got in zip(hub, fetch_adapters(list(hub.values()), Path(tmp), fetched)):
+            folders[i], provenance[i] = got.folder, got.provenance()
+        adapters = []
+        for i, folder in enumerate(folders):  # module names checked before any pattern
+            try:
+                adapters.append(read_adapter(folder, shapes))
+            except LorlibError as exc:
+                raise (LorlibError(f"hub adapter {hub[i]}: {exc}") if i in hub else exc) from None
     entries = [
-        (expert_from_adapter(n, a, base_name, kind=kind, tasks=list(tasks or [n]), family=family), a)
-        for n, a in zip(names, adapters)
+        (expert_from_adapter(n, a, base_name, kind=kind, tasks=list(tasks or [n]), family=family, source=p), a)
+        for n, a, p in zip(names, adapters, provenance)
     ]
     library = library or Library.create(path, base)
     return library.add_experts(entries, force=force)
 
 
-def _sweep_temporaries(folder: Path, written: set[str]) -> None:
-    """Delete the leftover temporary files (`atomic.temporary_name`) of the names in `written`."""
-    if not folder.is_dir() or folder.is_symlink():
-        return
-    for child in folder.iterdir():
-        match = _TEMPORARY.fullmatch(child.name)
-        if match and match["name"] in written and not child.is_symlink() and child.is_file():
-            child.unlink(missing_ok=True)
+def default_name(source: str | Path, hub: HubSource | None) -> str:
+    """An expert's name when none is given: its folder's name, or the hub repo's (or subfolder's)."""
+    if hub is not None:
+        return (hub.subfolder or hub.repo).rsplit("/", 1)[-1]
+    return Path(source).resolve().name
 
 
 def _free_folder(experts_dir: Path, name: str, library: Library) -> Path:

@@ -44,8 +44,9 @@ from lorlib_ui.core.decode_kernel import DecodePlan, chosen_weights, decodes
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.input_groups import InputGroup, input_groups
 from lorlib_ui.core.library import Library
+from lorlib_ui.core.prototypes import prototype_matrices
 from lorlib_ui.core.record import RoutingRecord
-from lorlib_ui.core.routers import Router
+from lorlib_ui.core.routers import MergeRouter, Router, TaskRouter, TokenRouter
 from lorlib_ui.core.routers.base import ExpertStack
 
 # Experts per chosen expert (E / k) from which computing only the chosen pairs beats the dense
@@ -171,7 +172,7 @@ class LibraryLinear(nn.Module):
         h = x.reshape(-1, x.shape[-1])
         if h.dtype != self.compute_dtype:
             h = h.to(self.compute_dtype)
-        if router.static:
+        if isinstance(router, MergeRouter):
             weights, a, bt = self.merged_factors(router)
             logits = None
             delta = (h @ a.T) @ bt if router.applies_experts else None
@@ -188,7 +189,7 @@ class LibraryLinear(nn.Module):
         delta = delta.view(*x.shape[:-1], -1)
         return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
 
-    def _route(self, router: Router, h: torch.Tensor):
+    def _route(self, router: TokenRouter, h: torch.Tensor):
         stack = router.stack(self)
         if h.shape[0] == 1 and stack is self.stack and decodes(router, h) and (plan := self._decode_plan()):
             logits, usable, k = router.choices(self, F.linear(h, stack.keys[router.keys]), h)
@@ -269,7 +270,7 @@ class LibraryLinear(nn.Module):
             z = ws * (z * w.unsqueeze(-1)).sum(dim=1, keepdim=True)
         return z.flatten(1)
 
-    def merged_factors(self, router: Router) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def merged_factors(self, router: MergeRouter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A static router's weights and its merge folded into one low-rank pair (a, bt), cached."""
         if router.key not in self._merged:
             w = router.weights(self)
@@ -320,7 +321,7 @@ class RoutedModel:
             # before filling: the members' A factors are views into their group's buffer
             self.groups = input_groups(layers)
             scales = self._fill(layers, folders, [ranks[x] for x in self.experts], pool)
-        prototypes = library.prototype_matrices()
+        prototypes = prototype_matrices(library)
         for name, layer in layers.items():
             layer.set_keys(scales[name], prototypes[name])
         self.layers: dict[str, LibraryLinear] = layers
@@ -365,7 +366,7 @@ class RoutedModel:
         each expert's scale is already in bt, so the adapter's scale is 1 (lora_alpha = r), and
         every module is zero-padded to one rank r (zero rows add nothing). Only the modules that
         some expert the router uses adapts are kept, in float32."""
-        if not (router.static and router.applies_experts):
+        if not (isinstance(router, MergeRouter) and router.applies_experts):
             raise LorlibError(f"router {router.describe()} is not a merge of experts, so it has no adapter")
         factors = {}
         for name, layer in self.layers.items():
@@ -375,34 +376,20 @@ class RoutedModel:
         rank = max((a.shape[0] for a, _ in factors.values()), default=0)
         if rank == 0:
             raise LorlibError(f"router {router.describe()} applies no expert at any layer")
-        padded = {
-            name: (
-                torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])]).contiguous(),
-                torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1).contiguous(),
-            )
-            for name, (a, b) in factors.items()
-        }
-        config = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": rank,
-            "lora_alpha": rank,
-            "lora_dropout": 0.0,
-            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in padded}),
-            "bias": "none",
-        }
-        return LoraAdapter(config=config, factors=padded, scales=dict.fromkeys(padded, 1.0))
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank}
+        merged = LoraAdapter(config=config | {"lora_dropout": 0.0, "bias": "none"}, factors=factors)
+        return merged.at_rank(rank, rank)
 
-    def _attach_keys(self, router: Router) -> None:
+    def _attach_keys(self, router: TokenRouter) -> None:
         """Give every layer the key set `router` scores tokens with, read from the library (again
         when some expert the router uses lacked it: it may have been computed since)."""
         kind = router.keys
         used = self.experts if router.subset is None else [self.experts[i] for i in router.subset]
         if kind is None or all(x in self._attached.get(kind, ()) for x in used):
             return
-        if (problem := self.library.lacks_for(router)) is not None:
+        if (problem := self.library.derived.lacks_for(router)) is not None:
             raise LorlibError(problem)
-        stored = self.library.read_keys(kind)
+        stored = self.library.derived.read_experts(kind)
         for layer in self.layers.values():
             raw = torch.zeros_like(layer.prototypes)
             for e, expert in enumerate(self.experts):
@@ -416,9 +403,11 @@ class RoutedModel:
     @contextmanager
     def routing(self, router: Router, record: bool = False):
         """Route with `router` inside the block; yields a RecordBuilder when record=True."""
+        if isinstance(router, TaskRouter):  # an evaluation resolves it into the router of each task
+            raise LorlibError(f"router {router.describe()} {router.usage}")
         router = router.bind(self.library, self.experts)  # a learned router reads its weights
-        self._attach_keys(router)
-        if not router.static:  # what it derives from the experts (and any refusal) before any token
+        if isinstance(router, TokenRouter):  # its keys, and what it derives from the experts, before any token
+            self._attach_keys(router)
             for layer in self.layers.values():
                 router.stack(layer)
         builder = RecordBuilder(self.modules, len(self.experts)) if record else None

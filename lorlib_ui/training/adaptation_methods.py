@@ -19,17 +19,15 @@ the methods; `lorlib_ui.analysis.adaptation_runs` runs them on a task, stores an
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from dataclasses import dataclass, replace
 
 import torch
 
 from lorlib_ui.core.adapters import LoraAdapter
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.library import Library
 from lorlib_ui.core.routed_model import RoutedModel
-from lorlib_ui.core.routers.base import ExpertStack, Router, Routing
-from lorlib_ui.core.routers.poly import poly_weights
+from lorlib_ui.core.routers import make_router
+from lorlib_ui.core.routers.poly import PolyTraining, mixed_factors
 from lorlib_ui.training.config import TrainConfig
 from lorlib_ui.training.training import Fit, encode_examples, fit, pad_id
 
@@ -38,68 +36,17 @@ ROUTER_METHODS = ("poly-router", "poly-full")  # a router learned on the routed 
 ROUTER_LEARNING_RATE = 0.1  # the paper's code: module_logits_learning_rate
 
 
-def mu_adapter(library: Library, experts: list[str], config: TrainConfig) -> LoraAdapter:
-    """µ of `experts` as one LoRA of the config's rank and alpha: at each module, the mean A and
-    the mean s_e·B_e over the experts that adapt it, B divided by the config's scale so that the
-    adapter computes exactly what the uniform router `uniform` (mix "parameters") does."""
+def mu_adapter(rm: RoutedModel, experts: list[str], config: TrainConfig) -> LoraAdapter:
+    """µ of `experts` as one LoRA of the config's rank and alpha: the uniform router's merge
+    (`uniform`, mix "parameters": at each module the mean A and the mean s_e·B_e over the experts
+    that adapt it), so that training starts exactly where that router routes."""
     if not experts:
-        raise LorlibError(f"library {library.path} has no private experts to average")
-    sums: dict[str, list] = {}
-    for name in experts:
-        adapter = library.load_adapter(name)
-        for module, (a, b) in adapter.factors.items():
-            if a.shape[0] > config.rank:
-                raise LorlibError(f"expert {name} has rank {a.shape[0]} at {module}, above the rank {config.rank}")
-            pad = config.rank - a.shape[0]
-            a = torch.cat([a.float(), a.new_zeros(pad, a.shape[1]).float()])
-            b = torch.cat([b.float(), b.new_zeros(b.shape[0], pad).float()], dim=1) * adapter.scales[module]
-            total = sums.setdefault(module, [torch.zeros_like(a), torch.zeros_like(b), 0])
-            total[0] += a
-            total[1] += b
-            total[2] += 1
-    alpha = config.alpha or 2 * config.rank
-    scale = alpha / config.rank
-    factors = {m: (a / n, b / n / scale) for m, (a, b, n) in sums.items()}
-    targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
-    lora = {"peft_type": "LORA", "r": config.rank, "lora_alpha": alpha, "target_modules": targets}
-    return LoraAdapter(config=lora, factors=factors, scales=dict.fromkeys(factors, scale))
-
-
-@dataclass(frozen=True, eq=False)
-class PolyTraining(Router):
-    """A Poly router while it learns: the same weights as `poly:NAME` (`poly_weights`) from
-    trainable logits, over a stack of only the mixed experts (their factors trainable too, for
-    poly-full). It scores nothing: the layer hands it the experts' projections (keys None)."""
-
-    name: ClassVar[str] = "poly-training"
-    summary: ClassVar[str] = "a Poly router in training"
-    static: ClassVar[bool] = False
-    keys: ClassVar[str | None] = None
-
-    logits: dict = field(default_factory=dict)  # module -> (n,) Parameter
-    factors: dict = field(default_factory=dict)  # module -> (A (n·r, d_in), Bᵀ (n·r, d_out)) Parameters
-
-    def route(self, slot, scores, h):
-        weights = poly_weights(slot, self.subset, self.logits.get(slot.name))
-        mixed = weights.index_select(0, slot.scales.new_tensor(self.subset).long())
-        mixed = mixed.unsqueeze(0).expand(scores.shape[0], -1)
-        return Routing(mixed, weights=mixed)
-
-    def stack(self, slot):
-        index = slot.scales.new_tensor(self.subset).long()
-        if slot.name in self.factors:
-            a, bt = self.factors[slot.name]
-        else:
-            a, bt = slot.derived(("poly-training", self.subset), lambda: _rows(slot, index))
-        return ExpertStack(slot.keys, a, bt, slot.scales.index_select(0, index))
-
-
-def _rows(slot, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stacked factors of the experts at `index` only, in the layer's compute dtype."""
-    e, r, dtype = slot.n_experts, slot.rank, slot.prototypes.dtype
-    a = slot.lora_a.view(e, r, -1).index_select(0, index).flatten(0, 1).to(dtype)
-    bt = slot.lora_bt.view(e, r, -1).index_select(0, index).flatten(0, 1).to(dtype)
-    return a, bt
+        raise LorlibError(f"library {rm.library.path} has no private experts to average")
+    uniform = make_router("uniform@mixed", rm.experts, mix="parameters", groups={"mixed": experts})
+    merged = rm.merged_adapter(uniform)
+    if merged.rank > config.rank:
+        raise LorlibError(f"µ of these experts has rank {merged.rank}, above the rank {config.rank}")
+    return merged.at_rank(config.rank, config.alpha or 2 * config.rank)
 
 
 @dataclass
@@ -131,7 +78,7 @@ def train_poly(
     factors = {}
     if full:
         for name, layer in layers.items():
-            a, bt = _rows(layer, index)
+            a, bt = mixed_factors(layer, index)
             factors[name] = (torch.nn.Parameter(a.float().clone()), torch.nn.Parameter(bt.float().clone()))
     router = replace(PolyTraining(logits=logits, factors=factors), subset=subset)
     groups = [{"params": list(logits.values()), "lr": ROUTER_LEARNING_RATE}]

@@ -6,9 +6,12 @@ tasks by their experts' weights and train one expert per cluster (MBC, Sec. 4.1)
 held out of the library, so that routing is judged zero-shot on tasks no expert has seen
 (`lorlib_ui.analysis.evaluation`).
 
-Every expert is written to the library the moment it is trained (one atomic step each), so an
-interrupted build loses at most the expert in training, and running the same build again resumes:
-experts that are already there, trained on the same tasks, are skipped unless forced.
+A build is planned, then run: `plan_build` reads the data and the library and checks everything
+(tasks, targets, held-out tasks, experts of the same name) without writing anything or loading a
+model; `run_build` creates the library if needed, records what is held out and trains. Every expert
+is written to the library the moment it is trained (one atomic step each), so an interrupted build
+loses at most the expert in training, and running the same build again resumes: experts that are
+already there, trained on the same tasks, are skipped unless forced.
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ import hashlib
 import random
 import re
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from lorlib_ui.core.base_model import BaseModelInfo
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import HeldOut, Library, check_name
 from lorlib_ui.training.clusters import keep_gram
 from lorlib_ui.training.config import TrainConfig
 from lorlib_ui.training.data import MultiTaskData
-from lorlib_ui.training.trainers import BuildReport, Job, LocalTrainer, Progress, Trainer
+from lorlib_ui.training.options import option
+from lorlib_ui.training.reporter import QUIET, Reporter
+from lorlib_ui.training.trainers import BuildReport, Job, LocalTrainer, Trainer
+from lorlib_ui.training.trainers import plan as plan_jobs
 
 SHARED = "shared"
 
@@ -66,56 +73,80 @@ def private_jobs(data: MultiTaskData, tasks: list[str]) -> list[Job]:
     return [Job(expert_name(t), "private", [t], data.family_of(t)) for t in tasks]
 
 
-def shared_job(library: Library, data: MultiTaskData, steps: int | None, adding: list[str] = ()) -> Job:
-    """One expert on every task of the library's private experts, and of those being `adding`."""
-    tasks = sorted({t for e in library.experts if e.kind == "private" for t in e.tasks} | set(adding))
+def shared_job(library: Library | None, data: MultiTaskData, steps: int | None, adding: list[str] = ()) -> Job:
+    """One expert on every task of the library's private experts (none: a library still to be
+    made), and of those being `adding`."""
+    known = library.experts if library is not None else []
+    tasks = sorted({t for e in known if e.kind == "private" for t in e.tasks} | set(adding))
     if not tasks:
         raise LorlibError(f"library {library.path} has no private experts to train a shared expert on")
     return Job(SHARED, "shared", tasks, _family(data, tasks), steps)
 
 
-def build_library(
-    path: str | Path,
-    data: str = "default",
-    tasks: list[str] | None = None,
-    families: list[str] | None = None,
-    holdout_per_family: int = 0,
-    config: TrainConfig | None = None,
-    shared_steps: int | None = None,
-    shared: bool = True,
-    force: bool = False,
-    base_model: str | None = None,
-    trainer: Trainer | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-    log: Callable[[str], None] | None = None,
-    keep_data: bool = False,
-) -> BuildReport:
-    """Train private experts for the selected tasks, then (with `shared`) the shared expert,
-    into the library at `path` (created on `base_model` if there is none), with `trainer` (by
-    default a `LocalTrainer`). Everything is checked before anything is written: a refused build
-    leaves the library as it was. `keep_data`: copy a data file into the library and record that
-    copy as the held-out data (the app does, for an uploaded file that it will delete)."""
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    """What a build trains (the `build` command's flags and a build job's keys; how each expert is
+    trained is `TrainConfig`, beside it)."""
+
+    data: str = option("default", "default (embedded BIG-bench), a file, a folder or a hub id")
+    tasks: tuple[str, ...] | None = option(None, "comma-separated tasks (default: all)", group="pick")
+    families: tuple[str, ...] | None = option(None, "comma-separated families", group="pick")
+    holdout_per_family: int = option(0, "tasks per family kept out for evaluation")
+    shared_steps: int | None = option(None, "steps of the shared expert (default 4 x steps)")
+    shared: bool = option(True, "do not train the shared (all tasks) expert")  # its flag: --no-shared
+    force: bool = option(False, "retrain experts that are already in the library")
+    base_model: str | None = option(None, "base model of a new library (default: embedded SmolLM2)")
+
+    def __post_init__(self):
+        if self.shared_steps is not None and self.shared_steps < 1:
+            raise LorlibError(f"the shared expert's steps must be positive, got {self.shared_steps}")
+        if self.tasks == () or self.families == ():
+            raise LorlibError("the list of tasks or families is empty")
+        if self.tasks is not None and self.families is not None:
+            raise LorlibError("choose tasks or families, not both")
+        if self.holdout_per_family < 0:
+            raise LorlibError(f"--holdout-per-family must be 0 or more, got {self.holdout_per_family}")
+
+
+@dataclass
+class BuildPlan:
+    """A build checked whole, before anything is written or any model loads."""
+
+    path: Path
+    library: Library | None  # None: the run creates it on `base`
+    base: BaseModelInfo | None
+    data: MultiTaskData
+    source: str  # the held-out record's data: "default", a hub id or a resolved path
+    keep: Path | None  # a data file the run copies into the library and records instead
+    held_out: list[str]
+    jobs: list[Job]  # private experts, then the shared one
+    config: TrainConfig
+    force: bool
+
+
+def plan_build(
+    path: str | Path, options: BuildOptions, config: TrainConfig | None = None, keep_data: bool = False
+) -> BuildPlan:
+    """Check a build of private experts for the selected tasks, then (with `options.shared`) the
+    shared expert, into the library at `path` (to be created on `options.base_model` if there is
+    none), each trained as `config` says. Reads the data and the library; writes nothing, loads no
+    model. `keep_data`: the run copies a data file into the library and records that copy as the
+    held-out data (the app does, for an uploaded file that it will delete)."""
     from lorlib_ui.core.library import existing_or_new
     from lorlib_ui.training.data import load_tasks
 
-    start = time.perf_counter()
     config = config or TrainConfig()  # it checked its own settings
-    if shared_steps is not None and shared_steps < 1:
-        raise LorlibError(f"the shared expert's steps must be positive, got {shared_steps}")
-    if tasks == [] or families == []:
-        raise LorlibError("the list of tasks or families is empty")
-    loaded = load_tasks(data)
-    selected = loaded.select(tasks=tasks, families=families)
+    loaded = load_tasks(options.data)
+    selected = loaded.select(tasks=options.tasks, families=options.families)
     path = Path(path)
-    library, base = existing_or_new(path, base_model)
+    library, base = existing_or_new(path, options.base_model)
     shapes = library.base_shapes if library else base.linear_shapes
     for target in config.targets:
         if not any(m == target or m.endswith("." + target) for m in shapes):
             raise LorlibError(f"the base model has no linear layer named {target!r} to adapt")
     recorded = set(library.held_out.tasks) if library else set()
-    held = sorted(recorded | set(hold_out(selected, holdout_per_family, config.seed)))
-    if tasks and (asked := [t for t in tasks if t in recorded]):
+    held = sorted(recorded | set(hold_out(selected, options.holdout_per_family, config.seed)))
+    if options.tasks and (asked := [t for t in options.tasks if t in recorded]):
         raise LorlibError(f"task {asked[0]!r} is held out of library {path} for evaluation")
     train_tasks = [t for t in selected.tasks if t not in held]
     if not train_tasks:
@@ -123,24 +154,45 @@ def build_library(
     sizes = loaded.split_sizes()
     if empty := [t for t in train_tasks if not sizes[t]["train"]]:
         raise LorlibError(f"{loaded.origin}: task {empty[0]!r} has no training rows")
-    library = library or Library.create(path, base)
-    local = data != "default" and Path(data).exists()
-    source = str(Path(data).resolve()) if local else data  # else "default" or a hub id
-    with library.edit() as current:
-        if local and keep_data and Path(data).is_file():  # an upload: the library keeps its own copy
-            source = _keep_data(current, Path(data))
-        current.extra["held_out"] = HeldOut(source, tuple(held)).to_manifest()
-    if held and log is not None:
-        log(f"held out for evaluation: {', '.join(held)}")
     jobs = private_jobs(loaded, train_tasks)
-    if shared:  # last, on all private tasks: those already in the library and these
-        jobs.append(shared_job(library, loaded, shared_steps or 4 * config.steps, adding=train_tasks))
-    report = (trainer or LocalTrainer()).train(library, loaded, jobs, config, force, progress, cancel)
-    if cancel is None or not cancel():
-        keep_gram(Library.open(path))  # the next cluster view computes only what it must
-    report.held_out = held
+    if options.shared:  # last, on all private tasks: those already in the library and these
+        jobs.append(shared_job(library, loaded, options.shared_steps or 4 * config.steps, adding=train_tasks))
+    if library is not None:
+        plan_jobs(library, jobs, options.force)  # an expert of the same name on other tasks: refused now
+    local = options.data != "default" and Path(options.data).exists()
+    source = str(Path(options.data).resolve()) if local else options.data  # else "default" or a hub id
+    keep = Path(options.data) if local and keep_data and Path(options.data).is_file() else None
+    return BuildPlan(path, library, base, loaded, source, keep, held, jobs, config, options.force)
+
+
+def run_build(plan: BuildPlan, trainer: Trainer | None = None, reporter: Reporter = QUIET) -> BuildReport:
+    """Create the library if needed, record its held-out tasks and train the plan's experts with
+    `trainer` (by default a `LocalTrainer`), each stored as soon as it is trained."""
+    start = time.perf_counter()
+    library = plan.library or Library.create(plan.path, plan.base)
+    with library.edit() as current:
+        source = _keep_data(current, plan.keep) if plan.keep else plan.source  # an upload: the library's copy
+        current.extra["held_out"] = HeldOut(source, tuple(plan.held_out)).to_manifest()
+    if plan.held_out:
+        reporter.log(f"held out for evaluation: {', '.join(plan.held_out)}")
+    report = (trainer or LocalTrainer()).train(library, plan.data, plan.jobs, plan.config, plan.force, reporter)
+    if not reporter.cancelled():
+        keep_gram(Library.open(plan.path))  # the next cluster view computes only what it must
+    report.held_out = plan.held_out
     report.seconds = time.perf_counter() - start
     return report
+
+
+def build_library(
+    path: str | Path,
+    options: BuildOptions | None = None,
+    config: TrainConfig | None = None,
+    trainer: Trainer | None = None,
+    reporter: Reporter = QUIET,
+    keep_data: bool = False,
+) -> BuildReport:
+    """`plan_build`, then `run_build`: a refused build leaves the library as it was."""
+    return run_build(plan_build(path, options or BuildOptions(), config, keep_data), trainer, reporter)
 
 
 def _keep_data(library: Library, data: Path) -> str:

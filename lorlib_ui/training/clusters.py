@@ -22,7 +22,7 @@ import torch
 
 from lorlib_ui.core.adapters import WEIGHTS_FILE, factor_spans, read_spans
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.library import MBC_GRAM, TASK_KINDS, Expert, Library
+from lorlib_ui.core.library import TASK_KINDS, Expert, Library
 from lorlib_ui.training.config import KEEP_QUANTILE, TrainConfig
 from lorlib_ui.training.mbc import (
     adjusted_rand_index,
@@ -34,7 +34,9 @@ from lorlib_ui.training.mbc import (
     threshold,
     zero_small,
 )
-from lorlib_ui.training.trainers import BuildReport, Job, LocalTrainer, Progress, Trainer
+from lorlib_ui.training.options import option
+from lorlib_ui.training.reporter import QUIET, Reporter
+from lorlib_ui.training.trainers import BuildReport, Job, LocalTrainer, Trainer
 
 
 @dataclass
@@ -88,7 +90,7 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
     (`lorlib_ui.training.mbc`, steps 1 and 2).
 
     G[i, j] depends only on the two experts' weights, so the library keeps G at the default
-    quantile, which the Clusters tab uses (`MBC_GRAM`: rows keyed by weights hash, with each
+    quantile, which the Clusters tab uses (derived data of kind `GRAM`: rows keyed by weights hash, with each
     expert's threshold), and only the rows of the experts it lacks are computed: n x D
     multiply-adds each, where the whole matrix is n² x D (10¹² at 1,024 experts, 24 s on 2 cores).
     `keep_gram` brings it up to date after experts are added. Another quantile is computed whole
@@ -111,8 +113,8 @@ def weight_gram(library: Library, experts: list[Expert], keep_quantile: float) -
     gram[:, new] = rows.T
     if kept and all(hashes):  # an expert without a hash (a hand-edited manifest) could not be looked up again
         once = list({digest: i for i, digest in enumerate(hashes)}.values())  # experts stored twice: one row
-        library.write_cache(
-            MBC_GRAM,
+        library.derived.write(
+            GRAM,
             {"gram": torch.from_numpy(gram[np.ix_(once, once)]), "thresholds": torch.from_numpy(thresholds[once])},
             {
                 "format": GRAM_FORMAT,
@@ -148,6 +150,7 @@ class _StoredGram:
         return _StoredGram({}, np.empty((0, 0)), np.empty(0))
 
 
+GRAM = "mbc-gram"  # its kind of derived data (`lorlib_ui.core.derived`)
 GRAM_FORMAT = "1"  # what the kept matrix holds; a change to the MBC vectors or thresholds bumps it
 
 
@@ -155,7 +158,7 @@ def _stored_gram(library: Library) -> _StoredGram:
     """What the library keeps of the Gram matrix: nothing where the cache is missing, of another
     format or quantile, or fails its checks (a Gram matrix has a finite, non-negative diagonal)."""
     nothing = _StoredGram.empty()
-    tensors, metadata = library.read_cache(MBC_GRAM) or ({}, {})
+    tensors, metadata = library.derived.read(GRAM) or ({}, {})
     try:
         if metadata.get("format") != GRAM_FORMAT or metadata.get("keep_quantile") != repr(KEEP_QUANTILE):
             return nothing
@@ -311,19 +314,29 @@ def record_clustering(library: Library, clustering: Clustering, jobs: list[Job],
     return stale
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    """MBC and its cluster experts (the `cluster` command's flags and a cluster job's keys)."""
+
+    k: int = option(help="number of clusters")
+    steps: int | None = option(None, "steps per cluster expert (default 2 x private)")
+    train: bool = option(True, "only compute and record the clusters")  # its flag: --no-train
+    seed: int = option(0, "seeds the clustering and the training")
+    keep_quantile: float = option(KEEP_QUANTILE, "sparsify: keep |w| above this quantile")
+    data: str | None = option(None, "training data (default: what the library was built from)")
+    force: bool = option(False, "retrain cluster experts that are up to date")
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise LorlibError(f"steps must be positive, got {self.steps}")
+        check_quantile(self.keep_quantile)
+
+
 def cluster_and_train(
     path: str,
-    k: int,
-    steps: int | None = None,
-    train: bool = True,
-    seed: int = 0,
-    keep_quantile: float = KEEP_QUANTILE,
-    data: str | None = None,
+    options: ClusterOptions,
     trainer: Trainer | None = None,
-    force: bool = False,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-    log: Callable[[str], None] | None = None,
+    reporter: Reporter = QUIET,
     on_clustering: Callable[[dict], None] | None = None,
 ) -> tuple[dict, BuildReport]:
     """MBC at k over the library's task experts, recorded in its manifest; then (with `train`)
@@ -334,28 +347,26 @@ def cluster_and_train(
     from lorlib_ui.training.data import load_tasks
 
     start = time.perf_counter()
-    if steps is not None and steps < 1:
-        raise LorlibError(f"steps must be positive, got {steps}")
     library = Library.open(path)
-    clustering = cluster_library(library, k, seed=seed, keep_quantile=keep_quantile)
+    clustering = cluster_library(library, options.k, seed=options.seed, keep_quantile=options.keep_quantile)
     recipe = task_experts(library)[0].training or {}
-    steps = steps or 2 * int(recipe.get("steps", 100))
+    steps = options.steps or 2 * int(recipe.get("steps", 100))
     jobs = cluster_jobs(library, clustering, steps)
     loaded = None
-    if train:  # every task of every cluster must be in the data before anything is written
-        loaded = load_tasks(library.data_source(data))
+    if options.train:  # every task of every cluster must be in the data before anything is written
+        loaded = load_tasks(library.data_source(options.data))
         for task in {t for job in jobs for t in job.tasks}:
             loaded.family_of(task)
-    dropped = record_clustering(library, clustering, jobs, drop_stale=train)
+    dropped = record_clustering(library, clustering, jobs, drop_stale=options.train)
     if on_clustering is not None:
         on_clustering(library.clusters)
-    if dropped and log is not None:
-        log(f"removed cluster experts of an earlier clustering: {', '.join(dropped)}")
+    if dropped:
+        reporter.log(f"removed cluster experts of an earlier clustering: {', '.join(dropped)}")
     report = BuildReport()
     if loaded is not None:
         settings = {key: recipe[key] for key in ("rank", "targets", "batch_size", "learning_rate") if key in recipe}
-        config = TrainConfig.from_options(settings, steps=steps, seed=seed)
-        report = (trainer or LocalTrainer()).train(library, loaded, jobs, config, force, progress, cancel)
+        config = TrainConfig.from_options(settings, steps=steps, seed=options.seed)
+        report = (trainer or LocalTrainer()).train(library, loaded, jobs, config, options.force, reporter)
     report.seconds = time.perf_counter() - start
     return library.clusters, report
 

@@ -1,7 +1,7 @@
-"""How one expert is trained: `TrainConfig`, the one place for the training settings' defaults
-and ranges. The command line, the app's jobs and the builders all make one (it checks itself) and
-change it with `dataclasses.replace`. Imports no torch, so the command line can show the defaults
-without loading it.
+"""How one expert is trained: `TrainConfig`, the one place for the training settings' defaults,
+help and ranges. Its fields are the `build` command's training flags and a build job's training
+keys (`lorlib_ui.training.options`); the builders make one (it checks itself) and change it with
+`dataclasses.replace`. Imports no torch, so the command line can show the defaults without loading it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.limits import MAX_ALPHA, MAX_RANK_ENV, max_rank
+from lorlib_ui.training.options import option
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Test rows per task that the analyses of routing (transfer, routing-stats) use unless told: the
@@ -36,15 +37,15 @@ class TrainConfig:
     """How one expert is trained: the one place for these settings' defaults and ranges (the
     command line, the app's jobs and the builders all make one, and change it with `replace`)."""
 
-    rank: int = 4
-    alpha: float | None = None  # default 2 x rank
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    steps: int = 100
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    seed: int = 0
-    bf16: bool = False
-    max_length: int = 256  # tokens of prompt + answer; longer examples keep their answer
+    rank: int = option(4, "LoRA rank of each expert")
+    alpha: float | None = option(None, internal=True)  # default 2 x rank
+    targets: tuple[str, ...] = option(DEFAULT_TARGETS, "comma-separated module names")
+    steps: int = option(100, "optimizer steps per expert")
+    batch_size: int = option(8, "training examples per step")
+    learning_rate: float = option(1e-3, "AdamW's peak learning rate")
+    seed: int = option(0, "seeds the training (and which tasks are held out)")
+    bf16: bool = option(False, internal=True)  # set by the trainer: autocast where the device is fast in bf16
+    max_length: int = option(256, internal=True)  # tokens of prompt + answer; longer examples keep their answer
 
     def __post_init__(self):
         for name in ("rank", "steps", "batch_size", "max_length"):

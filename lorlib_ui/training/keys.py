@@ -13,14 +13,13 @@ weights themselves (Ostapenko et al., 2024, Sec. 6; their code's `phatgoose` and
 Both read the same (prompt, answer) examples the experts were trained on, encoded the same way.
 The mean skips the tokens the chat template puts before every prompt: they are the same for every
 task, so they would only pull every expert's mean towards one point. Each expert's keys are
-written the moment they are computed (`Library.write_keys`: atomic, stamped with the weights
+written the moment they are computed (`Derived.write_expert`: atomic, stamped with the weights
 they belong to), so an interrupted run keeps what it finished and a rerun does only the rest.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -30,10 +29,11 @@ from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
 from lorlib_ui.core.prompting import template_span
 from lorlib_ui.core.routed_model import RoutedModel
-from lorlib_ui.core.routers.base import Router, Routing
+from lorlib_ui.core.routers.base import Routing, TokenRouter
 from lorlib_ui.training.config import ACTIVATION_EXAMPLES, GATE_BATCH, GATE_LEARNING_RATE, GATE_STEPS, TrainConfig
 from lorlib_ui.training.data import MultiTaskData, load_tasks
-from lorlib_ui.training.trainers import Progress
+from lorlib_ui.training.options import option
+from lorlib_ui.training.reporter import QUIET, Reporter
 from lorlib_ui.training.training import Cancelled, answer_loss, batches, encode_examples
 
 
@@ -65,7 +65,7 @@ def plan_keys(
                 raise LorlibError(f"expert {name} records no tasks, so it has no training data for {kind}")
     if not chosen:
         raise LorlibError(f"no experts of library {library.path} have training data in {data.origin}")
-    chosen, lacking = list(dict.fromkeys(chosen)), set(library.lacking_keys(kind))
+    chosen, lacking = list(dict.fromkeys(chosen)), set(library.derived.lacking(kind))
     return [c for c in chosen if force or c in lacking], [c for c in chosen if not force and c not in lacking]
 
 
@@ -85,54 +85,73 @@ def _routed_model(library: Library, device: str | None) -> RoutedModel:
     return rm
 
 
-def compute_keys(
-    path: str,
-    kind: str,
-    data: str | None = None,
-    experts: list[str] | None = None,
-    examples: int = ACTIVATION_EXAMPLES,
-    steps: int = GATE_STEPS,
-    learning_rate: float = GATE_LEARNING_RATE,
-    batch_size: int = GATE_BATCH,
-    seed: int = 0,
-    force: bool = False,
-    device: str | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-) -> KeysReport:
-    """Compute `kind` ("gates" or "activations") for the experts `plan_keys` picks, storing each
-    at once; `progress` gets one event per step, as in a build."""
-    if kind not in ("gates", "activations"):
-        raise LorlibError(f"unknown key set {kind!r}; use gates or activations")
-    for name, value in (("examples", examples), ("steps", steps), ("batch size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise LorlibError(f"{name} must be a positive whole number, got {value}")
-    if not learning_rate > 0:
-        raise LorlibError(f"learning rate must be positive, got {learning_rate}")
+@dataclass(frozen=True, kw_only=True)
+class KeysOptions:
+    """Which experts get routing keys, from which data (the `gates` and `activations` commands)."""
+
+    kind: ClassVar[str]  # the keys computed, and the command's name
+    experts: tuple[str, ...] | None = option(None, "a kind (private, cluster, ...) or comma-separated experts")
+    data: str | None = option(None, "training data (default: what the library was built from)")
+    seed: int = option(0, "draws the examples and seeds the training")
+    device: str | None = option(None, "cuda or cpu (default: cuda when present)")
+    force: bool = option(False, "compute again where present")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatesOptions(KeysOptions):
+    """PhatGoose gates, trained as the paper's code trains them."""
+
+    kind: ClassVar[str] = "gates"
+    steps: int = option(GATE_STEPS, "steps per expert", flags=("--gate-steps", "--steps"))
+    learning_rate: float = option(GATE_LEARNING_RATE, internal=True)
+    batch_size: int = option(GATE_BATCH, internal=True)
+
+    def __post_init__(self):
+        for name, value in (("steps", self.steps), ("batch size", self.batch_size)):
+            if value < 1:
+                raise LorlibError(f"{name} must be a positive whole number, got {value}")
+        if not self.learning_rate > 0:
+            raise LorlibError(f"learning rate must be positive, got {self.learning_rate}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationsOptions(KeysOptions):
+    """Mean hidden states over each expert's own examples."""
+
+    kind: ClassVar[str] = "activations"
+    examples: int = option(ACTIVATION_EXAMPLES, "examples per expert")
+
+    def __post_init__(self):
+        if self.examples < 1:
+            raise LorlibError(f"examples must be a positive whole number, got {self.examples}")
+
+
+def compute_keys(path: str, options: GatesOptions | ActivationsOptions, reporter: Reporter = QUIET) -> KeysReport:
+    """Compute `options.kind` for the experts `plan_keys` picks, storing each at once; `reporter`
+    hears of every step, as in a build, and may cancel between steps."""
     start = time.perf_counter()
     library = Library.open(path)
-    source = library.data_source(data)
-    loaded = load_tasks(source)
-    todo, skipped = plan_keys(library, kind, loaded, experts, force)
+    kind, seed = options.kind, options.seed
+    loaded = load_tasks(library.data_source(options.data))
+    experts = None if options.experts is None else list(options.experts)
+    todo, skipped = plan_keys(library, kind, loaded, experts, options.force)
     report = KeysReport(skipped=skipped)
     if not todo:
         return report
-    rm = _routed_model(library, device)
+    rm = _routed_model(library, options.device)
     for index, name in enumerate(todo, 1):
         expert = library.expert(name)
-        step = (
-            (lambda done, n, loss, x=name, i=index: progress(Progress(x, i, len(todo), done, n, loss)))
-            if progress
-            else None
-        )
-        if kind == "gates":
+        step = reporter.steps(name, index, len(todo))
+        if isinstance(options, GatesOptions):
             pairs = _examples(loaded, expert.tasks, None, seed)
-            config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
-            keys, info = train_gates(rm, name, pairs, config, step, cancel)
+            config = TrainConfig(
+                steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate, seed=seed
+            )
+            keys, info = train_gates(rm, name, pairs, config, step, reporter.cancelled)
         else:
-            pairs = _examples(loaded, expert.tasks, examples, seed)
-            keys, info = mean_activations(rm, pairs, step, cancel)
-        library.write_keys(name, kind, keys, {**info, "data": loaded.origin}, expert.weights_hash)
+            pairs = _examples(loaded, expert.tasks, options.examples, seed)
+            keys, info = mean_activations(rm, pairs, step, reporter.cancelled)
+        library.derived.write_expert(kind, name, keys, {**info, "data": loaded.origin}, expert.weights_hash)
         report.computed.append(name)
     report.seconds = time.perf_counter() - start
     return report
@@ -180,13 +199,12 @@ def mean_activations(rm: RoutedModel, pairs: list[tuple[str, str]], progress=Non
 
 
 @dataclass(frozen=True, eq=False)
-class _GateTraining(Router):
+class _GateTraining(TokenRouter):
     """While training one expert's gates: that expert alone, its output scaled by σ(v·h) at each
     layer it adapts (v: `gates[layer]`); every other expert 0. Used by `train_gates` only."""
 
     name: ClassVar[str] = "gate-training"
     summary: ClassVar[str] = "PhatGoose gate training"
-    static: ClassVar[bool] = False
 
     index: int = 0
     gates: dict = field(default_factory=dict)

@@ -8,7 +8,10 @@ scores an answer (the prompt in the chat template, the reference answer's mean l
 per token), on the routed model, under each candidate merge. `evaluate --routers lorahub` does
 this on each held-out task (`few_shot_context`); `lorahub_expert` does it once and stores the
 result as an expert of kind `lorahub`, a plain LoRA adapter that routes like any other
-(`expert:lorahub-<task>-k<K>-s<seed>`), with its weights and shots in its `training` record.
+(`expert:lorahub-<task>-k<K>-s<seed>`), with its weights and shots in its `training` record:
+`plan_lorahub` checks everything (reusing a stored expert, or drawing the shots) without loading the
+model, `run_lorahub` searches and stores. This module is LoraHub's one home outside its router: the
+defaults of its settings (`LoraHubOptions`) and what `adapt` and `evaluate` call.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from lorlib_ui.core.routers import Router, TaskContext, make_router
 from lorlib_ui.core.routers.lorahub import BOUND, DEFAULT_BUDGET, DEFAULT_SHOTS, L1
 from lorlib_ui.training.building import expert_name
 from lorlib_ui.training.data import MultiTaskData, load_tasks
+from lorlib_ui.training.options import option
+from lorlib_ui.training.reporter import QUIET, Reporter
+from lorlib_ui.training.training import Cancelled
 
 
 def check_shots(shots: int) -> None:
@@ -75,6 +81,36 @@ def lorahub_name(task: str, shots: int, seed: int, kind: str | None = None) -> s
     return check_name(f"lorahub-{kind + '-' if kind else ''}{expert_name(task)[:70]}-k{shots}-s{seed}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class FewShotTask:
+    """The task a run learns from a few of its rows, and where the rows are (lorahub, adapt)."""
+
+    task: str = option(help="the task whose training rows are the examples")
+    data: str | None = option(
+        None,
+        "tasks' data as for build, or a file of the task's rows alone (default: what the library was built from)",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraHubOptions(FewShotTask):
+    """One LoraHub search, stored as an expert (the `lorahub` command's flags). Its defaults are
+    LoraHub's own: `evaluate`'s shots and `adapt`'s budget are these."""
+
+    shots: int = option(DEFAULT_SHOTS, f"examples (default {DEFAULT_SHOTS})")
+    budget: int = option(DEFAULT_BUDGET, f"evaluations of the search (default {DEFAULT_BUDGET})")
+    seed: int = option(0, "draws the examples and seeds the search")
+    experts: str | None = option(None, "a kind to merge (default: private and imported experts)")
+    force: bool = option(False, "search again when the expert is already there")
+    device: str | None = option(None, "cuda or cpu (default: cuda when present)")
+    dtype: str | None = option(None, "float32, bfloat16, float16 or auto")
+
+    def __post_init__(self):
+        check_shots(self.shots)
+        if self.budget < 1:
+            raise LorlibError(f"--budget must be at least 1, got {self.budget}")
+
+
 @dataclass
 class LoraHubReport:
     expert: Expert  # as stored in the library
@@ -82,56 +118,71 @@ class LoraHubReport:
     seconds: float
 
 
-def lorahub_expert(
-    path: str | Path,
-    task: str,
-    data: str | None = None,
-    shots: int = DEFAULT_SHOTS,
-    budget: int = DEFAULT_BUDGET,
-    seed: int = 0,
-    experts: str | None = None,
-    force: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> LoraHubReport:
-    """Search LoraHub's merge of the library's task experts (or of the experts of kind `experts`)
-    on `shots` training rows of `task` (from `data`; default: the data the library was built from),
-    and add it to the library as an expert of kind `lorahub`. An expert of that name already there
-    is reused, not searched again, unless `force`. Everything is checked before the model loads;
-    a refusal changes nothing."""
-    start = time.perf_counter()
-    check_shots(shots)
+@dataclass
+class LoraHubPlan:
+    """A LoraHub search checked whole, before the model loads: the expert to reuse, or the shots."""
+
+    library: Library
+    options: LoraHubOptions
+    name: str  # of the stored expert
+    router: Router  # LoraHub's, with the options' budget and experts
+    reuse: Expert | None = None  # already stored: nothing to search
+    source: str = ""  # where the rows come from
+    rows: list[dict] | None = None  # the shots
+    picked: list[int] | None = None  # their positions among the task's training rows
+    family: str | None = None
+
+
+def plan_lorahub(path: str | Path, options: LoraHubOptions) -> LoraHubPlan:
+    """Check a search of LoraHub's merge of the library's task experts (or of the experts of kind
+    `options.experts`) on `options.shots` training rows of the task (from `options.data`; default:
+    the data the library was built from). An expert of that name already there is to be reused,
+    unless `options.force`. Reads the library and the data; writes nothing, loads no model."""
     library = Library.open(path)
-    spec = "lorahub" + (f"@{experts}" if experts else "")
-    router = replace(make_router(spec, library.names, groups=library.groups(), per_task=True), budget=budget)
-    name = lorahub_name(task, shots, seed, experts)
+    spec = "lorahub" + (f"@{options.experts}" if options.experts else "")
+    router = replace(make_router(spec, library.names, groups=library.groups(), per_task=True), budget=options.budget)
+    name = lorahub_name(options.task, options.shots, options.seed, options.experts)
     existing = next((e for e in library.experts if e.name == name), None)
-    if existing is not None and not force:
+    if existing is not None and not options.force:
         if existing.kind != "lorahub":
             kind = existing.kind
             raise LorlibError(f"library {library.path} has a {kind} expert named {name!r}; use --force to replace it")
-        return LoraHubReport(existing, reused=True, seconds=time.perf_counter() - start)
-    source = library.data_source(data)
-    loaded = load_tasks(source, task=task)  # a file without a task column is this task's rows
-    rows, picked = draw_shots(loaded, task, shots, seed)
-    family = loaded.family_of(task)
+        return LoraHubPlan(library, options, name, router, reuse=existing)
+    source = library.data_source(options.data)
+    loaded = load_tasks(source, task=options.task)  # a file without a task column is this task's rows
+    rows, picked = draw_shots(loaded, options.task, options.shots, options.seed)
+    return LoraHubPlan(library, options, name, router, None, source, rows, picked, loaded.family_of(options.task))
 
-    rm = RoutedModel.load(library, device=device, dtype=dtype)
-    context = TaskContext(rm.library, task, family, shot_loss(rm, rows), shots, seed)
-    merge, result = router.search(context, progress)
+
+def run_lorahub(plan: LoraHubPlan, reporter: Reporter = QUIET) -> LoraHubReport:
+    """Search the merge (each evaluation a step of `reporter`'s, which may cancel between them) and
+    add it to the library as an expert of kind `lorahub`; or return the stored one to reuse."""
+    start = time.perf_counter()
+    if plan.reuse is not None:
+        return LoraHubReport(plan.reuse, reused=True, seconds=time.perf_counter() - start)
+    o, library = plan.options, plan.library
+    rm = RoutedModel.load(library, device=o.device, dtype=o.dtype)
+    context = TaskContext(rm.library, o.task, plan.family, shot_loss(rm, plan.rows), o.shots, o.seed)
+    step = reporter.steps(plan.name)
+
+    def searched(done: int, total: int, best: float) -> None:
+        step(done, total, best)
+        if reporter.cancelled():
+            raise Cancelled("LoraHub's search cancelled; nothing was stored")
+
+    merge, result = plan.router.search(context, searched)
     adapter = rm.merged_adapter(merge)
-    merged = [rm.experts[i] for i in router.merged_experts(rm.library)]
-    local = source != "default" and Path(source).exists()
+    merged = [rm.experts[i] for i in plan.router.merged_experts(rm.library)]
+    local = plan.source != "default" and Path(plan.source).exists()
     training = {
         "method": "lorahub",
-        "task": task,
-        "data": str(Path(source).resolve()) if local else source,
-        "shots": shots,
-        "shot_rows": picked,  # positions among the task's training rows
-        "seed": seed,
-        "budget": budget,
-        "experts": experts or "task experts (private and imported)",
+        "task": o.task,
+        "data": str(Path(plan.source).resolve()) if local else plan.source,
+        "shots": o.shots,
+        "shot_rows": plan.picked,  # positions among the task's training rows
+        "seed": o.seed,
+        "budget": o.budget,
+        "experts": o.experts or "task experts (private and imported)",
         "bounds": [-BOUND, BOUND],
         "l1": L1,
         "init": "zeros",
@@ -141,14 +192,19 @@ def lorahub_expert(
         "objective": result.objective,  # loss + l1·‖w‖₁
     }
     entry = expert_from_adapter(
-        name,
+        plan.name,
         adapter,
         library.base_model,
         kind="lorahub",
-        tasks=[task],
-        family=family,
+        tasks=[o.task],
+        family=plan.family,
         training=training,
         metrics={"evaluations": result.evaluations, "seconds": round(time.perf_counter() - start, 2)},
     )
-    stored = library.add_experts([(entry, adapter)], force=force)[0]
+    stored = library.add_experts([(entry, adapter)], force=o.force)[0]
     return LoraHubReport(stored, reused=False, seconds=time.perf_counter() - start)
+
+
+def lorahub_expert(path: str | Path, options: LoraHubOptions, reporter: Reporter = QUIET) -> LoraHubReport:
+    """`plan_lorahub`, then `run_lorahub`: a refusal changes nothing."""
+    return run_lorahub(plan_lorahub(path, options), reporter)

@@ -9,7 +9,6 @@ expert the moment it is trained, atomically, so an interrupted build keeps every
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
@@ -17,6 +16,7 @@ from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library, expert_from_adapter
 from lorlib_ui.training.config import TrainConfig
 from lorlib_ui.training.data import MultiTaskData
+from lorlib_ui.training.reporter import QUIET, Reporter
 from lorlib_ui.training.training import train_expert
 
 
@@ -29,19 +29,6 @@ class Job:
     tasks: list[str]
     family: str | None = None
     steps: int | None = None  # None: the config's
-
-
-@dataclass
-class Progress:
-    """Where a build stands: expert `index` of `total` (from 1), at `step` of `steps`."""
-
-    expert: str
-    index: int
-    total: int
-    step: int
-    steps: int
-    loss: float | None
-    worker: str | None = None  # host:pid of the process training it, in a Ray build
 
 
 @dataclass
@@ -91,20 +78,14 @@ def train_job(
     config: TrainConfig,
     index: int = 1,
     total: int = 1,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    reporter: Reporter = QUIET,
 ) -> None:
     """Train one job's expert on its (prompt, answer) `pairs` and store it in the library at once
     (job `index` of `total`, for progress)."""
     job_config = replace(config, steps=job.steps or config.steps)
-
-    def step(done: int, steps: int, loss: float) -> None:
-        if progress is not None:
-            progress(Progress(job.name, index, total, done, steps, loss))
-
-    if progress is not None:
-        progress(Progress(job.name, index, total, 0, job_config.steps, None))
-    result = train_expert(model, tokenizer, pairs, job_config, step, cancel)
+    steps = reporter.steps(job.name, index, total)
+    steps(0, job_config.steps, None)
+    result = train_expert(model, tokenizer, pairs, job_config, steps, reporter.cancelled)
     training = {**asdict(job_config), "targets": list(job_config.targets), "data": data_origin}
     entry = expert_from_adapter(
         job.name,
@@ -127,21 +108,21 @@ def train_jobs(
     tokenizer,
     config: TrainConfig,
     force: bool = False,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
+    reporter: Reporter = QUIET,
 ) -> BuildReport:
     """Train the jobs `plan` keeps, one after another on `model`, storing each expert at once."""
     todo, skipped = plan(library, jobs, force)
     report = BuildReport(skipped=skipped)
     for index, job in enumerate(todo, 1):
         pairs = examples(data, job.tasks)
-        train_job(library, job, pairs, data.origin, model, tokenizer, config, index, len(todo), progress, cancel)
+        train_job(library, job, pairs, data.origin, model, tokenizer, config, index, len(todo), reporter)
         report.trained.append(job.name)
     return report
 
 
 class Trainer(Protocol):
-    """Trains a build's jobs into a library, skipping those already there (see `plan`)."""
+    """Trains a build's jobs into a library, skipping those already there (see `plan`), telling
+    `reporter` each step and stopping when it says the build is cancelled."""
 
     def train(
         self,
@@ -150,8 +131,7 @@ class Trainer(Protocol):
         jobs: list[Job],
         config: TrainConfig,
         force: bool = False,
-        progress: Callable[[Progress], None] | None = None,
-        cancel: Callable[[], bool] | None = None,
+        reporter: Reporter = QUIET,
     ) -> BuildReport: ...
 
 
@@ -171,15 +151,14 @@ class LocalTrainer:
         jobs: list[Job],
         config: TrainConfig,
         force: bool = False,
-        progress: Callable[[Progress], None] | None = None,
-        cancel: Callable[[], bool] | None = None,
+        reporter: Reporter = QUIET,
     ) -> BuildReport:
         todo, skipped = plan(library, jobs, force)
         if not todo:  # nothing to train: no model to load
             return BuildReport(skipped=skipped)
         model, tokenizer, bf16 = load_trainer_model(library.base_model, self.device, self.bf16)
         config = replace(config, bf16=bf16)
-        return train_jobs(library, data, jobs, model, tokenizer, config, force, progress, cancel)
+        return train_jobs(library, data, jobs, model, tokenizer, config, force, reporter)
 
 
 def bf16_setting(setting: str, device) -> bool:

@@ -1,9 +1,12 @@
 """The worker's long jobs (build, cluster, evaluate, transfer, routing statistics, adapt): a queue run one job at a
 time on a background thread, with cancel, progress, and a bounded history.
 
-Jobs arrive as plain `JobRequest`s (options as the app sends them) and are run by the builders of
-`lorlib_ui.training` and `lorlib_ui.analysis`. Status is written by the job's thread and read by
-the UI's polls, always under one lock and handed out as copies, so a poll never sees half an
+Jobs arrive as plain `JobRequest`s (options as the app sends them, plain dicts), are parsed into
+the options dataclasses of the entry points they feed (`OPTIONS`; refused at submission, in one
+line, when a key is unknown or a value of the wrong type) and run by the builders of
+`lorlib_ui.training` and `lorlib_ui.analysis`, each with a `JobReporter`: its progress goes into
+the job's status, and the board's cancel stops it. Status is written by the job's thread and read
+by the UI's polls, always under one lock and handed out as copies, so a poll never sees half an
 update. Finished jobs beyond the last `KEEP_FINISHED` are forgotten.
 """
 
@@ -12,13 +15,23 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
+from lorlib_ui.analysis.adaptation_runs import AdaptOptions, adapt_library
+from lorlib_ui.analysis.evaluation import EvaluateOptions, evaluate_library
+from lorlib_ui.analysis.routing_stats import RoutingStatsOptions, routing_stats_library
+from lorlib_ui.analysis.transfer import TransferOptions, transfer_library
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
+from lorlib_ui.training.building import BuildOptions, build_library
+from lorlib_ui.training.clusters import ClusterOptions, cluster_and_train
+from lorlib_ui.training.config import TrainConfig
+from lorlib_ui.training.options import from_mapping
+from lorlib_ui.training.reporter import Count, Progress, Reporter
 from lorlib_ui.training.trainers import Trainer
 from lorlib_ui.worker.api import JobRequest, JobStatus
 
@@ -57,6 +70,7 @@ class JobBoard:
     def submit(self, job: JobRequest) -> str:
         if job.kind not in JOBS:
             raise LorlibError(f"unknown job {job.kind!r}; use one of {', '.join(JOBS)}")
+        job_options(job)  # a bad key or value is refused now, not when the job's turn comes
         job_id = uuid.uuid4().hex
         with self._lock:
             self._jobs[job_id] = JobStatus(job_id, job.kind, "queued", message="waiting for earlier jobs")
@@ -137,20 +151,74 @@ class JobBoard:
 
 # ---- the jobs: options as the app sends them -> a builder of training or analysis ---------------------
 
+# The options dataclasses each job's dict is read into (a build's dict holds its training settings too).
+OPTIONS: dict[str, tuple[type, ...]] = {
+    "build": (BuildOptions, TrainConfig),
+    "cluster": (ClusterOptions,),
+    "evaluate": (EvaluateOptions,),
+    "transfer": (TransferOptions,),
+    "routing": (RoutingStatsOptions,),
+    "adapt": (AdaptOptions,),
+}
 
-def _training_progress(context: JobContext):
-    done: dict[str, float] = {}  # expert -> its share done; several train at once in a Ray build
 
-    def progress(event) -> None:
-        done[event.expert] = event.step / max(event.steps, 1)
+def job_options(job: JobRequest) -> tuple:
+    """A job's plain dict as the options dataclasses of its kind, each checked by itself."""
+    classes = OPTIONS.get(job.kind, ())
+    return tuple(from_mapping(cls, job.options, f"{job.kind} job", beside=classes) for cls in classes)
+
+
+class JobReporter(Reporter):
+    """A job's reporter: its progress becomes the job's fraction and status line (`counted` names
+    what a `Count` counts), and it is cancelled when the board cancels the job."""
+
+    def __init__(self, context: JobContext, counted: str = ""):
+        super().__init__()
+        self.context, self.counted = context, counted
+        self.done: dict[str, float] = {}  # expert -> its share done; several train at once in a Ray build
+
+    def progress(self, event: Progress | Count) -> None:
+        if isinstance(event, Count):
+            what = f"{event.done}/{event.total}{self.counted}: {event.what}"
+            self.context.update(event.done / max(event.total, 1), what)
+            return
+        self.done[event.expert] = event.step / max(event.steps, 1)
         loss = "" if event.loss is None else f", loss {event.loss:.3f}"
         where = f" (on {event.worker})" if event.worker else ""
-        context.update(
-            sum(done.values()) / max(event.total, 1),
+        self.context.update(
+            sum(self.done.values()) / max(event.total, 1),
             f"expert {event.index}/{event.total} {event.expert}: step {event.step}/{event.steps}{loss}{where}",
         )
 
-    return progress
+    def cancelled(self) -> bool:
+        return self.context.cancelled()
+
+
+class AdaptReporter(JobReporter):
+    """An adapt job's: one method after another, each method's loss curve so far published as the
+    status's detail (what the Adapt tab draws live); the last tenth is the scoring."""
+
+    def __init__(self, context: JobContext):
+        super().__init__(context)
+        self.curves: dict[str, list[float]] = {}  # method/shots -> loss at each step so far
+
+    def _detail(self) -> dict:
+        return {"curves": {k: list(v) for k, v in self.curves.items()}}
+
+    def progress(self, event: Progress | Count) -> None:
+        if isinstance(event, Count):
+            return super().progress(event)
+        curve = self.curves.setdefault(event.expert, [])
+        if event.loss is not None:
+            curve.append(round(float(event.loss), 4))
+        done = (event.index - 1 + event.step / max(event.steps, 1)) / max(event.total, 1)
+        loss = "" if event.loss is None else f", loss {event.loss:.3f}"
+        message = f"{event.index}/{event.total} {event.expert}: step {event.step}/{event.steps}{loss}"
+        self.context.update(0.9 * done, message, self._detail())
+
+    def log(self, line: str) -> None:
+        if line.startswith("scoring"):
+            self.context.update(0.9, line, self._detail())
 
 
 def _history(job: JobRequest, seconds: float) -> None:
@@ -159,25 +227,14 @@ def _history(job: JobRequest, seconds: float) -> None:
 
 
 def _build_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.training.building import build_library
-    from lorlib_ui.training.config import TrainConfig
-
-    o = job.options
+    options, config = job_options(job)
     report = build_library(
         job.library,
-        data=o.get("data", "default"),
-        tasks=o.get("tasks"),
-        families=o.get("families"),
-        holdout_per_family=int(o.get("holdout_per_family", 0)),
-        config=TrainConfig.from_options(o),
-        shared_steps=o.get("shared_steps"),
-        shared=bool(o.get("shared", True)),
-        force=bool(o.get("force", False)),
-        base_model=o.get("base_model"),
-        keep_data=o.get("data", "default") != "default",  # an upload, deleted after a while: the library keeps it
+        options,
+        config,
         trainer=context.new_trainer(),
-        progress=_training_progress(context),
-        cancel=context.cancelled,
+        reporter=JobReporter(context),
+        keep_data=options.data != "default",  # an upload, deleted after a while: the library keeps it
     )
     _history(job, report.seconds)
     message = f"trained {len(report.trained)} experts, skipped {len(report.skipped)} already there"
@@ -185,60 +242,25 @@ def _build_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
 
 
 def _cluster_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.training.clusters import cluster_and_train
-
-    o = job.options
-    summary, report = cluster_and_train(
-        job.library,
-        int(o["k"]),
-        steps=o.get("steps"),
-        train=bool(o.get("train", True)),
-        seed=int(o.get("seed", 0)),
-        trainer=context.new_trainer(),
-        progress=_training_progress(context),
-        cancel=context.cancelled,
-    )
+    (options,) = job_options(job)
+    summary, report = cluster_and_train(job.library, options, context.new_trainer(), JobReporter(context))
     _history(job, report.seconds)
     message = f"{len(summary.get('members', {}))} clusters; trained {len(report.trained)} cluster experts"
     return {"clusters": summary, "trained": report.trained}, message
 
 
 def _evaluate_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.analysis.evaluation import evaluate_library
-
-    o = job.options
-
-    def progress(done, total, router, task):
-        context.update(done / total, f"{done}/{total}: {router} on {task}")
-
-    record, notes = evaluate_library(
-        job.library, o.get("tasks"), o.get("routers"), limit=o.get("limit"), progress=progress, cancel=context.cancelled
-    )
+    (options,) = job_options(job)
+    record, notes = evaluate_library(job.library, options, JobReporter(context))
     _history(job, record["seconds"])
     message = f"evaluated {len(record['summary'])} routers on {len(record['tasks'])} tasks"
     return {"evaluation": record, "notes": notes}, message
 
 
 def _transfer_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    import time
-
-    from lorlib_ui.analysis.transfer import DEFAULT_LIMIT, transfer_library
-
-    o = job.options
+    (options,) = job_options(job)
     start = time.perf_counter()
-
-    def progress(done, total, column):
-        context.update(done / total, f"{done}/{total} experts scored: {column}")
-
-    matrix, counts = transfer_library(
-        job.library,
-        o.get("tasks", "held-out"),
-        o.get("experts"),
-        limit=o.get("limit", DEFAULT_LIMIT),
-        exact_match=bool(o.get("exact_match", False)),
-        progress=progress,
-        cancel=context.cancelled,
-    )
+    matrix, counts = transfer_library(job.library, options, JobReporter(context, " experts scored"))
     if counts["computed"]:
         _history(job, time.perf_counter() - start)
     message = f"{len(matrix.tasks)} tasks x {len(matrix.columns)} columns; computed {counts['computed']} cells"
@@ -246,63 +268,20 @@ def _transfer_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
 
 
 def _routing_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.analysis.routing_stats import DEFAULT_LIMIT, routing_stats_library
-
-    o = job.options
-
-    def progress(done, total, task):
-        context.update(done / total, f"{done}/{total} tasks routed: {task}")
-
-    results = routing_stats_library(
-        job.library,
-        o.get("router", "arrow@private"),
-        o.get("tasks", "held-out"),
-        limit=o.get("limit", DEFAULT_LIMIT),
-        top_k=o.get("top_k"),
-        temperature=float(o.get("temperature", 1.0)),
-        progress=progress,
-        cancel=context.cancelled,
-    )
+    (options,) = job_options(job)
+    results = routing_stats_library(job.library, options, JobReporter(context, " tasks routed"))
     summary = results["content"].summary()
     return {"summary": summary}, f"routed {len(results['all'].tasks)} tasks with {results['all'].router}"
 
 
 def _adapt_job(job: JobRequest, context: JobContext) -> tuple[dict, str]:
-    from lorlib_ui.analysis.adaptation_runs import adapt_library
-
-    o = job.options
-    curves: dict[str, list[float]] = {}  # method/shots -> loss at each step so far
-
-    def progress(event) -> None:
-        curve = curves.setdefault(event.expert, [])
-        if event.loss is not None:
-            curve.append(round(float(event.loss), 4))
-        done = (event.index - 1 + event.step / max(event.steps, 1)) / max(event.total, 1)
-        loss = "" if event.loss is None else f", loss {event.loss:.3f}"
-        message = f"{event.index}/{event.total} {event.expert}: step {event.step}/{event.steps}{loss}"
-        context.update(0.9 * done, message, {"curves": {k: list(v) for k, v in curves.items()}})
-
-    def log(line: str) -> None:
-        if line.startswith("scoring"):
-            context.update(0.9, line, {"curves": {k: list(v) for k, v in curves.items()}})
-
-    record, notes = adapt_library(
-        job.library,
-        o["task"],
-        data=o.get("data"),
-        shots=[int(n) for n in o.get("shots", [32])],
-        methods=o.get("methods"),
-        steps=o.get("steps"),
-        seed=int(o.get("seed", 0)),
-        limit=o.get("limit"),
-        progress=progress,
-        cancel=context.cancelled,
-        log=log,
-    )
+    (options,) = job_options(job)
+    reporter = AdaptReporter(context)
+    record, notes = adapt_library(job.library, options, reporter)
     _history(job, record["seconds"])
     trained = sum(run["trained_now"] for run in record["runs"])
     message = f"{record['task']}: {len(record['runs'])} results ({trained} trained now), scored on the test rows"
-    return {"adaptation": record, "notes": notes, "curves": curves}, message
+    return {"adaptation": record, "notes": notes, "curves": reporter.curves}, message
 
 
 JOBS = {

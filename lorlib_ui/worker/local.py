@@ -239,9 +239,7 @@ class LocalWorker(Worker):
         def work() -> None:
             try:
                 with self._lock:
-                    rm = self._routed_model(Library.open(library.path))
-                    if rm.experts != library.names:  # the library changed between the check and now
-                        raise LorlibError("the library changed while the request waited; try again")
+                    rm = self._routed_model(library)  # the one opening of this request, passed down
                     result = generate(
                         rm,
                         request.prompt,
@@ -460,10 +458,10 @@ class LocalWorker(Worker):
 def _router_menu(library: Library) -> dict:
     """What the app's router menus offer for a library (from the registry): the specs it can run
     with a line about each, and those it cannot run yet with what they lack."""
-    from lorlib_ui.core.library import KEY_SETS
+    from lorlib_ui.core.derived import KEY_SETS
     from lorlib_ui.core.routers import explain, menu
 
-    lacking = {kind: library.lacking_keys(kind) for kind in KEY_SETS}
+    lacking = {kind: library.derived.lacking(kind) for kind in KEY_SETS}
     learned = {name: r for name, r in learned_routers(library).items() if learned_problem(library, name) is None}
     mixed = {name: r.experts for name, r in learned.items()}
     routers, missing = menu(library.names, library.groups(), lacking, mixed)

@@ -272,6 +272,7 @@ class RayWorker(Worker):
 def _train_task(library_path, job, pairs, data_origin, config, index, total, device, bf16, events) -> str:
     """On a Ray worker: load the base model, train one expert and store it in the library."""
     from lorlib_ui.core.library import Library
+    from lorlib_ui.training.reporter import Reporter
     from lorlib_ui.training.trainers import load_trainer_model, train_job
 
     library = Library.open(library_path)
@@ -288,7 +289,7 @@ def _train_task(library_path, job, pairs, data_origin, config, index, total, dev
         config,
         index,
         total,
-        progress=lambda event: events.put_nowait(replace(event, worker=where)),
+        Reporter(progress=lambda event: events.put_nowait(replace(event, worker=where))),
     )
     return job.name
 
@@ -318,10 +319,12 @@ class RayTrainer:
         self.address, self.device, self.bf16 = address, device, bf16
         self.cpus_per_task, self.gpus_per_task, self.max_retries = cpus_per_task, gpus_per_task, max_retries
 
-    def train(self, library, data, jobs, config, force=False, progress=None, cancel=None):
+    def train(self, library, data, jobs, config, force=False, reporter=None):
+        from lorlib_ui.training.reporter import QUIET
         from lorlib_ui.training.trainers import BuildReport, examples, plan
         from lorlib_ui.training.training import Cancelled
 
+        reporter = reporter or QUIET
         todo, skipped = plan(library, jobs, force)
         report = BuildReport(skipped=skipped)
         if not todo:
@@ -346,14 +349,14 @@ class RayTrainer:
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
-                _drain(events, progress)
-                if cancel is not None and cancel():
+                _drain(events, reporter)
+                if reporter.cancelled():
                     raise Cancelled("cancelled; finished experts are kept")
                 for ref in done:
                     job = pending.pop(ref)
                     _get(ref)  # the task's error, if it failed
                     finished.add(job.name)
-            _drain(events, progress)
+            _drain(events, reporter)
         finally:
             for ref in pending:  # on an error, a cancel or Ctrl-C: stop the rest
                 ray.cancel(ref, force=True)
@@ -362,8 +365,6 @@ class RayTrainer:
         return report
 
 
-def _drain(events, progress: Callable | None) -> None:
+def _drain(events, reporter) -> None:
     while not events.empty():
-        event = events.get_nowait()
-        if progress is not None:
-            progress(event)
+        reporter.progress(events.get_nowait())

@@ -10,7 +10,7 @@ from conftest import build_library as library_of
 from conftest import library_snapshot, relative_error, routed_logits, routing_ids
 from conftest import run as cli
 
-from lorlib_ui.analysis.adaptation_runs import adapt_library, adapted_name
+from lorlib_ui.analysis.adaptation_runs import AdaptOptions, adapt_library, adapted_name, plan_adaptation
 from lorlib_ui.analysis.evaluation import evaluate_task
 from lorlib_ui.core.adapters import read_adapter
 from lorlib_ui.core.errors import LorlibError
@@ -19,8 +19,9 @@ from lorlib_ui.core.library import Library, expert_from_adapter
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.core.routers import make_router
 from lorlib_ui.training.adaptation_methods import mu_adapter, train_poly, trainable_numbers
-from lorlib_ui.training.config import TrainConfig
+from lorlib_ui.training.config import ADAPT_METHODS, TrainConfig
 from lorlib_ui.training.data import load_tasks
+from lorlib_ui.training.reporter import Reporter
 from lorlib_ui.training.training import start_lora
 
 NEW_TASK = "name-the-animal"
@@ -32,7 +33,7 @@ STEPS = 12
 def source(tmp_path_factory, tiny_base, tiny_adapters):
     """A library of three private experts (one trained on a task like the new one, two random) and
     a shared expert, and data with a new multiple-choice task of 40 rows (32 train, 4 test)."""
-    from lorlib_ui.training.building import build_library
+    from lorlib_ui.training.building import BuildOptions, build_library
 
     root = tmp_path_factory.mktemp("adapt")
     rows = [{"task": "fox", "input": f"say a word {i}", "output": "fox"} for i in range(30)]
@@ -42,7 +43,8 @@ def source(tmp_path_factory, tiny_base, tiny_adapters):
     data = root / "animals.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = TrainConfig(steps=20, batch_size=4, learning_rate=5e-2, rank=4, targets=("q_proj", "v_proj"))
-    build_library(root / "lib", str(data), tasks=["fox"], config=config, shared_steps=5, base_model=str(tiny_base))
+    options = BuildOptions(data=str(data), tasks=("fox",), shared_steps=5, base_model=str(tiny_base))
+    build_library(root / "lib", options, config)
     library = Library.open(root / "lib")
     noise = {f"noise{i}": read_adapter(folder) for i, folder in enumerate(tiny_adapters[:2])}
     library.add_experts([(expert_from_adapter(n, a, library.base_model, kind="private"), a) for n, a in noise.items()])
@@ -54,9 +56,8 @@ def adapted(source, tmp_path_factory):
     """The library after `adapt` ran every method on 8 shots of the new task, and what it reported."""
     path = shutil.copytree(source[0], tmp_path_factory.mktemp("adapted") / "lib")
     events = []
-    record, notes = adapt_library(
-        path, NEW_TASK, data=str(source[1]), shots=[8], steps=STEPS, budget=6, progress=events.append
-    )
+    options = AdaptOptions(task=NEW_TASK, data=str(source[1]), shots=(8,), steps=STEPS, budget=6)
+    record, notes = adapt_library(path, options, Reporter(progress=events.append))
     return path, source[1], record, notes, events
 
 
@@ -115,7 +116,8 @@ def test_a_rerun_trains_nothing_and_keeps_what_is_stored(adapted):
     path, data, record, _, _ = adapted
     before = library_snapshot(path / "experts") | library_snapshot(path / "routers")
     events = []
-    again, _ = adapt_library(path, NEW_TASK, data=str(data), shots=[8], steps=STEPS, budget=6, progress=events.append)
+    options = AdaptOptions(task=NEW_TASK, data=str(data), shots=(8,), steps=STEPS, budget=6)
+    again, _ = adapt_library(path, options, Reporter(progress=events.append))
     assert events == []
     assert not any(run["trained_now"] for run in again["runs"])
     assert library_snapshot(path / "experts") | library_snapshot(path / "routers") == before
@@ -138,7 +140,7 @@ def test_poly_router_leaves_every_expert_byte_identical(copy):
 def test_a_learned_router_routes_as_it_was_trained(copy):
     """The stored poly:NAME computes what the router computed at the end of its training."""
     from lorlib_ui.core.learned_routers import LearnedRouter, store_learned_router
-    from lorlib_ui.training.adaptation_methods import PolyTraining
+    from lorlib_ui.core.routers.poly import PolyTraining
 
     path, _ = copy
     library = Library.open(path)
@@ -164,9 +166,9 @@ def test_mu_starts_exactly_at_the_uniform_merge(copy, tiny_base):
 
     path, _ = copy
     library = Library.open(path)
-    mu = mu_adapter(library, ["fox", "noise0", "noise1"], TrainConfig(rank=4))
-    config = TrainConfig(rank=4, targets=tuple(mu.target_modules))  # the noise experts adapt k and o too
     rm = RoutedModel.load(library, device="cpu")
+    mu = mu_adapter(rm, ["fox", "noise0", "noise1"], TrainConfig(rank=4))
+    config = TrainConfig(rank=4, targets=tuple(mu.target_modules))  # the noise experts adapt k and o too
     expected = routed_logits(rm, make_router("uniform@private", rm.experts, groups=library.groups(), mix="parameters"))
     model, _ = load_base_model(str(tiny_base), device="cpu", dtype="float32")
     peft_model = start_lora(model, config, mu)
@@ -188,10 +190,10 @@ def test_poly_full_trains_the_mixed_experts_factors_too(copy):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"shots": [40]}, "more than the 32 training rows"),
-        ({"methods": ["scratch", "distil"]}, "unknown method 'distil'"),
-        ({"methods": []}, "the list of methods is empty"),
-        ({"shots": [0]}, "--shots must be at least 1"),
+        ({"shots": (40,)}, "more than the 32 training rows"),
+        ({"methods": ("scratch", "distil")}, "unknown method 'distil'"),
+        ({"methods": ()}, "the list of methods is empty"),
+        ({"shots": (0,)}, "--shots must be at least 1"),
         ({"task": "no-such-task"}, "no-such-task"),
         ({"limit": 0}, "the limit must be positive"),
     ],
@@ -199,10 +201,9 @@ def test_poly_full_trains_the_mixed_experts_factors_too(copy):
 def test_bad_input_is_refused_and_changes_nothing(copy, options, message):
     path, data = copy
     before = library_snapshot(path)
-    arguments = {"task": NEW_TASK, "data": str(data), "shots": [8], "steps": 2} | options
-    task = arguments.pop("task")
+    arguments = {"task": NEW_TASK, "data": str(data), "shots": (8,), "steps": 2} | options
     with pytest.raises(LorlibError, match=message):
-        adapt_library(path, task, **arguments)
+        adapt_library(path, AdaptOptions(**arguments))
     assert library_snapshot(path) == before
 
 
@@ -211,7 +212,7 @@ def test_a_library_without_private_or_shared_experts_is_refused(copy, tmp_path, 
     Library.open(path).remove_expert("shared")
     before = library_snapshot(path)
     with pytest.raises(LorlibError, match="method shared starts from the shared expert"):
-        adapt_library(path, NEW_TASK, data=str(data), shots=[8], methods=["shared"])
+        adapt_library(path, AdaptOptions(task=NEW_TASK, data=str(data), shots=(8,), methods=("shared",)))
     assert library_snapshot(path) == before
     clusters = library_of(tmp_path / "clusters", tiny_base, tiny_adapters[:2])
     with clusters.edit() as current:  # cluster experts only: nothing of one task to start from
@@ -219,18 +220,19 @@ def test_a_library_without_private_or_shared_experts_is_refused(copy, tmp_path, 
             expert.kind = "cluster"
     before = library_snapshot(clusters.path)
     with pytest.raises(LorlibError, match="has no private experts"):
-        adapt_library(clusters.path, NEW_TASK, data=str(data), shots=[8])
+        adapt_library(clusters.path, AdaptOptions(task=NEW_TASK, data=str(data), shots=(8,)))
     assert library_snapshot(clusters.path) == before
 
 
 def test_other_settings_need_force(adapted, tmp_path):
     path, data, _, _, _ = adapted
     other = shutil.copytree(path, tmp_path / "lib")
+    scratch = {"task": NEW_TASK, "data": str(data), "shots": (8,), "methods": ("scratch",)}
     before = library_snapshot(other)
     with pytest.raises(LorlibError, match="from other settings; use --force"):
-        adapt_library(other, NEW_TASK, data=str(data), shots=[8], steps=STEPS + 1, methods=["scratch"])
+        adapt_library(other, AdaptOptions(**scratch, steps=STEPS + 1))
     assert library_snapshot(other) == before
-    record, _ = adapt_library(other, NEW_TASK, data=str(data), shots=[8], steps=3, methods=["scratch"], force=True)
+    record, _ = adapt_library(other, AdaptOptions(**scratch, steps=3, force=True))
     assert Library.open(other).expert(adapted_name("scratch", NEW_TASK, 8, 0)).training["steps"] == 3
     assert [run["method"] for run in record["runs"]] == ["scratch"]
 
@@ -265,3 +267,30 @@ def test_the_command_prints_results_and_a_learning_curve(copy, capsys):
     assert code == 1 and err.count("\n") == 1 and "has no learned router 'nope'" in err
     code, out, err = cli(capsys, "adapt", path, "--task", NEW_TASK, "--data", data, "--shots", "8,x")
     assert code == 1 and err.count("\n") == 1 and "--shots takes whole numbers" in err
+
+
+def test_an_adaptation_plan_checks_everything_and_writes_nothing(adapted, no_model_loads):
+    path, data, _, _, _ = adapted
+    before = library_snapshot(path)
+    options = AdaptOptions(task=NEW_TASK, data=str(data), shots=(8, 4, 8), steps=STEPS, budget=6)
+    plan = plan_adaptation(path, options)
+    assert plan.options.shots == (4, 8) and plan.test_rows == 4 and plan.notes == []
+    assert [(run.label, run.done) for run in plan.runs] == [(f"{m}/4", False) for m in ADAPT_METHODS] + [
+        (f"{m}/8", True)
+        for m in ADAPT_METHODS  # stored by the fixture's run, with the same settings
+    ]
+    for changes, message in [
+        ({"steps": STEPS + 1, "shots": (8,)}, "from other settings; use --force"),
+        ({"task": "no-such-task"}, "no-such-task"),
+        ({"shots": (40,)}, "more than the 32 training rows"),
+    ]:
+        with pytest.raises(LorlibError, match=message):
+            plan_adaptation(path, replace(options, **changes))
+    assert library_snapshot(path) == before
+    for changes, message in [
+        ({"shots": ()}, "give at least one number of shots"),
+        ({"budget": 0}, "the budget must be positive, got 0"),
+        ({"steps": 0}, "the steps must be positive, got 0"),
+    ]:
+        with pytest.raises(LorlibError, match=message):
+            replace(options, **changes)

@@ -7,10 +7,13 @@ import pytest
 import torch
 from conftest import library_snapshot, run
 
-from lorlib_ui.analysis.evaluation import normalize
+from lorlib_ui.analysis.evaluation import EvaluateOptions, evaluate_library, normalize, plan_evaluation
+from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.generation import score, score_continuations
 from lorlib_ui.core.library import Library
 from lorlib_ui.core.routers import make_router
+from lorlib_ui.training.reporter import Reporter
+from lorlib_ui.training.training import Cancelled
 
 
 def test_score_continuations_equals_unbatched_score(tiny_routed):
@@ -107,16 +110,17 @@ def test_a_router_known_right_scores_above_ones_known_wrong(tmp_path, tiny_base)
     """Two tasks with fixed answers ('fox' and 'dog'): the expert trained on a task beats, on that
     task's test rows, the other task's expert and the base model. Evaluation ranks routers by
     what they know."""
-    from lorlib_ui.analysis.evaluation import evaluate_library
-    from lorlib_ui.training.building import build_library
+    from lorlib_ui.analysis.evaluation import EvaluateOptions, evaluate_library
+    from lorlib_ui.training.building import BuildOptions, build_library
     from lorlib_ui.training.config import TrainConfig
 
     rows = [{"task": t, "input": f"say a word {i}", "output": t} for t in ("fox", "dog") for i in range(30)]
     data = tmp_path / "fixed.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = TrainConfig(steps=60, batch_size=4, learning_rate=3e-2, rank=8)
-    build_library(tmp_path / "lib", str(data), config=config, shared=False, base_model=str(tiny_base))
-    record, _ = evaluate_library(str(tmp_path / "lib"), tasks=["fox"], routers=["expert:fox", "expert:dog", "base"])
+    build_library(tmp_path / "lib", BuildOptions(data=str(data), shared=False, base_model=str(tiny_base)), config)
+    options = EvaluateOptions(tasks=("fox",), routers=("expert:fox", "expert:dog", "base"))
+    record, _ = evaluate_library(str(tmp_path / "lib"), options)
     by = {row["router"]: row for row in record["summary"]}
     right, wrong, base = by["expert:fox"], by["expert:dog"], by["base"]
     assert right["loglik"] > max(wrong["loglik"], base["loglik"]) + 0.5, by
@@ -173,3 +177,37 @@ def test_evaluate_on_validation_rows_for_ablations(built, capsys, tasks_file):
     assert code == 1 and "top-k must be between" in err
     code, _, err = run(capsys, "evaluate", built, "--split", "train")
     assert code == 1 and "invalid choice" in err
+
+
+def test_an_evaluation_plan_checks_everything_and_writes_nothing(built, no_model_loads):
+    before = library_snapshot(built)
+    plan = plan_evaluation(str(built), EvaluateOptions(limit=2))
+    assert plan.tasks == Library.open(built).extra["held_out"]["tasks"] and not plan.few_shot
+    assert {"base", "uniform", "arrow", "shared"} <= set(plan.routers) and "oracle" not in plan.routers
+    assert any(note.startswith("skipped oracle") for note in plan.notes)
+    assert plan_evaluation(str(built), EvaluateOptions(routers=("lorahub",), shots=2)).few_shot
+    for options, message in [
+        (EvaluateOptions(tasks=("nope",)), "no task 'nope'"),
+        (EvaluateOptions(routers=("oracle",)), "no cluster experts"),
+        (EvaluateOptions(routers=("lorahub",), shots=30), "--shots 30 is more than the"),
+    ]:
+        with pytest.raises(LorlibError, match=message):
+            plan_evaluation(str(built), options)
+    assert library_snapshot(built) == before
+    for options, message in [
+        ({"routers": ()}, "the list of routers is empty"),
+        ({"limit": 0}, "the limit must be positive, got 0"),
+        ({"split": "train"}, "unknown split 'train'"),
+        ({"shots": 0}, "--shots must be at least 1, got 0"),
+    ]:
+        with pytest.raises(LorlibError, match=message):
+            EvaluateOptions(**options)
+
+
+def test_the_reporters_cancel_stops_an_evaluation_before_it_stores(built):
+    counted = []
+    reporter = Reporter(progress=counted.append, cancelled=lambda: len(counted) >= 1)
+    with pytest.raises(Cancelled, match="evaluation cancelled"):
+        evaluate_library(str(built), EvaluateOptions(routers=("base", "uniform"), limit=1), reporter)
+    assert [c.what for c in counted] == [f"base on {Library.open(built).extra['held_out']['tasks'][0]}"]
+    assert "evaluation" not in Library.open(built).extra

@@ -11,6 +11,7 @@ from lorlib_ui.analysis.routing_stats import agree_with_transfer, route_dataset
 from lorlib_ui.core.adapters import read_adapter
 from lorlib_ui.core.library import Library, expert_from_adapter
 from lorlib_ui.core.prompting import template_span
+from lorlib_ui.core.prototypes import expert_prototypes
 
 # Four tasks, two per family; every prompt of a task is one character, a single token, so each
 # task's tokens have exactly one hidden state per layer.
@@ -107,7 +108,7 @@ def test_routing_matrix_and_entropy_equal_a_hand_computation(matched):
     rm = _routed(path)
     router = make_router("arrow", rm.experts, top_k=4, temperature=2.0)
     result = route_dataset(rm, router, load_tasks(str(data)), list(TASKS), limit=None)["all"]
-    protos = Library.open(path).prototypes()
+    protos = expert_prototypes(Library.open(path))
     for i, task in enumerate(TASKS):
         per_layer = []
         for module in result.modules:

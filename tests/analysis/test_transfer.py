@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import library_snapshot, run
 
-from lorlib_ui.analysis.transfer import BASE, load_transfer, transfer_library
+from lorlib_ui.analysis.transfer import BASE, TransferOptions, load_transfer, transfer_library
 from lorlib_ui.core.adapters import read_adapter
 from lorlib_ui.core.library import Library, expert_from_adapter
+from lorlib_ui.training.reporter import Reporter
 from lorlib_ui.training.training import Cancelled
 
 TASKS = ("fox", "dog")
@@ -19,7 +20,7 @@ def fox_dog(tmp_path_factory, tiny_base):
     """Two tasks with fixed answers ('fox', 'dog'), one expert trained on each, and 'antifox', the
     fox expert's update negated (B -> -B), built to hurt the fox task. Only v_proj is adapted: with
     q and k adapted too, the product of their updates survives the negation and antifox helps."""
-    from lorlib_ui.training.building import build_library
+    from lorlib_ui.training.building import BuildOptions, build_library
     from lorlib_ui.training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("foxdog")
@@ -27,7 +28,7 @@ def fox_dog(tmp_path_factory, tiny_base):
     data = root / "fixed.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = TrainConfig(steps=60, batch_size=4, learning_rate=3e-2, rank=8, targets=("v_proj",))
-    build_library(root / "lib", str(data), config=config, shared=False, base_model=str(tiny_base))
+    build_library(root / "lib", BuildOptions(data=str(data), shared=False, base_model=str(tiny_base)), config)
     lib = Library.open(root / "lib")
     adapter = read_adapter(root / "lib" / lib.expert("fox").path)
     adapter.factors = {m: (a, -b) for m, (a, b) in adapter.factors.items()}
@@ -67,7 +68,9 @@ def _by_hand(path, data, task: str, spec: str, limit: int) -> list[float]:
 
 def test_cells_equal_a_hand_computation_and_gain_says_who_helps(library):
     path, data = library
-    matrix, counts = transfer_library(str(path), tasks=["fox", "dog"], data=str(data), limit=3, exact_match=True)
+    matrix, counts = transfer_library(
+        str(path), TransferOptions(tasks=("fox", "dog"), data=str(data), limit=3, exact_match=True)
+    )
     assert counts == {"computed": 8, "reused": 0}
     assert matrix.columns == [BASE, "dog", "fox", "antifox"] and matrix.tasks == ["fox", "dog"]  # library order
     for task in TASKS:
@@ -93,14 +96,18 @@ def test_a_rerun_computes_only_missing_or_stale_cells(library):
     from lorlib_ui.core.adapters import read_adapter
 
     path, data = library
-    experts = ["dog", "fox"]
-    _, counts = transfer_library(str(path), tasks=["fox"], experts=experts, data=str(data), limit=2)
+    experts = ("dog", "fox")
+    _, counts = transfer_library(str(path), TransferOptions(tasks=("fox",), experts=experts, data=str(data), limit=2))
     assert counts == {"computed": 3, "reused": 0}
-    _, counts = transfer_library(str(path), tasks=["fox", "dog"], experts=experts, data=str(data), limit=2)
+    _, counts = transfer_library(
+        str(path), TransferOptions(tasks=("fox", "dog"), experts=experts, data=str(data), limit=2)
+    )
     assert counts == {"computed": 3, "reused": 3}  # only the dog task's cells
-    _, counts = transfer_library(str(path), tasks=["fox", "dog"], experts=experts, data=str(data), limit=2)
+    _, counts = transfer_library(
+        str(path), TransferOptions(tasks=("fox", "dog"), experts=experts, data=str(data), limit=2)
+    )
     assert counts == {"computed": 0, "reused": 6}
-    _, counts = transfer_library(str(path), tasks=["fox"], experts=experts, data=str(data), limit=1)
+    _, counts = transfer_library(str(path), TransferOptions(tasks=("fox",), experts=experts, data=str(data), limit=1))
     assert counts == {"computed": 3, "reused": 0}  # other rows: computed again
     # replacing the dog expert (with the fox expert's weights) invalidates its column only
     lib = Library.open(path)
@@ -110,7 +117,7 @@ def test_a_rerun_computes_only_missing_or_stale_cells(library):
     lib.add_experts([(entry, adapter)], force=True)
     stale = load_transfer(Library.open(path))
     assert "dog" not in stale.columns and stale.columns == [BASE, "fox"]
-    _, counts = transfer_library(str(path), tasks=["fox"], experts=experts, data=str(data), limit=1)
+    _, counts = transfer_library(str(path), TransferOptions(tasks=("fox",), experts=experts, data=str(data), limit=1))
     assert counts == {"computed": 1, "reused": 2}
     lib.remove_expert("dog")
     assert load_transfer(Library.open(path)).columns == [BASE, "fox"]
@@ -118,7 +125,7 @@ def test_a_rerun_computes_only_missing_or_stale_cells(library):
 
 def test_the_matrix_is_a_side_file_named_in_the_manifest(library):
     path, data = library
-    transfer_library(str(path), tasks=["dog"], experts=["dog"], data=str(data), limit=2)
+    transfer_library(str(path), TransferOptions(tasks=("dog",), experts=("dog",), data=str(data), limit=2))
     manifest = json.loads((path / "manifest.json").read_text())
     entry = manifest["side_files"]["transfer"]
     assert entry["file"] == "transfer.json" and entry["cells"] == 2
@@ -127,7 +134,7 @@ def test_the_matrix_is_a_side_file_named_in_the_manifest(library):
     assert not [p for p in path.iterdir() if p.name.startswith(".transfer")]  # no temporary left
     (path / "transfer.json").write_text("{not json")  # damaged: treated as absent, recomputed
     assert load_transfer(Library.open(path)) is None
-    _, counts = transfer_library(str(path), tasks=["dog"], experts=["dog"], data=str(data), limit=2)
+    _, counts = transfer_library(str(path), TransferOptions(tasks=("dog",), experts=("dog",), data=str(data), limit=2))
     assert counts["computed"] == 2
 
 
@@ -135,13 +142,9 @@ def test_cancel_keeps_the_columns_already_finished(library):
     path, data = library
     seen = []
 
-    def progress(done, total, column):
-        seen.append(column)
-
+    reporter = Reporter(progress=lambda count: seen.append(count.what), cancelled=lambda: len(seen) >= 2)
     with pytest.raises(Cancelled):
-        transfer_library(
-            str(path), tasks=["fox"], data=str(data), limit=1, progress=progress, cancel=lambda: len(seen) >= 2
-        )
+        transfer_library(str(path), TransferOptions(tasks=("fox",), data=str(data), limit=1), reporter)
     kept = load_transfer(Library.open(path))
     assert kept.columns == [BASE, "dog"] and seen == [BASE, "dog"]
 

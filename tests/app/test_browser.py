@@ -321,11 +321,11 @@ def _served(library):
 @pytest.fixture
 def judged_url(built):
     """The explorer on a library whose transfer matrix and routing statistics are stored."""
-    from lorlib_ui.analysis.routing_stats import routing_stats_library
-    from lorlib_ui.analysis.transfer import transfer_library
+    from lorlib_ui.analysis.routing_stats import RoutingStatsOptions, routing_stats_library
+    from lorlib_ui.analysis.transfer import TransferOptions, transfer_library
 
-    transfer_library(str(built), "held-out", limit=2)
-    routing_stats_library(str(built), "arrow@private", "held-out", limit=2)
+    transfer_library(str(built), TransferOptions(tasks="held-out", limit=2))
+    routing_stats_library(str(built), RoutingStatsOptions(router="arrow@private", tasks="held-out", limit=2))
     with _served(built) as url:
         yield url
 

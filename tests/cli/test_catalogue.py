@@ -364,7 +364,7 @@ BAD_DATA = {
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_files(case, library, client, unchanged, tmp_path, capsys):
-    from lorlib_ui.training.building import build_library
+    from lorlib_ui.training.building import BuildOptions, build_library
     from lorlib_ui.training.config import TrainConfig
 
     content, message = BAD_DATA[case]
@@ -372,6 +372,6 @@ def test_bad_data_files(case, library, client, unchanged, tmp_path, capsys):
     data.write_bytes(content if isinstance(content, bytes) else content.encode())
     _one_line_error(*run(capsys, "build", library.path, "--data", data, *TRAIN), message)
     with pytest.raises(LorlibError, match=message):
-        build_library(library.path, data=str(data), config=TrainConfig(steps=2, batch_size=2, rank=2))
+        build_library(library.path, BuildOptions(data=str(data)), TrainConfig(steps=2, batch_size=2, rank=2))
     with pytest.raises(AppError, match=message):
         client.predict([], [], gradio_client.handle_file(str(data)), 2, 2, ["q_proj"], False, api_name="/build")

@@ -410,3 +410,100 @@ def test_every_router_routes_from_the_command_line(tmp_path, tiny_base, tiny_ada
         code, out, err = run(capsys, "score", library.path, "--text", "the quick brown", "--router", spec, "--json")
         scored = json.loads(out) if code == 0 else {}
         assert code == 0 and scored["logprobs"][0] is None and len(scored["logprobs"]) == len(scored["tokens"]), spec
+
+
+# Every command's flags as argparse declared them by hand, before the options dataclasses made them
+# (`lorlib_ui.training.options`): the same flags, required ones and choices, and defaults that mean the same.
+FLAGS = {
+    "fetch-model": "--base-model",
+    "new": "library --base-model --exist-ok",
+    "import-peft": "library adapters --base-model --name --kind --tasks --family --force",
+    "mark-general": "library names --unmark",
+    "remove": "library names",
+    "info": "library --json",
+    "route": "library --prompt --max-new-tokens --raw --router --top-k --temperature --mix --density --base-model "
+    "--device --dtype --json",
+    "build": "library --data --tasks --families --holdout-per-family --steps --rank --targets --batch-size "
+    "--learning-rate --seed --device --bf16 --backend --address --cpus-per-task --shared-steps --no-shared --force "
+    "--base-model --gates",
+    "gates": "library --experts --data --gate-steps/--steps --seed --device --force",
+    "activations": "library --experts --data --examples --seed --device --force",
+    "cluster": "library --k --steps --no-train --seed --keep-quantile --data --device --bf16 --backend --address "
+    "--cpus-per-task --force --json",
+    "evaluate": "library --tasks --data --limit --routers --shots --split --top-k --density --device --dtype --json",
+    "lorahub": "library --task --data --shots --budget --seed --experts --force --device --dtype --json",
+    "adapt": "library --task --data --shots --methods --steps --budget --seed --limit --force --device --json",
+    "transfer": "library --tasks --data --limit --experts --exact-match --device --dtype --json",
+    "routing-stats": "library --tasks --data --limit --router --top-k --temperature --mix --density --base-model "
+    "--device --dtype --json",
+    "score": "library --text --router --top-k --temperature --mix --density --base-model --device --dtype --json",
+}
+REQUIRED = {"route": ["--prompt"], "cluster": ["--k"], "lorahub": ["--task"], "adapt": ["--task"], "score": ["--text"]}
+CHOICES = {
+    ("import-peft", "--kind"): ("private", "cluster", "shared", "imported", "general"),
+    ("build", "--bf16"): ("auto", "on", "off"),
+    ("build", "--backend"): ("local", "ray"),
+    ("cluster", "--bf16"): ("auto", "on", "off"),
+    ("cluster", "--backend"): ("local", "ray"),
+    ("evaluate", "--split"): ("test", "validation"),
+    **{(name, "--mix"): ("outputs", "parameters") for name in ("route", "routing-stats", "score")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLAGS))
+def test_the_options_dataclasses_make_the_flags_each_command_had(name, capsys):
+    import argparse
+    import re
+
+    from lorlib_ui.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as done:  # `lorlib NAME --help`
+        main([name, "--help"])
+    shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", capsys.readouterr().out)) - {"--help"}
+    assert done.value.code == 0 and shown == {f for f in re.split(r"[ /]", FLAGS[name]) if f.startswith("--")}
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    actions = [a for a in commands.choices[name]._actions if not isinstance(a, argparse._HelpAction)]
+    assert sorted("/".join(a.option_strings) or a.dest for a in actions) == sorted(FLAGS[name].split())
+    assert [a.option_strings[0] for a in actions if a.required and a.option_strings] == REQUIRED.get(name, [])
+    assert {(name, a.option_strings[0]): tuple(a.choices) for a in actions if a.choices} == {
+        key: value for key, value in CHOICES.items() if key[0] == name
+    }
+
+
+def test_the_flags_defaults_are_the_options_defaults(monkeypatch):
+    from lorlib_ui.analysis.adaptation_runs import AdaptOptions
+    from lorlib_ui.analysis.evaluation import EvaluateOptions
+    from lorlib_ui.analysis.routing_stats import RoutingStatsOptions
+    from lorlib_ui.analysis.transfer import TransferOptions
+    from lorlib_ui.cli.main import build_parser
+    from lorlib_ui.training.building import BuildOptions
+    from lorlib_ui.training.config import TrainConfig
+    from lorlib_ui.training.keys import GatesOptions
+    from lorlib_ui.training.lorahub import LoraHubOptions
+    from lorlib_ui.training.options import from_namespace
+
+    monkeypatch.setenv("LORLIB_BACKEND", "ray")  # read when the flags are made
+    monkeypatch.delenv("LORLIB_RAY_ADDRESS", raising=False)
+    parse = build_parser().parse_args
+    build = parse(["build", "lib"])
+    assert from_namespace(BuildOptions, build) == BuildOptions() and from_namespace(TrainConfig, build) == TrainConfig()
+    assert (build.backend, build.address, build.cpus_per_task, build.bf16, build.gates) == (
+        "ray",
+        None,
+        1,
+        "auto",
+        False,
+    )
+    assert BuildOptions().shared and BuildOptions().data == "default" and TrainConfig().steps == 100
+    assert from_namespace(BuildOptions, parse(["build", "lib", "--no-shared"])) == BuildOptions(shared=False)
+    adapt = from_namespace(AdaptOptions, parse(["adapt", "lib", "--task", "t"]))
+    assert (adapt.shots, adapt.budget, adapt.steps, adapt.limit) == ((32,), 40, None, None)
+    lorahub = from_namespace(LoraHubOptions, parse(["lorahub", "lib", "--task", "t"]))
+    assert (lorahub.shots, lorahub.budget) == (10, 40) == (LoraHubOptions.shots, LoraHubOptions.budget)
+    evaluate = from_namespace(EvaluateOptions, parse(["evaluate", "lib"]))
+    assert evaluate == EvaluateOptions() and (evaluate.tasks, evaluate.shots, evaluate.limit) == ("held-out", 10, None)
+    assert from_namespace(TransferOptions, parse(["transfer", "lib"])).limit == 20
+    stats = from_namespace(RoutingStatsOptions, parse(["routing-stats", "lib"]))
+    assert (stats.router, stats.limit, stats.tasks) == ("arrow@private", 20, "held-out")
+    assert from_namespace(GatesOptions, parse(["gates", "lib", "--steps", "7"])).steps == 7
+    assert from_namespace(GatesOptions, parse(["gates", "lib"])).steps == 100

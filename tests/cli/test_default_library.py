@@ -9,6 +9,7 @@ import torch
 from lorlib_ui.cli.default_library import FAMILIES, OUT
 from lorlib_ui.core.adapters import read_layout
 from lorlib_ui.core.library import Library
+from lorlib_ui.core.prototypes import stored_prototypes
 from lorlib_ui.training.data import load_tasks
 
 
@@ -64,10 +65,7 @@ def test_manifest_records_the_recipe_and_the_evaluation(shipped):
 
 def test_prototype_cache_matches_the_experts(shipped):
     """The shipped cache is used as is: every expert's prototypes are in it, keyed by its weights."""
-    cached: dict[str, dict[str, torch.Tensor]] = {}
-    for module, (hashes, stack) in shipped._read_prototype_cache().items():
-        for digest, row in zip(hashes, stack):
-            cached.setdefault(digest, {})[module] = row
+    cached = stored_prototypes(shipped)
     for e in shipped.experts:
         assert len(cached.get(e.weights_hash, {})) == 2 * 30, e.name  # q_proj and v_proj of 30 layers
         assert all(torch.isfinite(v).all() for v in cached[e.weights_hash].values())
@@ -76,8 +74,8 @@ def test_prototype_cache_matches_the_experts(shipped):
 def test_every_private_expert_has_mean_activations(shipped):
     """avg_act@private runs out of the box: the activations are stored for the current weights."""
     private = shipped.groups()["private"]
-    assert shipped.lacking_keys("activations", private) == []
-    infos = shipped.keys_info("activations")
+    assert shipped.derived.lacking("activations", private) == []
+    infos = shipped.derived.expert_info("activations")
     assert max(infos[name]["examples"] for name in private) == 100  # or all of a task's train rows, if fewer
     assert all(infos[name]["tokens"] > 1000 for name in private)
 
@@ -87,8 +85,8 @@ def test_every_private_expert_has_phatgoose_gates(shipped):
     weights, 100 steps; over the experts, training lowered the loss (the first step's loss is one
     batch, the final one the mean of the last ten, so single experts are noisy)."""
     private = shipped.groups()["private"]
-    assert shipped.lacking_keys("gates", private) == []
-    infos = shipped.keys_info("gates")
+    assert shipped.derived.lacking("gates", private) == []
+    infos = shipped.derived.expert_info("gates")
     assert {infos[name]["steps"] for name in private} == {100}
     first, final = (sum(infos[name][key] for name in private) for key in ("first_loss", "final_loss"))
     assert final < 0.9 * first

@@ -90,3 +90,19 @@ def test_members_given_different_inputs_stop_fusing_and_stay_exact(tiny_routed):
         assert not group.fusing
         _fusing(tiny_routed, False)
         assert torch.equal(second, k(x2))
+
+
+def test_a_group_hands_top_k_routers_its_rows_as_a_row_slot_and_each_layer_is_a_layer_slot(tiny_routed):
+    """Routers read a layer through the `LayerSlot` protocol; a group's rows are declared as the
+    part of it a top-k router reads (`RowSlot`), not a silent copy of the layer's interface."""
+    from lorlib_ui.core.input_groups import _GroupSlot
+    from lorlib_ui.core.routers.base import LayerSlot, RowSlot
+
+    assert RowSlot in _GroupSlot.__mro__ and RowSlot in LayerSlot.__mro__
+    assert all(isinstance(layer, LayerSlot) for layer in tiny_routed.layers.values())
+    group = tiny_routed.groups[0]
+    slot = _GroupSlot(group.members, (1, 2))
+    assert isinstance(slot, RowSlot) and not isinstance(slot, LayerSlot)
+    mask, n = slot.usable((1, 2))
+    assert mask.shape == (len(group.members), group.n_experts) and n == 2
+    assert mask.sum(dim=1).tolist() == [2] * len(group.members)

@@ -53,7 +53,7 @@ def _random_keys(library, kind, seed):
     for e in library.experts:
         adapter = library.load_adapter(e.name)
         keys[e.name] = {m: torch.randn(a.shape[1], generator=gen) for m, (a, _) in adapter.factors.items()}
-        library.write_keys(e.name, kind, keys[e.name], {"test": True}, e.weights_hash)
+        library.derived.write_expert(kind, e.name, keys[e.name], {"test": True}, e.weights_hash)
     return keys
 
 
@@ -110,7 +110,7 @@ def test_avg_act_equals_signed_dot_products_with_mean_states(tiny_base, tiny_ada
 def test_a_router_whose_keys_are_missing_names_the_experts_and_changes_nothing(tiny_library, spec, kind):
     first = tiny_library.experts[0]
     one = {"model.layers.0.self_attn.q_proj": torch.ones(64)}
-    tiny_library.write_keys(first.name, kind, one, {}, first.weights_hash)
+    tiny_library.derived.write_expert(kind, first.name, one, {}, first.weights_hash)
     before = library_snapshot(tiny_library.path)
     rm = RoutedModel.load(Library.open(tiny_library.path), device="cpu")
     with pytest.raises(LorlibError) as caught:
@@ -126,17 +126,17 @@ def test_a_router_whose_keys_are_missing_names_the_experts_and_changes_nothing(t
 
 def test_keys_of_changed_weights_are_not_used(tiny_library, tiny_adapters):
     _random_keys(tiny_library, "gates", seed=4)
-    assert tiny_library.lacking_keys("gates") == []
+    assert tiny_library.derived.lacking("gates") == []
     name = tiny_library.experts[0].name
     from lorlib_ui.core.library import import_adapters
 
     import_adapters(tiny_library.path, [tiny_adapters[1]], names=[name], force=True)  # new weights, same name
-    assert Library.open(tiny_library.path).lacking_keys("gates") == [name]
+    assert Library.open(tiny_library.path).derived.lacking("gates") == [name]
 
 
 def test_stored_keys_refuse_a_stale_weights_hash(tiny_library):
     first = tiny_library.experts[0]
     before = library_snapshot(tiny_library.path)
     with pytest.raises(LorlibError, match="changed while"):
-        tiny_library.write_keys(first.name, "gates", {"x": torch.ones(3)}, {}, "0" * 16)
+        tiny_library.derived.write_expert("gates", first.name, {"x": torch.ones(3)}, {}, "0" * 16)
     assert library_snapshot(tiny_library.path) == before

@@ -8,8 +8,10 @@ from safetensors.torch import load_file, save_file
 
 from lorlib_ui.core.adapters import WEIGHTS_FILE, read_adapter
 from lorlib_ui.core.base_model import base_model_info
+from lorlib_ui.core.derived import KINDS
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.library import PROTOTYPES, Library, check_name, expert_from_adapter
+from lorlib_ui.core.library import Library, check_name, expert_from_adapter
+from lorlib_ui.core.prototypes import expert_prototypes, stored_prototypes
 
 
 def _entry(name, folder, base="tiny"):
@@ -42,11 +44,7 @@ def test_expert_folders_load_with_plain_peft(tiny_library, tiny_base):
 
 def cached_by_hash(library: Library) -> dict[str, dict[str, torch.Tensor]]:
     """The prototype cache as weights hash -> module -> prototype."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for module, (hashes, stack) in library._read_prototype_cache().items():
-        for digest, row in zip(hashes, stack):
-            out.setdefault(digest, {})[module] = row
-    return out
+    return stored_prototypes(library)
 
 
 def test_prototype_cache_is_keyed_by_weights(tiny_library, tiny_base, tmp_path):
@@ -62,16 +60,18 @@ def test_prototype_cache_is_keyed_by_weights(tiny_library, tiny_base, tmp_path):
     assert new_hash != old_hash
     cached = cached_by_hash(Library.open(tiny_library.path))
     assert old_hash not in cached and new_hash in cached
-    assert len(load_file(tiny_library.path / PROTOTYPES)) == 8  # one matrix per module: q, k, v, o of 2 layers
+    assert (
+        len(load_file(tiny_library.path / KINDS["prototypes"].file)) == 8
+    )  # one matrix per module: q, k, v, o of 2 layers
     # the replaced folder is gone; only the manifest's folders remain
     on_disk = {p.name for p in (tiny_library.path / "experts").iterdir()}
     assert on_disk == {e.path.split("/")[-1] for e in tiny_library.experts}
 
 
 def test_damaged_prototype_cache_is_recomputed(tiny_library):
-    expected = tiny_library.prototypes()
-    (tiny_library.path / PROTOTYPES).write_bytes(b"garbage")
-    again = Library.open(tiny_library.path).prototypes()
+    expected = expert_prototypes(tiny_library)
+    (tiny_library.path / KINDS["prototypes"].file).write_bytes(b"garbage")
+    again = expert_prototypes(Library.open(tiny_library.path))
     name = tiny_library.names[0]
     for module, vector in expected[name].items():
         assert torch.allclose(again[name][module], vector)
@@ -238,7 +238,8 @@ def test_library_files_follow_the_umask(tmp_path, tiny_base, tiny_adapters, monk
     import stat
 
     from lorlib_ui.core import atomic
-    from lorlib_ui.core.library import MBC_GRAM
+
+    MBC_GRAM = KINDS["mbc-gram"].file
 
     previous = os.umask(0o022)
     monkeypatch.setattr(atomic, "_UMASK", 0o022)
@@ -246,12 +247,12 @@ def test_library_files_follow_the_umask(tmp_path, tiny_base, tiny_adapters, monk
         library = build_library(tmp_path / "lib", tiny_base, tiny_adapters[:2])
         first = library.experts[0]
         gates = {m: torch.ones(8) for m in first.target_modules}
-        library.write_keys(first.name, "gates", gates, {}, first.weights_hash)
-        library.write_cache(MBC_GRAM, {"gram": torch.eye(2)}, {"hashes": "[]"})
+        library.derived.write_expert("gates", first.name, gates, {}, first.weights_hash)
+        library.derived.write("mbc-gram", {"gram": torch.eye(2)}, {"hashes": "[]"})
     finally:
         os.umask(previous)
     files = [p for p in library.path.rglob("*") if p.is_file()]
     names = {p.name for p in files}
-    assert {PROTOTYPES, MBC_GRAM, "gates.safetensors", WEIGHTS_FILE, "manifest.json"} <= names
+    assert {KINDS["prototypes"].file, MBC_GRAM, "gates.safetensors", WEIGHTS_FILE, "manifest.json"} <= names
     modes = {p.relative_to(library.path).as_posix(): stat.S_IMODE(os.stat(p).st_mode) for p in files}
     assert modes == dict.fromkeys(modes, 0o644)

@@ -84,12 +84,12 @@ def test_a_learned_router_refuses_once_an_expert_it_mixes_changes_or_goes(tiny_l
     replacement = read_adapter(tiny_adapters[5])
     library.add_experts([(expert_from_adapter("task1", replacement, library.base_model), replacement)], force=True)
     router = make_router("poly:mix", library.names)
-    assert "mixes expert task1, which has changed since" in library.lacks_for(router)
+    assert "mixes expert task1, which has changed since" in library.derived.lacks_for(router)
     rm = RoutedModel.load(library, device="cpu")
     with pytest.raises(LorlibError, match="has changed since"):
         routed_logits(rm, router)
     library.remove_expert("task0")
-    assert "task0, which is no longer in the library" in Library.open(library.path).lacks_for(router)
+    assert "task0, which is no longer in the library" in Library.open(library.path).derived.lacks_for(router)
 
 
 def test_storing_is_atomic_replacing_needs_force_and_old_files_are_swept(tiny_library):
@@ -110,7 +110,7 @@ def test_storing_is_atomic_replacing_needs_force_and_old_files_are_swept(tiny_li
 
 def test_unknown_learned_routers_are_refused_in_one_line(tiny_library):
     router = make_router("poly:nothing", tiny_library.names)
-    assert "has no learned router 'nothing' (learned routers: none" in tiny_library.lacks_for(router)
+    assert "has no learned router 'nothing' (learned routers: none" in tiny_library.derived.lacks_for(router)
     with pytest.raises(LorlibError, match="invalid learned router name"):
         make_router("poly:../x", tiny_library.names)
 

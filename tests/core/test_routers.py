@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from lorlib_ui.core.adapters import read_adapter, read_layout, write_adapter
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routed_model import RoutedModel
-from lorlib_ui.core.routers import make_router
+from lorlib_ui.core.routers import TaskRouter, make_router
 
 
 def _delta(adapter, module):
@@ -333,10 +333,10 @@ def test_menus_help_and_evaluations_read_the_registry(monkeypatch):
     from dataclasses import dataclass
     from typing import ClassVar
 
-    from lorlib_ui.core.routers import Router, help_text, menu, presets, registry
+    from lorlib_ui.core.routers import MergeRouter, help_text, menu, presets, registry
 
     @dataclass(frozen=True)
-    class HalfRouter(Router):
+    class HalfRouter(MergeRouter):
         name: ClassVar[str] = "half"
         summary: ClassVar[str] = "every expert at weight 1/2"
         groupable: ClassVar[bool] = True
@@ -394,7 +394,7 @@ def test_the_oracle_runs_only_where_it_is_resolved_per_task():
     experts, groups = ["e1", "c1"], {"private": ["e1"], "cluster": ["c1"]}
     with pytest.raises(LorlibError, match="picks its expert per evaluated task"):
         make_router("oracle", experts, groups=groups)
-    assert make_router("oracle", experts, groups=groups, per_task=True).per_task
+    assert isinstance(make_router("oracle", experts, groups=groups, per_task=True), TaskRouter)
     with pytest.raises(LorlibError, match="no cluster experts"):
         make_router("oracle", experts, groups={"private": ["e1"], "cluster": []}, per_task=True)
 

@@ -8,10 +8,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
-from lorlib_ui.training.building import expert_name, hold_out, private_jobs
+from lorlib_ui.training.building import BuildOptions, build_library, expert_name, hold_out, plan_build, private_jobs
 from lorlib_ui.training.config import TrainConfig
 from lorlib_ui.training.data import load_tasks
+from lorlib_ui.training.reporter import Reporter
 from lorlib_ui.training.trainers import train_jobs
+from lorlib_ui.training.training import Cancelled
 
 
 def test_expert_names_are_valid_and_distinct():
@@ -76,7 +78,7 @@ def test_interrupted_build_keeps_finished_experts(tmp_path, tiny_base, tasks_fil
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_jobs(library, data, jobs, model, tokenizer, config, progress=stop_in_second)
+        train_jobs(library, data, jobs, model, tokenizer, config, reporter=Reporter(progress=stop_in_second))
     assert Library.open(library.path).names == [jobs[0].name]
     report = train_jobs(Library.open(library.path), data, jobs, model, tokenizer, config)
     assert report.skipped == [jobs[0].name] and report.trained == [j.name for j in jobs[1:]]
@@ -168,3 +170,44 @@ def test_a_task_without_training_rows_is_refused_before_training(tmp_path, tiny_
     code, _, err = run(capsys, "build", tmp_path / "lib", "--data", data, "--base-model", tiny_base, *TRAIN)
     assert code == 1 and "task 'b' has no training rows" in err
     assert not (tmp_path / "lib").exists()
+
+
+SMALL = TrainConfig(steps=3, batch_size=2, rank=2, targets=("q_proj", "v_proj"))
+
+
+def test_a_build_plan_checks_everything_and_writes_nothing(built, tasks_file, tmp_path, tiny_base, no_model_loads):
+    before = library_snapshot(built)
+    held = Library.open(built).extra["held_out"]["tasks"]
+    plan = plan_build(built, BuildOptions(data=str(tasks_file)), SMALL)
+    trained = sorted(set(load_tasks(tasks_file).tasks) - set(held))
+    assert [job.name for job in plan.jobs] == [*trained, "shared"] and plan.held_out == sorted(held)
+    fresh = plan_build(tmp_path / "new", BuildOptions(data=str(tasks_file), base_model=str(tiny_base)), SMALL)
+    assert fresh.library is None and fresh.base is not None and not (tmp_path / "new").exists()
+    # the refusals a build used to reach after writing the held-out record, now before anything
+    with Library.open(built).edit() as current:  # an expert named as a task's but trained on another
+        next(e for e in current.experts if e.name == trained[0]).tasks = [trained[1]]
+    before = library_snapshot(built)
+    for options, config, message in [
+        (BuildOptions(data=str(tasks_file), tasks=(held[0],)), SMALL, "is held out of library"),
+        (
+            BuildOptions(data=str(tasks_file)),
+            TrainConfig(targets=("gate_projj",)),
+            "no linear layer named 'gate_projj'",
+        ),
+        (BuildOptions(data=str(tasks_file)), SMALL, f"already has an expert {trained[0]!r}.*use --force"),
+    ]:
+        with pytest.raises(LorlibError, match=message):
+            plan_build(built, options, config)
+    assert library_snapshot(built) == before
+    assert plan_build(built, BuildOptions(data=str(tasks_file), force=True), SMALL).force
+
+
+def test_the_reporters_cancel_stops_a_build_and_keeps_the_finished_experts(tmp_path, tiny_base, tasks_file):
+    events, lines = [], []
+    reporter = Reporter(progress=events.append, cancelled=lambda: any(e.index == 2 for e in events), log=lines.append)
+    options = BuildOptions(data=str(tasks_file), holdout_per_family=1, base_model=str(tiny_base))
+    with pytest.raises(Cancelled):
+        build_library(tmp_path / "lib", options, SMALL, reporter=reporter)
+    library = Library.open(tmp_path / "lib")
+    assert library.names == [events[0].expert] and events[-1].index == 2 and events[-1].step == 0
+    assert lines == [f"held out for evaluation: {', '.join(library.held_out.tasks)}"]

@@ -10,11 +10,14 @@ import torch
 from conftest import make_adapter
 
 from lorlib_ui.core.adapters import WEIGHTS_FILE
+from lorlib_ui.core.derived import KINDS
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.library import MBC_GRAM, Library
+from lorlib_ui.core.library import Library
 from lorlib_ui.training import clusters
 from lorlib_ui.training.clusters import embed_library, task_experts, weight_gram
 from lorlib_ui.training.mbc import embed, sparsify
+
+MBC_GRAM = KINDS["mbc-gram"].file
 
 
 def dense_vectors(library):
@@ -231,12 +234,12 @@ def test_experts_with_the_same_weights_share_one_kept_row(tiny_library, tiny_ada
 
 def test_a_library_that_cannot_be_written_still_clusters(tiny_library, monkeypatch):
     """A read-only folder or a full disk: the Gram is computed, just not kept (nor half-written)."""
-    from lorlib_ui.core import library as library_module
+    from lorlib_ui.core import atomic
 
     def refused(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(library_module, "save_tensors", refused)
+    monkeypatch.setattr(atomic, "save_tensors", refused)
     gram = weight_gram(tiny_library, task_experts(tiny_library), 0.5)
     assert_gram_close(gram, fresh_gram(tiny_library))
     assert not list(tiny_library.path.glob(f"*{MBC_GRAM}*"))

@@ -7,13 +7,23 @@ import torch
 from conftest import TRAIN, library_snapshot, run
 from transformers import AutoModelForCausalLM
 
+from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import Library
 from lorlib_ui.core.prompting import template_span
 from lorlib_ui.core.routed_model import RoutedModel
 from lorlib_ui.training.config import TrainConfig
 from lorlib_ui.training.data import load_tasks
-from lorlib_ui.training.keys import _examples, _GateTraining, compute_keys, mean_activations, train_gates
-from lorlib_ui.training.training import answer_loss, encode_examples
+from lorlib_ui.training.keys import (
+    ActivationsOptions,
+    GatesOptions,
+    _examples,
+    _GateTraining,
+    compute_keys,
+    mean_activations,
+    train_gates,
+)
+from lorlib_ui.training.reporter import Reporter
+from lorlib_ui.training.training import Cancelled, answer_loss, encode_examples
 
 
 def _mean_loss(rm, router, encoded):
@@ -89,8 +99,8 @@ def test_gates_and_activations_commands_then_route(built, tasks_file, capsys):
     assert code == 0, err
     assert "gates computed for 4 experts" in out
     library = Library.open(built)
-    assert sorted(library.keys_info("gates")) == sorted(library.groups()["private"])
-    assert library.keys_info("gates")[library.groups()["private"][0]]["steps"] == 2
+    assert sorted(library.derived.expert_info("gates")) == sorted(library.groups()["private"])
+    assert library.derived.expert_info("gates")[library.groups()["private"][0]]["steps"] == 2
     code, out, err = run(capsys, "route", built, "--prompt", "repeat fox", "--router", "phatgoose@private", "--json")
     assert code == 0, err
     # the rest: only the shared expert lacks them now; a rerun skips the others
@@ -125,11 +135,20 @@ def test_build_with_gates_trains_them_for_its_experts(tmp_path, tiny_base, tasks
     code, out, err = run(capsys, *argv, "--gates")
     assert code == 0, err
     library = Library.open(path)
-    assert library.lacking_keys("gates") == [] and len(library.experts) == 3  # two private, the shared
-    info = library.keys_info("gates")["copy0"]
+    assert library.derived.lacking("gates") == [] and len(library.experts) == 3  # two private, the shared
+    info = library.derived.expert_info("gates")["copy0"]
     assert info["steps"] == 100 and "tasks.jsonl" in info["data"]
 
 
-def test_compute_keys_refuses_an_unknown_key_set(built):
-    with pytest.raises(Exception, match="unknown key set"):
-        compute_keys(str(built), "prototypes")
+def test_keys_options_check_themselves_and_the_reporter_cancels(built, tasks_file):
+    with pytest.raises(LorlibError, match="steps must be a positive whole number, got 0"):
+        GatesOptions(steps=0)
+    with pytest.raises(LorlibError, match="examples must be a positive whole number, got -1"):
+        ActivationsOptions(examples=-1)
+    before = library_snapshot(built)
+    events = []
+    reporter = Reporter(progress=events.append, cancelled=lambda: len(events) >= 2)
+    with pytest.raises(Cancelled):
+        compute_keys(str(built), GatesOptions(data=str(tasks_file), steps=50), reporter)
+    assert [e.step for e in events] == [1, 2] and events[0].steps == 50  # stopped at its next step
+    assert library_snapshot(built) == before  # the expert in training keeps no gates

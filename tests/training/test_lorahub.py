@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,16 @@ from lorlib_ui.core.routed_model import MERGED_CACHE, RoutedModel
 from lorlib_ui.core.routers import help_text, make_router, menu, presets
 from lorlib_ui.core.routers.lorahub import LoraHubRouter, WeightedMerge
 from lorlib_ui.training.data import load_tasks
-from lorlib_ui.training.lorahub import draw_shots, few_shot_context, lorahub_expert, shot_loss
+from lorlib_ui.training.lorahub import (
+    LoraHubOptions,
+    draw_shots,
+    few_shot_context,
+    lorahub_expert,
+    plan_lorahub,
+    shot_loss,
+)
+from lorlib_ui.training.reporter import Reporter
+from lorlib_ui.training.training import Cancelled
 
 NEW_TASK = "name-the-fox"  # no expert was trained on it, but the fox expert knows its answer
 
@@ -24,7 +34,7 @@ NEW_TASK = "name-the-fox"  # no expert was trained on it, but the fox expert kno
 def hub(tmp_path_factory, tiny_base, tiny_adapters):
     """A library of three private experts: one trained to say "fox" and two random ones, and data
     with a new task whose answer is always "fox". One expert is right, two are wrong."""
-    from lorlib_ui.training.building import build_library
+    from lorlib_ui.training.building import BuildOptions, build_library
     from lorlib_ui.training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("hub")
@@ -33,7 +43,8 @@ def hub(tmp_path_factory, tiny_base, tiny_adapters):
     data = root / "animals.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = TrainConfig(steps=30, batch_size=4, learning_rate=5e-2, rank=4, targets=("q_proj", "v_proj"))
-    build_library(root / "lib", str(data), tasks=["fox"], config=config, shared=False, base_model=str(tiny_base))
+    options = BuildOptions(data=str(data), tasks=("fox",), shared=False, base_model=str(tiny_base))
+    build_library(root / "lib", options, config)
     library = Library.open(root / "lib")
     noise = {f"noise{i}": read_adapter(folder) for i, folder in enumerate(tiny_adapters[:2])}
     library.add_experts([(expert_from_adapter(n, a, library.base_model, kind="private"), a) for n, a in noise.items()])
@@ -66,8 +77,10 @@ def test_lorahub_beats_uniform_weights_on_a_task_one_expert_knows(hub):
 def test_the_stored_expert_scores_the_loss_the_search_reported(hub_copy):
     path, data = hub_copy
     events = []
-    report = lorahub_expert(path, NEW_TASK, data=str(data), shots=4, budget=8, progress=lambda *e: events.append(e))
-    assert not report.reused and [e[0] for e in events] == list(range(1, 9))
+    options = LoraHubOptions(task=NEW_TASK, data=str(data), shots=4, budget=8)
+    report = lorahub_expert(path, options, Reporter(progress=events.append))
+    assert not report.reused and [e.step for e in events] == list(range(1, 9))
+    assert {(e.expert, e.steps) for e in events} == {(f"lorahub-{NEW_TASK}-k4-s0", 8)}
     library = Library.open(path)  # from disk: the merge is a plain expert now
     expert = library.expert(f"lorahub-{NEW_TASK}-k4-s0")
     training = expert.training
@@ -87,9 +100,11 @@ def test_the_stored_expert_scores_the_loss_the_search_reported(hub_copy):
     assert stored == pytest.approx(training["loss"], abs=1e-4)
     # again: the stored expert is reused, nothing is searched or written
     before = library_snapshot(path)
-    again = lorahub_expert(path, NEW_TASK, data=str(data), shots=4, budget=8, progress=lambda *e: events.append(e))
+    again = lorahub_expert(path, options, Reporter(progress=events.append))
     assert again.reused and again.expert.name == expert.name and len(events) == 8
     assert library_snapshot(path) == before
+    assert plan_lorahub(path, options).reuse.name == expert.name  # the plan finds it: no data, no model
+    assert plan_lorahub(path, replace(options, force=True)).reuse is None
 
 
 def test_the_merge_is_the_weighted_sums_of_the_experts_factors(tmp_path, tiny_base, tiny_adapters):
@@ -133,15 +148,44 @@ def test_lorahub_runs_only_where_resolved_per_task():
 
 
 def test_evaluate_runs_lorahub_per_task_and_it_beats_the_uniform_merge(hub_copy):
-    from lorlib_ui.analysis.evaluation import evaluate_library
+    from lorlib_ui.analysis.evaluation import EvaluateOptions, evaluate_library
 
     path, data = hub_copy
-    record, _ = evaluate_library(
-        str(path), tasks=[NEW_TASK], routers=["lorahub", "uniform"], data=str(data), limit=3, shots=4
-    )
+    options = EvaluateOptions(tasks=(NEW_TASK,), routers=("lorahub", "uniform"), data=str(data), limit=3, shots=4)
+    record, _ = evaluate_library(str(path), options)
     by = {row["router"]: row for row in record["summary"]}
     assert record["shots"] == 4 and by["lorahub"]["loglik"] > by["uniform"]["loglik"], by
     score = next(s for s in record["scores"] if s["router"] == "lorahub")
     assert score["expert"] == "lorahub (4 shots, seed 0)"
     with pytest.raises(LorlibError, match="--shots 30 is more than the 24 training rows"):
-        evaluate_library(str(path), tasks=[NEW_TASK], routers=["lorahub"], data=str(data), shots=30)
+        evaluate_library(str(path), EvaluateOptions(tasks=(NEW_TASK,), routers=("lorahub",), data=str(data), shots=30))
+
+
+def test_a_lorahub_plan_draws_the_shots_and_writes_nothing(hub_copy, no_model_loads):
+    path, data = hub_copy
+    before = library_snapshot(path)
+    options = LoraHubOptions(task=NEW_TASK, data=str(data), shots=4, budget=8)
+    plan = plan_lorahub(path, options)
+    rows, picked = draw_shots(load_tasks(data), NEW_TASK, 4, seed=0)
+    assert plan.reuse is None and (plan.rows, plan.picked) == (rows, picked)
+    assert plan.name == f"lorahub-{NEW_TASK}-k4-s0" and plan.router.budget == 8
+    for changes, message in [
+        ({"shots": 30}, "--shots 30 is more than the 24 training rows"),
+        ({"task": "nope"}, "no task 'nope'"),
+        ({"experts": "cluster"}, "no experts in group 'cluster'"),
+    ]:
+        with pytest.raises(LorlibError, match=message):
+            plan_lorahub(path, replace(options, **changes))
+    for changes, message in [({"budget": 0}, "--budget must be at least 1, got 0"), ({"shots": 0}, "--shots must")]:
+        with pytest.raises(LorlibError, match=message):
+            replace(options, **changes)
+    assert library_snapshot(path) == before
+
+
+def test_the_reporters_cancel_stops_the_search_and_stores_nothing(hub_copy):
+    path, data = hub_copy
+    events = []
+    reporter = Reporter(progress=events.append, cancelled=lambda: len(events) >= 2)
+    with pytest.raises(Cancelled):
+        lorahub_expert(path, LoraHubOptions(task=NEW_TASK, data=str(data), shots=4, budget=8), reporter)
+    assert [e.step for e in events] == [1, 2] and Library.open(path).names == ["fox", "noise0", "noise1"]

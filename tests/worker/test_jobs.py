@@ -102,3 +102,89 @@ def test_a_failing_job_says_why_and_the_next_one_runs(monkeypatch):
     bad, good = board.submit(JobRequest("broken", "lib")), board.submit(JobRequest("fine", "lib"))
     _until(lambda: board.status(good).state == "done", "the second job to run")
     assert board.status(bad).state == "failed" and board.status(bad).message == "unexpected ValueError: a bug"
+
+
+# ---- the jobs' options: the app's plain dicts, read into the entry points' dataclasses ----------------
+
+APP_REQUESTS = {  # what the app's tabs send (lorlib_ui/app), and what the worker reads from it
+    "build": (
+        {"steps": 5, "rank": 2, "targets": ["q_proj", "v_proj"], "shared": True, "data": "up.jsonl", "tasks": ["t1"]},
+        "BuildOptions(data='up.jsonl', tasks=('t1',), families=None, holdout_per_family=0, shared_steps=None, "
+        "shared=True, force=False, base_model=None)",
+    ),
+    "cluster": ({"k": 2, "steps": 2}, "ClusterOptions(k=2, steps=2, train=True, seed=0, keep_quantile=0.5"),
+    "evaluate": ({"routers": ["base", "arrow"], "tasks": "held-out", "limit": 5}, "routers=('base', 'arrow')"),
+    "transfer": ({"tasks": ["copy0", "copy1"], "limit": 2}, "tasks=('copy0', 'copy1'), data=None, limit=2"),
+    "routing": ({"router": "arrow@private", "tasks": "seen", "limit": 2}, "router='arrow@private'"),
+    "adapt": (
+        {"task": "t", "shots": [32, 8], "methods": ["scratch", "lorahub"], "limit": 5, "steps": 2, "data": "f"},
+        "AdaptOptions(task='t', data='f', shots=(8, 32), methods=('scratch', 'lorahub'), steps=2, budget=40",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(APP_REQUESTS))
+def test_the_apps_requests_are_read_into_the_entry_points_options(kind):
+    options, expected = APP_REQUESTS[kind]
+    parsed = jobs.job_options(JobRequest(kind, "lib", options))
+    assert expected in repr(parsed[0])
+    if kind == "build":
+        assert parsed[1].steps == 5 and parsed[1].targets == ("q_proj", "v_proj") and parsed[1].rank == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "message"),
+    [
+        ("build", {"steps": 2, "stpes": 3}, "build job: unknown option 'stpes'; the options are base_model, "),
+        ("build", {"steps": "2"}, "build job: option 'steps' must be an integer, got '2'"),
+        ("build", {"tasks": "copy0"}, "build job: option 'tasks' must be a list of strings, got 'copy0'"),
+        ("build", {"steps": 0}, "steps must be a positive integer, got 0"),
+        ("cluster", {}, "cluster job: option 'k' is required"),
+        ("evaluate", {"limit": 1.5}, "evaluate job: option 'limit' must be an integer, got 1.5"),
+        ("evaluate", {"limit": 0}, "the limit must be positive, got 0"),
+        ("transfer", {"exact_match": 1}, "transfer job: option 'exact_match' must be true or false, got 1"),
+        ("routing", {"temperature": "hot"}, "routing job: option 'temperature' must be a number, got 'hot'"),
+        ("adapt", {"task": "t", "shots": [8, True]}, "adapt job: option 'shots' must be a list of integers"),
+        ("adapt", {"task": "t", "methods": ["distil"]}, "unknown method 'distil'"),
+    ],
+)
+def test_a_bad_request_is_refused_at_submission_in_one_line(kind, options, message):
+    board = JobBoard(new_trainer=lambda: None)
+    with pytest.raises(LorlibError) as info:
+        board.submit(JobRequest(kind, "lib", options))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert board.all() == []  # nothing queued
+
+
+class _Context:
+    def __init__(self):
+        self.updates, self.cancel = [], False
+
+    def update(self, fraction, message, detail=None):
+        self.updates.append((fraction, message, detail))
+
+    def cancelled(self):
+        return self.cancel
+
+
+def test_a_jobs_reporter_writes_its_status_and_cancels_with_the_board():
+    from lorlib_ui.training.reporter import Count, Progress
+
+    context = _Context()
+    reporter = jobs.JobReporter(context, " experts scored")
+    reporter.progress(Count(1, 4, "base"))
+    reporter.progress(Progress("copy0", 1, 2, 5, 10, 0.25, worker="host:1"))
+    reporter.progress(Progress("copy1", 2, 2, 10, 10, None))  # two at once (Ray): both count
+    assert context.updates == [
+        (0.25, "1/4 experts scored: base", None),
+        (0.25, "expert 1/2 copy0: step 5/10, loss 0.250 (on host:1)", None),
+        (0.75, "expert 2/2 copy1: step 10/10", None),
+    ]
+    assert not reporter.cancelled()
+    context.cancel = True
+    assert reporter.cancelled()
+    adapt = jobs.AdaptReporter(context)
+    adapt.progress(Progress("scratch/8", 2, 2, 1, 4, 1.5))
+    adapt.log("scoring 4 routers")
+    assert context.updates[-2] == (0.5625, "2/2 scratch/8: step 1/4, loss 1.500", {"curves": {"scratch/8": [1.5]}})
+    assert context.updates[-1] == (0.9, "scoring 4 routers", {"curves": {"scratch/8": [1.5]}})

@@ -39,6 +39,31 @@ def test_route_streams_text_and_ends_with_the_record(worker, tiny_library, tiny_
     assert final.n_prompt_tokens == len(expected.prompt_ids) and final.first_token_s <= final.total_s
 
 
+@pytest.mark.parametrize("spec", ["arrow", "phatgoose", "poly:mix"])
+def test_a_route_request_opens_the_library_once(worker, tiny_library, monkeypatch, spec):
+    """The worker opens the library a request names once and hands it down: the routed model's
+    cache, the learned router's weights and the key checks read that one opening."""
+    import torch
+
+    from lorlib_ui.core.learned_routers import LearnedRouter, store_learned_router
+    from lorlib_ui.core.library import Library
+
+    for e in tiny_library.experts:
+        gates = {m: torch.ones(tiny_library.base_shapes[m][1]) for m in tiny_library.load_adapter(e.name).factors}
+        tiny_library.derived.write_expert("gates", e.name, gates, {}, e.weights_hash)
+    mixed = ["task0", "task2"]
+    modules = sorted(tiny_library.load_adapter("task0").factors)
+    record = LearnedRouter("mix", "poly-router", mixed, [tiny_library.expert(x).weights_hash for x in mixed])
+    store_learned_router(tiny_library, record, {f"{m}.logits": torch.tensor([0.2, -0.1]) for m in modules})
+    request = RouteRequest(str(tiny_library.path), "the fox", router=spec, max_new_tokens=2)
+    _final(worker.route(request))  # the routed model is built and cached
+    opened = []
+    real_open = Library.open.__func__
+    monkeypatch.setattr(Library, "open", classmethod(lambda cls, path: opened.append(path) or real_open(cls, path)))
+    assert _final(worker.route(request))[-1].record.router.startswith(spec)
+    assert len(opened) == 1
+
+
 def test_concurrent_requests_get_their_own_records(worker, tiny_library):
     prompts = ["the quick brown fox", "routing tokens", "a library of lora adapters over one", "one"]
     results = {}

@@ -14,8 +14,9 @@ ray = pytest.importorskip("ray", reason="the Ray backend needs ray: pip install 
 pytestmark = pytest.mark.ray
 
 from lorlib_ui.core.library import Library  # noqa: E402
-from lorlib_ui.training.building import build_library  # noqa: E402
+from lorlib_ui.training.building import BuildOptions, build_library  # noqa: E402
 from lorlib_ui.training.config import TrainConfig  # noqa: E402
+from lorlib_ui.training.reporter import Reporter  # noqa: E402
 from lorlib_ui.worker.api import RouteRequest  # noqa: E402
 from lorlib_ui.worker.local import LocalWorker  # noqa: E402
 from lorlib_ui.worker.ray import RayTrainer, RayWorker, connect  # noqa: E402
@@ -102,12 +103,10 @@ def test_a_killed_training_worker_is_retried_and_the_library_completes(local_ray
 
     report = build_library(
         tmp_path / "lib",
-        data=str(tasks_file),
-        config=TrainConfig(steps=150, batch_size=2, rank=2),
-        shared=False,
-        base_model=str(tiny_base),
+        BuildOptions(data=str(tasks_file), shared=False, base_model=str(tiny_base)),
+        TrainConfig(steps=150, batch_size=2, rank=2),
         trainer=RayTrainer(),
-        progress=progress,
+        reporter=Reporter(progress=progress),
     )
     assert killed
     expert, worker = killed[0]
@@ -278,10 +277,10 @@ def test_expert_detail_crosses_from_the_actor(local_ray, tiny_library):
 
 
 def test_insight_crosses_from_the_actor(local_ray, built):
-    from lorlib_ui.analysis.transfer import transfer_library
+    from lorlib_ui.analysis.transfer import TransferOptions, transfer_library
 
     path = str(built)
-    transfer_library(path, "held-out", limit=1)
+    transfer_library(path, TransferOptions(tasks="held-out", limit=1))
     remote, local = RayWorker(SERVE).insight(path), LocalWorker(device="cpu").insight(path)
     assert (remote.tasks, remote.experts, remote.groups) == (local.tasks, local.experts, local.groups)
     assert remote.transfer == local.transfer and remote.transfer["rows"][0][0] == 1

@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lorlib_ui.core.routers.per_token import TopKRouter
+from lorlib_ui.core.routers.base import register
+from lorlib_ui.core.routers.per_token import TopKConfig, TopKRouter
 
 
+@register(TopKConfig)
 @dataclass(frozen=True)
 class ArrowRouter(TopKRouter):
     name: ClassVar[str] = "arrow"

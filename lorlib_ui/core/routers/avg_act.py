@@ -12,9 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lorlib_ui.core.routers.per_token import TopKRouter
+from lorlib_ui.core.routers.base import register
+from lorlib_ui.core.routers.per_token import TopKConfig, TopKRouter
 
 
+@register(TopKConfig)
 @dataclass(frozen=True)
 class AverageActivationRouter(TopKRouter):
     name: ClassVar[str] = "avg_act"

@@ -5,26 +5,33 @@ Every router has the same shape, and `mix` says how the weighted experts combine
 - "outputs":    y = W h + Σ_e w_e s_e B_e A_e h              (PEFT's Arrow; mixture of experts)
 - "parameters": y = W h + (Σ_e w_e s_e B_e)(Σ_e w_e A_e) h  (the paper's code: merge, then apply)
 
-A static router (a merge) gives every token the same weights, `weights(slot)`, which the layer
-folds once into one small pair of factors. A dynamic router scores each token from its dot
-products with one key vector per expert, `route(slot, dots)`; the layer computes those dots in
-the same matmul as the experts' A projections. Arrow's keys are its prototypes.
+A router is one of three kinds, and has the hooks of its kind only:
 
-A router class declares what it supports (`static`, `groupable`, `argument`, `options`,
-`per_task`, `few_shot`, `subtracts`) and builds itself from a spec with `from_spec`; the registry
-(`lorlib_ui.core.routers.registry`) reads those declarations to parse specs, check them, and list
-the routers that menus, help texts and evaluations offer. Routers are immutable: limiting one to a
-group of experts returns a new router.
+- `MergeRouter` (static: uniform, TIES, one expert, a learned Poly router) gives every token the
+  same weights, `weights(slot)`, which the layer folds once into one small pair of factors, or
+  merges the experts its own way, `merge(slot)`;
+- `TokenRouter` scores each token from its dot products with one key vector per expert,
+  `route(slot, scores, h)`; the layer computes those dots in the same matmul as the experts' A
+  projections. Arrow's keys are its prototypes. Most are top-k routers (`per_token.TopKRouter`),
+  which only say how they score;
+- `TaskRouter` (the oracle, LoraHub) is resolved by an evaluation on each task, from a
+  `TaskContext`, into the router that runs there, `for_task(context)`.
 
-A per-task router (the oracle, LoraHub) is resolved by an evaluation on each task, from a
-`TaskContext`, into the router that runs there (`for_task`).
+A router that a spec can name is registered with `register`, which lists it in `ROUTERS` (in the
+order menus show them) with the frozen dataclass of the settings it takes, checked where that
+dataclass is defined; the registry (`lorlib_ui.core.routers.registry`) parses specs, checks them
+and offers the routers to menus, help texts and evaluations. A router made by code (LoraHub's
+candidate merges, a Poly router in training) is not registered, so no spec names it. Routers
+are immutable: limiting one to a group of experts returns a new router.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from lorlib_ui.core.errors import LorlibError
 
 if TYPE_CHECKING:  # routers only use the tensors they are handed: the registry loads without torch
     import torch
@@ -32,15 +39,34 @@ if TYPE_CHECKING:  # routers only use the tensors they are handed: the registry 
     from lorlib_ui.core.library import Library
 
 MIXES = ("outputs", "parameters")
+DEFAULT_TOP_K = 4  # capped at the number of experts
+# What a spec's settings may hold (`make_router`'s arguments): a router's config declares those it
+# reads as fields, and `experts`, the number of experts it is given, where its checks need it.
+SETTINGS = ("top_k", "temperature", "mix", "density", "experts")
 
 
-class LayerSlot(Protocol):
-    """What a router reads of one LoRA'd layer: the routed model's `LayerSlot`, or the rows
-    of an input group (`input_groups`) for the routers that score row by row. Written here, below
-    the routed model, so that routers need nothing of it."""
+def check_mix(mix: str) -> None:
+    if mix not in MIXES:
+        raise LorlibError(f"unknown mix {mix!r}; use {' or '.join(MIXES)}")
+
+
+@runtime_checkable
+class RowSlot(Protocol):
+    """What a top-k router reads to choose among the scores of a few rows: how many experts
+    there are and which of them each row may use. A layer is one (`LayerSlot`); so are the
+    layers of an input group (`lorlib_ui.core.input_groups`), each of its rows one layer's."""
+
+    n_experts: int
+
+    def usable(self, subset: tuple[int, ...] | None) -> tuple[torch.Tensor, int]: ...
+
+
+@runtime_checkable
+class LayerSlot(RowSlot, Protocol):
+    """What a router reads of one LoRA'd layer: the routed model's `LibraryLinear`. Written
+    here, below the routed model, so that routers need nothing of it."""
 
     name: str
-    n_experts: int
     rank: int  # the largest expert rank at the layer; factors are padded to it
     ranks: list[int]  # per expert, 0 where it does not adapt the layer
     lora_a: torch.Tensor  # (E·r, d_in)
@@ -51,27 +77,12 @@ class LayerSlot(Protocol):
     keys: dict[str, torch.Tensor]  # key sets by name (prototypes, gates, activations)
     stack: ExpertStack
 
-    def usable(self, subset: tuple[int, ...] | None) -> tuple[torch.Tensor, int]: ...
-
     def derived(self, key: tuple, build): ...
-
-
-DEFAULT_TOP_K = 4  # capped at the number of experts
-
-
-@dataclass(frozen=True)
-class RouterSettings:
-    """What a user may set on a router; each router class says which of these it takes (`options`)."""
-
-    top_k: int | None = None  # None: DEFAULT_TOP_K, or all experts if fewer
-    temperature: float = 1.0
-    mix: str = "outputs"
-    density: float | None = None  # TIES: the share of each expert's parameters kept (None: its default)
 
 
 @dataclass
 class Routing:
-    """A dynamic router's decision for n tokens: dense weights, or the top-k experts per token."""
+    """A token router's decision for n tokens: dense weights, or the top-k experts per token."""
 
     logits: torch.Tensor  # (n, experts): the router's scores before top-k
     weights: torch.Tensor | None = None  # (n, experts)
@@ -110,24 +121,15 @@ class TaskContext:
 
 @dataclass(frozen=True)
 class Router:
+    """What every kind of router has: its spec's grammar, the experts it may use, how it mixes."""
+
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for help texts
-    static: ClassVar[bool] = True  # the same weights for every token (a merge), or per token
-    applies_experts: ClassVar[bool] = True
-    groupable: ClassVar[bool] = False  # may be limited to a group of experts: arrow@private
+    config: ClassVar[type | None] = None  # the settings it takes, a frozen dataclass (set by `register`)
     argument: ClassVar[str | None] = None  # the spec takes an argument: expert:NAME
     argument_of: ClassVar[str] = "experts"  # what menus offer as its argument: experts, or learned routers
-    options: ClassVar[tuple[str, ...]] = ()  # the RouterSettings it reads: top_k, temperature, mix
-    per_task: ClassVar[bool] = False  # chooses its experts per evaluation task (the oracle)
-    per_task_hint: ClassVar[str] = "picks its expert per evaluated task; use it with evaluate"
-    few_shot: ClassVar[bool] = False  # per task, learns from a few of its training examples (LoraHub)
-    # Dynamic routers: the per-expert key vectors a token's scores are dot products with, a key
-    # set of the layer ("prototypes": Arrow's; "gates": PhatGoose's; "activations": mean hidden
-    # states), or None for a router that scores the experts' projections A_e h themselves.
-    keys: ClassVar[str | None] = "prototypes"
-    # routes each row of its scores alone (so rows of several layers may be stacked): see
-    # `lorlib_ui.core.input_groups`
-    rowwise: ClassVar[bool] = False
+    groupable: ClassVar[bool] = False  # may be limited to a group of experts: arrow@private
+    applies_experts: ClassVar[bool] = True  # False for the base model alone
     needs: ClassVar[str | None] = None  # a key set the library must hold for every expert it uses
     presets: ClassVar[dict[str, str]] = {}  # the comparisons `evaluate` offers: name -> spec
     # A group of the library whose experts the router reads but never chooses (GenKnowSub
@@ -141,42 +143,25 @@ class Router:
     subtracted: tuple[int, ...] = ()  # the experts of the `subtracts` group, by index
 
     @classmethod
-    def from_spec(cls, argument: str, experts: list[str], settings: RouterSettings) -> Router:
-        """The router for a spec's argument (after ':'), over `experts`; checks what it reads."""
-        return cls()
-
-    @classmethod
     def unavailable(cls, groups: dict[str, list[str]]) -> str | None:
         """Why this router cannot run on a library with these groups of experts, or None."""
         return None
 
-    def limit(self, group: str, subset: tuple[int, ...]) -> Router:
-        """This router, using only the experts at `subset` (a named group); a new router."""
-        return replace(self, group=group, subset=subset)
-
-    def for_task(self, context: TaskContext) -> Router | None:
-        """Per-task routers: the router that runs on the context's task; None when none fits."""
-        raise NotImplementedError
-
-    def weights(self, slot: LayerSlot) -> torch.Tensor:
-        """Static routers: one weight per expert (experts,), the same for every token."""
-        raise NotImplementedError
-
-    def merge(self, slot: LayerSlot) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Static routers whose merge is not a weighted sum of the experts' factors (TIES): the
-        merged pair (A (r, d_in), s·Bᵀ (r, d_out)) at this layer; None folds `weights` instead."""
+    @classmethod
+    def argument_problem(cls, argument: str, experts: list[str]) -> str | None:
+        """Why a spec's argument (after ':') names nothing this router can use among `experts`, in
+        one line; None when it is fine."""
         return None
 
-    def route(self, slot: LayerSlot, scores: torch.Tensor, h: torch.Tensor) -> Routing:
-        """Dynamic routers: weights per token for the tokens' inputs h (tokens, d_in), from
-        scores = h·key_e (tokens, experts), or, where `keys` is None, the experts' projections
-        A_e h (tokens, experts·r)."""
-        raise NotImplementedError
+    @classmethod
+    def build(cls, argument: str, experts: list[str], config) -> Router:
+        """The router for a checked spec's argument, over `experts`, with its checked `config`
+        (None when it takes no settings). Builds only: every check is made before."""
+        return cls()
 
-    def stack(self, slot: LayerSlot) -> ExpertStack:
-        """The experts' stacked factors and keys this router mixes at a layer: the layer's own,
-        unless the router changes the experts (GenKnowSub subtracts the general ones)."""
-        return slot.stack
+    def limit(self, group: str | None, subset: tuple[int, ...]) -> Router:
+        """This router, using only the experts at `subset` (a named group); a new router."""
+        return replace(self, group=group, subset=subset)
 
     def missing(self, library: Library) -> str | None:
         """Why this router cannot run on `library` for want of something it stores there beyond
@@ -189,15 +174,95 @@ class Router:
         holds them. Called by the routed model when routing starts."""
         return self
 
+    @property
+    def key(self) -> tuple:
+        """Identifies what the router computes from a layer's experts, for the layers' caches (a
+        merge's folded factors, whether an input group can route it together)."""
+        return (self.name, self.mix, self.subset)
+
+    def describe(self) -> str:
+        return self.name + (f"@{self.group}" if self.group else "")
+
+
+@dataclass(frozen=True)
+class MergeRouter(Router):
+    """Static: the same weights for every token, folded once per layer into one pair of factors."""
+
+    def weights(self, slot: LayerSlot) -> torch.Tensor:
+        """One weight per expert (experts,), the same for every token."""
+        raise NotImplementedError(f"{type(self).__name__} must say its weights")
+
+    def merge(self, slot: LayerSlot) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a merge that is not a weighted sum of the experts' factors (TIES): the merged pair
+        (A (r, d_in), s·Bᵀ (r, d_out)) at this layer; None folds `weights` instead."""
+        return None
+
+
+@dataclass(frozen=True)
+class TokenRouter(Router):
+    """Per token: weights from each token's scores against one key vector per expert."""
+
+    # The per-expert key vectors a token's scores are dot products with, a key set of the layer
+    # ("prototypes": Arrow's; "gates": PhatGoose's; "activations": mean hidden states), or None
+    # for a router that scores the experts' projections A_e h themselves.
+    keys: ClassVar[str | None] = "prototypes"
+
     @classmethod
     def prepare_keys(cls, raw: torch.Tensor) -> torch.Tensor:
         """The key vectors the layer holds, from those the library stores (experts, d_in)."""
         return raw
 
-    @property
-    def key(self) -> tuple:
-        """Identifies a static router's weights, for the layers' cache of merged factors."""
-        return (self.name, self.mix, self.subset)
+    def route(self, slot: LayerSlot, scores: torch.Tensor, h: torch.Tensor) -> Routing:
+        """Weights per token for the tokens' inputs h (tokens, d_in), from scores = h·key_e
+        (tokens, experts), or, where `keys` is None, the experts' projections A_e h
+        (tokens, experts·r)."""
+        raise NotImplementedError(f"{type(self).__name__} must say how it routes")
 
-    def describe(self) -> str:
-        return self.name + (f"@{self.group}" if self.group else "")
+    def stack(self, slot: LayerSlot) -> ExpertStack:
+        """The experts' stacked factors and keys this router mixes at a layer: the layer's own,
+        unless the router changes the experts (GenKnowSub subtracts the general ones)."""
+        return slot.stack
+
+
+@dataclass(frozen=True)
+class TaskRouter(Router):
+    """Per evaluated task: resolved by an evaluation into the router that runs on that task."""
+
+    # why `make_router` refuses it outside an evaluation, after "router NAME "
+    usage: ClassVar[str] = "picks its expert per evaluated task; use it with evaluate"
+    few_shot: ClassVar[bool] = False  # learns from a few of the task's training examples (LoraHub)
+
+    def for_task(self, context: TaskContext) -> Router | None:
+        """The router that runs on the context's task; None when none fits."""
+        raise NotImplementedError(f"{type(self).__name__} must say what it runs per task")
+
+
+KINDS = (MergeRouter, TokenRouter, TaskRouter)
+
+# Every router a spec can name, by name, in the order they were registered: the order of menus,
+# help texts and evaluation tables (`lorlib_ui.core.routers.registry` imports their modules so).
+ROUTERS: dict[str, type[Router]] = {}
+
+R = TypeVar("R", bound=type[Router])
+
+
+def register(config: type | None = None) -> Callable[[R], R]:
+    """Class decorator: list a router in `ROUTERS` under its name, after those registered before
+    it, with `config`, the frozen dataclass of the settings it takes (None: it takes none). The
+    config's fields are named after `SETTINGS`, and it checks them itself (`__post_init__`)."""
+    if config is not None:
+        if not (is_dataclass(config) and config.__dataclass_params__.frozen):
+            raise TypeError(f"{config.__name__} must be a frozen dataclass")
+        if unknown := [f.name for f in fields(config) if f.name not in SETTINGS]:
+            raise TypeError(f"{config.__name__} declares {', '.join(unknown)}, not settings: {', '.join(SETTINGS)}")
+
+    def add(cls: R) -> R:
+        if not issubclass(cls, KINDS):
+            raise TypeError(f"{cls.__name__} must be a {', '.join(k.__name__ for k in KINDS)}")
+        if cls.name in ROUTERS:
+            raise TypeError(f"a router named {cls.name!r} is registered already ({ROUTERS[cls.name].__name__})")
+        cls.config = config
+        ROUTERS[cls.name] = cls
+        return cls
+
+    return add

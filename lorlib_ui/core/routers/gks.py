@@ -31,7 +31,8 @@ from typing import ClassVar
 
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.routers.arrow import ArrowRouter
-from lorlib_ui.core.routers.base import ExpertStack, LayerSlot
+from lorlib_ui.core.routers.base import ExpertStack, LayerSlot, register
+from lorlib_ui.core.routers.per_token import TopKConfig
 
 
 def subtract_general(slot: LayerSlot, routed: list[int], general: list[int]) -> ExpertStack:
@@ -66,6 +67,7 @@ def subtract_general(slot: LayerSlot, routed: list[int], general: list[int]) -> 
     return ExpertStack({**slot.keys, "prototypes": prototypes}, a.flatten(0, 1), bt.flatten(0, 1), slot.scales)
 
 
+@register(TopKConfig)
 @dataclass(frozen=True)
 class ArrowGksRouter(ArrowRouter):
     name: ClassVar[str] = "arrow_gks"

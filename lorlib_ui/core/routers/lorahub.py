@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.routers.base import Router, TaskContext
+from lorlib_ui.core.routers.base import MergeRouter, TaskContext, TaskRouter, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,7 +45,7 @@ L1 = 0.05  # the weight of ‖w‖₁ in the objective
 
 
 @dataclass(frozen=True)
-class WeightedMerge(Router):
+class WeightedMerge(MergeRouter):
     """Σ_e w_e A_e and Σ_e w_e s_e B_e with given weights: a candidate of LoraHub's search, and its
     result. Made by the search, not typed, so it is not in the registry."""
 
@@ -120,13 +120,13 @@ def search_weights(
     return SearchResult(tuple(float(x) for x in weights), value, objective, uniform_loss, budget)
 
 
+@register()
 @dataclass(frozen=True)
-class LoraHubRouter(Router):
+class LoraHubRouter(TaskRouter):
     name: ClassVar[str] = "lorahub"
     summary: ClassVar[str] = "LoraHub: per evaluated task, a weighted merge searched on a few of its examples"
     groupable: ClassVar[bool] = True
-    per_task: ClassVar[bool] = True
-    per_task_hint: ClassVar[str] = (
+    usage: ClassVar[str] = (
         "searches its merge on a few examples of each evaluated task; use it with evaluate, or store "
         "one with `lorahub LIBRARY --task T` and route with expert:NAME"
     )
@@ -155,7 +155,7 @@ class LoraHubRouter(Router):
             return self.subset
         return tuple(i for i, e in enumerate(library.experts) if e.kind in TASK_KINDS)
 
-    def for_task(self, context: TaskContext) -> Router:
+    def for_task(self, context: TaskContext) -> WeightedMerge:
         return self.search(context)[0]
 
     def search(

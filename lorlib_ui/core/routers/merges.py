@@ -1,4 +1,4 @@
-"""Static routers: the base model alone, one expert alone, and the uniform merges of the library.
+"""Static routers: the base model alone, and the uniform merges of the library.
 
 µ ("uniform") is the paper's merge baseline (Ostapenko et al., 2024, Sec. 6): the mean of the
 experts' A factors and the mean of their B factors, as in its code. `mean_delta` averages the
@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.routers.base import Router, RouterSettings
+from lorlib_ui.core.routers.base import MergeRouter, register
 
 
+@register()
 @dataclass(frozen=True)
-class BaseRouter(Router):
+class BaseRouter(MergeRouter):
     """The base model alone: no expert is applied."""
 
     name: ClassVar[str] = "base"
@@ -28,39 +28,9 @@ class BaseRouter(Router):
         return slot.present.new_zeros(slot.n_experts).float()
 
 
+@register()
 @dataclass(frozen=True)
-class ExpertRouter(Router):
-    """One named expert, as if it were the only adapter."""
-
-    name: ClassVar[str] = "expert"
-    summary: ClassVar[str] = "one expert alone"
-    argument: ClassVar[str | None] = "NAME"
-    presets: ClassVar[dict[str, str]] = {"shared": "expert:shared"}  # the multi-task baseline
-
-    expert: str = ""
-    index: int = 0
-
-    @classmethod
-    def from_spec(cls, argument: str, experts: list[str], settings: RouterSettings) -> Router:
-        if argument not in experts:
-            raise LorlibError(f"unknown expert {argument!r} (experts: {', '.join(experts) or 'none'})")
-        return cls(expert=argument, index=experts.index(argument))
-
-    @property
-    def key(self):
-        return (self.name, self.index)
-
-    def weights(self, slot):
-        weights = slot.present.new_zeros(slot.n_experts).float()
-        weights[self.index] = 1.0
-        return weights
-
-    def describe(self):
-        return f"expert:{self.expert}"
-
-
-@dataclass(frozen=True)
-class UniformRouter(Router):
+class UniformRouter(MergeRouter):
     """µ: the uniform merge, mean of the A's and mean of the B's (as in the paper's code).
 
     At a layer that only some experts adapt, the mean is over those experts.
@@ -78,6 +48,7 @@ class UniformRouter(Router):
         return usable.float() / max(n, 1)
 
 
+@register()
 @dataclass(frozen=True)
 class MeanDeltaRouter(UniformRouter):
     """Mean of the experts' updates ΔW_e = s_e B_e A_e (over the experts adapting the layer)."""

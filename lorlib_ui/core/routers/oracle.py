@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from lorlib_ui.core.routers.base import Router, RouterSettings, TaskContext
-from lorlib_ui.core.routers.merges import ExpertRouter
+from lorlib_ui.core.routers.base import TaskContext, TaskRouter, register
+from lorlib_ui.core.routers.expert import ExpertRouter
 
 if TYPE_CHECKING:
     from lorlib_ui.core.library import Library
@@ -29,20 +29,20 @@ def family_cluster(library: Library, family: str | None) -> str | None:
     return best if best is not None and votes[best] > 0 else None
 
 
+@register()
 @dataclass(frozen=True)
-class OracleRouter(Router):
+class OracleRouter(TaskRouter):
     name: ClassVar[str] = "oracle"
     summary: ClassVar[str] = "per evaluated task, the cluster expert of its family (evaluate only)"
-    per_task: ClassVar[bool] = True
     presets: ClassVar[dict[str, str]] = {"oracle": "oracle"}
 
     @classmethod
     def unavailable(cls, groups: dict[str, list[str]]) -> str | None:
         return None if groups.get("cluster") else "the library has no cluster experts (run `cluster`)"
 
-    def for_task(self, context: TaskContext) -> Router | None:
+    def for_task(self, context: TaskContext) -> ExpertRouter | None:
         """The expert router it stands for on a task of the context's family; None when no expert fits."""
         expert = family_cluster(context.library, context.family)
         if expert is None:
             return None
-        return ExpertRouter.from_spec(expert, context.library.names, RouterSettings())
+        return ExpertRouter.build(expert, context.library.names)

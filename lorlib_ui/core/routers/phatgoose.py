@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lorlib_ui.core.routers.per_token import TopKRouter
+from lorlib_ui.core.routers.base import register
+from lorlib_ui.core.routers.per_token import TopKConfig, TopKRouter
 
 EPS = 1e-5  # torch.nn.LayerNorm's default
 
@@ -30,6 +31,7 @@ def standardise(x):
     return (x - x.mean(dim=-1, keepdim=True)) / spread(x)
 
 
+@register(TopKConfig)
 @dataclass(frozen=True)
 class PhatGooseRouter(TopKRouter):
     name: ClassVar[str] = "phatgoose"

@@ -11,15 +11,23 @@ weights, softmax over the mixed experts that adapt the layer, and the experts' o
 factors (poly-full); either way the result is stored in the library (`lorlib_ui.core.learned_routers`)
 and routes as `poly:NAME`. Its weights are static, so the layer folds them once: the mixed
 experts' factors side by side, the trained copies of them for poly-full.
+
+While it learns (`lorlib_ui.training.adaptation_methods.train_poly`), the same router is a
+`PolyTraining`: the same weights, from trainable logits, recomputed at every step so that
+gradients reach them (and the factors, for poly-full). The training code builds it; no spec
+names it, so it is not registered.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.routers.base import Router, RouterSettings
+from lorlib_ui.core.routers.base import ExpertStack, LayerSlot, MergeRouter, Routing, TokenRouter, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def poly_weights(slot, subset: tuple[int, ...], logits):
@@ -34,8 +42,9 @@ def poly_weights(slot, subset: tuple[int, ...], logits):
     return full.masked_fill(~usable, float("-inf")).softmax(dim=0)
 
 
+@register()
 @dataclass(frozen=True, eq=False)
-class PolyRouter(Router):
+class PolyRouter(MergeRouter):
     name: ClassVar[str] = "poly"
     summary: ClassVar[str] = "a router learned on a few examples of a task, mixing the library's experts (adapt)"
     argument: ClassVar[str | None] = "NAME"
@@ -47,13 +56,18 @@ class PolyRouter(Router):
     factors: dict | None = None  # module -> (A (n, r, d_in), Bᵀ (n, r, d_out)), trained copies
 
     @classmethod
-    def from_spec(cls, argument: str, experts: list[str], settings: RouterSettings) -> Router:
-        from lorlib_ui.core.library import check_name
+    def argument_problem(cls, argument: str, experts: list[str]) -> str | None:
+        from lorlib_ui.core.library import check_name  # the library module loads torch; the registry need not
 
         try:
-            return cls(learned=check_name(argument))
+            check_name(argument)
         except LorlibError:
-            raise LorlibError(f"invalid learned router name {argument!r}") from None
+            return f"invalid learned router name {argument!r}"
+        return None
+
+    @classmethod
+    def build(cls, argument: str, experts: list[str], config=None) -> PolyRouter:
+        return cls(learned=argument)
 
     def missing(self, library):
         from lorlib_ui.core.learned_routers import learned_problem
@@ -100,3 +114,40 @@ class PolyRouter(Router):
 
     def describe(self):
         return f"poly:{self.learned}"
+
+
+@dataclass(frozen=True, eq=False)
+class PolyTraining(TokenRouter):
+    """A Poly router while it learns: the same weights as `poly:NAME` (`poly_weights`) from
+    trainable logits, over a stack of only the mixed experts (their factors trainable too, for
+    poly-full). It scores nothing: the layer hands it the experts' projections (keys None)."""
+
+    name: ClassVar[str] = "poly-training"
+    summary: ClassVar[str] = "a Poly router in training"
+    keys: ClassVar[str | None] = None
+
+    logits: dict = field(default_factory=dict)  # module -> (n,) Parameter
+    factors: dict = field(default_factory=dict)  # module -> (A (n·r, d_in), Bᵀ (n·r, d_out)) Parameters
+
+    def route(self, slot, scores, h):
+        weights = poly_weights(slot, self.subset, self.logits.get(slot.name))
+        mixed = weights.index_select(0, slot.scales.new_tensor(self.subset).long())
+        mixed = mixed.unsqueeze(0).expand(scores.shape[0], -1)
+        return Routing(mixed, weights=mixed)
+
+    def stack(self, slot):
+        index = slot.scales.new_tensor(self.subset).long()
+        if slot.name in self.factors:
+            a, bt = self.factors[slot.name]
+        else:
+            a, bt = slot.derived(("poly-training", self.subset), lambda: mixed_factors(slot, index))
+        return ExpertStack(slot.keys, a, bt, slot.scales.index_select(0, index))
+
+
+def mixed_factors(slot: LayerSlot, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked factors of the experts at `index` only, in the layer's compute dtype: what a
+    Poly router in training mixes, and where poly-full's trained copies start."""
+    e, r, dtype = slot.n_experts, slot.rank, slot.prototypes.dtype
+    a = slot.lora_a.view(e, r, -1).index_select(0, index).flatten(0, 1).to(dtype)
+    bt = slot.lora_bt.view(e, r, -1).index_select(0, index).flatten(0, 1).to(dtype)
+    return a, bt

@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lorlib_ui.core.routers.per_token import TopKRouter
+from lorlib_ui.core.routers.base import LayerSlot, register
+from lorlib_ui.core.routers.per_token import TopKConfig, TopKRouter
 
 
+@register(TopKConfig)
 @dataclass(frozen=True)
 class SpectralRouter(TopKRouter):
     name: ClassVar[str] = "spectral"
@@ -23,7 +25,8 @@ class SpectralRouter(TopKRouter):
     keys: ClassVar[str | None] = None  # scores the projections A_e h
     presets: ClassVar[dict[str, str]] = {"spectral": "spectral@private"}
 
-    def logits(self, slot, scores, h):
+    def logits(self, slot: LayerSlot, scores, h):
+        # a whole layer: a router that scores the projections is never routed with an input group
         e, r = slot.n_experts, slot.rank
         gram = slot.derived(("spectral-gram",), lambda: _gram(slot))  # (E, r, r)
         z = scores.view(-1, e, r).to(gram.dtype)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.routers.base import Router, RouterSettings
+from lorlib_ui.core.routers.base import MergeRouter, register
 
 DEFAULT_DENSITY = 0.2  # the TIES paper's and the Ostapenko et al. code's default
 
@@ -41,22 +41,30 @@ def ties_merge(tensors, sizes, density: float):
 
 
 @dataclass(frozen=True)
-class TiesRouter(Router):
+class TiesConfig:
+    """What a user sets on TIES (`--density`)."""
+
+    density: float = DEFAULT_DENSITY  # the share of each expert's entries kept
+
+    def __post_init__(self):
+        if not (math.isfinite(self.density) and 0 < self.density <= 1):
+            raise LorlibError(f"density must be in (0, 1], got {self.density}")
+
+
+@register(TiesConfig)
+@dataclass(frozen=True)
+class TiesRouter(MergeRouter):
     name: ClassVar[str] = "ties"
     summary: ClassVar[str] = "TIES: trim each expert to its largest entries, elect signs, average what agrees"
     groupable: ClassVar[bool] = True
-    options: ClassVar[tuple[str, ...]] = ("density",)
     presets: ClassVar[dict[str, str]] = {"ties": "ties@private"}
 
     mix: str = "parameters"
     density: float = DEFAULT_DENSITY
 
     @classmethod
-    def from_spec(cls, argument: str, experts: list[str], settings: RouterSettings) -> Router:
-        density = DEFAULT_DENSITY if settings.density is None else settings.density
-        if not (math.isfinite(density) and 0 < density <= 1):
-            raise LorlibError(f"density must be in (0, 1], got {density}")
-        return cls(density=float(density))
+    def build(cls, argument: str, experts: list[str], config: TiesConfig) -> TiesRouter:
+        return cls(density=float(config.density))
 
     @property
     def key(self):
