@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--read-only", action="store_true", help="serve without writing: no imports, removals, builds or other jobs"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--allow-hub",
+        action="store_true",
+        help="let users of an app bound beyond this machine reach the Hugging Face Hub (hf:// libraries, "
+        "adapters by hub id); an app bound to 127.0.0.1 may always",
+    )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(
         "--auth-file",
@@ -81,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # an app bound here is this machine's user's alone
+
+
 def _offline_environment() -> str:
     """Before gradio is imported: no analytics, uploads in a private (0700) temporary folder,
     which is returned (removed at exit)."""
@@ -116,7 +125,8 @@ def create(args: argparse.Namespace, uploads: str | None = None):
             raise LorlibError(f"{name} must be positive, got {value}")
     data = load_tasks("default")
     tasks_by_family = {family: data.tasks_in(family) for family in data.families}
-    access = Access.serving([args.library], args.libraries, [uploads], args.read_only)
+    hub = args.allow_hub or getattr(args, "host", "127.0.0.1") in LOOPBACK
+    access = Access.serving([args.library], args.libraries, [uploads], args.read_only, hub=hub)
     serve = partial(
         LocalWorker,
         device=args.device,

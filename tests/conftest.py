@@ -176,11 +176,20 @@ PROMPT_ROUTERS = ["base", "uniform", "mean_delta", "ties", "arrow", "arrow_gks",
 @pytest.fixture
 def hub() -> Path:
     """huggingface_hub's cache folder, offline, emptied after the test (`hub_cache.publish` lays
-    repos out in it)."""
+    repos out in it), and the snapshots of hub libraries lorlib copied meanwhile removed."""
+    from lorlib_ui.core import hub as hub_module
+    from lorlib_ui.core.cache import cache_dir
+
     cache = Path(os.environ["HF_HUB_CACHE"])
+    snapshots = cache_dir() / "hub"  # lorlib's read-only copies of hub libraries
+    before = set(snapshots.iterdir()) if snapshots.is_dir() else set()
+    hub_module._resolved.clear()
     yield cache
+    hub_module._resolved.clear()
     for child in cache.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for child in (set(snapshots.iterdir()) if snapshots.is_dir() else set()) - before:
+        shutil.rmtree(child, ignore_errors=True)
 
 
 @pytest.fixture

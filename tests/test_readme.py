@@ -29,6 +29,7 @@ NOT_RUN = {
     "# head node": "starts a Ray cluster",
     "python app.py --backend ray": "needs a Ray cluster",
     'A="--backend ray': "a FLAN build on a cluster",
+    "# experts from the hub": "needs the Hugging Face Hub; tests/cli/test_sharing_cli.py runs these commands offline",
 }
 
 
@@ -64,6 +65,8 @@ def test_every_block_is_run_or_listed():
         "from gradio_client import Client",
         "python -m lorlib_ui import-peft my-library",
         "from lorlib_ui.core.library import Library",
+        "cp -r assets/library shared-lib",
+        "python -m lorlib_ui explain assets/library",
     }
     for line, lang, body in blocks():
         if not lang:
@@ -125,3 +128,28 @@ def test_the_gradio_client_block(tmp_path):
         app.close()
     assert namespace["text"].strip() and "done in" in namespace["timing"]
     assert json.loads(namespace["heatmap"]["plot"])["data"][0]["type"] == "heatmap"
+
+
+def test_the_offline_sharing_commands(tmp_path):
+    """card, push --to-folder and export on a copy of the shipped library, as written."""
+    import yaml
+
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    _, card, push, export = _shell(_block("cp -r assets/library shared-lib"), tmp_path)
+    header = (tmp_path / "shared-lib" / "README.md").read_text().split("---\n")[1]
+    experts = len(json.loads((ROOT / "assets" / "library" / "manifest.json").read_text())["experts"])
+    assert yaml.safe_load(header)["license"] == "apache-2.0" and f"wrote {experts + 1} cards" in card.stdout
+    assert "nothing was uploaded" in push.stdout and (tmp_path / "upload" / "manifest.json").is_file()
+    assert (tmp_path / "uniform-adapter" / "adapter_model.safetensors").is_file() and "PEFT adapter" in export.stdout
+
+
+def test_explain_and_route_batch_on_the_shipped_library(tmp_path):
+    import csv
+
+    (tmp_path / "assets").symlink_to(ROOT / "assets")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "What is 12 + 30?"}\n{"prompt": "Name a colour."}\n')
+    explained, batch = _shell(_block("python -m lorlib_ui explain assets/library"), tmp_path)
+    assert "total gain over the base model" in explained.stdout and "against expert:shared" in explained.stdout
+    assert "without " in explained.stdout  # the credit of the chosen experts
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 2 and all(r["answer"] and r["top_experts"] and not r["error"] for r in rows)

@@ -94,6 +94,12 @@ def import_and_reopen(worker: Worker, page: Page, folder: str, archive: str | No
 
 
 @shows_errors
+def import_hub_and_reopen(worker: Worker, page: Page, folder: str, text: str | None) -> dict:
+    library.import_hub(worker, folder, text)
+    return open_library(worker, page, folder)
+
+
+@shows_errors
 def remove_and_reopen(worker: Worker, page: Page, folder: str, name: str | None) -> dict:
     library.remove(worker, folder, name)
     return open_library(worker, page, folder)
@@ -185,6 +191,10 @@ def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
         partial(import_and_reopen, worker, page), [page.path, page.library.upload], outputs, api_name="import_adapters"
     )
     redraw(imported)
+    from_hub = page.library.hub_btn.click(
+        partial(import_hub_and_reopen, worker, page), [page.path, page.library.hub_ids], outputs, api_name="import_hub"
+    )
+    redraw(from_hub)
     removed = page.library.remove_btn.click(
         partial(remove_and_reopen, worker, page),
         [page.path, page.library.expert_pick],

@@ -27,6 +27,7 @@ LEARNED_COLUMNS = ["router", "method", "task", "shots", "experts mixed", "final 
 PICK_INFO = "shown below: its weight update layer by layer, its nearest experts and its training loss"
 NEAREST_LABEL = "Nearest experts (cosine of their MBC embeddings)"
 NO_CURVE_BUILT = "no loss curve recorded (built before curves were kept)"
+HUB_INFO = "owner/repo, owner/repo:subfolder (an adapter inside a repo), optionally @revision; one per line"
 NO_CURVE_IMPORTED = "no loss curve recorded (an imported adapter, not trained here)"
 
 
@@ -36,6 +37,8 @@ class LibraryTab:
     learned: gr.Dataframe  # routers learned by `adapt` (poly:NAME), shown when there are any
     upload: gr.File
     import_btn: gr.Button
+    hub_ids: gr.Textbox  # adapters on the Hugging Face Hub, by id
+    hub_btn: gr.Button
     expert_pick: gr.Dropdown
     export_btn: gr.Button
     export_lib_btn: gr.Button
@@ -60,6 +63,8 @@ def build_tab() -> LibraryTab:
         with gr.Row():
             upload = gr.File(label="Import PEFT adapters (zip)", file_types=[".zip"], type="filepath")
             import_btn = gr.Button("Import")
+            hub_ids = gr.Textbox(label="Import from the Hugging Face Hub", info=HUB_INFO, lines=2, max_lines=8)
+            hub_btn = gr.Button("Import from the Hub")
         with gr.Row():
             expert_pick = gr.Dropdown([], label="Expert", allow_custom_value=False, info=PICK_INFO)
             export_btn = gr.Button("Download expert")
@@ -80,6 +85,8 @@ def build_tab() -> LibraryTab:
         learned,
         upload,
         import_btn,
+        hub_ids,
+        hub_btn,
         expert_pick,
         export_btn,
         export_lib_btn,
@@ -196,6 +203,23 @@ def import_zip(worker: Worker, folder: str, archive: str | None) -> list[str]:
     if not archive:
         raise gr.Error("choose a zip file of PEFT adapter folders first")
     names = worker.import_archive(folder, archive)
+    gr.Info(f"imported {', '.join(names)}")
+    return names
+
+
+def hub_ids(text: str | None) -> list[str]:
+    """The hub ids typed in the box: one per line, or separated by commas or spaces."""
+    return [part for part in (text or "").replace(",", " ").split() if part]
+
+
+@shows_errors
+def import_hub(worker: Worker, folder: str, text: str | None) -> list[str]:
+    """Import the adapters named by hub id (all checked before any is stored); the caller reopens
+    the library to show them."""
+    ids = hub_ids(text)
+    if not ids:
+        raise gr.Error("type one or more hub ids: owner/repo, owner/repo:subfolder, each optionally @revision")
+    names = worker.import_hub(folder, ids)
     gr.Info(f"imported {', '.join(names)}")
     return names
 

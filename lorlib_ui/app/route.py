@@ -42,6 +42,8 @@ class RouteTab:
     max_new: gr.Slider
     route_btn: gr.Button
     compare_btn: gr.Button
+    merge_btn: gr.Button  # the current static router's merge as a PEFT adapter (a zip)
+    merge_file: gr.File
     answer: gr.Textbox
     timing: gr.Markdown
     layer_box: gr.Column  # the boxes are hidden until a route (or a comparison) fills them
@@ -83,6 +85,8 @@ def build_tab() -> RouteTab:
                 with gr.Row():
                     route_btn = gr.Button("Route", variant="primary")
                     compare_btn = gr.Button("Compare two routers")
+                    merge_btn = gr.Button("Download the merge")
+                merge_file = gr.File(label="The router's merge: a PEFT adapter", interactive=False, visible=False)
                 answer = gr.Textbox(label="Generated text", lines=4, interactive=False)
                 timing = gr.Markdown()
             with gr.Column(scale=3, visible=False) as layer_box:
@@ -119,6 +123,8 @@ def build_tab() -> RouteTab:
         max_new=max_new,
         route_btn=route_btn,
         compare_btn=compare_btn,
+        merge_btn=merge_btn,
+        merge_file=merge_file,
         answer=answer,
         timing=timing,
         layer_box=layer_box,
@@ -260,6 +266,16 @@ def compare(worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp
     }
 
 
+@shows_errors
+def merge(worker: Worker, folder: str, router: str | None, density: float) -> dict:
+    """The chosen router's merge, for download: a PEFT adapter that applies what the router does
+    (a static router only: uniform, mean_delta, ties, one expert; a per-token router is refused
+    with a pointer to PEFT's Arrow)."""
+    if not router:
+        raise gr.Error("pick a router first")
+    return gr.update(value=worker.export_merge(folder, router, density=density), visible=True)
+
+
 def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown]
     detail_outputs = [tab.coloured, tab.token_plot, tab.logits_plot]
@@ -286,6 +302,8 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     tab.example_pick.change(lambda p: p or gr.skip(), tab.example_pick, tab.prompt, api_visibility="private")
     for menu in (tab.router, tab.compare_router):
         menu.input(router_note, [tab.router, tab.compare_router, tab.notes], tab.router_note, api_visibility="private")
+    merge_inputs = [path, tab.router, tab.density]
+    tab.merge_btn.click(partial(merge, worker), merge_inputs, tab.merge_file, api_name="export_merge")
     tab.compare_btn.click(
         partial(compare, worker, tab),
         [path, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new, tab.density],

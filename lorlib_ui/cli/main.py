@@ -7,7 +7,8 @@ Each command's flags come from the options dataclasses of the entry point it cal
 their fields' names, types, defaults and help make the flags (`lorlib_ui.training.options`), and
 the command reads the dataclasses back, which check themselves. The commands that make experts are
 in `lorlib_ui.cli.training`, those that judge them in `lorlib_ui.cli.analysis`; the library's own
-commands (new, import-peft, info, route, ...) are here, with their options.
+commands (new, info, route, ...) are here, with their options, and those that move libraries and
+experts in and out (import-peft, pull, push, card, export) in `lorlib_ui.cli.sharing`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ from lorlib_ui.analysis.routing_stats import RouterOptions, RoutingStatsOptions
 from lorlib_ui.analysis.transfer import TransferOptions
 from lorlib_ui.cli.analysis import cmd_adapt, cmd_evaluate, cmd_routing_stats, cmd_transfer
 from lorlib_ui.cli.progress import TrainerOptions
+from lorlib_ui.cli.routing import ExplainOptions, RouteBatchOptions, cmd_explain, cmd_route_batch
+from lorlib_ui.cli.sharing import (
+    CardOptions,
+    ExportOptions,
+    ImportOptions,
+    PullOptions,
+    PushOptions,
+    cmd_card,
+    cmd_export,
+    cmd_import_peft,
+    cmd_pull,
+    cmd_push,
+)
 from lorlib_ui.cli.training import cmd_build, cmd_cluster, cmd_keys, cmd_lorahub
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.training.building import BuildOptions
@@ -58,27 +72,6 @@ class NewOptions:
 
     base_model: str | None = option(None, EMBEDDED)
     exist_ok: bool = option(False, "succeed if a library on that base model exists")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImportOptions:
-    """PEFT adapter folders imported as experts (`import-peft`)."""
-
-    adapters: tuple[str, ...] = option(positional=True, metavar="ADAPTER_DIR")
-    base_model: str | None = option(None, NEW_BASE)
-    name: str | None = option(None, "expert name (one adapter only; default: the folder name)")
-    kind: str = option(
-        "imported",
-        "general: general knowledge, which arrow_gks subtracts from the other experts (default imported)",
-        choices=("private", "cluster", "shared", "imported", "general"),
-    )
-    tasks: tuple[str, ...] = option((), "comma-separated tasks the expert was trained on")
-    family: str | None = option(None, "the experts' task family")
-    force: bool = option(False, "replace experts of the same name")
-
-    def __post_init__(self):
-        if self.name and len(self.adapters) > 1:
-            raise LorlibError("--name can only be used with a single adapter folder")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,26 +131,6 @@ def cmd_new(args) -> None:
         return
     library = Library.create(args.library, base)
     print(f"created empty library {library.path} on {library.base_model}")
-
-
-def cmd_import_peft(args) -> None:
-    from lorlib_ui.core.library import Library, import_adapters
-    from lorlib_ui.training.clusters import keep_gram
-
-    o = from_namespace(ImportOptions, args)
-    stored = import_adapters(
-        args.library,
-        list(o.adapters),
-        names=[o.name] if o.name else None,
-        base_model=o.base_model,
-        kind=o.kind,
-        tasks=list(o.tasks) or None,
-        family=o.family,
-        force=o.force,
-    )
-    keep_gram(Library.open(args.library))
-    for e in stored:
-        print(f"imported {e.name} (rank {e.rank}, {', '.join(e.target_modules)}) into {args.library}")
 
 
 def cmd_mark_general(args) -> None:
@@ -260,11 +233,6 @@ def cmd_score(args) -> None:
         print(f"{'' if lp is None else f'{lp:8.3f}':>8}  {token!r}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage block
-        raise LorlibError(f"{self.prog}: {message}")
-
-
 @dataclass(frozen=True)
 class Command:
     """A command: what runs it, its help, and the options dataclasses its flags are made from."""
@@ -294,13 +262,34 @@ COMMANDS = {
     ),
     "new": Command(cmd_new, "create an empty library on a base model", (NewOptions,)),
     "import-peft": Command(
-        cmd_import_peft, "create or extend a library from PEFT LoRA adapter folders", (ImportOptions,)
+        cmd_import_peft,
+        "create or extend a library from PEFT LoRA adapters: folders, or hub ids owner/repo[:subfolder][@revision]",
+        (ImportOptions,),
+    ),
+    "pull": Command(cmd_pull, "copy a library from the Hugging Face Hub into a folder", (PullOptions,), False),
+    "push": Command(cmd_push, "publish a library on the Hugging Face Hub, with its cards", (PushOptions,)),
+    "card": Command(cmd_card, "write or refresh the library's card and its experts' cards", (CardOptions,)),
+    "export": Command(
+        cmd_export,
+        "export a static router's merge as a PEFT adapter, or as the base model with it folded in",
+        (ExportOptions,),
     ),
     "mark-general": Command(cmd_mark_general, MARK_GENERAL, (MarkGeneralOptions,), describe=True),
     "remove": Command(cmd_remove, "remove experts from a library (in one atomic step)", (NamesOptions,), describe=True),
     "info": Command(cmd_info, "list the experts of a library", json="print the manifest as one JSON object"),
     "route": Command(
         cmd_route, "generate under a router and report the routing", (RouteOptions,), json="print one JSON object"
+    ),
+    "explain": Command(
+        cmd_explain,
+        "explain an answer token by token: its gain over the base model, and which expert carried it",
+        (ExplainOptions,),
+        json="print one JSON object",
+    ),
+    "route-batch": Command(
+        cmd_route_batch,
+        "route many prompts from a JSONL or CSV file: answers, top experts, weights",
+        (RouteBatchOptions,),
     ),
     "build": Command(
         cmd_build,

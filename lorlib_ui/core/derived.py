@@ -143,7 +143,7 @@ class Derived:
         try:
             with self.library.locked():
                 atomic_save_tensors(path, {k: v.contiguous() for k, v in tensors.items()}, metadata)
-        except (OSError, SafetensorError):
+        except (OSError, SafetensorError, LorlibError):  # LorlibError: a read-only snapshot from the hub
             pass
 
     # ---- JSON side files ---------------------------------------------------------------------

@@ -32,6 +32,12 @@ class Generation:
     new_tokens: list[str]
     record: RoutingRecord | None
     truncated: bool  # the prompt was cut (from the left) to fit the model's context
+    stopped: bool = False  # the last new token is a stop token (not part of the answer)
+
+    @property
+    def answer_ids(self) -> list[int]:
+        """The answer's own token ids: the new ones before the stop token."""
+        return self.new_ids[:-1] if self.stopped else self.new_ids
 
 
 @dataclass
@@ -98,7 +104,8 @@ def generate(
     prompt_tokens, new_tokens = _token_strings(rm, ids), _token_strings(rm, new)
     routing = builder.finish(router.describe(), rm.experts, prompt_tokens + new_tokens) if builder else None
     text = rm.tokenizer.decode(new, skip_special_tokens=True)
-    return Generation(prompt, text, ids, new, prompt_tokens, new_tokens, routing, truncated)
+    stopped = bool(new) and new[-1] in stops
+    return Generation(prompt, text, ids, new, prompt_tokens, new_tokens, routing, truncated, stopped)
 
 
 @torch.inference_mode()
@@ -177,16 +184,23 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return next((j for j in range(n) if any(s[j] != first[j] for s in seqs)), n)
 
 
-@torch.inference_mode()
 def generate_batch(
     rm: RoutedModel, prompts: list[list[int]], router: Router, max_new_tokens: int, batch_size: int = 8
 ) -> list[str]:
-    """Greedy answers to many tokenized prompts, batched (left-padded) through `model.generate`;
-    for evaluation, where no routing record is needed. Each token is routed on its own, so a
-    prompt's answer does not depend on the others in its batch."""
+    """Greedy answers to many tokenized prompts (`generate_batch_ids`), as text."""
+    return [text for text, _ in generate_batch_ids(rm, prompts, router, max_new_tokens, batch_size)]
+
+
+@torch.inference_mode()
+def generate_batch_ids(
+    rm: RoutedModel, prompts: list[list[int]], router: Router, max_new_tokens: int, batch_size: int = 8
+) -> list[tuple[str, list[int]]]:
+    """Greedy answers to many tokenized prompts, batched (left-padded) through `model.generate`,
+    as (text, new token ids before the stop token); no routing record is kept. Each token is
+    routed on its own, so a prompt's answer does not depend on the others in its batch."""
     pad = next(i for i in (rm.tokenizer.pad_token_id, rm.tokenizer.eos_token_id, 0) if i is not None)
     stops = sorted(_stop_ids(rm))
-    texts = [""] * len(prompts)
+    texts: list[tuple[str, list[int]]] = [("", [])] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     with rm.routing(router):
         for start in range(0, len(order), batch_size):
@@ -208,5 +222,5 @@ def generate_batch(
             for row, i in enumerate(chunk):
                 new = out[row, width:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in stops), len(new))
-                texts[i] = rm.tokenizer.decode(new[:cut], skip_special_tokens=True)
+                texts[i] = (rm.tokenizer.decode(new[:cut], skip_special_tokens=True), new[:cut])
     return texts

@@ -7,10 +7,15 @@ apply; lorlib never reads, stores or prints the token) and asks only for the fil
 `adapter_config.json` and `adapter_model.safetensors`. Never a `.bin` or any other pickle: a repo
 that has only those is refused.
 
-The cache keeps a snapshot as links into its blob store, and lorlib reads nothing through a link
-(`adapters.read_regular`), so each fetched adapter is copied, link resolved, into a private
-folder after checking that the link lands inside that repo's own cache. Every hub failure
-(offline, no such repo or revision, gated, refused) is one line that names the source.
+A whole library published by lorlib (`lorlib push`) is `hf://owner/repo[@revision]`. Opening one
+fetches only the files a library holds (JSON, safetensors, cards, tabular data: never a pickle)
+and keeps a read-only snapshot of it, one folder per commit, in lorlib's cache; `lorlib pull`
+copies one into a library folder of your own.
+
+The hub cache keeps a snapshot as links into its blob store, and lorlib reads nothing through a
+link (`adapters.read_regular`), so what is fetched is copied, links resolved, into plain files,
+after checking that each link lands inside that repo's own cache. Every hub failure (offline, no
+such repo or revision, gated, refused) is one line that names the source.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ import itertools
 import os
 import re
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorlib_ui.core.adapters import CONFIG_FILE, WEIGHTS_FILE
+from lorlib_ui.core.cache import cache_dir
 from lorlib_ui.core.errors import LorlibError
 
 _PART = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}"
@@ -32,6 +40,13 @@ HUB_ID = re.compile(
     rf"(?P<repo>{_PART}/{_PART})(?::(?P<subfolder>[A-Za-z0-9_.+/-]{{1,300}}))?(?:@(?P<revision>[A-Za-z0-9_./-]{{1,200}}))?"
 )
 FETCH_WORKERS = 8  # downloads in flight at once: small files, so latency bound
+SCHEME = "hf://"
+RESOLVED_S = 60.0  # how long a hub library's revision, once resolved, is taken as it was
+_resolved: dict = {}  # HubLibrary -> (when, snapshot folder)
+_resolved_lock = threading.Lock()
+SNAPSHOT_MARK = ".hub-snapshot"  # in a snapshot's folder: the hf:// reference it holds
+# What a library's repo may give: its manifest and side files, weights, cards and held-out data.
+LIBRARY_FILES = ["*.json", "*.safetensors", "*.md", "*.jsonl", "*.jsonl.gz", "*.csv", "*.csv.gz", "*.parquet"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,77 @@ def fetch_adapters(
 
     with ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, max(len(sources), 1))) as pool:
         return list(pool.map(one, zip(sources, folders)))
+
+
+@dataclass(frozen=True)
+class HubLibrary:
+    """A library on the hub: `hf://owner/repo`, optionally `@revision`."""
+
+    repo: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> HubLibrary | None:
+        """The hub library `text` names, or None when it does not start with hf://; one line
+        when it does but names no repo."""
+        if not str(text).startswith(SCHEME):
+            return None
+        source = HubSource.parse(str(text)[len(SCHEME) :])
+        if source is None or source.subfolder:
+            raise LorlibError(f"{text!r} is not a hub library: write hf://owner/repo, or hf://owner/repo@revision")
+        return cls(source.repo, source.revision)
+
+    def __str__(self) -> str:
+        return SCHEME + self.repo + (f"@{self.revision}" if self.revision else "")
+
+
+def library_snapshot(ref: HubLibrary) -> Path:
+    """A read-only folder of plain files holding the library `ref` names at the commit its
+    revision resolves to (fetched through the hub cache; kept in lorlib's cache by commit, so
+    it is fetched and copied once). Its SNAPSHOT_MARK names the reference, with the commit. A
+    reference resolved in the last RESOLVED_S seconds is not asked of the hub again: an app
+    serving a hub library opens it on every request."""
+    with _resolved_lock:
+        seen = _resolved.get(ref)
+    if seen is not None and time.monotonic() - seen[0] < RESOLVED_S and (seen[1] / SNAPSHOT_MARK).is_file():
+        return seen[1]
+    folder = _snapshot(ref)
+    with _resolved_lock:
+        _resolved[ref] = (time.monotonic(), folder)
+    return folder
+
+
+def _snapshot(ref: HubLibrary) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=LIBRARY_FILES))
+    except Exception as exc:  # huggingface_hub's errors, and those of the HTTP client under it
+        raise hub_error(exc, f"hub library {ref}") from None
+    if not (snapshot / "manifest.json").exists():
+        raise LorlibError(f"hub library {ref}: the repo has no manifest.json, so it is not a lorlib library")
+    folder = cache_dir() / "hub" / ref.repo.replace("/", "--") / snapshot.name
+    if (folder / SNAPSHOT_MARK).is_file():
+        return folder
+    repo_cache = snapshot.parent.parent.resolve()
+    staging = folder.with_name(f".{snapshot.name}.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for found in sorted(snapshot.rglob("*")):
+        if found.is_dir():
+            continue
+        real, relative = found.resolve(), found.relative_to(snapshot)
+        if not real.is_relative_to(repo_cache) or not real.is_file():
+            raise LorlibError(f"hub library {ref}: its cached {relative} leads outside the hub cache")
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(real, target)
+    (staging / SNAPSHOT_MARK).write_text(f"{SCHEME}{ref.repo}@{snapshot.name}")
+    try:
+        staging.rename(folder)  # whole or not at all; another process may have won the race
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def hub_error(exc: Exception, what: str) -> LorlibError:

@@ -50,7 +50,7 @@ from lorlib_ui.core.atomic import atomic_write_text, fsync_tree
 from lorlib_ui.core.base_model import BaseModelInfo, shapes_fingerprint
 from lorlib_ui.core.derived import Derived, sweep_temporaries
 from lorlib_ui.core.errors import LorlibError
-from lorlib_ui.core.hub import HubSource, fetch_adapters, hub_source
+from lorlib_ui.core.hub import SNAPSHOT_MARK, HubLibrary, HubSource, fetch_adapters, hub_source, library_snapshot
 from lorlib_ui.core.limits import MAX_ALPHA, max_rank
 from lorlib_ui.core.prototypes import cache_prototypes
 
@@ -166,6 +166,7 @@ class Library:
         self.experts: list[Expert] = [Expert.from_dict(e) for e in manifest["experts"]]
         self.clusters: dict = manifest.get("clusters", {})
         self.extra: dict = {k: v for k, v in manifest.items() if k not in _MANIFEST_KEYS}
+        self.snapshot_of: str | None = None  # hf://owner/repo@commit for a hub library's read-only snapshot
 
     # ---- opening and creating -------------------------------------------------------------
     @classmethod
@@ -173,6 +174,8 @@ class Library:
         """Open the library at `path`, checking its manifest whole (it is untrusted input: a library
         may come from anywhere) and its tree: a one-line error on anything that could make lorlib
         read, write or delete outside the library."""
+        if (ref := HubLibrary.parse(str(path))) is not None:
+            path = library_snapshot(ref)  # read-only, in lorlib's cache
         path = Path(path)
         manifest_path = path / MANIFEST
         try:
@@ -194,6 +197,8 @@ class Library:
         library._check_named_files()
         library._check_tree()
         library.held_out  # noqa: B018 (checks the record)
+        if (path / SNAPSHOT_MARK).is_file():
+            library.snapshot_of = read_regular(path / SNAPSHOT_MARK, 1024).decode("utf-8", "replace").strip()
         return library
 
     def _check_folders(self) -> None:
@@ -265,6 +270,8 @@ class Library:
 
     @classmethod
     def create(cls, path: str | Path, base: BaseModelInfo) -> Library:
+        if HubLibrary.parse(str(path)) is not None:
+            raise LorlibError(f"{path} is on the hub: make the library in a folder, then `lorlib push` it")
         path = Path(path)
         if (path / MANIFEST).exists():
             raise LorlibError(f"a library already exists at {path}")
@@ -324,6 +331,11 @@ class Library:
     # ---- writing ---------------------------------------------------------------------------
     @contextmanager
     def _write_lock(self):
+        if self.snapshot_of is not None:
+            raise LorlibError(
+                f"library {self.snapshot_of} is a read-only snapshot from the hub; "
+                f"`lorlib pull {self.snapshot_of} DIR` makes a copy you can change"
+            )
         with open(self.path / ".lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -480,8 +492,8 @@ def existing_or_new(path: str | Path, base_model: str | None) -> tuple[Library |
     named (then checked to fit the existing library). Nothing is written."""
     from lorlib_ui.core.base_model import base_model_info
 
-    path = Path(path)
-    library = Library.open(path) if (path / MANIFEST).is_file() else None
+    hub = HubLibrary.parse(str(path)) is not None  # opened to say that it cannot be written
+    library = Library.open(path) if hub or (Path(path) / MANIFEST).is_file() else None
     base = base_model_info(base_model) if library is None or base_model else None
     if library is not None and base is not None:
         library.check_base(base)
@@ -490,7 +502,7 @@ def existing_or_new(path: str | Path, base_model: str | None) -> tuple[Library |
 
 def import_adapters(
     path: str | Path,
-    sources: list[str | Path],
+    sources: list[str | Path | HubSource],
     names: list[str] | None = None,
     base_model: str | None = None,
     kind: str = "imported",
@@ -501,12 +513,16 @@ def import_adapters(
 ) -> list[Expert]:
     """Import PEFT LoRA adapters into the library at `path`, creating it on `base_model` (default:
     the embedded model) if there is none. A source is a local adapter folder or a hub id
-    (`owner/repo[:subfolder][@revision]`, `lorlib_ui.core.hub`), fetched first, in parallel, with
+    (`owner/repo[:subfolder][@revision]`, or a `HubSource`: never a local folder), fetched first, in parallel, with
     `fetched(done, total)` after each. Every adapter is read and checked before anything is
     written, so a refused import leaves the library byte-for-byte as it was."""
     if not sources:
         raise LorlibError("no adapter folders to import")
-    hub = {i: source for i, text in enumerate(map(str, sources)) if (source := hub_source(text)) is not None}
+    hub = {
+        i: source
+        for i, given in enumerate(sources)
+        if (source := given if isinstance(given, HubSource) else hub_source(str(given))) is not None
+    }
     names = [check_name(n) for n in (names or [default_name(s, hub.get(i)) for i, s in enumerate(sources)])]
     if len(names) != len(sources):
         raise LorlibError("give one name per adapter folder")

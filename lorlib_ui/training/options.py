@@ -122,7 +122,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             where = groups[meta["group"]]
         described = {"help": meta["help"] or None}
         if meta["positional"]:
-            many = {"nargs": "+"} if members == [NAMES] else {}
+            many = {"nargs": "*" if default is not dataclasses.MISSING else "+"} if members == [NAMES] else {}
             where.add_argument(f.name, metavar=meta["metavar"], **many, **described)
             continue
         flag = "--" + f.name.replace("_", "-")

@@ -7,7 +7,9 @@ the upload or cache folders, whatever links the path goes through (it is resolve
 compared). A library's held-out data must be the embedded data, a file inside the library or
 under those folders (or the file the operator's own `--library` names), or a hub dataset id
 (which opening never loads). Data files sent with a job must be uploads or files under those
-folders. With `read_only`, nothing is written at all.
+folders. With `read_only`, nothing is written at all. The Hugging Face Hub (a library hf://owner/repo,
+adapters by hub id) is reached only where the operator allows it (`hub`: on for an app bound to
+this machine alone, else with --allow-hub), since every hub request makes the server download.
 
 The command line, run by a local user on their own files, opens any path: `Access()`.
 """
@@ -20,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorlib_ui.core.errors import LorlibError
+from lorlib_ui.core.hub import SCHEME as HUB_SCHEME
 from lorlib_ui.core.library import Library
 
 READ_ONLY = "this explorer is read-only: it routes and shows, and changes no library"
+NO_HUB = "this explorer does not reach the Hugging Face Hub (its operator can allow it with --allow-hub)"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Access:
     uploads: tuple[str, ...] = ()  # where uploaded files land: data may come from there, libraries never
     read_only: bool = False
     data_files: tuple[str, ...] = ()  # held-out data the operator's own --library names, wherever it is
+    hub: bool = True  # may a request reach the Hugging Face Hub (hf:// libraries, hub ids to import)
 
     @classmethod
     def serving(
@@ -41,6 +46,7 @@ class Access:
         roots: list[str] = (),
         uploads: list[str] = (),
         read_only: bool = False,
+        hub: bool = False,
     ) -> Access:
         """What an app started with these folders serves. The held-out data that the operator's
         own libraries (`libraries`) name as they are now is trusted too, wherever it lies: the
@@ -57,7 +63,7 @@ class Access:
                 continue  # refused later, with its error, when it is opened
             if library.held_out.kind == "path":
                 data.append(library.held_out.data)
-        return cls(True, resolved(libraries), resolved(roots), resolved(uploads), read_only, resolved(data))
+        return cls(True, resolved(libraries), resolved(roots), resolved(uploads), read_only, resolved(data), hub)
 
     def library_path(self, path: str) -> str:
         """The path to open for a library a request names, or a one-line refusal."""
@@ -65,6 +71,9 @@ class Access:
             return str(path)
         if not isinstance(path, str) or not path.strip() or "\0" in path:
             raise LorlibError("no library folder given")
+        if path.startswith(HUB_SCHEME):  # a snapshot in lorlib's cache, read-only
+            self.check_hub()
+            return path
         resolved = Path(path).expanduser().resolve()
         allowed = str(resolved) in self.libraries or any(_within(resolved, root) for root in self.roots)
         if not allowed or any(_within(resolved, folder) for folder in self.uploads):
@@ -97,6 +106,10 @@ class Access:
         if not any(_within(path, folder) for folder in self.roots + self.uploads) or not _regular(path):
             raise LorlibError("a job's data must be the embedded data or an uploaded file")
         return str(path)
+
+    def check_hub(self) -> None:
+        if not self.hub:
+            raise LorlibError(NO_HUB)
 
     def check_writable(self) -> None:
         if self.read_only:

@@ -206,6 +206,16 @@ class Worker(ABC):
         """Import every adapter folder in an uploaded zip (checked before unpacking)."""
 
     @abstractmethod
+    def import_hub(self, path: str, sources: list[str], force: bool = False) -> list[str]:
+        """Import adapters from the Hugging Face Hub by id (owner/repo[:subfolder][@revision]),
+        all checked before any is stored; returns the names stored."""
+
+    @abstractmethod
+    def export_merge(self, path: str, router: str, mix: str | None = None, density: float | None = None) -> str:
+        """A zip of the PEFT adapter that a static router's merge is (`lorlib export`); returns its
+        path (in the worker's temp folder)."""
+
+    @abstractmethod
     def export(self, path: str, expert: str | None = None) -> str:
         """A zip of the library, or of one expert; returns its path (in the worker's temp folder)."""
 

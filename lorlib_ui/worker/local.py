@@ -419,6 +419,39 @@ class LocalWorker(Worker):
             folders = adapter_folders(safe_extract(archive, Path(tmp) / "unpacked"))
             return self.import_adapters(str(library.path), [str(f) for f in folders], force=force)
 
+    def import_hub(self, path: str, sources: list[str], force: bool = False) -> list[str]:
+        from lorlib_ui.core.hub import HubSource
+        from lorlib_ui.core.library import import_adapters
+        from lorlib_ui.training.clusters import keep_gram
+
+        self.access.check_writable()
+        self.access.check_hub()
+        library = self._open(path)
+        parsed = [HubSource.parse(s.strip()) if isinstance(s, str) else None for s in sources]
+        if not sources:
+            raise LorlibError("no hub ids given")
+        if None in parsed:
+            bad = next((s for s, p in zip(sources, parsed) if p is None), "")
+            hint = "write owner/repo, owner/repo:subfolder, each optionally @revision"
+            raise LorlibError(f"{str(bad)[:100]!r} is not a hub id: {hint}")
+        stored = import_adapters(library.path, parsed, force=force)
+        keep_gram(Library.open(library.path))
+        return [e.name for e in stored]
+
+    def export_merge(self, path: str, router: str, mix: str | None = None, density: float | None = None) -> str:
+        from lorlib_ui.core.archives import zip_folder
+        from lorlib_ui.core.export import export
+
+        library = self._open(path)
+        folder = download_folder(self._tmp)
+        name = "".join(c if c.isalnum() or c in "._-" else "-" for c in router)
+        with self._lock:
+            out = export(library, router, folder / name, mix=mix, density=density, rm=self._routed_model(library))
+        try:
+            return str(zip_folder(out, folder / f"{name}.zip"))
+        except OSError as exc:
+            raise LorlibError(f"could not write the download ({exc.strerror or exc})") from None
+
     def remove_expert(self, path: str, name: str) -> None:
         self.access.check_writable()
         self._open(path).remove_expert(name)

@@ -128,7 +128,7 @@ class _WorkerActor:
 
     CALLS = {"health", "warm_up", "library", "comparisons", "examples", "clusters", "import_adapters"}
     CALLS |= {"submit", "job", "cancel"}
-    CALLS |= {"expert_detail", "insight", "remove_expert", "end_session"}
+    CALLS |= {"expert_detail", "insight", "remove_expert", "end_session", "import_hub"}
 
     def __init__(self, serve: Callable[[], Worker]):
         self.worker = serve()
@@ -162,6 +162,13 @@ class _WorkerActor:
 
     def export(self, path: str, expert: str | None) -> tuple[str, bytes]:
         archive = Path(self.worker.export(path, expert))
+        try:
+            return archive.name, archive.read_bytes()
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def export_merge(self, path: str, router: str, mix: str | None, density: float | None) -> tuple[str, bytes]:
+        archive = Path(self.worker.export_merge(path, router, mix, density))
         try:
             return archive.name, archive.read_bytes()
         finally:
@@ -238,6 +245,15 @@ class RayWorker(Worker):
 
     def export(self, path: str, expert: str | None = None) -> str:
         name, payload = _get(self.actor.export.remote(path, expert))
+        out = download_folder(self._tmp) / name
+        out.write_bytes(payload)
+        return str(out)
+
+    def import_hub(self, path: str, sources: list[str], force: bool = False) -> list[str]:
+        return self._call("import_hub", path, sources, force)
+
+    def export_merge(self, path: str, router: str, mix: str | None = None, density: float | None = None) -> str:
+        name, payload = _get(self.actor.export_merge.remote(path, router, mix, density))
         out = download_folder(self._tmp) / name
         out.write_bytes(payload)
         return str(out)

@@ -19,6 +19,8 @@ ENDPOINTS = {
     "/compare",
     "/clusters",
     "/import_adapters",
+    "/import_hub",
+    "/export_merge",
     "/export_expert",
     "/export_library",
     "/build",
@@ -175,3 +177,33 @@ def test_expert_detail_returns_the_spectrum_and_the_nearest_experts(client, tiny
     assert len(names) == 5 and "task1" not in names and "### task1" in summary
     with pytest.raises(AppError, match="nobody is not in the list of choices"):  # the menu refuses it first
         client.predict("nobody", api_name="/expert_detail")
+
+
+def test_import_from_the_hub_by_id(client, tiny_library, tiny_base, tmp_path, hub):
+    """The hub-id box: the id is fetched through huggingface_hub's cache (offline here), checked and
+    stored; an id the hub cannot give is a visible one-line error, the library unchanged."""
+    from conftest import make_adapter
+    from hub_cache import publish
+
+    folder = make_adapter(tmp_path / "fox", tiny_base, seed=11)
+    publish(
+        hub,
+        "alice/fox-lora",
+        {n: (folder / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")},
+    )
+    before = library_snapshot(tiny_library.path)
+    with pytest.raises(AppError, match="hub adapter bob/none: not in the local hub cache"):
+        client.predict("alice/fox-lora\nbob/none", api_name="/import_hub")
+    assert library_snapshot(tiny_library.path) == before
+    out = client.predict("alice/fox-lora", api_name="/import_hub")
+    assert "fox-lora" in [row[0] for row in out[1]["data"]]
+
+
+def test_the_route_tab_downloads_a_static_routers_merge(client, tmp_path):
+    import zipfile
+
+    download = client.predict("uniform", 0.2, api_name="/export_merge")
+    names = zipfile.ZipFile(download["value"] if isinstance(download, dict) else download).namelist()
+    assert {"uniform/adapter_config.json", "uniform/adapter_model.safetensors", "uniform/README.md"} <= set(names)
+    with pytest.raises(AppError, match="token by token, so it has no fixed merge to export"):
+        client.predict("arrow", 0.2, api_name="/export_merge")

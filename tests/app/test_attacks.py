@@ -63,6 +63,8 @@ class Responsive:
         self.stop = threading.Event()
 
     def __enter__(self):
+        assert self.client.predict(api_name="/health")["up"]  # the client's first call sets up its session: not timed
+
         def poll():
             while not self.stop.is_set():
                 start = time.perf_counter()

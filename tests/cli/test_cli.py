@@ -413,11 +413,20 @@ def test_every_router_routes_from_the_command_line(tmp_path, tiny_base, tiny_ada
 
 
 # Every command's flags as argparse declared them by hand, before the options dataclasses made them
-# (`lorlib_ui.training.options`): the same flags, required ones and choices, and defaults that mean the same.
+# (`lorlib_ui.training.options`): the same flags, required ones and choices, and defaults that mean the same;
+# since then, import-peft takes --from-file and the commands pull, push, card and export are new.
 FLAGS = {
     "fetch-model": "--base-model",
     "new": "library --base-model --exist-ok",
-    "import-peft": "library adapters --base-model --name --kind --tasks --family --force",
+    "import-peft": "library adapters --from-file --base-model --name --kind --tasks --family --force",
+    "pull": "ref folder",
+    "push": "library repo --private --to-folder --license",
+    "card": "library --license",
+    "export": "library --router --format --out --mix --density --base-model",
+    "explain": "library --prompt --answer --compare --max-new-tokens --raw --router --top-k --temperature --mix "
+    "--density --base-model --device --dtype --json",
+    "route-batch": "library file --out --column --max-new-tokens --batch-size --raw --router --top-k --temperature "
+    "--mix --density --base-model --device --dtype",
     "mark-general": "library names --unmark",
     "remove": "library names",
     "info": "library --json",
@@ -438,15 +447,27 @@ FLAGS = {
     "--device --dtype --json",
     "score": "library --text --router --top-k --temperature --mix --density --base-model --device --dtype --json",
 }
-REQUIRED = {"route": ["--prompt"], "cluster": ["--k"], "lorahub": ["--task"], "adapt": ["--task"], "score": ["--text"]}
+REQUIRED = {
+    "explain": ["--prompt"],
+    "export": ["--router", "--out"],
+    "route": ["--prompt"],
+    "cluster": ["--k"],
+    "lorahub": ["--task"],
+    "adapt": ["--task"],
+    "score": ["--text"],
+}
 CHOICES = {
     ("import-peft", "--kind"): ("private", "cluster", "shared", "imported", "general"),
+    ("export", "--format"): ("peft", "merged"),
     ("build", "--bf16"): ("auto", "on", "off"),
     ("build", "--backend"): ("local", "ray"),
     ("cluster", "--bf16"): ("auto", "on", "off"),
     ("cluster", "--backend"): ("local", "ray"),
     ("evaluate", "--split"): ("test", "validation"),
-    **{(name, "--mix"): ("outputs", "parameters") for name in ("route", "routing-stats", "score")},
+    **{
+        (name, "--mix"): ("outputs", "parameters")
+        for name in ("route", "routing-stats", "score", "explain", "route-batch")
+    },
 }
 
 

@@ -105,3 +105,21 @@ def test_a_link_that_leaves_the_repo_cache_is_refused(hub, tmp_path, tiny_adapte
     link.symlink_to(outside)
     with pytest.raises(LorlibError, match="leads outside the hub cache"):
         fetch_adapter(HubSource("alice/evil"), tmp_path / "got")
+
+
+def test_an_adapter_that_is_not_a_lora_is_refused_naming_its_source(hub, tiny_library, tiny_adapters):
+    import json
+
+    from conftest import library_snapshot
+
+    from lorlib_ui.core.library import import_adapters
+
+    folder = tiny_adapters[0]
+    config = json.loads((folder / CONFIG_FILE).read_text()) | {"peft_type": "IA3"}
+    files = {CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: (folder / WEIGHTS_FILE).read_bytes()}
+    publish(hub, "alice/ia3", files)
+    before = library_snapshot(tiny_library.path)
+    with pytest.raises(LorlibError) as caught:
+        import_adapters(tiny_library.path, [HubSource("alice/ia3")])
+    assert str(caught.value).startswith("hub adapter alice/ia3: ") and "LoRA" in str(caught.value)
+    assert library_snapshot(tiny_library.path) == before

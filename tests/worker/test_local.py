@@ -2,6 +2,7 @@
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,3 +345,67 @@ def test_expert_detail_of_a_built_library_shows_its_loss_curve(worker, built):
     assert len(shared.loss_curve) == 2 and shared.nearest == []
     assert shared.nearest_note == "no nearest experts: MBC embeds private and imported experts, and shared is shared"
     assert [len(v) for v in shared.singular_values] == [2] * len(shared.modules)  # rank 2 (conftest.TRAIN)
+
+
+def _published_adapter(hub, tmp_path, tiny_base, repo="alice/fox-lora", seed=11):
+    from conftest import make_adapter
+    from hub_cache import publish
+
+    folder = make_adapter(tmp_path / repo.replace("/", "_"), tiny_base, seed=seed)
+    files = {n: (folder / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+    return publish(hub, repo, files)
+
+
+def test_hub_imports_take_hub_ids_only_never_a_local_folder(tiny_library, tiny_base, tmp_path, hub, monkeypatch):
+    """An id in the hub box that is also a folder on the server is still fetched from the hub, so a
+    request cannot make the worker read the server's own folders."""
+    from conftest import make_adapter
+
+    monkeypatch.chdir(tmp_path)
+    make_adapter(tmp_path / "alice" / "local", tiny_base, seed=5)  # ./alice/local is an adapter folder
+    worker = LocalWorker(device="cpu")
+    before = library_snapshot(tiny_library.path)
+    with pytest.raises(LorlibError, match="hub adapter alice/local: not in the local hub cache"):
+        worker.import_hub(str(tiny_library.path), ["alice/local"])
+    with pytest.raises(LorlibError, match="'../x' is not a hub id"):
+        worker.import_hub(str(tiny_library.path), ["../x"])
+    assert library_snapshot(tiny_library.path) == before
+    _published_adapter(hub, tmp_path, tiny_base)
+    assert worker.import_hub(str(tiny_library.path), ["alice/fox-lora"]) == ["fox-lora"]
+
+
+def test_a_served_explorer_reaches_the_hub_only_when_allowed(tiny_library, tiny_base, tmp_path, hub):
+    from hub_cache import publish
+
+    from lorlib_ui.core.sharing import stage
+    from lorlib_ui.worker.access import NO_HUB, Access
+
+    _published_adapter(hub, tmp_path, tiny_base)
+    stage(tiny_library, tmp_path / "upload")
+    publish(hub, "alice/lib", tmp_path / "upload")
+    closed = LocalWorker(device="cpu", access=Access.serving([str(tiny_library.path)]))
+    for call in (
+        lambda: closed.import_hub(str(tiny_library.path), ["alice/fox-lora"]),
+        lambda: closed.library("hf://alice/lib"),
+    ):
+        with pytest.raises(LorlibError, match=NO_HUB.split("(")[0].strip()):
+            call()
+    opened = LocalWorker(device="cpu", access=Access.serving([str(tiny_library.path)], hub=True))
+    assert [e["name"] for e in opened.library("hf://alice/lib").experts] == tiny_library.names
+    read_only = LocalWorker(device="cpu", access=Access.serving([str(tiny_library.path)], read_only=True, hub=True))
+    with pytest.raises(LorlibError, match="read-only"):
+        read_only.import_hub(str(tiny_library.path), ["alice/fox-lora"])
+
+
+def test_export_merge_zips_the_adapter_and_refuses_per_token_routers(worker, tiny_library):
+    import zipfile
+
+    from lorlib_ui.core.adapters import read_adapter
+
+    archive = worker.export_merge(str(tiny_library.path), "ties", density=0.5)
+    with zipfile.ZipFile(archive) as zf:
+        assert {"ties/adapter_config.json", "ties/adapter_model.safetensors"} <= set(zf.namelist())
+        zf.extractall(Path(archive).parent / "unpacked")
+    assert read_adapter(Path(archive).parent / "unpacked" / "ties").rank >= 4
+    with pytest.raises(LorlibError, match="token by token"):
+        worker.export_merge(str(tiny_library.path), "arrow")
