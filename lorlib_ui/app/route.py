@@ -8,12 +8,15 @@ from the router spec and the library's expert kinds (`group_members`)."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 
-from lorlib_ui.app import figures, routing_figures
+from lorlib_ui.app import explain_figures, figures, report, routing_figures
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.worker.api import MAX_NEW_TOKENS, LibraryInfo, RouteRequest, Worker
@@ -26,6 +29,13 @@ HELP = (
 )
 DEFAULT_ROUTER = "arrow@private"  # Arrow over the task experts, when the library has them
 DENSITY = 0.2  # the TIES density the slider starts at: the default of the paper's code
+
+EXPLAIN_HELP = (
+    "Teacher-forces the answer after the prompt under the router: per token its log-probability under the router "
+    "and under the base model, and the gain. Then each expert the router chose is taken out in turn (the others "
+    "renormalised): what the answer loses without it says which expert earned it. With a router under "
+    "*Compare with*, the same answer under that router too."
+)
 
 
 @dataclass
@@ -44,6 +54,15 @@ class RouteTab:
     compare_btn: gr.Button
     merge_btn: gr.Button  # the current static router's merge as a PEFT adapter (a zip)
     merge_file: gr.File
+    csv_btn: gr.Button  # the last route's record as CSV, as JSON, or the whole route as an HTML page
+    json_btn: gr.Button
+    html_btn: gr.Button
+    record_file: gr.File
+    explain_answer: gr.Textbox  # the answer to explain: the generated one, or one the user types
+    explain_btn: gr.Button
+    explain_table: gr.Dataframe
+    explain_gains: gr.Plot
+    explain_credit: gr.Plot
     answer: gr.Textbox
     timing: gr.Markdown
     layer_box: gr.Column  # the boxes are hidden until a route (or a comparison) fills them
@@ -93,12 +112,25 @@ def build_tab() -> RouteTab:
                 layer_plot = gr.Plot(show_label=False, elem_id="route-layer-plot")
         with gr.Column(visible=False) as detail_box:
             with gr.Row():
+                csv_btn = gr.Button("Download the routing (CSV)", size="sm")
+                json_btn = gr.Button("Download the routing (JSON)", size="sm")
+                html_btn = gr.Button("Download a report (HTML, opens offline)", size="sm")
+            record_file = gr.File(label="Download", interactive=False, visible=False)
+            with gr.Row():
                 module_pick = gr.Dropdown([], label="Layer", allow_custom_value=False)
                 token_pick = gr.Dropdown([], label="Token (why these experts)", allow_custom_value=False)
             coloured = gr.HighlightedText(label="Tokens coloured by their top expert at this layer", show_legend=True)
             with gr.Row():
                 token_plot = gr.Plot(show_label=False, elem_id="route-token-plot")
                 logits_plot = gr.Plot(show_label=False, elem_id="route-logits-plot")
+        with gr.Accordion("Explain an answer: which expert earned it?", open=False):
+            gr.Markdown(EXPLAIN_HELP)
+            explain_answer = gr.Textbox(label="Answer to explain (empty: the router's own)", lines=2)
+            explain_btn = gr.Button("Explain")
+            explain_table = gr.Dataframe(interactive=False, wrap=True, label="Per answer token")
+            with gr.Row():
+                explain_gains = gr.Plot(show_label=False, elem_id="route-explain-gains")
+                explain_credit = gr.Plot(show_label=False, elem_id="route-explain-credit")
         with gr.Column(visible=False) as compare_box:
             with gr.Row():
                 compare_a = gr.Textbox(label="Router A", lines=4, interactive=False)
@@ -125,6 +157,15 @@ def build_tab() -> RouteTab:
         compare_btn=compare_btn,
         merge_btn=merge_btn,
         merge_file=merge_file,
+        csv_btn=csv_btn,
+        json_btn=json_btn,
+        html_btn=html_btn,
+        record_file=record_file,
+        explain_answer=explain_answer,
+        explain_btn=explain_btn,
+        explain_table=explain_table,
+        explain_gains=explain_gains,
+        explain_credit=explain_credit,
         answer=answer,
         timing=timing,
         layer_box=layer_box,
@@ -276,6 +317,40 @@ def merge(worker: Worker, folder: str, router: str | None, density: float) -> di
     return gr.update(value=worker.export_merge(folder, router, density=density), visible=True)
 
 
+@shows_errors
+def explain(worker: Worker, tab: RouteTab, folder, text, answer, spec, compare_spec, k, temp, max_tokens, density):
+    """The answer (typed, or the router's own) token by token: its gain over the base model, the
+    top experts, and what it loses without each chosen expert; against the compared router too."""
+    request = _request(folder, text, spec, k, temp, max_tokens, density)
+    shown = worker.explain(request, answer or None, compare_spec or None)
+    return {
+        tab.explain_answer: shown["answer"],
+        tab.explain_table: explain_figures.token_table(shown),
+        tab.explain_gains: explain_figures.token_gains(shown),
+        tab.explain_credit: explain_figures.credit_bars(shown),
+    }
+
+
+@shows_errors
+def download_record(
+    worker: Worker, kind: str, folder, record: RoutingRecord | None, text, answer, spec, k, temp, max_tokens, shown
+) -> dict:
+    """The last route as a file: its record as CSV or JSON, or the whole route as an HTML page."""
+    if record is None:
+        raise gr.Error("route a prompt first")
+    out = Path(tempfile.mkdtemp(prefix="lorlib-record-")) / f"routing.{kind}"
+    if kind == "csv":
+        out.write_text(record.to_csv(), encoding="utf-8")
+    elif kind == "json":
+        out.write_text(json.dumps(record.to_json()), encoding="utf-8")
+    else:
+        info = worker.library(folder)
+        settings = {"router": record.router, "top-k": k, "temperature": temp, "max new tokens": max_tokens}
+        page = report.route_report(record, text, answer, settings, info.path, info.fingerprint, shown or None)
+        out.write_text(page, encoding="utf-8")
+    return gr.update(value=str(out), visible=True)
+
+
 def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown]
     detail_outputs = [tab.coloured, tab.token_plot, tab.logits_plot]
@@ -302,6 +377,28 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     tab.example_pick.change(lambda p: p or gr.skip(), tab.example_pick, tab.prompt, api_visibility="private")
     for menu in (tab.router, tab.compare_router):
         menu.input(router_note, [tab.router, tab.compare_router, tab.notes], tab.router_note, api_visibility="private")
+    for kind, button in (("csv", tab.csv_btn), ("json", tab.json_btn), ("html", tab.html_btn)):
+        inputs = [path, tab.record, tab.prompt, tab.answer, tab.router, tab.top_k, tab.temperature, tab.max_new]
+        button.click(
+            partial(download_record, worker, kind), [*inputs, tab.shown], tab.record_file, api_name=f"download_{kind}"
+        )
+    explained = [tab.explain_answer, tab.explain_table, tab.explain_gains, tab.explain_credit]
+    tab.explain_btn.click(
+        partial(explain, worker, tab),
+        [
+            path,
+            tab.prompt,
+            tab.explain_answer,
+            tab.router,
+            tab.compare_router,
+            tab.top_k,
+            tab.temperature,
+            tab.max_new,
+            tab.density,
+        ],
+        explained,
+        api_name="explain",
+    )
     merge_inputs = [path, tab.router, tab.density]
     tab.merge_btn.click(partial(merge, worker), merge_inputs, tab.merge_file, api_name="export_merge")
     tab.compare_btn.click(

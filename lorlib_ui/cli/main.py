@@ -95,6 +95,8 @@ class RouteOptions(RouterOptions):
     prompt: str = option(help="what to answer (in the chat template unless --raw)")
     max_new_tokens: int = option(64, "tokens to generate (default 64)")
     raw: bool = option(False, "do not wrap the prompt in the chat template")
+    html: str | None = option(None, "also write the route as a self-contained HTML page (opens offline)")
+    csv: str | None = option(None, "also write the routing record as CSV: a row per token and layer")
 
     def __post_init__(self):
         if not self.prompt.strip():  # before any model loads
@@ -206,6 +208,7 @@ def cmd_route(args) -> None:
     o = from_namespace(RouteOptions, args)
     rm, router = _routed(args.library, o)
     result = generate(rm, o.prompt, router, max_new_tokens=o.max_new_tokens, chat=not o.raw)
+    _write_route_files(o, rm, router, result)
     if result.truncated:
         print("notice: the prompt was longer than the model's context and was cut from the left", file=sys.stderr)
     if args.json:
@@ -218,6 +221,28 @@ def cmd_route(args) -> None:
     means = result.record.layer_expert_weights().mean(axis=0)
     for name, weight in sorted(zip(rm.experts, means), key=lambda x: -x[1])[:10]:
         print(f"  {name}: {weight:.3f}", file=sys.stderr)
+
+
+def _write_route_files(o: RouteOptions, rm, router, result) -> None:
+    """The --html page and the --csv record of one route."""
+    from lorlib_ui.app.report import route_report
+
+    settings = {"router": router.describe(), "top-k": o.top_k, "temperature": o.temperature, "mix": o.mix}
+    settings |= {"max new tokens": o.max_new_tokens, "chat template": not o.raw}
+    for path, text in (
+        (
+            o.html,
+            lambda: route_report(
+                result.record, o.prompt, result.text, settings, str(rm.library.path), rm.library.base_fingerprint
+            ),
+        ),
+        (o.csv, lambda: result.record.to_csv()),
+    ):
+        if path:
+            try:
+                Path(path).write_text(text(), encoding="utf-8")
+            except OSError as exc:
+                raise LorlibError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def cmd_score(args) -> None:

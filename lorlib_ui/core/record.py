@@ -7,9 +7,13 @@ torch, so the UI can hold records. Figures and the CLI's JSON are built from it 
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 
 import numpy as np
+
+TOP = 3  # top experts listed per token in the downloads
 
 
 @dataclass
@@ -43,4 +47,32 @@ class RoutingRecord:
             "tokens": self.tokens,
             "layer_expert_weights": np.round(self.layer_expert_weights(), 6).tolist(),
             "top_expert": [[names[i] if i >= 0 else None for i in row] for row in self.top_expert().tolist()],
+        }
+
+    def top_experts(self, k: int = TOP) -> list[list[tuple[str, float]]]:
+        """Per token: the k experts with the most weight, averaged over layers."""
+        if self.weights.size == 0:
+            return [[] for _ in self.tokens]
+        mean = self.weights.mean(axis=0)  # (tokens, experts)
+        return [[(self.experts[i], float(row[i])) for i in np.argsort(-row)[:k] if row[i] > 0] for row in mean]
+
+    def to_csv(self) -> str:
+        """One row per token and layer: the token, the layer, each expert's weight, the top expert."""
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["token_index", "token", "layer", "top_expert", *self.experts])
+        top = self.top_expert()
+        for t, token in enumerate(self.tokens):
+            for m, module in enumerate(self.modules):
+                best = self.experts[top[t, m]] if top[t, m] >= 0 else ""
+                writer.writerow([t, token, module, best, *(f"{w:.6f}" for w in self.weights[m, t])])
+        return out.getvalue()
+
+    def to_json(self) -> dict:
+        """Everything of the record: `to_dict`, every weight (layers x tokens x experts) and each
+        token's top experts averaged over layers."""
+        return {
+            **self.to_dict(),
+            "weights": np.round(self.weights, 6).tolist(),
+            "top_experts": [[{"expert": e, "weight": round(w, 6)} for e, w in row] for row in self.top_experts()],
         }

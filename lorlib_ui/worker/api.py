@@ -60,6 +60,7 @@ class LibraryInfo:
     adaptation: dict = field(default_factory=dict)  # task -> the last `adapt` record on it
     learned_routers: list[dict] = field(default_factory=list)  # manifest entries of its learned routers
     problems: dict[str, str] = field(default_factory=dict)  # expert -> why it cannot be used (remove it)
+    fingerprint: str = ""  # of the base model's linear shapes: which base model the library fits
 
 
 @dataclass
@@ -183,6 +184,11 @@ class Worker(ABC):
     @abstractmethod
     def route(self, request: RouteRequest) -> Iterator[RouteUpdate]:
         """Generate under a router, streaming the text; the last update holds the record."""
+
+    @abstractmethod
+    def explain(self, request: RouteRequest, answer: str | None = None, compare: str | None = None) -> dict:
+        """An answer to the request's prompt explained token by token under its router
+        (`lorlib explain`): by default the router's own greedy answer. Plain data: `Explanation.to_dict`."""
 
     @abstractmethod
     def clusters(self, path: str, k: int) -> ClusterView: ...

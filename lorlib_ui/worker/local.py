@@ -171,6 +171,7 @@ class LocalWorker(Worker):
             new_rank=int(rank),
             held_out=list(library.held_out.tasks),
             problems=library.problems,
+            fingerprint=library.base_fingerprint,
             clusters=library.clusters or {},
             evaluation=library.extra.get("evaluation"),
             history=list(library.extra.get("history", [])),
@@ -198,6 +199,43 @@ class LocalWorker(Worker):
         return out
 
     # ---- routing --------------------------------------------------------------------------------
+    def explain(self, request: RouteRequest, answer: str | None = None, compare: str | None = None) -> dict:
+        from lorlib_ui.core.explain import explain, explain_ids
+        from lorlib_ui.core.generation import generate
+        from lorlib_ui.core.routers import make_router
+
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            raise LorlibError("the prompt is empty")
+        check_max_new_tokens(request.max_new_tokens)
+        library = self._open(request.library)
+        settings = dict(groups=library.groups(), density=request.density)
+        routers = [
+            make_router(spec, library.names, request.top_k, request.temperature, request.mix, **settings)
+            for spec in (request.router, compare or None)
+            if spec
+        ]
+        router, other = routers[0], (routers[1] if len(routers) > 1 else None)
+        with self._lock:
+            rm = self._routed_model(library)
+            if answer and answer.strip():
+                shown = explain(rm, request.prompt, answer, router, other, chat=request.chat)
+            else:
+                own = generate(
+                    rm,
+                    request.prompt,
+                    router,
+                    request.max_new_tokens,
+                    record=False,
+                    chat=request.chat,
+                    max_prompt_tokens=self.max_prompt_tokens,
+                )
+                if not own.answer_ids:
+                    raise LorlibError(f"router {router.describe()} answers nothing to this prompt; type an answer")
+                shown = explain_ids(
+                    rm, own.prompt_ids, own.answer_ids, router, other, prompt=request.prompt, answer=own.text
+                )
+        return shown.to_dict()
+
     def _routed_model(self, library: Library):
         """The routed model of a library (as opened now), rebuilt when its manifest changed; the
         least recently used beyond `max_models` are dropped (call under the lock)."""

@@ -128,7 +128,7 @@ class _WorkerActor:
 
     CALLS = {"health", "warm_up", "library", "comparisons", "examples", "clusters", "import_adapters"}
     CALLS |= {"submit", "job", "cancel"}
-    CALLS |= {"expert_detail", "insight", "remove_expert", "end_session", "import_hub"}
+    CALLS |= {"expert_detail", "insight", "remove_expert", "end_session", "import_hub", "explain"}
 
     def __init__(self, serve: Callable[[], Worker]):
         self.worker = serve()
@@ -251,6 +251,9 @@ class RayWorker(Worker):
 
     def import_hub(self, path: str, sources: list[str], force: bool = False) -> list[str]:
         return self._call("import_hub", path, sources, force)
+
+    def explain(self, request: RouteRequest, answer: str | None = None, compare: str | None = None) -> dict:
+        return self._call("explain", request, answer, compare)
 
     def export_merge(self, path: str, router: str, mix: str | None = None, density: float | None = None) -> str:
         name, payload = _get(self.actor.export_merge.remote(path, router, mix, density))

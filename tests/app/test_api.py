@@ -21,6 +21,10 @@ ENDPOINTS = {
     "/import_adapters",
     "/import_hub",
     "/export_merge",
+    "/download_csv",
+    "/explain",
+    "/download_json",
+    "/download_html",
     "/export_expert",
     "/export_library",
     "/build",
@@ -207,3 +211,40 @@ def test_the_route_tab_downloads_a_static_routers_merge(client, tmp_path):
     assert {"uniform/adapter_config.json", "uniform/adapter_model.safetensors", "uniform/README.md"} <= set(names)
     with pytest.raises(AppError, match="token by token, so it has no fixed merge to export"):
         client.predict("arrow", 0.2, api_name="/export_merge")
+
+
+def test_the_last_route_downloads_as_csv_json_and_html(client, tiny_routed):
+    import pandas as pd
+
+    answer, *_ = client.predict("the quick brown", "arrow", 2, 1.0, 4, api_name="/route")
+    view = ("the quick brown", answer, "arrow", 2, 1.0, 4)  # the controls as they are
+    table = pd.read_csv(client.predict(*view, api_name="/download_csv")["value"])
+    n_tokens = table["token_index"].nunique()
+    assert len(table) == n_tokens * len(tiny_routed.modules) and set(tiny_routed.experts) <= set(table.columns)
+    assert np.allclose(table[tiny_routed.experts].sum(axis=1), 1.0, atol=1e-4)
+    with open(client.predict(*view, api_name="/download_json")["value"]) as handle:
+        record = json.load(handle)
+    assert np.asarray(record["weights"]).shape == (len(tiny_routed.modules), n_tokens, len(tiny_routed.experts))
+    assert len(record["top_experts"]) == n_tokens
+    with open(client.predict(*view, api_name="/download_html")["value"]) as handle:
+        page = handle.read()
+    assert "<h1>Routing with arrow" in page and "the quick brown" in page
+    assert '<script src="http' not in page  # plotly.js is inlined: the page opens offline
+
+
+def test_explain_names_what_each_expert_carried(client, tiny_routed):
+    answer, table, gains, credit = client.predict(
+        "the quick brown", "", "arrow", "uniform", 2, 1.0, 4, 0.2, api_name="/explain"
+    )
+    rows = table["data"]
+    assert (
+        answer
+        and rows
+        and table["headers"][:4] == ["token", "router", "base", "gain"]
+        and "uniform" in table["headers"]
+    )
+    assert all(abs(r[3] - (r[1] - r[2])) < 2e-3 for r in rows)  # the gain is router minus base, per token
+    bars = _plot(credit)["data"][0]
+    assert bars["orientation"] == "h" and set(_array(bars["y"])) <= set(tiny_routed.experts)
+    with pytest.raises(AppError, match="the prompt is empty"):
+        client.predict("", "", "arrow", "", 2, 1.0, 4, 0.2, api_name="/explain")

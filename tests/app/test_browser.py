@@ -389,3 +389,33 @@ def test_insight_draws_transfer_and_routing_with_a_cell_per_task_and_expert(judg
         for task in tasks:  # a row per task (the dataframe also keeps a hidden copy of its cells)
             page.locator(f"#insight-table :text-is('{task}'):visible").first.wait_for(timeout=10_000)
         browser.close()
+
+
+def test_the_route_report_opens_offline_with_its_figures(tiny_routed, tmp_path):
+    """The HTML report of one route, opened from the file with every network request refused:
+    the page needs nothing outside itself, and plotly draws both figures."""
+    from playwright.sync_api import sync_playwright
+
+    from lorlib_ui.app.report import route_report
+    from lorlib_ui.core.generation import generate
+    from lorlib_ui.core.routers import make_router
+
+    result = generate(tiny_routed, "the quick brown", make_router("arrow", tiny_routed.experts, top_k=2), 4)
+    page_html = route_report(result.record, "the <quick> brown", result.text, {"router": "arrow"}, "lib", "abc")
+    (tmp_path / "report.html").write_text(page_html)
+    refused = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        page = browser.new_context(offline=True).new_page()
+        page.route(
+            "**/*",
+            lambda r: (
+                r.continue_() if r.request.url.startswith("file:") else (refused.append(r.request.url), r.abort())
+            ),
+        )
+        page.goto((tmp_path / "report.html").as_uri())
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2", timeout=30_000)
+        assert page.evaluate("typeof window.Plotly") == "object"
+        assert "the <quick> brown" in page.inner_text("pre")
+        browser.close()
+    assert not refused, refused

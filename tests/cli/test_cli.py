@@ -430,8 +430,8 @@ FLAGS = {
     "mark-general": "library names --unmark",
     "remove": "library names",
     "info": "library --json",
-    "route": "library --prompt --max-new-tokens --raw --router --top-k --temperature --mix --density --base-model "
-    "--device --dtype --json",
+    "route": "library --prompt --max-new-tokens --raw --html --csv --router --top-k --temperature --mix --density "
+    "--base-model --device --dtype --json",
     "build": "library --data --tasks --families --holdout-per-family --steps --rank --targets --batch-size "
     "--learning-rate --seed --device --bf16 --backend --address --cpus-per-task --shared-steps --no-shared --force "
     "--base-model --gates",

@@ -1,6 +1,7 @@
 """The sharing commands end to end, offline: import-peft by hub id, pull, push --to-folder, card,
 export, and hf:// wherever a library is taken; every refusal one line, nothing changed."""
 
+import html
 import json
 
 import torch
@@ -119,3 +120,29 @@ def test_route_batch_from_the_command_line(capsys, tmp_path, tiny_library):
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert [r["error"] for r in rows] == ["", "empty prompt", ""] and rows[0]["top_experts"]
     _one_line_error(*run(capsys, "route-batch", tiny_library.path, tmp_path / "none.jsonl"), "cannot read")
+
+
+def test_route_writes_its_html_page_and_csv_record(capsys, tmp_path, tiny_library):
+    import pandas as pd
+
+    code, out, err = run(
+        capsys,
+        "route",
+        tiny_library.path,
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        3,
+        "--html",
+        tmp_path / "r.html",
+        "--csv",
+        tmp_path / "r.csv",
+        "--json",
+    )
+    assert code == 0, err
+    routed = json.loads(out)
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert len(table) == len(routed["tokens"]) * len(routed["layers"])
+    assert list(table.columns[4:]) == routed["experts"]
+    page = (tmp_path / "r.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Routing with arrow" in page and html.escape(routed["text"]) in page
