@@ -16,7 +16,7 @@ from functools import partial
 
 import gradio as gr
 
-from lorlib_ui.app import adapt, build, clusters, evaluate, insight, library, route
+from lorlib_ui.app import adapt, build, clusters, evaluate, insight, library, links, route
 from lorlib_ui.app.events import bind, shows_errors
 from lorlib_ui.worker.api import Worker
 
@@ -146,7 +146,7 @@ def build_page(
             path_box = gr.Textbox(library_path, label="Library folder", scale=4)
             open_btn = gr.Button("Open", scale=1)
         status = gr.Markdown()
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             page = Page(
                 path,
                 path_box,
@@ -160,7 +160,7 @@ def build_page(
                 adapt.build_tab(),
                 insight.build_tab(),
             )
-        _wire(page, worker, app)
+        _wire(page, worker, app, tabs)
         gr.Button("health", visible=False).click(
             partial(health, worker), None, gr.JSON(visible=False), api_name="health", queue=False
         )
@@ -168,7 +168,13 @@ def build_page(
     return app, page
 
 
-def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
+def start_from_link(request: gr.Request) -> tuple:
+    """A page opened from a link: the view it asks for, the library to open, the tab to show."""
+    link = links.read_link(request)
+    return link, link.get("library", gr.update()), gr.Tabs(selected=link["tab"]) if link else gr.update()
+
+
+def _wire(page: Page, worker: Worker, app: gr.Blocks, tabs: gr.Tabs) -> None:
     reopen, outputs = partial(open_library, worker, page), page.opened_outputs()
     show_expert = library.wire(page.library, worker, page.path)
     show_clusters = clusters.wire(page.clusters, worker, page.path)
@@ -186,7 +192,11 @@ def _wire(page: Page, worker: Worker, app: gr.Blocks) -> None:
     evaluated = evaluate.wire(page.evaluate, worker, page.path)
 
     redraw(page.open_btn.click(reopen, page.path_box, outputs, api_name="open_library"))
-    redraw(app.load(reopen, page.path_box, outputs, api_visibility="private"))
+    link = gr.State({})  # the view a page's URL asks for (`links`)
+    loaded = app.load(start_from_link, None, [link, page.path_box, tabs], api_visibility="private")
+    opened = loaded.then(reopen, page.path_box, outputs, api_visibility="private")
+    redraw(opened)
+    route.wire_link(page.route, worker, page.path, page.path_box, link, opened)
     imported = page.library.import_btn.click(
         partial(import_and_reopen, worker, page), [page.path, page.library.upload], outputs, api_name="import_adapters"
     )

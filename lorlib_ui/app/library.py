@@ -26,8 +26,8 @@ COLUMNS = ["name", "kind", "family", "cluster", "tasks", "rank", "targets", "ste
 LEARNED_COLUMNS = ["router", "method", "task", "shots", "experts mixed", "final loss"]
 PICK_INFO = "shown below: its weight update layer by layer, its nearest experts and its training loss"
 NEAREST_LABEL = "Nearest experts (cosine of their MBC embeddings)"
-NO_CURVE_BUILT = "no loss curve recorded (built before curves were kept)"
 HUB_INFO = "owner/repo, owner/repo:subfolder (an adapter inside a repo), optionally @revision; one per line"
+LOADING = "*Computing the expert's spectrum per layer and its nearest experts…*"
 NO_CURVE_IMPORTED = "no loss curve recorded (an imported adapter, not trained here)"
 
 
@@ -159,8 +159,8 @@ def describe(detail: ExpertDetail) -> str:
     steps, final = detail.metrics.get("steps"), detail.metrics.get("final_loss")
     if steps:
         lines.append(f"Trained {steps} steps" + (f", final loss {final:.3f}." if final is not None else "."))
-    if detail.loss_curve is None:
-        lines.append(NO_CURVE_BUILT if steps else NO_CURVE_IMPORTED)
+    if detail.loss_curve is None and not steps:  # trained here, with no curve kept: its steps say enough
+        lines.append(NO_CURVE_IMPORTED)
     if detail.nearest_note:
         lines.append(detail.nearest_note)
     return "\n\n".join(lines)
@@ -247,7 +247,10 @@ def wire(tab: LibraryTab, worker: Worker, path: gr.State):
     tab.export_lib_btn.click(partial(export, worker), path, tab.download, api_name="export_library")
     inputs, outputs = [path, tab.expert_pick], [*tab.detail_outputs(), tab.inspecting]
     # select: once per pick, the same expert again included (input fires twice per pick in Gradio 6)
-    tab.expert_pick.select(partial(expert_detail, worker, tab), inputs, outputs, api_name="expert_detail")
+    loading = gr.update(value=LOADING, visible=True)  # the figures take seconds: say so at once
+    tab.expert_pick.select(lambda: loading, None, tab.summary, queue=False, api_visibility="private").then(
+        partial(expert_detail, worker, tab), inputs, outputs, api_name="expert_detail"
+    )
 
     def redraw(event):
         again = partial(reshow, worker, tab)

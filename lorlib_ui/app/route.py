@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lorlib_ui.app import explain_figures, figures, report, routing_figures
+from lorlib_ui.app import explain_figures, figures, links, report, routing_figures
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.worker.api import MAX_NEW_TOKENS, LibraryInfo, RouteRequest, Worker
@@ -58,6 +58,8 @@ class RouteTab:
     json_btn: gr.Button
     html_btn: gr.Button
     record_file: gr.File
+    link_btn: gr.Button  # the view as a link (the page URL with the controls as its query)
+    link_box: gr.Textbox
     explain_answer: gr.Textbox  # the answer to explain: the generated one, or one the user types
     explain_btn: gr.Button
     explain_table: gr.Dataframe
@@ -105,6 +107,10 @@ def build_tab() -> RouteTab:
                     route_btn = gr.Button("Route", variant="primary")
                     compare_btn = gr.Button("Compare two routers")
                     merge_btn = gr.Button("Download the merge")
+                    link_btn = gr.Button("Copy link")
+                link_box = gr.Textbox(
+                    label="Link to this view (opening it routes again)", buttons=["copy"], elem_id="route-link"
+                )
                 merge_file = gr.File(label="The router's merge: a PEFT adapter", interactive=False, visible=False)
                 answer = gr.Textbox(label="Generated text", lines=4, interactive=False)
                 timing = gr.Markdown()
@@ -161,6 +167,8 @@ def build_tab() -> RouteTab:
         json_btn=json_btn,
         html_btn=html_btn,
         record_file=record_file,
+        link_btn=link_btn,
+        link_box=link_box,
         explain_answer=explain_answer,
         explain_btn=explain_btn,
         explain_table=explain_table,
@@ -349,6 +357,65 @@ def download_record(
         page = report.route_report(record, text, answer, settings, info.path, info.fingerprint, shown or None)
         out.write_text(page, encoding="utf-8")
     return gr.update(value=str(out), visible=True)
+
+
+def restore_controls(tab: RouteTab, link: dict) -> dict:
+    """The controls a link sets (after the library opened and filled the menus); others stay."""
+    controls = (tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new)
+    out = {component: gr.update() for component in controls}
+    if not link:
+        return out
+    values = links.settings(link)
+    for key, component in (("prompt", tab.prompt), ("router", tab.router), ("compare", tab.compare_router)):
+        if key in link:
+            out[component] = link[key]
+    for key, component in (("k", tab.top_k), ("t", tab.temperature), ("n", tab.max_new)):
+        if values[key] is not None:
+            out[component] = values[key]
+    return out
+
+
+def route_link(worker: Worker, tab: RouteTab, link: dict, folder, text, spec, k, temp, max_tokens, density=DENSITY):
+    """A link with a prompt routes it, as the Route button would; other pages load as they are."""
+    if not link or not link.get("prompt"):
+        yield {tab.timing: gr.update()}
+        return
+    yield from route(worker, tab, folder, text, spec, k, temp, max_tokens, density)
+
+
+def restore_picks(tab: RouteTab, link: dict, record: RoutingRecord | None) -> dict:
+    """The layer and token a link names, where the route has them."""
+    if not link or record is None:
+        return {tab.module_pick: gr.update(), tab.token_pick: gr.update()}
+    token = links.settings(link)["token"]
+    return {
+        tab.module_pick: link["layer"] if link.get("layer") in record.modules else gr.update(),
+        tab.token_pick: token if token is not None and token < len(record.tokens) else gr.update(),
+    }
+
+
+def wire_link(tab: RouteTab, worker: Worker, path: gr.State, path_box: gr.Textbox, link: gr.State, opened) -> None:
+    """ "Copy link", and what opening a link does after the library opened (`opened`): the controls,
+    the route, the layer and token."""
+    view = [path_box, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new]
+    tab.link_btn.click(None, [*view, tab.module_pick, tab.token_pick], tab.link_box, js=links.COPY_JS)
+    controls = [tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new]
+    restored = opened.then(partial(restore_controls, tab), link, controls, api_visibility="private")
+    outputs = [tab.answer, tab.timing, tab.layer_plot, tab.record, tab.module_pick, tab.token_pick, tab.shown]
+    inputs = [link, path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density]
+    routed = restored.success(
+        partial(route_link, worker, tab), inputs, [*outputs, tab.layer_box, tab.detail_box], api_visibility="private"
+    )
+    picked = routed.success(
+        partial(restore_picks, tab), [link, tab.record], [tab.module_pick, tab.token_pick], api_visibility="private"
+    )
+    detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown]
+    picked.success(
+        partial(layer_detail, tab),
+        detail_inputs,
+        [tab.coloured, tab.token_plot, tab.logits_plot],
+        api_visibility="private",
+    )
 
 
 def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:

@@ -419,3 +419,49 @@ def test_the_route_report_opens_offline_with_its_figures(tiny_routed, tmp_path):
         assert "the <quick> brown" in page.inner_text("pre")
         browser.close()
     assert not refused, refused
+
+
+def _route_view(page) -> dict:
+    """The answer, the heatmap's numbers and the layer picked, as the browser shows them."""
+    heatmap = page.evaluate(
+        "() => { const t = document.querySelector('#route-layer-plot .js-plotly-plot')._fullData[0];"
+        " return {z: Array.from(t.z, r => Array.from(r)), x: Array.from(t.x)}; }"
+    )
+    return {"answer": page.get_by_label("Generated text").input_value(), **heatmap}
+
+
+def test_a_copied_link_reopens_the_view_in_a_fresh_browser(open_page, tiny_routed):
+    """Route with settings of one's own, copy the link, open it in a new browser context (no state
+    shared): the same library, tab, controls, answer and heatmap."""
+    page = open_page()
+    page.get_by_role("tab", name="Route").click()
+    page.get_by_label("Prompt").fill("the lazy dog & co?")
+    page.get_by_label("number input for top-k").fill("2")
+    page.get_by_label("number input for max new tokens").fill("5")
+    page.get_by_role("button", name="Route", exact=True).click()
+    page.get_by_text("done in").wait_for(timeout=60_000)
+    page.wait_for_selector("#route-layer-plot .js-plotly-plot", timeout=30_000)
+    before = _route_view(page)
+    page.get_by_role("button", name="Copy link").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#route-link textarea')?.value || '').includes('prompt=')", timeout=10_000
+    )
+    link = page.locator("#route-link textarea").input_value()
+    assert "tab=route" in link and "k=2" in link and "n=5" in link
+    other = page.context.browser.new_context().new_page()
+    other.goto(link)
+    other.get_by_text("done in").wait_for(timeout=90_000)
+    other.wait_for_selector("#route-layer-plot .js-plotly-plot", timeout=30_000)
+    assert other.get_by_label("Prompt").input_value() == "the lazy dog & co?"
+    assert _route_view(other) == before
+    other.context.close()
+
+
+def test_a_link_with_bad_values_shows_the_controls_error(open_page, explorer_url):
+    page = open_page()
+    other = page.context.browser.new_context().new_page()
+    other.goto(explorer_url + "?tab=route&prompt=hi&k=many")
+    other.get_by_text("the link's top-k must be a whole number").first.wait_for(timeout=60_000)
+    other.goto(explorer_url + "?tab=route&prompt=hi&router=nonsense")
+    other.get_by_text("unknown router").first.wait_for(timeout=60_000)
+    other.context.close()
