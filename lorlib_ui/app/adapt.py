@@ -9,7 +9,7 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from lorlib_ui.app import evaluation_figures
+from lorlib_ui.app import evaluation_figures, tables
 from lorlib_ui.app.evaluate import differences_frame, evaluation_frame
 from lorlib_ui.app.events import bind, cancel_job, follow_job, session, shows_errors
 from lorlib_ui.worker.api import ADAPT_METHODS, JobRequest, LibraryInfo, Worker
@@ -76,6 +76,9 @@ def build_tab() -> AdaptTab:
         table = gr.Dataframe(interactive=False, label="Test scores, 95% intervals over test rows")
         differences = gr.Dataframe(interactive=False, label="Paired differences, 95% intervals")
         training = gr.Dataframe(interactive=False, label="Training")
+        tables.csv_download(
+            {"scores": table, "differences": differences, "training": training}, "adaptation", "download_adaptation"
+        )
         job = gr.State()
     return AdaptTab(
         task, data_file, shots, methods, steps, limit, adapt_btn, cancel_btn, status, losses, plot, table,

@@ -8,7 +8,7 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from lorlib_ui.app import evaluation_figures
+from lorlib_ui.app import evaluation_figures, tables
 from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_errors
 from lorlib_ui.worker.api import TASK_SETS, JobRequest, LibraryInfo, Worker
 
@@ -58,6 +58,7 @@ def build_tab(comparisons: dict[str, bool]) -> EvaluateTab:
         plot = gr.Plot(show_label=False)
         table = gr.Dataframe(interactive=False, label="Means over tasks")
         differences = gr.Dataframe(interactive=False, label="Paired differences, 95% intervals")
+        tables.csv_download({"means": table, "differences": differences}, "evaluation", "download_evaluation")
         measure = gr.Radio(MEASURES, value="exact_match", label="Per task")
         task_plot = gr.Plot(show_label=False, elem_id="evaluate-per-task")
         job = gr.State()  # inside the tab: a Tabs block holds only tabs

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import gradio as gr
+import pandas as pd
 
 from lorlib_ui.app import insight_figures as figs
+from lorlib_ui.app import tables
 from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_errors
 from lorlib_ui.worker.api import TASK_SETS, JobRequest, Worker
 
@@ -45,6 +47,8 @@ class InsightTab:
     summary: gr.Markdown
     table: gr.Dataframe
     job: gr.State
+    download_btn: gr.Button | None = None  # the transfer and routing matrices, and the table, as CSV
+    download_file: gr.File | None = None
 
     def shown(self) -> list:
         """What `show` updates."""
@@ -91,6 +95,9 @@ def build_tab() -> InsightTab:
         table = gr.Dataframe(
             interactive=False, label="Per task (click a header to sort)", elem_id="insight-table", visible=False
         )
+        with gr.Row():
+            download_btn = gr.Button("Download the matrices and the table (CSV)", size="sm")
+            download_file = gr.File(label="Matrices", interactive=False, visible=False)
         job = gr.State()  # inside the tab: a Tabs block holds only tabs
     return InsightTab(
         router=router,
@@ -112,7 +119,39 @@ def build_tab() -> InsightTab:
         summary=summary,
         table=table,
         job=job,
+        download_btn=download_btn,
+        download_file=download_file,
     )
+
+
+@shows_errors
+def download(worker: Worker, folder: str, spec: str | None, tokens: str, table) -> dict:
+    """What the tab shows as CSV: the transfer matrix (a row per task and expert), the router's
+    routing matrix (its share of each task's tokens per expert) and the per-task table."""
+    view = worker.insight(folder)
+    frames = {}
+    if view.transfer:
+        t = view.transfer
+        rows = [
+            (task, family, column, t["loglik"][i][j], t["exact_match"][i][j], t["gain"][i][j])
+            for i, (task, family) in enumerate(zip(t["tasks"], t["families"]))
+            for j, column in enumerate(t["columns"])
+        ]
+        frames["transfer"] = pd.DataFrame(rows, columns=["task", "family", "expert", "loglik", "exact_match", "gain"])
+    stats = (view.routing.get(spec or "") or {}).get("content" if tokens == "content" else "all")
+    if stats:
+        mass = stats["mass"]
+        rows = [
+            (task, expert, mass[i][j])
+            for i, task in enumerate(stats["tasks"])
+            for j, expert in enumerate(stats["experts"])
+        ]
+        frames[f"routing-{tables.slug(spec)}"] = pd.DataFrame(rows, columns=["task", "expert", "share"])
+    if (shown := tables.frame(table)) is not None:
+        frames["per-task"] = shown
+    if not frames:
+        raise gr.Error("nothing to download yet: compute the transfer matrix or routing statistics first")
+    return gr.update(value=tables.write_csv(frames, "insight"), visible=True)
 
 
 @shows_errors
@@ -196,6 +235,12 @@ def wire(tab: InsightTab, worker: Worker, path: gr.State):
     """This tab's events; returns `redraw(event)`, which shows the stored results after `event`."""
     inputs = [path, tab.router, tab.tokens, tab.layer]
     draw = partial(show, worker, tab)
+    tab.download_btn.click(
+        partial(download, worker),
+        [path, tab.router, tab.tokens, tab.table],
+        tab.download_file,
+        api_name="download_insight",
+    )
 
     def redraw(event):
         return event.then(draw, inputs, tab.shown(), api_visibility="private")

@@ -30,6 +30,11 @@ HELP = (
 DEFAULT_ROUTER = "arrow@private"  # Arrow over the task experts, when the library has them
 DENSITY = 0.2  # the TIES density the slider starts at: the default of the paper's code
 
+BATCH_HELP = (
+    "A `.jsonl` or `.csv` file with a `prompt` column, routed with the router and settings above: for each prompt "
+    "its answer, its top experts and its mean routing weight per expert, as CSV. A row that cannot run (empty, not "
+    "JSON, too long) says why in its `error` column; the others still run."
+)
 EXPLAIN_HELP = (
     "Teacher-forces the answer after the prompt under the router: per token its log-probability under the router "
     "and under the base model, and the gain. Then each expert the router chose is taken out in turn (the others "
@@ -58,6 +63,10 @@ class RouteTab:
     json_btn: gr.Button
     html_btn: gr.Button
     record_file: gr.File
+    batch_file: gr.File  # many prompts at once (a .jsonl or .csv upload), and their results
+    batch_btn: gr.Button
+    batch_note: gr.Markdown
+    batch_out: gr.File
     link_btn: gr.Button  # the view as a link (the page URL with the controls as its query)
     link_box: gr.Textbox
     explain_answer: gr.Textbox  # the answer to explain: the generated one, or one the user types
@@ -129,6 +138,13 @@ def build_tab() -> RouteTab:
             with gr.Row():
                 token_plot = gr.Plot(show_label=False, elem_id="route-token-plot")
                 logits_plot = gr.Plot(show_label=False, elem_id="route-logits-plot")
+        with gr.Accordion("Many prompts at once", open=False):
+            gr.Markdown(BATCH_HELP)
+            with gr.Row():
+                batch_file = gr.File(label="Prompts (.jsonl or .csv)", file_types=[".jsonl", ".csv"], type="filepath")
+                batch_btn = gr.Button("Route them all")
+            batch_note = gr.Markdown()
+            batch_out = gr.File(label="Results (CSV)", interactive=False, visible=False)
         with gr.Accordion("Explain an answer: which expert earned it?", open=False):
             gr.Markdown(EXPLAIN_HELP)
             explain_answer = gr.Textbox(label="Answer to explain (empty: the router's own)", lines=2)
@@ -167,6 +183,10 @@ def build_tab() -> RouteTab:
         json_btn=json_btn,
         html_btn=html_btn,
         record_file=record_file,
+        batch_file=batch_file,
+        batch_btn=batch_btn,
+        batch_note=batch_note,
+        batch_out=batch_out,
         link_btn=link_btn,
         link_box=link_box,
         explain_answer=explain_answer,
@@ -359,6 +379,29 @@ def download_record(
     return gr.update(value=str(out), visible=True)
 
 
+@shows_errors
+def route_batch(
+    worker: Worker,
+    tab: RouteTab,
+    folder,
+    file,
+    spec,
+    k,
+    temp,
+    max_tokens,
+    density,
+    progress=gr.Progress(),  # noqa: B008 (Gradio fills it in)
+):
+    """Every prompt of the uploaded file under the chosen router, with progress; then the CSV."""
+    if not file:
+        raise gr.Error("upload a .jsonl or .csv file with a prompt column first")
+    last = {}
+    for last in worker.route_batch(_request(folder, "-", spec, k, temp, max_tokens, density), file):
+        progress((last["done"], last["total"]), desc="prompts routed", unit="prompts")
+    note = f"routed {last['total'] - last['errors']} prompts; {last['errors']} rows could not run (see `error`)"
+    return {tab.batch_note: note, tab.batch_out: gr.update(value=last["file"], visible=True)}
+
+
 def restore_controls(tab: RouteTab, link: dict) -> dict:
     """The controls a link sets (after the library opened and filled the menus); others stay."""
     controls = (tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new)
@@ -465,6 +508,10 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
         ],
         explained,
         api_name="explain",
+    )
+    batch_inputs = [path, tab.batch_file, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density]
+    tab.batch_btn.click(
+        partial(route_batch, worker, tab), batch_inputs, [tab.batch_note, tab.batch_out], api_name="route_batch"
     )
     merge_inputs = [path, tab.router, tab.density]
     tab.merge_btn.click(partial(merge, worker), merge_inputs, tab.merge_file, api_name="export_merge")

@@ -191,6 +191,12 @@ class Worker(ABC):
         (`lorlib explain`): by default the router's own greedy answer. Plain data: `Explanation.to_dict`."""
 
     @abstractmethod
+    def route_batch(self, request: RouteRequest, file: str) -> Iterator[dict]:
+        """Many prompts from an uploaded JSONL or CSV file under the request's router (`lorlib
+        route-batch`): {"done", "total"} after each batch, then also {"file": the results CSV (in
+        the worker's temp folder), "errors": rows that could not run}."""
+
+    @abstractmethod
     def clusters(self, path: str, k: int) -> ClusterView: ...
 
     @abstractmethod

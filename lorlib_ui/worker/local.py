@@ -59,6 +59,9 @@ def manifest_key(library: Library) -> str:
     return hashlib.sha256(json.dumps(library.manifest(), sort_keys=True).encode()).hexdigest()
 
 
+BATCH_ROWS = 8  # prompts of a route-batch request routed at a time (then the model is free again)
+
+
 def _max_models(value: int | None) -> int:
     value = positive_setting(MAX_MODELS_ENV, DEFAULT_MAX_MODELS) if value is None else value
     if value < 1:
@@ -235,6 +238,38 @@ class LocalWorker(Worker):
                     rm, own.prompt_ids, own.answer_ids, router, other, prompt=request.prompt, answer=own.text
                 )
         return shown.to_dict()
+
+    def route_batch(self, request: RouteRequest, file: str) -> Iterator[dict]:
+        from lorlib_ui.core.batch import read_prompts, route_prompts, rows_to_csv
+        from lorlib_ui.core.routers import make_router
+
+        check_max_new_tokens(request.max_new_tokens)
+        library = self._open(request.library)
+        if not file:
+            raise LorlibError("upload a .jsonl or .csv file of prompts first")
+        rows = read_prompts(self.access.data_file(str(file)))
+        router = make_router(
+            request.router,
+            library.names,
+            request.top_k,
+            request.temperature,
+            request.mix,
+            groups=library.groups(),
+            density=request.density,
+        )
+        if (problem := library.derived.lacks_for(router)) is not None:
+            raise LorlibError(problem)
+        for start in range(0, len(rows), BATCH_ROWS):  # the model is shared: one batch at a time
+            with self._lock:
+                rm = self._routed_model(library)
+                route_prompts(rm, rows[start : start + BATCH_ROWS], router, request.max_new_tokens, request.chat)
+            yield {"done": min(start + BATCH_ROWS, len(rows)), "total": len(rows)}
+        out = download_folder(self._tmp) / "routed.csv"
+        try:
+            out.write_text(rows_to_csv(rows, library.names), encoding="utf-8")
+        except OSError as exc:
+            raise LorlibError(f"could not write the results ({exc.strerror or exc})") from None
+        yield {"done": len(rows), "total": len(rows), "file": str(out), "errors": sum(1 for r in rows if r.error)}
 
     def _routed_model(self, library: Library):
         """The routed model of a library (as opened now), rebuilt when its manifest changed; the

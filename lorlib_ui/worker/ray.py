@@ -174,6 +174,18 @@ class _WorkerActor:
         finally:
             archive.unlink(missing_ok=True)
 
+    def route_batch(self, request: RouteRequest, name: str, payload: bytes) -> tuple[list[dict], str, bytes]:
+        received = self._receive(name, payload)
+        try:
+            updates = list(self.worker.route_batch(request, received))
+        finally:
+            shutil.rmtree(Path(received).parent, ignore_errors=True)
+        result = Path(updates[-1]["file"])
+        try:
+            return updates, result.name, result.read_bytes()
+        finally:
+            result.unlink(missing_ok=True)
+
     def submit(self, job: JobRequest, upload: tuple[str, bytes] | None) -> str:
         if upload is not None:  # a data file from the app's machine
             job = replace(job, options={**job.options, "data": self._receive(*upload)})
@@ -254,6 +266,13 @@ class RayWorker(Worker):
 
     def explain(self, request: RouteRequest, answer: str | None = None, compare: str | None = None) -> dict:
         return self._call("explain", request, answer, compare)
+
+    def route_batch(self, request: RouteRequest, file: str) -> Iterator[dict]:
+        """On the cluster in one call: the progress arrives at the end, with the results."""
+        updates, name, payload = _get(self.actor.route_batch.remote(request, Path(file).name, Path(file).read_bytes()))
+        out = download_folder(self._tmp) / name
+        out.write_bytes(payload)
+        yield {**updates[-1], "file": str(out)}
 
     def export_merge(self, path: str, router: str, mix: str | None = None, density: float | None = None) -> str:
         name, payload = _get(self.actor.export_merge.remote(path, router, mix, density))

@@ -23,6 +23,10 @@ ENDPOINTS = {
     "/export_merge",
     "/download_csv",
     "/explain",
+    "/route_batch",
+    "/download_evaluation",
+    "/download_adaptation",
+    "/download_insight",
     "/download_json",
     "/download_html",
     "/export_expert",
@@ -248,3 +252,26 @@ def test_explain_names_what_each_expert_carried(client, tiny_routed):
     assert bars["orientation"] == "h" and set(_array(bars["y"])) <= set(tiny_routed.experts)
     with pytest.raises(AppError, match="the prompt is empty"):
         client.predict("", "", "arrow", "", 2, 1.0, 4, 0.2, api_name="/explain")
+
+
+def test_many_prompts_from_an_upload_with_a_row_that_cannot_run(client, tiny_routed, tmp_path):
+    import pandas as pd
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the quick brown"}\nnot json\n{"prompt": "lazy dog"}\n')
+    note, results = client.predict(
+        gradio_client.handle_file(str(prompts)), "arrow", 2, 1.0, 3, 0.2, api_name="/route_batch"
+    )
+    table = pd.read_csv(results["value"], keep_default_na=False)
+    assert list(table["row"]) == [1, 2, 3] and list(table["error"]) == ["", "not a JSON object", ""]
+    assert "routed 2 prompts; 1 rows could not run" in note
+    weights = table[[f"weight:{e}" for e in tiny_routed.experts]].iloc[[0, 2]].astype(float)
+    assert np.allclose(weights.sum(axis=1), 1.0, atol=1e-4)
+    with pytest.raises(AppError, match="upload a .jsonl or .csv file"):
+        client.predict(None, "arrow", 2, 1.0, 3, 0.2, api_name="/route_batch")
+
+
+def test_empty_tables_say_there_is_nothing_to_download(client):
+    for name in ("/download_evaluation", "/download_adaptation"):
+        with pytest.raises(AppError, match="nothing to download yet"):
+            client.predict(api_name=name)

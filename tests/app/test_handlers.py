@@ -274,3 +274,28 @@ def test_the_evaluate_tab_offers_lorahub_unticked(page):
     choices = [c[0] for c in box.choices]
     assert choices[: len(presets())] == list(presets()) and "lorahub" in choices
     assert box.value == list(presets()) and evaluable()["lorahub"] is False  # a search per task: asked for
+
+
+def test_the_insight_matrices_and_tables_download_as_csv(worker):
+    """The shipped library's stored transfer matrix and Arrow's routing, a row per task and expert."""
+    import zipfile
+
+    import pandas as pd
+
+    from lorlib_ui.app import insight, tables
+    from lorlib_ui.core.assets import asset
+
+    path = str(asset("library"))
+    view = worker.insight(path)
+    out = insight.download(worker, path, "arrow@private", "content", None)["value"]
+    with zipfile.ZipFile(out) as zf:
+        names = sorted(zf.namelist())
+        assert names == ["routing-arrow-private.csv", "transfer.csv"]
+        transfer = pd.read_csv(zf.open("transfer.csv"))
+        routing = pd.read_csv(zf.open("routing-arrow-private.csv"))
+    assert len(transfer) == len(view.transfer["tasks"]) * len(view.transfer["columns"])
+    assert set(transfer.columns) == {"task", "family", "expert", "loglik", "exact_match", "gain"}
+    shares = routing.groupby("task")["share"].sum()
+    assert ((shares - 1).abs() < 1e-3).all()  # each task's tokens, shared out over the experts
+    one = tables.write_csv({"means": pd.DataFrame({"router": ["arrow"], "exact_match": [0.3]})}, "evaluation")
+    assert one.endswith("means.csv") and pd.read_csv(one)["router"].tolist() == ["arrow"]

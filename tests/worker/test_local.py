@@ -409,3 +409,20 @@ def test_export_merge_zips_the_adapter_and_refuses_per_token_routers(worker, tin
     assert read_adapter(Path(archive).parent / "unpacked" / "ties").rank >= 4
     with pytest.raises(LorlibError, match="token by token"):
         worker.export_merge(str(tiny_library.path), "arrow")
+
+
+def test_route_batch_reads_only_an_upload_in_a_served_explorer(tiny_library, tmp_path):
+    from lorlib_ui.worker.access import Access
+
+    prompts = tmp_path / "elsewhere.jsonl"
+    prompts.write_text('{"prompt": "the quick"}\n')
+    served = LocalWorker(device="cpu", access=Access.serving([str(tiny_library.path)]))
+    request = RouteRequest(str(tiny_library.path), "-", router="arrow", max_new_tokens=2)
+    with pytest.raises(LorlibError, match="must be the embedded data or an uploaded file"):
+        list(served.route_batch(request, str(prompts)))
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "p.jsonl").write_text(prompts.read_text())
+    served.accept_uploads(str(uploads))
+    *progress, last = served.route_batch(request, str(uploads / "p.jsonl"))
+    assert last["total"] == 1 and last["errors"] == 0 and Path(last["file"]).read_text().startswith("row,prompt")
