@@ -219,8 +219,10 @@ def opened(tab: RouteTab, info: LibraryInfo, examples: list[tuple[str, str]]) ->
     """The routers the worker offers for this library, top-k up to its size, its example prompts."""
     n = len(info.experts)
     default = DEFAULT_ROUTER if DEFAULT_ROUTER in info.routers else (info.routers or [None])[0]
-    notes = {"notes": info.router_notes, "missing": info.routers_missing}
-    return {
+    demo = info.demo if info.demo and info.demo["router"] in info.routers else None
+    notes = {"notes": info.router_notes, "missing": info.routers_missing, "demo": demo}
+    default = demo["router"] if demo else default
+    shown = {
         tab.example_pick: gr.Dropdown(choices=[(f"{t}: {p[:60]}", p) for t, p in examples], value=None),
         tab.router: gr.Dropdown(choices=info.routers, value=default),
         tab.compare_router: gr.Dropdown(choices=info.routers, value="base"),
@@ -228,6 +230,18 @@ def opened(tab: RouteTab, info: LibraryInfo, examples: list[tuple[str, str]]) ->
         tab.notes: notes,
         tab.router_note: router_note(default, "base", notes),
     }
+    if demo:  # the page opens on an example where the library visibly helps (`restore_controls`): say so
+        shown[tab.router_note] = demo_note(demo) + "\n\n" + shown[tab.router_note]
+    return shown
+
+
+def demo_note(demo: dict) -> str:
+    """One line on what the opening example shows."""
+    return (
+        f"*This example is from {demo['task']}, a task no expert was trained on: {demo['router']} answers "
+        f'"{demo["answer"].strip()}", as expected; the base model alone answers "{demo["base_answer"].strip()}". '
+        "Route it, then compare with base.*"
+    )
 
 
 def router_note(spec: str | None, other: str | None, notes: dict) -> str:
@@ -402,10 +416,14 @@ def route_batch(
     return {tab.batch_note: note, tab.batch_out: gr.update(value=last["file"], visible=True)}
 
 
-def restore_controls(tab: RouteTab, link: dict) -> dict:
-    """The controls a link sets (after the library opened and filled the menus); others stay."""
+def restore_controls(tab: RouteTab, link: dict, notes: dict | None) -> dict:
+    """The controls a link sets (after the library opened and filled the menus); others stay. A
+    page opened without a prompt in its link starts on the library's demo example, if it has one."""
     controls = (tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new)
     out = {component: gr.update() for component in controls}
+    demo = (notes or {}).get("demo")
+    if demo and not (link or {}).get("prompt"):
+        out[tab.prompt] = demo["prompt"]
     if not link:
         return out
     values = links.settings(link)
@@ -443,7 +461,7 @@ def wire_link(tab: RouteTab, worker: Worker, path: gr.State, path_box: gr.Textbo
     view = [path_box, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new]
     tab.link_btn.click(None, [*view, tab.module_pick, tab.token_pick], tab.link_box, js=links.COPY_JS)
     controls = [tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new]
-    restored = opened.then(partial(restore_controls, tab), link, controls, api_visibility="private")
+    restored = opened.then(partial(restore_controls, tab), [link, tab.notes], controls, api_visibility="private")
     outputs = [tab.answer, tab.timing, tab.layer_plot, tab.record, tab.module_pick, tab.token_pick, tab.shown]
     inputs = [link, path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density]
     routed = restored.success(

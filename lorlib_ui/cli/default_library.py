@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m lorlib_ui.cli.default_library", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", default=str(OUT), help=f"library folder (default: {OUT})")
-    parser.add_argument("--skip", default="", help="comma-separated steps to skip: build, cluster, evaluate")
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: build, cluster, evaluate, demo")
     args = parser.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     start = time.perf_counter()
@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         code = cli.main([command, args.out, *options])
         if code:
             return code
+    if "demo" not in skip:  # the example the Route tab opens on (`lorlib_ui.analysis.demo`)
+        from lorlib_ui.analysis.demo import pick_demo
+
+        print(f"== demo {args.out}", file=sys.stderr, flush=True)
+        pick_demo(args.out)
     with Library.open(args.out).edit() as library:
         library.extra["recipe"] = {
             "command": "python -m lorlib_ui.cli.default_library",

@@ -61,6 +61,7 @@ class LibraryInfo:
     learned_routers: list[dict] = field(default_factory=list)  # manifest entries of its learned routers
     problems: dict[str, str] = field(default_factory=dict)  # expert -> why it cannot be used (remove it)
     fingerprint: str = ""  # of the base model's linear shapes: which base model the library fits
+    demo: dict | None = None  # the example the Route tab opens on (`lorlib_ui.analysis.demo`), if stored
 
 
 @dataclass

@@ -59,6 +59,14 @@ def manifest_key(library: Library) -> str:
     return hashlib.sha256(json.dumps(library.manifest(), sort_keys=True).encode()).hexdigest()
 
 
+def _demo(record) -> dict | None:
+    """The stored demo example, if it is one (the manifest is untrusted: plain strings only)."""
+    keys = ("task", "prompt", "expected", "router", "answer", "base_answer")
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in keys):
+        return None
+    return {k: record[k][:4000] for k in keys}
+
+
 BATCH_ROWS = 8  # prompts of a route-batch request routed at a time (then the model is free again)
 
 
@@ -175,6 +183,7 @@ class LocalWorker(Worker):
             held_out=list(library.held_out.tasks),
             problems=library.problems,
             fingerprint=library.base_fingerprint,
+            demo=_demo(library.extra.get("demo")),
             clusters=library.clusters or {},
             evaluation=library.extra.get("evaluation"),
             history=list(library.extra.get("history", [])),

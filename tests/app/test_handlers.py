@@ -299,3 +299,22 @@ def test_the_insight_matrices_and_tables_download_as_csv(worker):
     assert ((shares - 1).abs() < 1e-3).all()  # each task's tokens, shared out over the experts
     one = tables.write_csv({"means": pd.DataFrame({"router": ["arrow"], "exact_match": [0.3]})}, "evaluation")
     assert one.endswith("means.csv") and pd.read_csv(one)["router"].tolist() == ["arrow"]
+
+
+def test_the_route_tab_opens_on_the_librarys_demo_example_and_says_what_it_shows(worker, page):
+    from dataclasses import replace
+
+    from lorlib_ui.app import route
+    from lorlib_ui.core.assets import asset
+
+    tab = page.route
+    info = worker.library(str(asset("library")))
+    demo = {"task": "t", "prompt": "2 + 2?", "expected": "4", "router": "arrow", "answer": "4", "base_answer": "5"}
+    shown = route.opened(tab, replace(info, demo=demo), [])
+    assert shown[tab.router_note].startswith("*This example is from t, a task no expert was trained on: arrow")
+    notes = shown[tab.notes]
+    assert route.restore_controls(tab, {}, notes)[tab.prompt] == "2 + 2?"  # a plain page opens on it
+    from_link = route.restore_controls(tab, {"prompt": "mine", "tab": "route"}, notes)
+    assert from_link[tab.prompt] == "mine"  # a link's own prompt wins
+    plain = route.opened(tab, replace(info, demo=None), [])
+    assert route.restore_controls(tab, {}, plain[tab.notes])[tab.prompt] == {"__type__": "update"}

@@ -90,3 +90,27 @@ def test_every_private_expert_has_phatgoose_gates(shipped):
     assert {infos[name]["steps"] for name in private} == {100}
     first, final = (sum(infos[name][key] for name in private) for key in ("first_loss", "final_loss"))
     assert final < 0.9 * first
+
+
+@pytest.mark.embedded
+def test_its_demo_example_is_one_the_library_visibly_helps_with(shipped):
+    """The example the Route tab opens on: a validation row of a held-out task, answered right by
+    Arrow and wrong by the base model, as stored; greedy decoding gives the stored answers again."""
+    from lorlib_ui.analysis.evaluation import answer_budget, normalize
+    from lorlib_ui.core.generation import generate_batch
+    from lorlib_ui.core.prompting import encode_prompt
+    from lorlib_ui.core.routed_model import RoutedModel
+    from lorlib_ui.core.routers import make_router
+    from lorlib_ui.training.data import load_tasks
+
+    demo = shipped.extra["demo"]
+    assert demo["task"] in shipped.held_out.tasks and demo["split"] == "validation"
+    data = load_tasks(shipped.data_source())
+    assert demo["prompt"] in [row["input"] for row in data.rows(demo["task"], "validation")]
+    rm = RoutedModel.load(shipped, device="cpu")
+    budget = answer_budget(rm.tokenizer, data, demo["task"])
+    ids = [encode_prompt(rm.tokenizer, demo["prompt"])]
+    (routed,) = generate_batch(rm, ids, make_router(demo["router"], rm.experts, groups=shipped.groups()), budget)
+    (base,) = generate_batch(rm, ids, make_router("base", rm.experts), budget)
+    assert (routed, base) == (demo["answer"], demo["base_answer"])
+    assert normalize(routed) == normalize(demo["expected"]) != normalize(base)
