@@ -21,6 +21,7 @@ class ExplainOptions(RouterOptions):
     compare: str | None = option(None, "also score the answer under this router, token by token")
     max_new_tokens: int = option(32, "length of the router's own answer, when --answer is not given (default 32)")
     raw: bool = option(False, "do not wrap the prompt in the chat template")
+    per_layer: bool = option(False, "with --json: also each token's top experts at every layer")
 
     def __post_init__(self):
         if not self.prompt.strip():
@@ -76,7 +77,7 @@ def cmd_explain(args) -> None:
         if not own.answer_ids:
             raise LorlibError(f"router {router.describe()} answers nothing to this prompt; give --answer")
         shown = explain_ids(rm, own.prompt_ids, own.answer_ids, router, compare, prompt=o.prompt, answer=own.text)
-    print(json.dumps(shown.to_dict()) if args.json else format_explanation(shown))
+    print(json.dumps(shown.to_dict(o.per_layer)) if args.json else format_explanation(shown))
 
 
 def cmd_route_batch(args) -> None:

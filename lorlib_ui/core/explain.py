@@ -55,13 +55,24 @@ class Explanation:
         mean = self.weights.mean(axis=0) if self.weights.size else np.zeros((len(self.tokens), 0))
         return [[(self.experts[i], float(row[i])) for i in np.argsort(-row)[:k] if row[i] > 0] for row in mean]
 
+    def top_by_layer(self, k: int = 3) -> dict[str, list[list[tuple[str, float]]]]:
+        """Per layer, per answer token: the k experts with the most weight there (on demand: `--per-layer`)."""
+        return {
+            module: [[(self.experts[i], float(row[i])) for i in np.argsort(-row)[:k] if row[i] > 0] for row in layer]
+            for module, layer in zip(self.modules, self.weights)
+        }
+
     def credit(self) -> list[tuple[str, float]]:
         """Which expert earned this answer: each removed expert with the answer log-likelihood it
         carried in all (summed over tokens), the most first."""
         return sorted(((e, float(v.sum())) for e, v in self.carried.items()), key=lambda x: -x[1])
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, per_layer: bool = False) -> dict:
+        by_layer = {
+            module: [[{"expert": e, "weight": round(w, 6)} for e, w in row] for row in rows]
+            for module, rows in self.top_by_layer().items()
+        }
+        return ({"top_experts_by_layer": by_layer} if per_layer else {}) | {
             "router": self.router,
             "compare": self.compare,
             "prompt": self.prompt,

@@ -423,8 +423,8 @@ FLAGS = {
     "push": "library repo --private --to-folder --license",
     "card": "library --license",
     "export": "library --router --format --out --mix --density --base-model",
-    "explain": "library --prompt --answer --compare --max-new-tokens --raw --router --top-k --temperature --mix "
-    "--density --base-model --device --dtype --json",
+    "explain": "library --prompt --answer --compare --max-new-tokens --raw --per-layer --router --top-k "
+    "--temperature --mix --density --base-model --device --dtype --json",
     "route-batch": "library file --out --column --max-new-tokens --batch-size --raw --router --top-k --temperature "
     "--mix --density --base-model --device --dtype",
     "mark-general": "library names --unmark",

@@ -97,10 +97,12 @@ def test_card_and_export_from_the_command_line(capsys, tmp_path, tiny_library, t
 
 def test_explain_from_the_command_line(capsys, tiny_library):
     code, out, err = run(
-        capsys, "explain", tiny_library.path, "--prompt", "the quick", "--answer", "brown fox", "--json"
+        capsys, "explain", tiny_library.path, "--prompt", "the quick", "--answer", "brown fox", "--json", "--per-layer"
     )
     assert code == 0, err
     shown = json.loads(out)
+    layers = shown["top_experts_by_layer"]
+    assert len(layers) == 8 and all(len(rows) == len(shown["tokens"]) for rows in layers.values())
     assert shown["answer"] == "brown fox" and len(shown["gain"]) == len(shown["tokens"])
     assert abs(sum(shown["gain"]) - shown["total_gain"]) < 1e-4 and shown["credit"]
     code, out, err = run(capsys, "explain", tiny_library.path, "--prompt", "the quick", "--compare", "uniform")
