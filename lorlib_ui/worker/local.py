@@ -67,6 +67,21 @@ def _demo(record) -> dict | None:
     return {k: record[k][:4000] for k in keys}
 
 
+def _router(request: RouteRequest, library: Library):
+    """The router a request names, with its settings, over the library's experts and groups."""
+    from lorlib_ui.core.routers import make_router
+
+    return make_router(
+        request.router,
+        library.names,
+        request.top_k,
+        request.temperature,
+        request.mix,
+        groups=library.groups(),
+        density=request.density,
+    )
+
+
 BATCH_ROWS = 8  # prompts of a route-batch request routed at a time (then the model is free again)
 
 
@@ -214,19 +229,13 @@ class LocalWorker(Worker):
     def explain(self, request: RouteRequest, answer: str | None = None, compare: str | None = None) -> dict:
         from lorlib_ui.core.explain import explain, explain_ids
         from lorlib_ui.core.generation import generate
-        from lorlib_ui.core.routers import make_router
 
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise LorlibError("the prompt is empty")
         check_max_new_tokens(request.max_new_tokens)
         library = self._open(request.library)
-        settings = dict(groups=library.groups(), density=request.density)
-        routers = [
-            make_router(spec, library.names, request.top_k, request.temperature, request.mix, **settings)
-            for spec in (request.router, compare or None)
-            if spec
-        ]
-        router, other = routers[0], (routers[1] if len(routers) > 1 else None)
+        router = _router(request, library)
+        other = _router(replace(request, router=compare), library) if compare else None
         with self._lock:
             rm = self._routed_model(library)
             if answer and answer.strip():
@@ -250,22 +259,13 @@ class LocalWorker(Worker):
 
     def route_batch(self, request: RouteRequest, file: str) -> Iterator[dict]:
         from lorlib_ui.core.batch import read_prompts, route_prompts, rows_to_csv
-        from lorlib_ui.core.routers import make_router
 
         check_max_new_tokens(request.max_new_tokens)
         library = self._open(request.library)
         if not file:
             raise LorlibError("upload a .jsonl or .csv file of prompts first")
         rows = read_prompts(self.access.data_file(str(file)))
-        router = make_router(
-            request.router,
-            library.names,
-            request.top_k,
-            request.temperature,
-            request.mix,
-            groups=library.groups(),
-            density=request.density,
-        )
+        router = _router(request, library)
         if (problem := library.derived.lacks_for(router)) is not None:
             raise LorlibError(problem)
         for start in range(0, len(rows), BATCH_ROWS):  # the model is shared: one batch at a time
@@ -300,21 +300,12 @@ class LocalWorker(Worker):
 
     def route(self, request: RouteRequest) -> Iterator[RouteUpdate]:
         from lorlib_ui.core.generation import generate
-        from lorlib_ui.core.routers import make_router
 
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise LorlibError("the prompt is empty")
         check_max_new_tokens(request.max_new_tokens)
         library = self._open(request.library)
-        router = make_router(
-            request.router,
-            library.names,
-            request.top_k,
-            request.temperature,
-            request.mix,
-            groups=library.groups(),
-            density=request.density,
-        )
+        router = _router(request, library)
         start = time.perf_counter()
         updates: queue.Queue = queue.Queue()
 
