@@ -1,97 +1,82 @@
 """Findings 4 and 5 of REPRODUCTION.md, an ablation: how many experts should Arrow mix per token?
 
-    python docs/reproduction/top_k.py --library COPY [--top-k 1,2,4,7,26] [--limit 20]
-    python docs/reproduction/top_k.py --records shared.json k1.json k2.json ...   # tabulate saved runs
+    python docs/reproduction/top_k.py                       # print the tables from the committed records
+    python docs/reproduction/top_k.py --library COPY [--top-k 1,2,4,7,26] [--limit 20]   # run them again
 
 Evaluates Arrow over the private experts and over the MBC cluster experts at each top-k (the
 cluster router only up to its number of experts), and the shared expert once, on validation rows
-of the held-out tasks (an ablation chooses nothing on test rows), each with `evaluate_library`
-(which stores its record in the library: use a copy). Prints exact match and answer
-log-likelihood with 95% bootstrap intervals, and the paired differences arrow − shared and
-arrow-cluster − arrow at every k. `--records` tabulates `evaluate --json` outputs saved earlier
-instead (each run's `top_k` is in its record).
+of the held-out tasks (an ablation chooses nothing on test rows), each with `evaluate` on a copy
+of the library (its stored evaluation is replaced). Saves the records as
+`records/top_k_validation_shared.json` and `records/top_k_validation_k{K}.json`, and prints exact
+match and answer log-likelihood, and the paired differences arrow − shared and arrow-cluster −
+arrow at every k, as `records.py` formats them.
+
+Then `--test-k 2`: the k these validation rows favour, run once on the held-out tasks' test rows
+(`records/top_k_test_k2.json`), against the shipped library's test-row record of the shared expert.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import records
+from records import cell, paired, rows
 
-
-def _rows(record: dict, router: str, measure: str) -> dict[str, list[float]]:
-    return {s["task"]: s["rows"][measure] for s in record["scores"] if s["router"] == router}
+MEASURES = ("exact_match", "loglik")
 
 
-def _cell(values: list[list[float]], scale: float, digits: int) -> str:
-    from lorlib_ui.analysis.stats import bootstrap_interval, task_mean
-
-    low, high = bootstrap_interval(values)
-    return f"{scale * task_mean(values):.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
-
-
-def _paired(a: dict, b: dict, scale: float, digits: int) -> str:
-    from lorlib_ui.analysis.stats import paired_interval
-
-    tasks = [t for t in a if t in b]
-    d, low, high = paired_interval([a[t] for t in tasks], [b[t] for t in tasks])
-    return f"{scale * d:+.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
-
-
-def tabulate(shared: dict, by_k: dict[int, dict]) -> str:
-    measures = (("exact_match", 100, 1), ("loglik", 1, 3))
+def validation_table(shared: dict, by_k: dict[int, dict]) -> str:
     lines = [
         "| top-k | arrow: exact match | arrow: log-lik. | arrow-cluster: exact match | arrow-cluster: log-lik. "
         "| arrow − shared: EM | arrow − shared: LL | arrow-cluster − arrow: EM | arrow-cluster − arrow: LL |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, record in sorted(by_k.items()):
-        cells = []
-        for router in ("arrow", "arrow-cluster"):
-            for measure, scale, digits in measures:
-                rows = list(_rows(record, router, measure).values())
-                cells.append(_cell(rows, scale, digits) if rows else "-")  # k above the cluster count
-        for a, b in ((("arrow", record), ("shared", shared)), (("arrow-cluster", record), ("arrow", record))):
-            for measure, scale, digits in measures:
-                left, right = _rows(a[1], a[0], measure), _rows(b[1], b[0], measure)
-                cells.append(_paired(left, right, scale, digits) if left and right else "-")
+        cells = [cell(rows(record, router, m), m) for router in ("arrow", "arrow-cluster") for m in MEASURES]
+        for (a, ra), (b, rb) in (
+            ((("arrow", record), ("shared", shared))),
+            (("arrow-cluster", record), ("arrow", record)),
+        ):
+            cells += [paired(rows(ra, a, m), rows(rb, b, m), m) for m in MEASURES]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    for measure, scale, digits in measures:
-        lines.append(f"\nshared, {measure}: {_cell(list(_rows(shared, 'shared', measure).values()), scale, digits)}")
+    lines += [f"\nshared, {m}: {cell(rows(shared, 'shared', m), m)}" for m in MEASURES]
+    return "\n".join(lines)
+
+
+def test_table(k2: dict, shipped: dict) -> str:
+    lines = ["| test rows, top-2 | exact match (%) | answer log-likelihood |", "|---|---:|---:|"]
+    for router, record in (("arrow", k2), ("arrow-cluster", k2), ("shared", shipped)):
+        lines.append(f"| {router} | " + " | ".join(cell(rows(record, router, m), m) for m in MEASURES) + " |")
+    for (a, ra), (b, rb) in ((("arrow", k2), ("shared", shipped)), (("arrow-cluster", k2), ("arrow", k2))):
+        lines.append(
+            f"| {a} − {b} (paired) | " + " | ".join(paired(rows(ra, a, m), rows(rb, b, m), m) for m in MEASURES) + " |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--library", default=None, help="a copy of the library (its evaluation record is replaced)")
+    parser.add_argument("--library", default=None, help="a copy of the library: run and save the records")
     parser.add_argument("--top-k", default="1,2,4,7,26", help="7 and 26: every cluster / private expert here")
     parser.add_argument("--limit", type=int, default=20)
-    parser.add_argument("--records", nargs="+", default=None, help="`evaluate --json` outputs to tabulate instead")
+    parser.add_argument("--test-k", type=int, default=2, help="the k run once on test rows")
     args = parser.parse_args()
-    if args.records:
-        records = [json.loads(Path(f).read_text()) for f in args.records]
-        shared = next(r for r in records if any(s["router"] == "shared" for s in r["scores"]))
-        by_k = {r["top_k"]: r for r in records if any(s["router"] == "arrow" for s in r["scores"])}
-    elif args.library:
-        from lorlib_ui.analysis.evaluation import EvaluateOptions, evaluate_library
+    ks = [int(k) for k in args.top_k.split(",")]
+    if args.library:
         from lorlib_ui.core.library import Library
 
-        def run(routers: list[str], k: int | None) -> dict:
-            options = EvaluateOptions(routers=tuple(routers), limit=args.limit, split="validation", top_k=k)
-            return evaluate_library(args.library, options)[0]
-
-        shared = run(["shared"], None)
         clusters = sum(e.kind == "cluster" for e in Library.open(args.library).experts)
-        by_k = {}
-        for k in map(int, args.top_k.split(",")):
-            by_k[k] = run(["arrow", "arrow-cluster"] if k <= clusters else ["arrow"], k)
-    else:
-        parser.error("give --library COPY or --records FILES")
-    print(tabulate(shared, by_k))
+        common = {"limit": args.limit, "split": "validation"}
+        records.save("top_k_validation_shared", records.evaluate(args.library, routers=("shared",), **common))
+        for k in ks:
+            routers = ("arrow", "arrow-cluster") if k <= clusters else ("arrow",)
+            records.save(f"top_k_validation_k{k}", records.evaluate(args.library, routers=routers, top_k=k, **common))
+        test = records.evaluate(args.library, routers=("arrow", "arrow-cluster"), top_k=args.test_k)
+        records.save(f"top_k_test_k{args.test_k}", test)
+    shared = records.load("top_k_validation_shared")
+    print(validation_table(shared, {k: records.load(f"top_k_validation_k{k}") for k in ks}))
+    print()
+    print(test_table(records.load(f"top_k_test_k{args.test_k}"), records.shipped()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lorlib_ui.analysis.evaluation import TaskScore, differences, evaluate_task, summarize, test_rows
+from lorlib_ui.analysis.evaluation import TaskScore, evaluate_task, test_rows
+from lorlib_ui.analysis.summaries import differences, summarize
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.learned_routers import LearnedRouter, learned_routers, store_learned_router
 from lorlib_ui.core.library import TASK_KINDS, Library, check_name, expert_from_adapter

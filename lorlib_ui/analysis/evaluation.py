@@ -15,7 +15,8 @@ over the task's test rows:
 Tables average over tasks, so that each task weighs the same.
 
 Routers that choose per task are resolved on each task from a `TaskContext`: the oracle from the
-library, LoraHub (a few-shot baseline, run by name) from a few of the task's training rows.
+library, LoraHub (a few-shot baseline, run by name) from a few of the task's training rows. The
+oracle is skipped, with a note, on a task of a family no cluster expert trained on.
 
 `evaluate_library` is `plan_evaluation` (the library, tasks, routers and data checked, nothing
 written and no model loaded) then `run_evaluation` (score, store the record in the manifest).
@@ -28,13 +29,23 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from lorlib_ui.analysis import stats
+from lorlib_ui.analysis.summaries import differences, summarize
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.generation import generate_batch, score_continuations
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import answer_ids, encode_prompt
 from lorlib_ui.core.routed_model import RoutedModel
-from lorlib_ui.core.routers import DEFAULT_TOP_K, ROUTERS, Router, TaskContext, TaskRouter, make_router, presets
+from lorlib_ui.core.routers import (
+    DEFAULT_TOP_K,
+    MIXES,
+    ROUTERS,
+    Router,
+    TaskContext,
+    TaskRouter,
+    make_router,
+    presets,
+)
+from lorlib_ui.core.routers.base import check_mix
 from lorlib_ui.training.config import TASK_SETS
 from lorlib_ui.training.data import MultiTaskData
 from lorlib_ui.training.lorahub import LoraHubOptions, check_shots, draw_shots, few_shot_context
@@ -52,7 +63,10 @@ class DatasetOptions:
     """Which tasks' test rows a command reads (evaluate, transfer, routing-stats)."""
 
     tasks: str | tuple[str, ...] = option(
-        "held-out", "held-out, seen (tasks the library trained on), all, or comma-separated", sets=TASK_SETS
+        "held-out",
+        "held-out, seen (tasks the library trained on), all (both), unused (tasks of the data that no "
+        "expert trained on and that are not held out), or comma-separated",
+        sets=TASK_SETS,
     )
     data: str | None = option(None, "test data (default: what the library was built from)")
     limit: int | None = option(None, "at most this many test rows per task (default: all)")
@@ -82,6 +96,12 @@ class EvaluateOptions(DatasetOptions):
     split: str = option("test", "validation: for ablations (default test)", choices=SPLITS)
     top_k: int | None = option(None, f"experts per token for arrow (default {DEFAULT_TOP_K})")
     density: float | None = option(None, "ties: share of each expert's entries kept (default 0.2)")
+    temperature: float = option(1.0, "arrow: softmax temperature over the chosen experts (> 0, default 1)")
+    mix: str = option(
+        "outputs",
+        "combine the chosen experts' outputs (PEFT) or their parameters (paper's code) (default outputs)",
+        choices=MIXES,
+    )
     device: str | None = option(None, "cuda or cpu (default: cuda when present)")
     dtype: str | None = option(None, "float32, bfloat16, float16 or auto")
 
@@ -92,6 +112,10 @@ class EvaluateOptions(DatasetOptions):
         check_shots(self.shots)
         if self.split not in SPLITS:
             raise LorlibError(f"unknown split {self.split!r}; use {' or '.join(SPLITS)}")
+        # checked here, not by each router: a default router refusing it would be skipped with a note
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise LorlibError(f"temperature must be positive and finite, got {self.temperature}")
+        check_mix(self.mix)
 
 
 @dataclass
@@ -115,7 +139,13 @@ def normalize(text: str) -> str:
 
 
 def resolve_routers(
-    library: Library, names: list[str], explicit: bool, top_k: int | None = None, density: float | None = None
+    library: Library,
+    names: list[str],
+    explicit: bool,
+    top_k: int | None = None,
+    density: float | None = None,
+    temperature: float = 1.0,
+    mix: str = "outputs",
 ) -> tuple[list[str], list[str]]:
     """The routers that can run on this library, and notes on those skipped. A router asked for
     by name that cannot run is an error; one of the defaults is skipped with a note. Names are the
@@ -123,7 +153,7 @@ def resolve_routers(
     kept, notes = [], []
     for name in names:
         try:
-            router = _router(library, name, top_k, density)
+            router = _router(library, name, top_k, density, temperature, mix)
             if (lacking := library.derived.lacks_for(router)) is not None:  # keys not computed yet (gates, ...)
                 raise LorlibError(lacking)
         except LorlibError as exc:
@@ -211,12 +241,14 @@ def evaluate_task(
     top_k: int | None = None,
     shots: int = DEFAULT_SHOTS,
     density: float | None = None,
+    temperature: float = 1.0,
+    mix: str = "outputs",
 ) -> TaskScore | None:
     """Score one router on one task's test rows; None for the oracle when no expert fits. A
     few-shot router (LoraHub) learns from `shots` of the task's training rows first."""
     library = rm.library
     family = data.family_of(task)
-    router = _router(library, name, top_k, density)
+    router = _router(library, name, top_k, density, temperature, mix)
     if isinstance(router, TaskRouter):
         if router.few_shot:
             context = few_shot_context(rm, data, task, shots)
@@ -242,10 +274,18 @@ def evaluate_task(
     )
 
 
-def _router(library: Library, name: str, top_k: int | None, density: float | None = None) -> Router:
+def _router(
+    library: Library,
+    name: str,
+    top_k: int | None,
+    density: float | None = None,
+    temperature: float = 1.0,
+    mix: str = "outputs",
+) -> Router:
     """The router an evaluation runs by `name` (a preset or a spec), per-task routers unresolved."""
     spec = presets().get(name, name)
-    return make_router(spec, library.names, top_k, groups=library.groups(), per_task=True, density=density)
+    groups = library.groups()
+    return make_router(spec, library.names, top_k, temperature, mix, groups=groups, per_task=True, density=density)
 
 
 def _mean(values: list[float]) -> float:
@@ -263,6 +303,8 @@ def evaluate(
     top_k: int | None = None,
     shots: int = DEFAULT_SHOTS,
     density: float | None = None,
+    temperature: float = 1.0,
+    mix: str = "outputs",
 ) -> list[TaskScore]:
     """Every router on every task; a `Count` to `reporter` after each pair."""
     scores, total, done = [], len(routers) * len(tasks), 0
@@ -270,71 +312,12 @@ def evaluate(
         for task in tasks:
             if reporter.cancelled():
                 raise Cancelled("evaluation cancelled")
-            score = evaluate_task(rm, data, task, name, limit, split, top_k, shots, density)
+            score = evaluate_task(rm, data, task, name, limit, split, top_k, shots, density, temperature, mix)
             if score is not None:
                 scores.append(score)
             done += 1
             reporter.progress(Count(done, total, f"{name} on {task}"))
     return scores
-
-
-MEASURES = ("exact_match", "loglik", "mc")
-# The differences the paper's claims rest on (Sec. 6): Arrow against joint training, against the
-# uniform merge, and Arrow over cluster experts against Arrow over private experts.
-DIFFERENCES = (("arrow", "shared"), ("arrow", "uniform"), ("arrow-cluster", "arrow"))
-
-
-def _per_task(scores: list[TaskScore], measure: str) -> list[list[float]] | None:
-    """Each task's per-row values of a measure (tasks with rows of it), or None when a score was
-    stored without its rows (by an older lorlib)."""
-    if any(not s.rows for s in scores):
-        return None
-    return [s.rows[measure] for s in scores if s.rows.get(measure)]
-
-
-def summarize(scores: list[TaskScore], routers: list[str]) -> list[dict]:
-    """One row per router: its measures averaged over tasks (multiple choice over tasks with
-    options), each with its 95% bootstrap interval over test rows (`*_ci`) when rows were kept."""
-    rows = []
-    for name in routers:
-        mine = [s for s in scores if s.router == name]
-        if not mine:
-            continue
-        mc = [s.mc_accuracy for s in mine if s.mc_accuracy is not None]
-        row = {
-            "router": name,
-            "tasks": len(mine),
-            "exact_match": sum(s.exact_match for s in mine) / len(mine),
-            "loglik": sum(s.loglik for s in mine) / len(mine),
-            "mc_accuracy": sum(mc) / len(mc) if mc else None,
-            "mc_tasks": len(mc),
-        }
-        for measure, key in zip(MEASURES, ("exact_match", "loglik", "mc_accuracy")):
-            per_task = _per_task(mine, measure)
-            row[f"{key}_ci"] = list(stats.bootstrap_interval(per_task)) if per_task else None
-        rows.append(row)
-    return rows
-
-
-def differences(scores: list[TaskScore], pairs=DIFFERENCES) -> list[dict]:
-    """Paired differences a − b between routers, over the tasks both ran, with paired bootstrap
-    intervals (the same test rows resampled for both)."""
-    out = []
-    for a, b in pairs:
-        mine = {s.task: s for s in scores if s.router == a}
-        theirs = {s.task: s for s in scores if s.router == b}
-        tasks = [t for t in mine if t in theirs]
-        if not tasks or any(not mine[t].rows or not theirs[t].rows for t in tasks):
-            continue
-        row = {"a": a, "b": b, "tasks": len(tasks)}
-        for measure in MEASURES:
-            left = [mine[t].rows[measure] for t in tasks if mine[t].rows.get(measure)]
-            right = [theirs[t].rows[measure] for t in tasks if theirs[t].rows.get(measure)]
-            if left and [len(x) for x in left] == [len(x) for x in right]:
-                diff, low, high = stats.paired_interval(left, right)
-                row[measure] = {"difference": diff, "ci": [low, high]}
-        out.append(row)
-    return out
 
 
 def result_record(scores: list[TaskScore], routers: list[str], data: str, limit: int | None, seconds: float) -> dict:
@@ -350,43 +333,6 @@ def result_record(scores: list[TaskScore], routers: list[str], data: str, limit:
     }
 
 
-def _interval(value: float | None, ci: list[float] | None, scale: float, digits: int) -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    text = f"{scale * value:.{digits}f}"
-    return text if ci is None else f"{text} [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
-
-
-def format_table(summary: list[dict]) -> str:
-    """The summary as a Markdown table (it reads as plain text too); 95% intervals in brackets."""
-    lines = [
-        "| router | tasks | exact match (%) | answer log-likelihood | multiple choice (%) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in summary:
-        em = _interval(row["exact_match"], row.get("exact_match_ci"), 100, 1)
-        ll = _interval(row["loglik"], row.get("loglik_ci"), 1, 3)
-        mc = _interval(row["mc_accuracy"], row.get("mc_accuracy_ci"), 100, 1)
-        mc += f" ({row['mc_tasks']} tasks)" if row["mc_accuracy"] is not None else ""
-        lines.append(f"| {row['router']} | {row['tasks']} | {em} | {ll} | {mc} |")
-    return "\n".join(lines)
-
-
-def format_differences(rows: list[dict]) -> str:
-    """Paired differences as a Markdown table, with 95% intervals."""
-    lines = [
-        "| difference | tasks | exact match (points) | answer log-likelihood | multiple choice (points) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        cells = [
-            _interval(row[m]["difference"], row[m]["ci"], scale, digits) if m in row else "-"
-            for m, scale, digits in (("exact_match", 100, 1), ("loglik", 1, 3), ("mc", 100, 1))
-        ]
-        lines.append(f"| {row['a']} − {row['b']} | {row['tasks']} | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
 def held_out_tasks(library: Library) -> list[str]:
     return list(library.held_out.tasks)
 
@@ -397,17 +343,34 @@ def seen_tasks(library: Library) -> list[str]:
     return sorted(family, key=lambda t: (family[t], t))
 
 
-def select_tasks(library: Library, which: str | list[str] | None) -> list[str]:
+def unused_tasks(library: Library, data: MultiTaskData) -> list[str]:
+    """The tasks of `data` that no expert of the library (of any kind) trained on and that it does
+    not hold out, by family, then name: zero-shot transfer to tasks without an expert of their own."""
+    used = {t for e in library.experts for t in e.tasks} | set(library.held_out.tasks)
+    family = dict(zip(data.frame["task"], data.frame["family"].astype(str)))
+    return sorted((t for t in family if t not in used), key=lambda t: (family[t], t))
+
+
+def select_tasks(library: Library, which: str | list[str] | None, data: MultiTaskData | None = None) -> list[str]:
     """Tasks by name, or a set of them: "held-out" (the default), "seen" (trained on by a task
-    expert) or "all" (both)."""
+    expert), "all" (both) or "unused" (tasks of `data`, the data the command reads, that no expert
+    trained on and that are not held out)."""
     if which is None or isinstance(which, str):
         which = which or "held-out"
         if which not in TASK_SETS:
             raise LorlibError(f"unknown set of tasks {which!r}; use {', '.join(TASK_SETS)} or name the tasks")
-        tasks = held_out_tasks(library) if which != "seen" else []
-        tasks += seen_tasks(library) if which != "held-out" else []
+        if which == "unused":
+            if data is None:
+                raise LorlibError("the unused tasks are those of the data: load it first")
+            tasks = unused_tasks(library, data)
+        else:
+            tasks = held_out_tasks(library) if which != "seen" else []
+            tasks += seen_tasks(library) if which != "held-out" else []
         if not tasks:
-            what = "holds no tasks out" if which == "held-out" else "has no task experts"
+            if which == "unused":
+                what = f"has an expert or a held-out task for every task of {data.origin}"
+            else:
+                what = "holds no tasks out" if which == "held-out" else "has no task experts"
             raise LorlibError(f"library {library.path} {what}; name the tasks")
         return tasks
     if not which:
@@ -425,7 +388,7 @@ class EvaluationPlan:
     data: MultiTaskData
     tasks: list[str]
     routers: list[str]  # those that run
-    notes: list[str]  # on routers skipped
+    notes: list[str]  # on routers skipped, and on tasks a per-task router (the oracle) skips
     few_shot: bool  # a router learns from each task's training rows (LoraHub)
 
 
@@ -441,17 +404,45 @@ def plan_evaluation(path: str, options: EvaluateOptions) -> EvaluationPlan:
     if not library.experts:
         raise LorlibError(f"library {library.path} has no experts to evaluate")
     source = library.data_source(options.data)
-    tasks = select_tasks(library, options.tasks)
+    loaded = load_tasks(source)
+    tasks = select_tasks(library, options.tasks, loaded)
     explicit = options.routers is not None
     names = list(options.routers) if explicit else list(presets())
-    kept, notes = resolve_routers(library, names, explicit, top_k=top_k, density=options.density)
-    loaded = load_tasks(source)
+    kept, notes = resolve_routers(library, names, explicit, top_k, options.density, options.temperature, options.mix)
     few_shot = any(isinstance(r := _router(library, name, top_k), TaskRouter) and r.few_shot for name in kept)
     for task in tasks:
         loaded.family_of(task)  # an unknown task fails here, before the model loads
         if few_shot:
             draw_shots(loaded, task, options.shots)  # and so do too few training rows for the shots
-    return EvaluationPlan(library, options, source, loaded, tasks, kept, notes, few_shot)
+    kept, skipped = fitting_routers(library, loaded, tasks, kept, explicit)
+    return EvaluationPlan(library, options, source, loaded, tasks, kept, notes + skipped, few_shot)
+
+
+def fitting_routers(
+    library: Library, data: MultiTaskData, tasks: list[str], names: list[str], explicit: bool
+) -> tuple[list[str], list[str]]:
+    """The routers of `names` that fit at least one of `tasks`, and notes on the tasks where a
+    per-task router (the oracle: a cluster expert of the task's family) has no expert and is
+    skipped. One that fits none of them is skipped with a note or, asked for by name, refused,
+    as `resolve_routers` does with routers the library cannot run."""
+    kept, notes = [], []
+    for name in names:
+        router = _router(library, name, None)
+        if isinstance(router, TaskRouter) and not router.few_shot:  # few-shot ones fit every task
+            unfit = [t for t in tasks if router.for_task(TaskContext(library, t, data.family_of(t))) is None]
+            families = ", ".join(sorted({data.family_of(t) for t in unfit}))
+            if len(unfit) == len(tasks):
+                problem = f"no expert of the library fits these tasks (families: {families})"
+                if explicit:
+                    raise LorlibError(f"router {name!r}: {problem}")
+                notes.append(f"skipped {name}: {problem}")
+                continue
+            if unfit:
+                notes.append(
+                    f"{name} skips {len(unfit)} of the {len(tasks)} tasks, which no expert fits (families: {families})"
+                )
+        kept.append(name)
+    return kept, notes
 
 
 def run_evaluation(plan: EvaluationPlan, reporter: Reporter = QUIET) -> tuple[dict, list[str]]:
@@ -460,13 +451,21 @@ def run_evaluation(plan: EvaluationPlan, reporter: Reporter = QUIET) -> tuple[di
     start = time.perf_counter()
     o, library, tasks, kept = plan.options, plan.library, plan.tasks, plan.routers
     rm = RoutedModel.load(library, device=o.device, dtype=o.dtype)
-    scores = evaluate(rm, plan.data, tasks, kept, o.limit, reporter, o.split, o.top_k, o.shots, o.density)
+    scores = evaluate(
+        rm, plan.data, tasks, kept, o.limit, reporter, o.split, o.top_k, o.shots, o.density, o.temperature, o.mix
+    )
     record = result_record(scores, kept, plan.source, o.limit, time.perf_counter() - start)
     record["tasks"], record["split"], record["top_k"] = list(tasks), o.split, o.top_k
+    if isinstance(o.tasks, str):  # a set of `select_tasks` (the list of its tasks is `tasks`)
+        record["task_set"] = o.tasks
     if plan.few_shot:
         record["shots"] = o.shots
     if o.density is not None:
         record["density"] = o.density
+    if o.temperature != 1.0:
+        record["temperature"] = o.temperature
+    if o.mix != "outputs":
+        record["mix"] = o.mix
     seen = set(seen_tasks(library))
     record["seen"] = [t for t in tasks if t in seen]
     if record["seen"] and len(record["seen"]) < len(tasks):  # both kinds: a summary of each as well

@@ -111,9 +111,12 @@ class RoutingStats:
     entropy: np.ndarray  # (tasks, modules) mean entropy of a token's weights, in nats
     uniform_entropy: np.ndarray  # (modules,) log of the number of usable experts
     transfer: dict = field(default_factory=dict)  # agreement with the transfer matrix, where stored
-    # 95% bootstrap intervals of the summary's accuracies, resampling each task's prompts
+    # 95% bootstrap intervals of the summary's accuracies, resampling each task's prompts (`_ci`),
+    # and the tasks as well (`_task_ci`: about tasks like these), as `stats` computes them
     own_accuracy_ci: tuple[float, float] | None = None
     family_accuracy_ci: tuple[float, float] | None = None
+    own_accuracy_task_ci: tuple[float, float] | None = None
+    family_accuracy_task_ci: tuple[float, float] | None = None
 
     @property
     def mass(self) -> np.ndarray:
@@ -128,13 +131,18 @@ class RoutingStats:
 
         own = ~np.isnan(self.own_accuracy).all(axis=1)
         fam = ~np.isnan(self.family_accuracy).all(axis=1)
+        own_chance = np.broadcast_to(self.own_chance, self.own_accuracy.shape)
         return {
             "own_accuracy": mean(self.own_accuracy),
             "own_accuracy_ci": self.own_accuracy_ci,
+            "own_accuracy_task_ci": self.own_accuracy_task_ci,
+            "own_above_chance": _above(self.own_accuracy, own_chance),
             "own_chance": mean(np.broadcast_to(self.own_chance, self.own_accuracy.shape)[own]) if own.any() else None,
             "own_tasks": int(own.sum()),
             "family_accuracy": mean(self.family_accuracy),
             "family_accuracy_ci": self.family_accuracy_ci,
+            "family_accuracy_task_ci": self.family_accuracy_task_ci,
+            "family_above_chance": _above(self.family_accuracy, self.family_chance),
             "family_chance": mean(np.where(np.isnan(self.family_accuracy), np.nan, self.family_chance)),
             "family_tasks": int(fam.sum()),
             "entropy": mean(self.entropy),
@@ -330,7 +338,26 @@ def _finish(router, kind, tasks, task_families, own_experts, tallies, usable, n_
         uniform_entropy=uniform,
         own_accuracy_ci=stats.pooled_ratio_interval(*own_parts),
         family_accuracy_ci=stats.pooled_ratio_interval(*fam_parts),
+        own_accuracy_task_ci=stats.pooled_ratio_interval(*own_parts, tasks=True),
+        family_accuracy_task_ci=stats.pooled_ratio_interval(*fam_parts, tasks=True),
     )
+
+
+def _above(accuracy: np.ndarray, chance: np.ndarray) -> dict[str, int] | None:
+    """On how many tasks (where it is defined) the accuracy, averaged over layers, is above,
+    level with and below chance: the per-task sign count beside the mean."""
+    rows = [
+        (np.nanmean(a), np.nanmean(np.where(np.isnan(a), np.nan, c)))
+        for a, c in zip(accuracy, chance)
+        if not np.isnan(a).all()
+    ]
+    if not rows:
+        return None
+    return {
+        "up": sum(bool(a > c + 1e-9) for a, c in rows),
+        "tied": sum(bool(abs(a - c) <= 1e-9) for a, c in rows),
+        "down": sum(bool(a < c - 1e-9) for a, c in rows),
+    }
 
 
 def _prompt_counts(parts: tuple[list, list], tally: _Tally, which: int, defined: np.ndarray) -> None:
@@ -411,9 +438,9 @@ def load_routing(library: Library) -> dict[str, dict]:
 def routing_stats_library(
     path: str, options: RoutingStatsOptions | None = None, reporter: Reporter = QUIET, store: bool = True
 ) -> dict[str, RoutingStats]:
-    """Routing statistics of one router over the library's tasks (a list, or held-out, seen, all),
-    compared with the stored transfer matrix where it has the tasks; stored in the library under
-    the router's spec when `store` says so."""
+    """Routing statistics of one router over the library's tasks (a list, or held-out, seen, all,
+    unused), compared with the stored transfer matrix where it has the tasks; stored in the
+    library under the router's spec when `store` says so."""
     o = options or RoutingStatsOptions()
     library = Library.open(path)
     if not library.experts:
@@ -421,9 +448,9 @@ def routing_stats_library(
     spec = make_router(
         o.router, library.names, o.top_k, o.temperature, o.mix, groups=library.groups(), density=o.density
     )
-    tasks = select_tasks(library, o.tasks)
     source = library.data_source(o.data)
     loaded = load_tasks(source)
+    tasks = select_tasks(library, o.tasks, loaded)
     for task in tasks:
         test_rows(loaded, task, o.limit)
     rm = RoutedModel.load(library, o.base_model, device=o.device, dtype=o.dtype)

@@ -224,16 +224,16 @@ def transfer_library(
     path: str, options: TransferOptions | None = None, reporter: Reporter = QUIET
 ) -> tuple[TransferMatrix, dict[str, int]]:
     """Compute the missing cells of the library's transfer matrix over `options.tasks` (a list or
-    a set: held-out, seen, all) and `options.experts` (a list, a kind, or None for all), store
-    them, and return the stored matrix with counts of computed and reused cells."""
+    a set: held-out, seen, all, unused) and `options.experts` (a list, a kind, or None for all),
+    store them, and return the stored matrix with counts of computed and reused cells."""
     o = options or TransferOptions()
     library = Library.open(path)
     if not library.experts:
         raise LorlibError(f"library {library.path} has no experts")
-    tasks = select_tasks(library, o.tasks)
-    columns = select_columns(library, o.experts)
     source = library.data_source(o.data)
     loaded = load_tasks(source)
+    tasks = select_tasks(library, o.tasks, loaded)
+    columns = select_columns(library, o.experts)
     for task in tasks:
         test_rows(loaded, task, o.limit)  # an unknown task, or one without test rows, fails before the model loads
     rm = RoutedModel.load(library, device=o.device, dtype=o.dtype)

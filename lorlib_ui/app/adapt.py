@@ -74,7 +74,9 @@ def build_tab() -> AdaptTab:
         losses = gr.Plot(show_label=False, elem_id="adapt-losses")
         plot = gr.Plot(show_label=False, elem_id="adapt-scores")
         table = gr.Dataframe(interactive=False, label="Test scores, 95% intervals over test rows")
-        differences = gr.Dataframe(interactive=False, label="Paired differences, 95% intervals")
+        differences = gr.Dataframe(
+            interactive=False, label="Paired differences, 95% intervals over rows and over tasks"
+        )
         training = gr.Dataframe(interactive=False, label="Training")
         tables.csv_download(
             {"scores": table, "differences": differences, "training": training}, "adaptation", "download_adaptation"

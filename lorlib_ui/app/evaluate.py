@@ -13,15 +13,37 @@ from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_error
 from lorlib_ui.worker.api import TASK_SETS, JobRequest, LibraryInfo, Worker
 
 HELP = (
-    "Compare routers zero-shot on the library's held-out tasks (no expert saw them), or on the tasks it was "
-    "trained on (seen): exact match of the answer, the answer's log-likelihood, and multiple-choice accuracy "
-    "where the task has options. Means are over tasks; brackets give 95% bootstrap intervals over test rows, "
-    "and differences between routers are paired (the same rows resampled for both). Routers the library "
+    "Compare routers zero-shot on the library's held-out tasks (no expert saw them), on the tasks it was "
+    "trained on (seen), or on the tasks of its data that no expert is near (unused: families without an "
+    "expert): exact match of the answer, the answer's log-likelihood, and multiple-choice accuracy where the "
+    "task has options. Means are over tasks, each with two 95% bootstrap intervals: over test rows (how sure "
+    "we are about these tasks) and over tasks (about tasks like these). Differences between routers are "
+    "paired (the same rows resampled for both), with the tasks where each is up/tied/down. Routers the library "
     "cannot run yet (PhatGoose without gates, say) are skipped with a note. LoraHub is few-shot: it searches "
     "merge weights on 10 training rows of each task first, minutes per task, so it starts unticked."
 )
-COLUMNS = ["router", "tasks", "exact match %", "EM 95% CI", "answer log-lik.", "LL 95% CI", "multiple choice %"]
-DIFFERENCE_COLUMNS = ["difference", "tasks", "exact match (points)", "answer log-lik.", "multiple choice (points)"]
+# Two 95% intervals per measure: over test rows (the tasks fixed), and over tasks (tasks and rows
+# resampled: about tasks like these), as `lorlib_ui.analysis.stats` computes them.
+COLUMNS = [
+    "router",
+    "tasks",
+    "exact match %",
+    "EM 95% CI, rows",
+    "EM 95% CI, tasks",
+    "answer log-lik.",
+    "LL 95% CI, rows",
+    "LL 95% CI, tasks",
+    "multiple choice %",
+]
+DIFFERENCE_COLUMNS = [
+    "difference",
+    "tasks",
+    "exact match (points)",
+    "EM tasks up/tied/down",
+    "answer log-lik.",
+    "LL tasks up/tied/down",
+    "multiple choice (points)",
+]
 MEASURES = [("exact match", "exact_match"), ("answer log-likelihood", "loglik"), ("multiple choice", "mc_accuracy")]
 
 
@@ -57,7 +79,9 @@ def build_tab(comparisons: dict[str, bool]) -> EvaluateTab:
         status = gr.Markdown()
         plot = gr.Plot(show_label=False)
         table = gr.Dataframe(interactive=False, label="Means over tasks")
-        differences = gr.Dataframe(interactive=False, label="Paired differences, 95% intervals")
+        differences = gr.Dataframe(
+            interactive=False, label="Paired differences, 95% intervals over rows and over tasks"
+        )
         tables.csv_download({"means": table, "differences": differences}, "evaluation", "download_evaluation")
         measure = gr.Radio(MEASURES, value="exact_match", label="Per task")
         task_plot = gr.Plot(show_label=False, elem_id="evaluate-per-task")
@@ -79,9 +103,11 @@ def evaluation_frame(evaluation: dict | None) -> pd.DataFrame:
                 "router": r["router"],
                 "tasks": r["tasks"],
                 "exact match %": round(100 * r["exact_match"], 1),
-                "EM 95% CI": _interval(r.get("exact_match_ci"), 100, 1),
+                "EM 95% CI, rows": _interval(r.get("exact_match_ci"), 100, 1),
+                "EM 95% CI, tasks": _interval(r.get("exact_match_task_ci"), 100, 1),
                 "answer log-lik.": round(r["loglik"], 3),
-                "LL 95% CI": _interval(r.get("loglik_ci"), 1, 3),
+                "LL 95% CI, rows": _interval(r.get("loglik_ci"), 1, 3),
+                "LL 95% CI, tasks": _interval(r.get("loglik_task_ci"), 1, 3),
                 "multiple choice %": "" if r["mc_accuracy"] is None else round(100 * r["mc_accuracy"], 1),
             }
         )
@@ -93,14 +119,21 @@ def differences_frame(evaluation: dict | None) -> pd.DataFrame:
         if key not in row:
             return ""
         d = row[key]
-        return f"{scale * d['difference']:+.{digits}f} {_interval(d['ci'], scale, digits)}"
+        text = f"{scale * d['difference']:+.{digits}f} {_interval(d['ci'], scale, digits)}"
+        return text + (f" tasks {_interval(d['task_ci'], scale, digits)}" if d.get("task_ci") else "")
+
+    def signs(row, key):
+        counts = row[key].get("signs") if key in row else None
+        return f"{counts['up']}/{counts['tied']}/{counts['down']}" if counts else ""
 
     rows = [
         {
             "difference": f"{r['a']} − {r['b']}",
             "tasks": r["tasks"],
             "exact match (points)": cell(r, "exact_match", 100, 1),
+            "EM tasks up/tied/down": signs(r, "exact_match"),
             "answer log-lik.": cell(r, "loglik", 1, 3),
+            "LL tasks up/tied/down": signs(r, "loglik"),
             "multiple choice (points)": cell(r, "mc", 100, 1),
         }
         for r in (evaluation or {}).get("differences", [])

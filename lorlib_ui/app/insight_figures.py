@@ -204,12 +204,14 @@ def summary_text(view: InsightView, spec: str, tokens: str = "content") -> str:
     def num(x):
         return "-" if x is None else f"{x:.2f}"
 
-    def ci(pair):  # absent from statistics stored before intervals were added
-        return "" if not pair else f" [{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
+    def ci(pair, tasks=None):  # absent from statistics stored before intervals were added
+        text = "" if not pair else f" [{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
+        return text + ("" if not tasks else f" (over tasks [{100 * tasks[0]:.1f}, {100 * tasks[1]:.1f}])")
 
     what = "content tokens (chat template left out)" if tokens == "content" else "all prompt tokens"
     own = (
-        f"the task's own expert in **{pct(s['own_accuracy'])}**{ci(s.get('own_accuracy_ci'))} "
+        f"the task's own expert in **{pct(s['own_accuracy'])}**"
+        f"{ci(s.get('own_accuracy_ci'), s.get('own_accuracy_task_ci'))} "
         f"(chance {pct(s['own_chance'])}, "
         f"{s['own_tasks']} tasks have one), "
         if s["own_tasks"]
@@ -218,8 +220,8 @@ def summary_text(view: InsightView, spec: str, tokens: str = "content") -> str:
     return (
         f"**{spec}** over {len(view.routing[spec][tokens]['tasks'])} tasks, {what}: of all tokens x layers, "
         f"the top-1 expert is {own}an expert of the task's family in **{pct(s['family_accuracy'])}**"
-        f"{ci(s.get('family_accuracy_ci'))} (chance "
+        f"{ci(s.get('family_accuracy_ci'), s.get('family_accuracy_task_ci'))} (chance "
         f"{pct(s['family_chance'])}). Entropy {num(s['entropy'])} nats against {num(s['uniform_entropy'])} "
-        f"for uniform weights (intervals: 95% bootstrap over prompts). "
+        f"for uniform weights (intervals: 95% bootstrap over prompts, and over tasks as well). "
         f"Spearman(routing mass, transfer gain), mean over tasks: **{num(s['spearman'])}**."
     )

@@ -14,25 +14,83 @@ import sys
 import time
 
 from lorlib_ui.analysis.adaptation_runs import ZERO_SHOT, AdaptOptions, adapt_library
-from lorlib_ui.analysis.evaluation import EvaluateOptions, evaluate_library, format_differences, format_table
+from lorlib_ui.analysis.evaluation import EvaluateOptions, plan_evaluation, run_evaluation
 from lorlib_ui.analysis.routing_stats import RoutingStatsOptions, routing_stats_library
+from lorlib_ui.analysis.summaries import (
+    INTERVALS_NOTE,
+    across_libraries,
+    format_across,
+    format_differences,
+    format_table,
+)
 from lorlib_ui.analysis.transfer import TransferOptions, transfer_library
 from lorlib_ui.cli.progress import Bars, record_history
+from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.training.options import from_namespace
 
 
 def cmd_evaluate(args) -> None:
-    with Bars("evaluate", "task") as reporter:
-        record, notes = evaluate_library(args.library, from_namespace(EvaluateOptions, args), reporter)
-    record_history(args.library, args.argv, record["seconds"])
-    for note in notes:
-        print(note, file=sys.stderr)
+    """One library, or several of one design (the same base model and held-out tasks) evaluated in
+    turn with the same options, then their spread (`across_libraries`); `--stored` reports the
+    evaluations the libraries store instead."""
+    paths, options = args.library, from_namespace(EvaluateOptions, args)
+    if len(paths) > 1:
+        _same_design(paths)
+    if args.stored:
+        if options != EvaluateOptions():
+            raise LorlibError("--stored runs nothing: it takes no evaluation options")
+        records = {path: _stored_evaluation(path) for path in paths}
+    else:
+        plans = [plan_evaluation(path, options) for path in paths]  # every library checked before any runs
+        records = {}
+        for path, plan in zip(paths, plans):
+            with Bars("evaluate", "task") as reporter:
+                records[path], notes = run_evaluation(plan, reporter)
+            record_history(path, args.argv, records[path]["seconds"])
+            for note in notes:
+                print(note, file=sys.stderr)
+    across = across_libraries(list(records.values()), paths) if len(paths) > 1 else None
     if args.json:
-        print(json.dumps(record))
+        print(json.dumps(records[paths[0]] if across is None else {"libraries": records, "across": across}))
         return
+    for path, record in records.items():
+        if across is not None or args.stored:
+            stored = f" (stored, evaluated {record.get('finished')})" if args.stored else ""
+            print(f"\n## {path}{stored}\n" if across is not None else f"{path}{stored}")
+        print_evaluation(record)
+    if across is not None:
+        print("\n## across libraries\n")
+        print(format_across(across))
+
+
+def _same_design(paths: list[str]) -> None:
+    """Refuse libraries named twice, or of different base models or held-out tasks."""
+    from lorlib_ui.core.library import Library
+
+    if len(set(paths)) < len(paths):
+        raise LorlibError(f"a library is named twice: {' '.join(paths)}")
+    libraries = [Library.open(path) for path in paths]
+    for library in libraries[1:]:
+        if library.base_fingerprint != libraries[0].base_fingerprint:
+            raise LorlibError(f"libraries {paths[0]} and {library.path} are on different base models")
+        if set(library.held_out.tasks) != set(libraries[0].held_out.tasks):
+            raise LorlibError(f"libraries {paths[0]} and {library.path} hold out different tasks")
+
+
+def _stored_evaluation(path: str) -> dict:
+    from lorlib_ui.core.library import Library
+
+    record = Library.open(path).extra.get("evaluation")
+    if not record:
+        raise LorlibError(f"library {path} stores no evaluation; run `lorlib evaluate {path}` first")
+    return record
+
+
+def print_evaluation(record: dict) -> None:
+    """One library's evaluation: each router's measures, then the paired differences."""
     rows = "" if record["split"] == "test" else f", on {record['split']} rows"
     print(f"zero-shot on {len(record['tasks'])} tasks ({', '.join(record['tasks'])}){rows}, {record['seconds']:.0f} s")
-    print("means over tasks; [95% bootstrap interval over test rows]")
+    print(f"means over tasks. {INTERVALS_NOTE}")
     for kind, summary in (record.get("summary_by") or {"": record["summary"]}).items():
         print(f"\n{kind} tasks:" if kind else "")
         print(format_table(summary))
@@ -52,7 +110,7 @@ def cmd_adapt(args) -> None:
         return
     rows = record["zero_shot"][0]["examples"]
     print(f"{record['task']}: {rows} test rows, {record['steps']} training steps, seed {record['seed']}")
-    print("[95% bootstrap interval over test rows]")
+    print(INTERVALS_NOTE)
     print(format_table(record["summary"]))
     print("\npaired differences, over the same test rows:")
     print(format_differences(record["differences"]))
@@ -149,16 +207,22 @@ def format_stats(result, kind: str) -> str:
     def ci(pair) -> str:
         return "" if pair is None else f" [{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
 
+    def above(counts) -> str:
+        return (
+            "" if not counts else f"; above/at/below chance on {counts['up']}/{counts['tied']}/{counts['down']} tasks"
+        )
+
     s = result.summary()
     what = "all prompt tokens (chat template included)" if kind == "all" else "content tokens (template excluded)"
     lines = [
         f"{result.router} over {len(result.tasks)} tasks, {what}:",
-        f"  top-1 is the task's own expert: {pct(s['own_accuracy'])}{ci(s['own_accuracy_ci'])} "
-        f"(chance {pct(s['own_chance'])}, "
-        f"{s['own_tasks']} tasks with an expert of their own)",
-        f"  top-1 is an expert of the task's family: {pct(s['family_accuracy'])}{ci(s['family_accuracy_ci'])} "
-        f"(chance {pct(s['family_chance'])}, "
-        f"{s['family_tasks']} tasks)",
+        "  95% intervals: [prompts] resamples each task's prompts; [tasks] resamples the tasks too",
+        f"  top-1 is the task's own expert: {pct(s['own_accuracy'])}{ci(s['own_accuracy_ci'])}"
+        f"{ci(s['own_accuracy_task_ci'])} (chance {pct(s['own_chance'])}, "
+        f"{s['own_tasks']} tasks with an expert of their own{above(s['own_above_chance'])})",
+        f"  top-1 is an expert of the task's family: {pct(s['family_accuracy'])}{ci(s['family_accuracy_ci'])}"
+        f"{ci(s['family_accuracy_task_ci'])} (chance {pct(s['family_chance'])}, "
+        f"{s['family_tasks']} tasks{above(s['family_above_chance'])})",
         f"  routing entropy: {num(s['entropy'])} nats (uniform over the usable experts: {num(s['uniform_entropy'])})",
         f"  Spearman(routing mass, transfer gain), mean over tasks: {num(s['spearman'])}",
         "  task | own | family (chance) | most routed | its gain | best gain | Spearman",

@@ -30,16 +30,33 @@ RECIPE = {
 }
 
 
+def recipe(seed: int = 0) -> dict[str, list[str]]:
+    """The steps with training and clustering seeded by `seed`; the held-out tasks stay those of
+    seed 0, so that builds of several seeds are evaluated on the same tasks."""
+    if seed == 0:
+        return RECIPE
+    seeded = {
+        c: [str(seed) if o == "0" and i and options[i - 1] == "--seed" else o for i, o in enumerate(options)]
+        for c, options in RECIPE.items()
+    }
+    seeded["build"] += ["--holdout-seed", "0"]
+    return seeded
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lorlib_ui.cli.default_library", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", default=str(OUT), help=f"library folder (default: {OUT})")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: build, cluster, evaluate, demo")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="training and clustering seed; the held-out tasks stay seed 0's (default 0)"
+    )
     args = parser.parse_args(argv)
+    steps = recipe(args.seed)
     skip = {s for s in args.skip.split(",") if s}
     start = time.perf_counter()
-    for command, options in RECIPE.items():
+    for command, options in steps.items():
         if command in skip:
             continue
         print(f"== {command} {args.out} {' '.join(options)}", file=sys.stderr, flush=True)
@@ -54,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     with Library.open(args.out).edit() as library:
         library.extra["recipe"] = {
             "command": "python -m lorlib_ui.cli.default_library",
-            "steps": {c: ["python", "-m", "lorlib_ui", c, "LIBRARY", *o] for c, o in RECIPE.items()},
+            "steps": {c: ["python", "-m", "lorlib_ui", c, "LIBRARY", *o] for c, o in steps.items()},
             "seconds": round(time.perf_counter() - start, 1),
         }
     print(f"default library at {args.out} in {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -266,6 +266,7 @@ class Command:
     help: str
     options: tuple[type, ...] = ()
     library: bool = True  # the library folder comes first
+    libraries: bool = False  # one or more library folders come first (`args.library` is then a list)
     json: str | None = None  # the help of its --json flag, where it prints one JSON object
     describe: bool = False  # its help is its description as well
     flags: Callable[[argparse.ArgumentParser], None] | None = None  # flags of the command line alone
@@ -274,6 +275,11 @@ class Command:
 def _then_gates(parser: argparse.ArgumentParser) -> None:
     help = f"then train PhatGoose gates for its experts ({GATE_STEPS} steps each)"
     parser.add_argument("--gates", action="store_true", help=help)
+
+
+def _stored(parser: argparse.ArgumentParser) -> None:
+    help = "run nothing: report the evaluations the libraries store (and, with several, their spread)"
+    parser.add_argument("--stored", action="store_true", help=help)
 
 
 MARK_GENERAL = (
@@ -336,9 +342,11 @@ COMMANDS = {
     ),
     "evaluate": Command(
         cmd_evaluate,
-        "zero-shot evaluation of routers on held-out tasks",
+        "zero-shot evaluation of routers on held-out tasks; of several libraries of one design, with their spread",
         (EvaluateOptions,),
+        libraries=True,
         json="print the results as one JSON object",
+        flags=_stored,
     ),
     "lorahub": Command(
         cmd_lorahub,
@@ -374,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.help if command.describe else None)
         if command.library:
-            sub.add_argument("library")
+            sub.add_argument("library", nargs="+" if command.libraries else None)
         for options in command.options:
             add_options(sub, options)
         if command.json is not None:

@@ -92,6 +92,9 @@ class BuildOptions:
     tasks: tuple[str, ...] | None = option(None, "comma-separated tasks (default: all)", group="pick")
     families: tuple[str, ...] | None = option(None, "comma-separated families", group="pick")
     holdout_per_family: int = option(0, "tasks per family kept out for evaluation")
+    holdout_seed: int | None = option(
+        None, "draws the held-out tasks (default: --seed); fixed, it keeps them across training seeds"
+    )
     shared_steps: int | None = option(None, "steps of the shared expert (default 4 x steps)")
     shared: bool = option(True, "do not train the shared (all tasks) expert")  # its flag: --no-shared
     force: bool = option(False, "retrain experts that are already in the library")
@@ -106,6 +109,10 @@ class BuildOptions:
             raise LorlibError("choose tasks or families, not both")
         if self.holdout_per_family < 0:
             raise LorlibError(f"--holdout-per-family must be 0 or more, got {self.holdout_per_family}")
+        if self.holdout_seed is not None and (
+            isinstance(self.holdout_seed, bool) or not isinstance(self.holdout_seed, int)
+        ):
+            raise LorlibError(f"--holdout-seed must be an integer, got {self.holdout_seed!r}")
 
 
 @dataclass
@@ -145,7 +152,8 @@ def plan_build(
         if not any(m == target or m.endswith("." + target) for m in shapes):
             raise LorlibError(f"the base model has no linear layer named {target!r} to adapt")
     recorded = set(library.held_out.tasks) if library else set()
-    held = sorted(recorded | set(hold_out(selected, options.holdout_per_family, config.seed)))
+    draw = config.seed if options.holdout_seed is None else options.holdout_seed
+    held = sorted(recorded | set(hold_out(selected, options.holdout_per_family, draw)))
     if options.tasks and (asked := [t for t in options.tasks if t in recorded]):
         raise LorlibError(f"task {asked[0]!r} is held out of library {path} for evaluation")
     train_tasks = [t for t in selected.tasks if t not in held]

@@ -50,6 +50,7 @@ class Clustering:
     keep_quantile: float
     silhouette: dict[int, float]  # k -> score, a suggestion for k
     ari: float | None  # against the families, when every expert has one
+    method: str = "mbc"  # or "random": a control, MBC's cluster sizes with experts assigned at random
 
     def groups(self) -> list[list[str]]:
         """The experts of each cluster, clusters numbered from 0 in order of first appearance."""
@@ -61,7 +62,7 @@ class Clustering:
     def to_manifest(self, names: list[str]) -> dict:
         """The manifest's record of it, with `names[i]` the expert trained for cluster i."""
         return {
-            "method": "mbc",
+            "method": self.method,
             "k": self.k,
             "seed": self.seed,
             "keep_quantile": self.keep_quantile,
@@ -266,10 +267,23 @@ def embed_library(library: Library, keep_quantile: float = KEEP_QUANTILE):
     return experts, embed_gram([e.name for e in experts], weight_gram(library, experts, keep_quantile))
 
 
-def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: float = KEEP_QUANTILE) -> Clustering:
+GROUPINGS = ("mbc", "random")
+
+
+def cluster_library(
+    library: Library, k: int, seed: int = 0, keep_quantile: float = KEEP_QUANTILE, grouping: str = "mbc"
+) -> Clustering:
+    """MBC at k over the library's task experts. `grouping="random"` is its control: the same
+    cluster sizes as MBC's, with the experts dealt into them at random (seeded), so that an
+    evaluation can tell whether what cluster experts gain or lose comes from MBC's grouping or
+    from grouping at all."""
+    if grouping not in GROUPINGS:
+        raise LorlibError(f"unknown grouping {grouping!r}; use {' or '.join(GROUPINGS)}")
     check_k(k, len(task_experts(library)))  # before the embedding, which may take a while
     experts, embedding = embed_library(library, keep_quantile)
     raw = mbc_cluster(embedding, k, seed)
+    if grouping == "random":
+        raw = np.random.default_rng(seed).permutation(raw)
     order = {label: i for i, label in enumerate(dict.fromkeys(raw.tolist()))}  # number by first appearance
     labels = [order[label] for label in raw.tolist()]
     families = [e.family for e in experts]
@@ -283,6 +297,7 @@ def cluster_library(library: Library, k: int, seed: int = 0, keep_quantile: floa
         keep_quantile,
         silhouette_by_k(embedding, ks, seed),
         ari,
+        grouping,
     )
 
 
@@ -325,11 +340,18 @@ class ClusterOptions:
     keep_quantile: float = option(KEEP_QUANTILE, "sparsify: keep |w| above this quantile")
     data: str | None = option(None, "training data (default: what the library was built from)")
     force: bool = option(False, "retrain cluster experts that are up to date")
+    grouping: str = option(
+        "mbc",
+        "mbc, or random: a control with MBC's cluster sizes and the experts assigned at random",
+        choices=GROUPINGS,
+    )
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1:
             raise LorlibError(f"steps must be positive, got {self.steps}")
         check_quantile(self.keep_quantile)
+        if self.grouping not in GROUPINGS:
+            raise LorlibError(f"unknown grouping {self.grouping!r}; use {' or '.join(GROUPINGS)}")
 
 
 def cluster_and_train(
@@ -348,7 +370,7 @@ def cluster_and_train(
 
     start = time.perf_counter()
     library = Library.open(path)
-    clustering = cluster_library(library, options.k, seed=options.seed, keep_quantile=options.keep_quantile)
+    clustering = cluster_library(library, options.k, options.seed, options.keep_quantile, options.grouping)
     recipe = task_experts(library)[0].training or {}
     steps = options.steps or 2 * int(recipe.get("steps", 100))
     jobs = cluster_jobs(library, clustering, steps)

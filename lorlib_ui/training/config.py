@@ -25,8 +25,9 @@ ACTIVATION_EXAMPLES = 100
 # Supervised adaptation (build/adaptation.py): the ways `adapt` learns a new task from its examples.
 ADAPT_METHODS = ("scratch", "mu", "shared", "poly-router", "poly-full", "lorahub")
 # Sets of a library's tasks that evaluate, transfer and routing-stats take by name: the tasks held
-# out of the library, the tasks its task experts were trained on, or both.
-TASK_SETS = ("held-out", "seen", "all")
+# out of the library, the tasks its task experts were trained on, both, or the tasks of its data
+# that no expert trained on and that are not held out (zero-shot to families without an expert).
+TASK_SETS = ("held-out", "seen", "all", "unused")
 # MBC (build/mbc.py) sparsifies each expert's weight vector by keeping |w| above this quantile of
 # its own |w| (the paper's code keeps the top half).
 KEEP_QUANTILE = 0.5
@@ -43,7 +44,7 @@ class TrainConfig:
     steps: int = option(100, "optimizer steps per expert")
     batch_size: int = option(8, "training examples per step")
     learning_rate: float = option(1e-3, "AdamW's peak learning rate")
-    seed: int = option(0, "seeds the training (and which tasks are held out)")
+    seed: int = option(0, "seeds the training (and, unless --holdout-seed, which tasks are held out)")
     bf16: bool = option(False, internal=True)  # set by the trainer: autocast where the device is fast in bf16
     max_length: int = option(256, internal=True)  # tokens of prompt + answer; longer examples keep their answer
 

@@ -141,6 +141,8 @@ def test_evaluate_gives_intervals_paired_differences_and_seen_tasks(built, capsy
         low, high = row["loglik_ci"]
         assert low <= row["loglik"] <= high
         assert row["exact_match_ci"][0] <= row["exact_match"] <= row["exact_match_ci"][1]
+        task_low, task_high = row["loglik_task_ci"]  # over tasks as well: wider, about tasks like these
+        assert task_low <= row["loglik"] <= task_high
     scores = {(s["router"], s["task"]): s for s in record["scores"]}
     differences = {(d["a"], d["b"]): d for d in record["differences"]}
     assert set(differences) == {("arrow", "shared"), ("arrow", "uniform")}  # no cluster experts: no arrow-cluster
@@ -151,6 +153,13 @@ def test_evaluate_gives_intervals_paired_differences_and_seen_tasks(built, capsy
     ]
     assert arrow_shared["difference"] == pytest.approx(np.mean(by_hand), abs=1e-4)
     assert arrow_shared["ci"][0] <= arrow_shared["difference"] <= arrow_shared["ci"][1]
+    assert arrow_shared["task_ci"][0] <= arrow_shared["difference"] <= arrow_shared["task_ci"][1]
+    assert arrow_shared["signs"] == {
+        "up": sum(d > 1e-9 for d in by_hand),
+        "tied": sum(abs(d) <= 1e-9 for d in by_hand),
+        "down": sum(d < -1e-9 for d in by_hand),
+    }
+    assert "[rows] [tasks]" in out and "up/tied/down" in out
     assert "held-out tasks:" in out and "seen tasks:" in out and "arrow − shared" in out and " [" in out
 
 
@@ -211,3 +220,161 @@ def test_the_reporters_cancel_stops_an_evaluation_before_it_stores(built):
         evaluate_library(str(built), EvaluateOptions(routers=("base", "uniform"), limit=1), reporter)
     assert [c.what for c in counted] == [f"base on {Library.open(built).extra['held_out']['tasks'][0]}"]
     assert "evaluation" not in Library.open(built).extra
+
+
+def _record(exact_match: list[float], diff: float, ci: list[float], tasks=("t1", "t2")) -> dict:
+    """A hand-made evaluation record: routers base and arrow, the difference arrow − base."""
+    summary = [
+        {"router": r, "exact_match": em, "loglik": -1.0 - em, "mc_accuracy": None}
+        for r, em in zip(("base", "arrow"), exact_match)
+    ]
+    difference = {"a": "arrow", "b": "base", "loglik": {"difference": diff, "ci": ci}}
+    same = {"tasks": list(tasks), "split": "test", "limit": 2, "top_k": None}
+    return same | {"summary": summary, "differences": [difference]}
+
+
+def test_across_libraries_gives_the_spread_over_libraries_and_refuses_different_designs():
+    from lorlib_ui.analysis.summaries import across_libraries, format_across
+
+    records = [
+        _record([0.25, 0.5], 0.3, [0.1, 0.5]),
+        _record([0.5, 0.25], -0.2, [-0.4, -0.1]),
+        _record([0.0, 0.75], 0.05, [-0.1, 0.2]),
+    ]
+    result = across_libraries(records, ["s0", "s1", "s2"])
+    arrow = {row["router"]: row for row in result["summary"]}["arrow"]
+    values = np.array([0.5, 0.25, 0.75])
+    assert arrow["exact_match"]["values"] == values.tolist()
+    assert arrow["exact_match"]["mean"] == pytest.approx(values.mean())
+    assert arrow["exact_match"]["sd"] == pytest.approx(values.std(ddof=1))
+    assert (arrow["exact_match"]["min"], arrow["exact_match"]["max"]) == (0.25, 0.75)
+    assert arrow["loglik"]["mean"] == pytest.approx((-1 - values).mean()) and arrow["mc_accuracy"] is None
+    (difference,) = result["differences"]
+    diffs = np.array([0.3, -0.2, 0.05])
+    assert difference["loglik"]["sd"] == pytest.approx(diffs.std(ddof=1))
+    assert difference["loglik"]["intervals"] == {"above": 1, "contains": 1, "below": 1}
+    assert difference["exact_match"] is None  # no library stored it
+    table = format_across(result)
+    sd = 100 * values.std(ddof=1)
+    assert f"| arrow | exact match (%) | 50.0 ± {sd:.1f} (25.0 – 75.0) | 50.0, 25.0, 75.0 |" in table
+    assert "| arrow − base | answer log-likelihood | 0.050 ± " in table and "| 1/1/1 |" in table
+    with pytest.raises(LorlibError, match=r"^the evaluations differ in tasks \(s0: \['t1', 't2'\]; s1: \['t1'\]\)$"):
+        across_libraries([records[0], _record([0.5, 0.5], 0.0, [0, 0], tasks=("t1",))], ["s0", "s1"])
+    with pytest.raises(LorlibError, match="differ in limit"):
+        across_libraries([records[0], records[1] | {"limit": 3}], ["s0", "s1"])
+
+
+def test_evaluate_several_libraries_reports_their_spread_and_stored_reports_it_again(built, tmp_path, capsys, request):
+    import shutil
+
+    from lorlib_ui.analysis.summaries import across_libraries
+
+    a, b = shutil.copytree(built, tmp_path / "seed0"), shutil.copytree(built, tmp_path / "seed1")
+    code, out, err = run(capsys, "evaluate", a, b, "--limit", "2", "--routers", "base,arrow")
+    assert code == 0, err
+    assert f"## {a}" in out and f"## {b}" in out and "## across libraries" in out
+    assert "| arrow | exact match (%) |" in out
+    records = [Library.open(path).extra["evaluation"] for path in (a, b)]
+    assert all([r["router"] for r in record["summary"]] == ["base", "arrow"] for record in records)
+    assert all("evaluate" in Library.open(path).extra["history"][-1]["command"] for path in (a, b))
+    expected = across_libraries(records, [str(a), str(b)])
+    request.getfixturevalue("no_model_loads")  # --stored runs nothing
+    before = library_snapshot(a)
+    code, stored, err = run(capsys, "evaluate", a, b, "--stored")
+    assert code == 0, err
+    assert stored.split("## across libraries")[1] == out.split("## across libraries")[1]
+    code, out, err = run(capsys, "evaluate", a, b, "--stored", "--json")
+    printed = json.loads(out)
+    assert code == 0 and printed["across"] == expected and printed["libraries"][str(a)] == records[0]
+    assert library_snapshot(a) == before
+    code, out, err = run(capsys, "evaluate", built, "--stored")
+    assert code == 1 and err.count("\n") == 1 and "stores no evaluation" in err and not out
+    code, _, err = run(capsys, "evaluate", a, a, "--stored")
+    assert code == 1 and "named twice" in err
+
+
+def test_evaluate_unused_tasks_that_no_expert_trained_on(tmp_path, tiny_base, tasks_file, capsys, request):
+    """A library built on the copy family of a file that has a pick family too: `--tasks unused`
+    is the pick tasks, which no expert trained on and none holds out; the oracle, with a cluster
+    expert of the copy family only, is skipped there with a note, or refused when asked for."""
+    from conftest import TRAIN
+
+    from lorlib_ui.analysis.evaluation import select_tasks
+    from lorlib_ui.training.data import load_tasks
+
+    path = tmp_path / "copy"
+    build = ("build", path, "--data", tasks_file, "--families", "copy", "--holdout-per-family", "1")
+    code, _, err = run(capsys, *build, "--base-model", tiny_base, *TRAIN)
+    assert code == 0, err
+    library = Library.open(path)
+    assert {t for e in library.experts for t in e.tasks} | set(library.held_out.tasks) == {"copy0", "copy1", "copy2"}
+    code, out, err = run(capsys, "evaluate", path, "--tasks", "unused", "--limit", "1", "--routers", "base,arrow")
+    assert code == 0, err
+    record = Library.open(path).extra["evaluation"]
+    assert record["tasks"] == ["pick0", "pick1", "pick2"] and record["task_set"] == "unused" and record["seen"] == []
+    assert sorted((s["router"], s["task"]) for s in record["scores"]) == [
+        (r, t) for r in ("arrow", "base") for t in ("pick0", "pick1", "pick2")
+    ]
+    # the tasks of another file, by family then name; none left is one line
+    rows = [json.loads(line) for line in tasks_file.read_text().splitlines()]
+    more = [r | {"task": "zz", "family": "aaa"} for r in rows if r["task"] == "copy0"]
+    more += [r | {"task": "aa", "family": "zzz"} for r in rows if r["task"] == "copy1"]
+    (tmp_path / "more.jsonl").write_text("\n".join(json.dumps(r) for r in rows + more) + "\n")
+    (tmp_path / "copy.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["family"] == "copy") + "\n")
+    assert select_tasks(library, "unused", load_tasks(str(tmp_path / "more.jsonl"))) == [
+        *("zz", "pick0", "pick1", "pick2", "aa")
+    ]
+    code, _, err = run(capsys, "evaluate", path, "--tasks", "unused", "--data", tmp_path / "copy.jsonl")
+    assert code == 1 and err.count("\n") == 1 and "has an expert or a held-out task for every task" in err
+    # the oracle needs a cluster expert of the task's family
+    assert run(capsys, "cluster", path, "--k", "1", "--steps", "2")[0] == 0
+    request.getfixturevalue("no_model_loads")
+    plan = plan_evaluation(str(path), EvaluateOptions(tasks="unused"))
+    assert (
+        "oracle" not in plan.routers and "skipped oracle: no expert of the library fits these tasks" in plan.notes[-1]
+    )
+    held = library.held_out.tasks[0]
+    plan = plan_evaluation(str(path), EvaluateOptions(tasks=(held, "pick1"), routers=("oracle",)))
+    assert plan.routers == ["oracle"] and plan.notes == [
+        "oracle skips 1 of the 2 tasks, which no expert fits (families: pick)"
+    ]
+    with pytest.raises(
+        LorlibError, match=r"^router 'oracle': no expert of the library fits these tasks \(families: pick\)$"
+    ):
+        plan_evaluation(str(path), EvaluateOptions(tasks="unused", routers=("oracle",)))
+
+
+def test_evaluate_runs_arrow_with_the_mix_and_temperature_asked_for(built, capsys):
+    code, _, err = run(capsys, "evaluate", built, "--routers", "arrow", "--limit", "2")
+    assert code == 0, err
+    default = Library.open(built).extra["evaluation"]
+    assert "mix" not in default and "temperature" not in default and default["task_set"] == "held-out"
+    flags = ("--mix", "parameters", "--temperature", "0.5")
+    code, _, err = run(capsys, "evaluate", built, "--routers", "arrow", "--limit", "2", *flags)
+    assert code == 0, err
+    ablated = Library.open(built).extra["evaluation"]
+    assert ablated["mix"] == "parameters" and ablated["temperature"] == 0.5
+    assert {s["expert"] for s in default["scores"]} == {"arrow@private(top_k=4, T=1, mix=outputs)"}
+    assert {s["expert"] for s in ablated["scores"]} == {"arrow@private(top_k=4, T=0.5, mix=parameters)"}
+    loglik = {s["task"]: s["loglik"] for s in default["scores"]}
+    assert loglik.keys() == {s["task"] for s in ablated["scores"]}
+    assert any(s["loglik"] != loglik[s["task"]] for s in ablated["scores"]), loglik
+
+
+def test_evaluate_refuses_a_bad_mix_or_temperature_in_one_line(built, capsys):
+    before = library_snapshot(built)
+    for flags, message in [
+        (("--temperature", "0"), "temperature must be positive and finite, got 0.0"),
+        (("--temperature", "nan"), "temperature must be positive and finite, got nan"),
+        (("--mix", "nonsense"), "argument --mix: invalid choice: 'nonsense'"),
+    ]:
+        code, out, err = run(capsys, "evaluate", built, "--routers", "arrow", *flags)
+        assert code != 0 and err.count("\n") == 1 and message in err and not out, (flags, err)
+    assert library_snapshot(built) == before
+    for options, message in [
+        ({"mix": "nonsense"}, r"^unknown mix 'nonsense'; use outputs or parameters$"),
+        ({"temperature": -1.0}, r"^temperature must be positive and finite, got -1.0$"),
+        ({"temperature": float("inf")}, r"^temperature must be positive and finite, got inf$"),
+    ]:
+        with pytest.raises(LorlibError, match=message):
+            EvaluateOptions(**options)

@@ -96,6 +96,8 @@ def test_routing_accuracy_is_one_when_prototypes_match_the_tasks(matched):
     assert summary["own_accuracy"] == pytest.approx(1.0) and summary["own_tasks"] == 4
     assert summary["own_accuracy_ci"] == pytest.approx((1.0, 1.0))  # every prompt hits: no spread
     assert summary["family_accuracy_ci"] == pytest.approx((1.0, 1.0))
+    assert summary["own_accuracy_task_ci"] == pytest.approx((1.0, 1.0))  # nor over tasks
+    assert summary["own_above_chance"] == {"up": 4, "tied": 0, "down": 0}
     assert [row["most_routed"] for row in result.per_task()] == list(TASKS)
 
 
@@ -177,7 +179,8 @@ def test_command_line_reports_accuracy_beside_chance(matched, capsys):
     path, data, _ = matched
     code, out, err = run(capsys, "routing-stats", path, "--tasks", ",".join(TASKS), "--data", data, "--top-k", "1")
     assert code == 0, err
-    assert "own expert: 100.0% [100.0, 100.0] (chance 25.0%" in out and "content tokens" in out
+    assert "own expert: 100.0% [100.0, 100.0] [100.0, 100.0] (chance 25.0%" in out and "content tokens" in out
+    assert "above/at/below chance on 4/0/0 tasks" in out and "[tasks] resamples the tasks too" in out
     code, out, err = run(
         capsys, "routing-stats", path, "--tasks", "t0,t2", "--data", data, "--top-k", "1", "--json", "--limit", "1"
     )

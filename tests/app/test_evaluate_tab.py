@@ -23,12 +23,17 @@ def test_an_evaluation_shows_intervals_differences_and_each_task(built):
     out = evaluate.opened(tab, info)
     table = out[tab.table]
     assert list(table["router"]) == ["base", "arrow", "shared"]
-    for value, interval in zip(table["answer log-lik."], table["LL 95% CI"]):
-        low, high = map(float, re.fullmatch(r"\[(-?[\d.]+), (-?[\d.]+)\]", interval).groups())
+    for value, rows, tasks in zip(table["answer log-lik."], table["LL 95% CI, rows"], table["LL 95% CI, tasks"]):
+        low, high = map(float, re.fullmatch(r"\[(-?[\d.]+), (-?[\d.]+)\]", rows).groups())
         assert low - 1e-3 <= value <= high + 1e-3
+        wide_low, wide_high = map(float, re.fullmatch(r"\[(-?[\d.]+), (-?[\d.]+)\]", tasks).groups())
+        assert wide_low - 1e-3 <= value <= wide_high + 1e-3  # over tasks: about tasks like these
     differences = out[tab.differences]
     assert list(differences["difference"]) == ["arrow − shared"]  # the pairs that matter, where both ran
-    assert re.fullmatch(r"[+-][\d.]+ \[-?[\d.]+, -?[\d.]+\]", differences["answer log-lik."][0])
+    interval = r"\[-?[\d.]+, -?[\d.]+\]"
+    assert re.fullmatch(rf"[+-][\d.]+ {interval} tasks {interval}", differences["answer log-lik."][0])
+    up, tied, down = map(int, differences["LL tasks up/tied/down"][0].split("/"))
+    assert up + tied + down == differences["tasks"][0]
     bars = out[tab.task_plot].data
     tasks = info.evaluation["tasks"]
     assert [b.name for b in bars] == ["base", "arrow", "shared"] and all(list(b.x) == tasks for b in bars)

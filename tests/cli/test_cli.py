@@ -432,14 +432,15 @@ FLAGS = {
     "info": "library --json",
     "route": "library --prompt --max-new-tokens --raw --html --csv --router --top-k --temperature --mix --density "
     "--base-model --device --dtype --json",
-    "build": "library --data --tasks --families --holdout-per-family --steps --rank --targets --batch-size "
-    "--learning-rate --seed --device --bf16 --backend --address --cpus-per-task --shared-steps --no-shared --force "
-    "--base-model --gates",
+    "build": "library --data --tasks --families --holdout-per-family --holdout-seed --steps --rank --targets "
+    "--batch-size --learning-rate --seed --device --bf16 --backend --address --cpus-per-task --shared-steps "
+    "--no-shared --force --base-model --gates",
     "gates": "library --experts --data --gate-steps/--steps --seed --device --force",
     "activations": "library --experts --data --examples --seed --device --force",
     "cluster": "library --k --steps --no-train --seed --keep-quantile --data --device --bf16 --backend --address "
-    "--cpus-per-task --force --json",
-    "evaluate": "library --tasks --data --limit --routers --shots --split --top-k --density --device --dtype --json",
+    "--cpus-per-task --force --grouping --json",
+    "evaluate": "library --tasks --data --limit --routers --shots --split --top-k --density --temperature --mix "
+    "--device --dtype --json --stored",
     "lorahub": "library --task --data --shots --budget --seed --experts --force --device --dtype --json",
     "adapt": "library --task --data --shots --methods --steps --budget --seed --limit --force --device --json",
     "transfer": "library --tasks --data --limit --experts --exact-match --device --dtype --json",
@@ -463,10 +464,11 @@ CHOICES = {
     ("build", "--backend"): ("local", "ray"),
     ("cluster", "--bf16"): ("auto", "on", "off"),
     ("cluster", "--backend"): ("local", "ray"),
+    ("cluster", "--grouping"): ("mbc", "random"),
     ("evaluate", "--split"): ("test", "validation"),
     **{
         (name, "--mix"): ("outputs", "parameters")
-        for name in ("route", "routing-stats", "score", "explain", "route-batch")
+        for name in ("route", "routing-stats", "score", "explain", "route-batch", "evaluate")
     },
 }
 

@@ -63,6 +63,20 @@ def test_manifest_records_the_recipe_and_the_evaluation(shipped):
     assert all(row["tasks"] == len(FAMILIES) for row in summary.values())
 
 
+def test_the_recipe_of_another_seed_keeps_the_held_out_draw():
+    from lorlib_ui.cli.default_library import RECIPE, recipe
+
+    assert recipe(0) == RECIPE
+    seeded = recipe(2)
+    for command in ("build", "cluster"):
+        options = seeded[command]
+        assert options[options.index("--seed") + 1] == "2"
+        assert [o for o in options if o not in ("2", "0")] == [o for o in RECIPE[command] if o != "0"] + (
+            ["--holdout-seed"] if command == "build" else []
+        )
+    assert seeded["build"][-2:] == ["--holdout-seed", "0"]
+
+
 def test_prototype_cache_matches_the_experts(shipped):
     """The shipped cache is used as is: every expert's prototypes are in it, keyed by its weights."""
     cached = stored_prototypes(shipped)

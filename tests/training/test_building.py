@@ -33,6 +33,19 @@ def test_hold_out_one_task_per_family_deterministically(tasks_file):
         hold_out(data, 3)
 
 
+def test_a_holdout_seed_keeps_the_held_out_tasks_across_training_seeds(tasks_file, tmp_path, tiny_base):
+    """Builds of several training seeds compared on the same tasks (issue #31): --holdout-seed."""
+    data = load_tasks(tasks_file)
+    other = next(s for s in range(1, 50) if hold_out(data, 1, seed=s) != hold_out(data, 1, seed=0))
+    base = {"data": str(tasks_file), "holdout_per_family": 1, "base_model": str(tiny_base)}
+    plan = plan_build(tmp_path / "lib", BuildOptions(**base, holdout_seed=0), TrainConfig(seed=other))
+    assert plan.held_out == hold_out(data, 1, seed=0) and plan.config.seed == other
+    plan = plan_build(tmp_path / "lib", BuildOptions(**base), TrainConfig(seed=other))
+    assert plan.held_out == hold_out(data, 1, seed=other)  # by default the training seed draws them
+    with pytest.raises(LorlibError, match="--holdout-seed must be an integer"):
+        BuildOptions(**base, holdout_seed="zero")
+
+
 def test_build_trains_private_and_shared_experts(built, tasks_file):
     library = Library.open(built)
     held = library.extra["held_out"]["tasks"]

@@ -276,3 +276,25 @@ def test_a_build_leaves_the_gram_of_its_experts_kept(built):
     kept = clusters._stored_gram(library)
     assert sorted(kept.rows) == sorted(e.weights_hash for e in task_experts(library))
     assert_gram_close(kept.gram, fresh_gram(library))
+
+
+def test_a_random_grouping_keeps_mbc_sizes_and_deals_the_experts_at_random(tmp_path):
+    """The control of finding 4 (issue #31): the cluster sizes MBC finds on the shipped library,
+    each filled with experts drawn at random; seeded, and recorded as method "random"."""
+    from collections import Counter
+
+    from lorlib_ui.cli.default_library import OUT
+    from lorlib_ui.core.library import Library
+
+    shipped = Library.open(shutil.copytree(OUT, tmp_path / "library"))
+    mbc = {s: clusters.cluster_library(shipped, 7, seed=s) for s in (0, 1)}
+    drawn = [(s, clusters.cluster_library(shipped, 7, seed=s, grouping="random")) for s in (0, 0, 1)]
+    assert drawn[0][1].labels == drawn[1][1].labels  # seeded
+    for s, random in drawn:  # the sizes of MBC's clusters at the same seed
+        assert sorted(Counter(random.labels).values()) == sorted(Counter(mbc[s].labels).values())
+        assert random.experts == mbc[s].experts
+        assert random.to_manifest([f"c{i}" for i in range(7)])["method"] == "random"
+    assert drawn[0][1].labels != mbc[0].labels and drawn[0][1].labels != drawn[2][1].labels
+    assert drawn[0][1].ari < mbc[0].ari - 0.3  # the families are no longer what groups the experts
+    with pytest.raises(LorlibError, match="unknown grouping"):
+        clusters.cluster_library(shipped, 7, grouping="families")

@@ -109,8 +109,8 @@ def test_a_failing_job_says_why_and_the_next_one_runs(monkeypatch):
 APP_REQUESTS = {  # what the app's tabs send (lorlib_ui/app), and what the worker reads from it
     "build": (
         {"steps": 5, "rank": 2, "targets": ["q_proj", "v_proj"], "shared": True, "data": "up.jsonl", "tasks": ["t1"]},
-        "BuildOptions(data='up.jsonl', tasks=('t1',), families=None, holdout_per_family=0, shared_steps=None, "
-        "shared=True, force=False, base_model=None)",
+        "BuildOptions(data='up.jsonl', tasks=('t1',), families=None, holdout_per_family=0, holdout_seed=None, "
+        "shared_steps=None, shared=True, force=False, base_model=None)",
     ),
     "cluster": ({"k": 2, "steps": 2}, "ClusterOptions(k=2, steps=2, train=True, seed=0, keep_quantile=0.5"),
     "evaluate": ({"routers": ["base", "arrow"], "tasks": "held-out", "limit": 5}, "routers=('base', 'arrow')"),
