@@ -1,13 +1,15 @@
 """The README's supervised-adaptation results: every method over the held-out tasks, with intervals.
 
+    python docs/reproduction/adaptation.py [--shots 32]          # from the committed record
     python docs/reproduction/adaptation.py --library LIB [--library LIB2 ...] [--shots 32]
 
-Reads what `python -m lorlib_ui adapt LIB --task T --shots ...` recorded in each library's
+With `--library`, reads what `python -m lorlib_ui adapt LIB --task T --shots ...` recorded in each library's
 manifest (`adaptation`; nothing is trained or scored here) and merges the tasks of several
 libraries (runs split over copies of one library). For the given shots it prints, over the tasks
 that have every method: each method's exact match, answer log-likelihood and multiple-choice
 accuracy (mean over tasks of each task's mean, 95% bootstrap interval over test rows), its paired
-difference from a scratch LoRA and from zero-shot Arrow, its training time per task (median and
+difference from a scratch LoRA and from zero-shot Arrow (each also with its interval over tasks and
+the tasks where it is up/tied/down), its training time per task (median and
 range; the run's own wall clock) and its training loss along the run, then exact match and
 training seconds task by task. Tasks with runs at several shot counts also get a learning curve
 (exact match and log-likelihood with intervals), and with two or more such tasks each method's
@@ -58,15 +60,25 @@ def cell(value: float, low: float, high: float, scale: float, sign: str = "") ->
     return f"{scale * value:{spec}} [{scale * low:{spec}}, {scale * high:{spec}}]"
 
 
+def over_tasks(low: float, high: float, scale: float) -> str:
+    spec = f".{3 if scale == 1 else 1}f"
+    return f" [{scale * low:{spec}}, {scale * high:{spec}}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--library", action="append", required=True)
+    parser.add_argument("--library", action="append", default=None, help="read these libraries; save the record")
     parser.add_argument("--shots", type=int, default=32)
     args = parser.parse_args()
 
-    from lorlib_ui.analysis.stats import bootstrap_interval, paired_interval, task_mean
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import records as saved
 
-    found = records(args.library)
+    from lorlib_ui.analysis.stats import bootstrap_interval, paired_interval, signs, task_mean
+
+    if args.library:  # the `adaptation` records of the libraries, merged: saved to be checked later
+        saved.save("adaptation", records(args.library))
+    found = saved.load("adaptation")
     labels = ["base", "arrow", *METHODS]
     tasks = sorted(t for t, r in found.items() if set(labels) <= set(rows_of(r, args.shots)))
     left_out = sorted(set(found) - set(tasks))
@@ -78,8 +90,8 @@ def main() -> None:
     print()
     print(
         "| method | "
-        + " | ".join(f"{name} [95% CI]" for _, name, _ in METRICS)
-        + " | EM − scratch | EM − Arrow | LL − scratch | training s (median, range) |"
+        + " | ".join(f"{name} [rows] [tasks]" for _, name, _ in METRICS)
+        + " | EM − scratch, up/tied/down | EM − Arrow | LL − scratch | training s (median, range) |"
     )
     print("|---|" + "---|" * (len(METRICS) + 4))
     for label in labels:
@@ -90,7 +102,11 @@ def main() -> None:
                 cells.append("–")
                 continue
             count = "" if len(per_task) == len(tasks) else f" ({len(per_task)} tasks)"
-            cells.append(cell(task_mean(per_task), *bootstrap_interval(per_task), scale) + count)
+            cells.append(
+                cell(task_mean(per_task), *bootstrap_interval(per_task), scale)
+                + over_tasks(*bootstrap_interval(per_task, tasks=True), scale)
+                + count
+            )
         for other, key, scale in (
             ("scratch", "exact_match", 100),
             ("arrow", "exact_match", 100),
@@ -100,7 +116,12 @@ def main() -> None:
                 cells.append("")
                 continue
             ours, theirs = [scores[t][label][key] for t in tasks], [scores[t][other][key] for t in tasks]
-            cells.append(cell(*paired_interval(ours, theirs), scale, sign="+"))
+            counts = signs(ours, theirs)
+            cells.append(
+                cell(*paired_interval(ours, theirs), scale, sign="+")
+                + over_tasks(*paired_interval(ours, theirs, tasks=True)[1:], scale)
+                + f" {counts['up']}/{counts['tied']}/{counts['down']}"
+            )
         seconds = [
             run["training_seconds"]
             for t in tasks

@@ -115,7 +115,7 @@ def stored_curves(record: dict | None) -> dict[str, list[float]]:
 def results(tab: AdaptTab, record: dict | None, curves: dict[str, list[float]] | None = None) -> dict:
     """The tab's figures and tables for one task's adaptation record (empty without one)."""
     task = (record or {}).get("task", "")
-    title = f"{task}: test scores (%), 95% intervals" if task else "Test scores (%)"
+    title = f"{task}: test scores (%), 95% intervals over rows" if task else "Test scores (%)"
     return {
         tab.plot: evaluation_figures.evaluation_bars((record or {}).get("summary", []), title),
         tab.table: evaluation_frame(record),

@@ -9,16 +9,19 @@ import plotly.graph_objects as go
 from lorlib_ui.app.figures import LAYOUT, PALETTE
 
 
-def evaluation_bars(summary: list[dict], title: str = "Zero-shot, mean over tasks (%), 95% intervals") -> go.Figure:
+def evaluation_bars(
+    summary: list[dict], title: str = "Zero-shot, mean over tasks (%); error bars: 95% interval over tasks"
+) -> go.Figure:
     """One group of bars per measure, one bar per router, with its 95% bootstrap interval where
-    the evaluation kept its rows."""
+    the evaluation kept its rows: over tasks (`*_task_ci`, what a claim about tasks like these
+    rests on), or over rows for records stored before that interval was kept."""
     measures = [("exact_match", "exact match"), ("mc_accuracy", "multiple choice")]
     fig = go.Figure()
     for i, row in enumerate(summary):
         values = [np.nan if row[key] is None else 100 * row[key] for key, _ in measures]
         colour = PALETTE[i % len(PALETTE)]
         bar = go.Bar(x=[label for _, label in measures], y=values, name=row["router"], marker_color=colour)
-        intervals = [row.get(f"{key}_ci") for key, _ in measures]
+        intervals = [row.get(f"{key}_task_ci") or row.get(f"{key}_ci") for key, _ in measures]
         if any(intervals):
             plus = [np.nan if ci is None else 100 * ci[1] - v for ci, v in zip(intervals, values)]
             minus = [np.nan if ci is None else v - 100 * ci[0] for ci, v in zip(intervals, values)]

@@ -27,7 +27,7 @@ from lorlib_ui.analysis.routing_stats import RouterOptions, RoutingStatsOptions
 from lorlib_ui.analysis.transfer import TransferOptions
 from lorlib_ui.cli.analysis import cmd_adapt, cmd_evaluate, cmd_routing_stats, cmd_transfer
 from lorlib_ui.cli.progress import TrainerOptions
-from lorlib_ui.cli.routing import ExplainOptions, RouteBatchOptions, cmd_explain, cmd_route_batch
+from lorlib_ui.cli.routing import ExplainOptions, RouteBatchOptions, cmd_explain, cmd_route_batch, routed
 from lorlib_ui.cli.sharing import (
     CardOptions,
     ExportOptions,
@@ -182,31 +182,11 @@ def cmd_info(args) -> None:
         print(f"learned router poly:{name}: {summary(record)}, mixing {len(record.experts)} experts")
 
 
-def _routed(path: str, o: RouterOptions):
-    from lorlib_ui.core.library import Library
-    from lorlib_ui.core.routed_model import RoutedModel
-    from lorlib_ui.core.routers import make_router
-
-    library = Library.open(path)
-    router = make_router(
-        o.router,
-        library.names,
-        o.top_k,
-        o.temperature,
-        o.mix,
-        groups=library.groups(),
-        density=o.density,
-    )
-    if (problem := library.derived.lacks_for(router)) is not None:  # before the model loads
-        raise LorlibError(problem)
-    return RoutedModel.load(library, base_model=o.base_model, device=o.device, dtype=o.dtype), router
-
-
 def cmd_route(args) -> None:
     from lorlib_ui.core.generation import generate
 
     o = from_namespace(RouteOptions, args)
-    rm, router = _routed(args.library, o)
+    rm, (router,) = routed(args.library, o)
     result = generate(rm, o.prompt, router, max_new_tokens=o.max_new_tokens, chat=not o.raw)
     _write_route_files(o, rm, router, result)
     if result.truncated:
@@ -249,7 +229,7 @@ def cmd_score(args) -> None:
     from lorlib_ui.core.generation import score
 
     o = from_namespace(ScoreOptions, args)
-    rm, router = _routed(args.library, o)
+    rm, (router,) = routed(args.library, o)
     result = score(rm, o.text, router)
     if args.json:
         print(json.dumps({"tokens": result.tokens, "logprobs": result.logprobs}))

@@ -46,7 +46,10 @@ class RouteBatchOptions(RouterOptions):
             raise LorlibError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
-def _routed(path: str, o: RouterOptions, spec: str | None = None):
+def routed(path: str, o: RouterOptions, spec: str | None = None):
+    """The library's routed model and the routers `o.router` (and `spec`, if given) over it, each
+    checked for the keys it needs before the model loads: the commands that route (`route`,
+    `score`, `explain`, `route-batch`) start here."""
     from lorlib_ui.core.library import Library
     from lorlib_ui.core.routed_model import RoutedModel
     from lorlib_ui.core.routers import make_router
@@ -68,7 +71,7 @@ def cmd_explain(args) -> None:
     from lorlib_ui.core.generation import generate
 
     o = from_namespace(ExplainOptions, args)
-    rm, (router, *other) = _routed(args.library, o, o.compare)
+    rm, (router, *other) = routed(args.library, o, o.compare)
     compare = other[0] if other else None
     if o.answer is not None:
         shown = explain(rm, o.prompt, o.answer, router, compare=compare, chat=not o.raw)
@@ -87,7 +90,7 @@ def cmd_route_batch(args) -> None:
 
     o = from_namespace(RouteBatchOptions, args)
     rows = read_prompts(o.file, o.column)  # the file's problems before the model loads
-    rm, (router,) = _routed(args.library, o)
+    rm, (router,) = routed(args.library, o)
     with Bars("routed", "prompt") as bars:
         route_prompts(
             rm,

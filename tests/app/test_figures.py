@@ -83,6 +83,9 @@ def test_similarity_silhouette_and_evaluation_figures():
     bars = evaluation_figures.evaluation_bars(summary)
     assert [t.name for t in bars.data] == ["base", "arrow"]
     assert np.isnan(bars.data[0].y[1]) and bars.data[1].y[0] == 40.0
+    summary[1] |= {"exact_match_ci": [0.3, 0.5], "exact_match_task_ci": [0.2, 0.7]}  # error bars: over tasks
+    arrow = evaluation_figures.evaluation_bars(summary).data[1]
+    assert arrow.error_y.array[0] == pytest.approx(30.0) and arrow.error_y.arrayminus[0] == pytest.approx(20.0)
 
 
 def _grouped_record():
