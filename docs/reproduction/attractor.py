@@ -1,6 +1,7 @@
 """Why is the private expert `misconceptions` an attractor of Arrow routing?
 
-    python docs/reproduction/attractor.py [--library assets/library] [--limit 10] [--hidden routed|base]
+    python docs/reproduction/attractor.py              # print the tables from the committed record
+    python docs/reproduction/attractor.py --run [--library assets/library] [--limit 10] [--hidden routed|base]
 
 The shipped library's routing statistics (`routing.json`, arrow@private) make `misconceptions` the
 most-routed expert on every seen inference and sentiment task and on the held-out
@@ -148,12 +149,32 @@ def spectrum(library, experts, protos):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="store_true", help="run the model (about two minutes) and save the record")
     parser.add_argument("--library", default=str(ROOT / "assets" / "library"))
     parser.add_argument("--limit", type=int, default=10, help="test prompts per task (default 10)")
     parser.add_argument("--hidden", choices=("routed", "base"), default="routed", help="whose hidden states")
     parser.add_argument("--out", default=str(ROOT / "docs" / "reproduction" / "records" / "attractor.json"))
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.run:
+        run(args, out)
+    elif not out.exists():
+        sys.exit(f"no record {out}: run with --run first")
+    record = json.loads(out.read_text())
+    print(
+        f"{len(record['tasks'])} tasks, {record['tokens']['content']} content and {record['tokens']['template']} "
+        f"template tokens, {len(record['modules'])} modules; hidden states: {record['hidden']}; "
+        f"{record['limit']} {record['split']} prompts per task"
+    )
+    print(f"checks: {json.dumps(record['checks'])}")
+    a = record["experts"].index(ATTRACTOR)
+    leads = sum(max(range(len(row)), key=row.__getitem__) == a for row in record["mu_logit_by_module"].values())
+    print(f"modules where {ATTRACTOR} has the largest |μ·v| of the {len(record['experts'])} experts: {leads}\n")
+    print_tables(record)
 
+
+def run(args, out: Path) -> None:
+    """Run the model, measure, and write the record to `out`."""
     import numpy as np
     import torch
 
@@ -223,14 +244,7 @@ def main() -> None:
     checks["most_routed_as_stored"] = f"{sum(stored.get(t) == x for t, x in zip(tasks, most_routed))} of {len(tasks)}"
     seconds = time.time() - started
 
-    print(
-        f"{len(tasks)} tasks, {len(prompts)} test prompts, {int(content.sum())} content and {int((~content).sum())} "
-        f"template tokens, {len(protos)} modules; hidden states: {args.hidden}; {seconds:.0f} s"
-    )
-    print(f"checks: {json.dumps(checks)}")
-    leads = int((mu_by_module.argmax(1) == a).sum())
-    print(f"modules where {ATTRACTOR} has the largest |μ·v| of the {len(experts)} experts: {leads} of {len(protos)}\n")
-    counterfactual = print_tables(experts, tasks, measures, rank, rho, most_routed, runs)
+    counterfactual = counterfactuals(experts, tasks, runs)
     record = {
         "library": str(args.library),
         "limit": args.limit,
@@ -253,16 +267,32 @@ def main() -> None:
         "counterfactual": counterfactual,
         "checks": checks,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\nrecord: {out}")
+    print(f"record: {out}, {seconds:.0f} s")
 
 
-def print_tables(experts, tasks, measures, rank, rho, most_routed, runs) -> dict:
-    """The Markdown tables; returns the counterfactuals for the record."""
+def counterfactuals(experts, tasks, runs) -> dict:
+    """For each routing (h, and h centred two ways): every expert's top-1 share, pooled and as a
+    mean over tasks, and the expert each task is most routed to."""
+    out = {}
+    for label, (counts, routed) in runs.items():
+        share, balanced = shares(counts)
+        out[label] = {
+            "top1_share": dict(zip(experts, share.round(5).tolist())),
+            "top1_share_task_mean": dict(zip(experts, balanced.round(5).tolist())),
+            "most_routed": dict(zip(tasks, [experts[i] for i in routed])),
+        }
+    return out
+
+
+def print_tables(record: dict) -> None:
+    """The Markdown tables, from the record."""
     import numpy as np
 
+    experts, tasks, rank, rho = record["experts"], record["tasks"], record["rank_of_attractor"], record["spearman"]
+    measures = {k: np.array([v[x] for x in experts]) for k, v in record["measures"].items()}
+    most_routed = [record["most_routed"][t] for t in tasks]
     a, n = experts.index(ATTRACTOR), len(experts)
     print("| expert | " + " | ".join(measures) + " |\n|---|" + "---:|" * len(measures))
     for e in np.argsort(-measures["top-1 share"], kind="stable")[:8]:
@@ -279,21 +309,16 @@ def print_tables(experts, tasks, measures, rank, rho, most_routed, runs) -> dict
         "routed on | seen tasks most routed to their own expert | top expert by top-1 share |"
         "\n|---|---:|---:|---:|---:|---|"
     )
-    counterfactual = {}
-    for label, (counts, routed) in runs.items():
-        (share, balanced), routed = shares(counts), [experts[i] for i in routed]
+    for label, run in record["counterfactual"].items():
+        share = np.array([run["top1_share"][x] for x in experts])
+        balanced = np.array([run["top1_share_task_mean"][x] for x in experts])
+        routed = [run["most_routed"][t] for t in tasks]
         best, own = int(share.argmax()), sum(t == x for t, x in zip(tasks, routed))
-        counterfactual[label] = {
-            "top1_share": dict(zip(experts, share.round(5).tolist())),
-            "top1_share_task_mean": dict(zip(experts, balanced.round(5).tolist())),
-            "most_routed": dict(zip(tasks, routed)),
-        }
         print(
             f"| {label} | {100 * share[a]:.1f}% ({1 + int((share > share[a]).sum())}) "
             f"| {100 * balanced[a]:.1f}% ({1 + int((balanced > balanced[a]).sum())}) | {routed.count(ATTRACTOR)} "
             f"| {own} of {sum(t in experts for t in tasks)} | {experts[best]} ({100 * share[best]:.1f}%) |"
         )
-    return counterfactual
 
 
 def _cell(measure: str, value: float) -> str:

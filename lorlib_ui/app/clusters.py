@@ -64,15 +64,22 @@ def opened(tab: ClustersTab, info: LibraryInfo) -> dict:
 
 @shows_errors
 def clusters(worker: Worker, tab: ClustersTab, folder: str, k: int, colour_by: str, focus: str | None) -> dict:
-    """The view at k; the similarity heatmap keeps the cluster it showed while that cluster still
-    exists (a new k renumbers clusters, so it then shows all of them again)."""
+    """The view at k, its clusters numbered as the library's stored clustering (as the Library
+    table shows it); the similarity heatmap keeps the cluster it showed while that cluster still
+    exists (a new k regroups the experts, so it may then show all of them again)."""
     view = worker.clusters(folder, int(k))
+    info = worker.library(folder)
+    view, numbering = cluster_figures.numbered_as_stored(view, info.clusters)
     note = "" if view.ari is None else f"Adjusted Rand index against the task families: **{view.ari:.2f}**"
+    note = "\n\n".join(line for line in (note, numbering) if line)
     choices = cluster_figures.similarity_focus(view)
     focus = focus if focus in choices else cluster_figures.ALL_CLUSTERS
+    families = [e.get("family") for e in info.experts]  # the library's: a family's colour in every view
     return {
-        tab.scatter: cluster_figures.cluster_scatter(view, colour_by),
-        tab.focus: gr.Dropdown(choices, value=focus, interactive=len(choices) > 1),
+        tab.scatter: cluster_figures.cluster_scatter(view, colour_by, families),
+        tab.focus: gr.Dropdown(
+            choices, value=focus, interactive=len(choices) > 1, info=cluster_figures.focus_info(view)
+        ),
         tab.similarity: cluster_figures.similarity_heatmap(view, focus),
         tab.silhouette: cluster_figures.silhouette_curve(view),
         tab.ari: note,

@@ -20,6 +20,8 @@ from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.worker.api import JobRequest, JobStatus, Worker
 
 POLL_S = 0.5  # how often a running job's progress is read
+ACTIVE = ("queued", "running")  # the states of a job that Cancel can still stop
+NOTHING_TO_CANCEL = "no job to cancel"
 
 
 def as_gr_error(exc: Exception) -> gr.Error:
@@ -102,8 +104,20 @@ def run_job(worker: Worker, request: JobRequest, progress: gr.Progress) -> Itera
 
 
 def cancel_job(worker: Worker, job_id: str | None) -> str:
+    """Every tab's Cancel: cancel the tab's last job if it is still queued or running, and say at
+    once what became of it. A job that already ended (or that the worker has forgotten, long ended)
+    leaves nothing to cancel, and the line says so: "cancelling..." there would stay for good, as
+    no poll of a running job comes to replace it."""
     if not job_id:
-        return "no job to cancel"
+        return NOTHING_TO_CANCEL
+    try:
+        state = worker.job(job_id).state
+    except LorlibError:
+        return NOTHING_TO_CANCEL
+    if state not in ACTIVE:
+        return f"{NOTHING_TO_CANCEL}: the last one ended ({state})"
     worker.cancel(job_id)
     state = worker.job(job_id).state
-    return "cancelled" if state == "cancelled" else ("cancelling..." if state in ("queued", "running") else state)
+    if state in ACTIVE:
+        return "cancelling..."  # a running job stops at its next check; the poll that follows it says when
+    return "cancelled" if state == "cancelled" else f"{NOTHING_TO_CANCEL}: the last one ended ({state})"

@@ -19,7 +19,7 @@ import gradio as gr
 from lorlib_ui.app import explain_figures, figures, links, report, routing_figures
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.core.record import RoutingRecord
-from lorlib_ui.worker.api import MAX_NEW_TOKENS, LibraryInfo, RouteRequest, Worker
+from lorlib_ui.worker.api import MAX_NEW_TOKENS, LibraryInfo, RouteRequest, RouteUpdate, Worker
 
 HELP = (
     "Type a prompt and pick a router. The heatmap shows, for every adapted layer, how much weight "
@@ -87,6 +87,7 @@ class RouteTab:
     compare_box: gr.Column
     compare_a: gr.Textbox
     compare_b: gr.Textbox
+    compare_timing: gr.Markdown  # each router's first token and total time, as the route's `timing`
     compare_plot_a: gr.Plot
     compare_plot_b: gr.Plot
     compare_diff: gr.Plot
@@ -157,6 +158,7 @@ def build_tab() -> RouteTab:
             with gr.Row():
                 compare_a = gr.Textbox(label="Router A", lines=4, interactive=False)
                 compare_b = gr.Textbox(label="Router B", lines=4, interactive=False)
+            compare_timing = gr.Markdown(elem_id="route-compare-timing")
             with gr.Row():
                 compare_plot_a = gr.Plot(show_label=False, elem_id="route-compare-a")
                 compare_plot_b = gr.Plot(show_label=False, elem_id="route-compare-b")
@@ -207,6 +209,7 @@ def build_tab() -> RouteTab:
         compare_box=compare_box,
         compare_a=compare_a,
         compare_b=compare_b,
+        compare_timing=compare_timing,
         compare_plot_a=compare_plot_a,
         compare_plot_b=compare_plot_b,
         compare_diff=compare_diff,
@@ -221,6 +224,7 @@ def opened(tab: RouteTab, info: LibraryInfo, examples: list[tuple[str, str]]) ->
     default = DEFAULT_ROUTER if DEFAULT_ROUTER in info.routers else (info.routers or [None])[0]
     demo = info.demo if info.demo and info.demo["router"] in info.routers else None
     notes = {"notes": info.router_notes, "missing": info.routers_missing, "demo": demo}
+    notes["families"] = {e["name"]: e.get("family") for e in info.experts}  # each expert's colour (`token_colours`)
     default = demo["router"] if demo else default
     shown = {
         tab.example_pick: gr.Dropdown(choices=[(f"{t}: {p[:60]}", p) for t, p in examples], value=None),
@@ -279,21 +283,27 @@ def _request(folder, text, spec, k, temp, max_tokens, density=None) -> RouteRequ
     return RouteRequest(folder, text, spec, int(k), float(temp), max_new_tokens=int(max_tokens), density=density)
 
 
+def timing_note(update: RouteUpdate) -> str:
+    """How long a route took so far: its first token, and once done its total (and a cut prompt)."""
+    note = f"first token after {update.first_token_s:.2f} s"
+    if not update.done:
+        return note
+    note += f", done in {update.total_s:.2f} s"
+    if update.truncated:
+        note += " (the prompt was cut from the left to fit " + (
+            f"this explorer's limit of {update.prompt_limit} tokens)" if update.prompt_limit else "the model's context)"
+        )
+    return note
+
+
 @shows_errors
 def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens, density=DENSITY):
     """Stream the answer; at the end, the routing heatmap and the layers and tokens to inspect."""
     for update in worker.route(_request(folder, text, spec, k, temp, max_tokens, density)):
         if not update.done:
-            yield {tab.answer: update.text, tab.timing: f"first token after {update.first_token_s:.2f} s"}
+            yield {tab.answer: update.text, tab.timing: timing_note(update)}
             continue
-        record = update.record
-        note = f"first token after {update.first_token_s:.2f} s, done in {update.total_s:.2f} s"
-        if update.truncated:
-            note += " (the prompt was cut from the left to fit " + (
-                f"this explorer's limit of {update.prompt_limit} tokens)"
-                if update.prompt_limit
-                else "the model's context)"
-            )
+        record, note = update.record, timing_note(update)
         shown = routing_figures.shown_experts(record, group_members(spec, worker.library(folder).experts))
         default = record.modules[len(record.modules) // 2] if record.modules else None
         tokens = [(label, i) for i, label in enumerate(routing_figures.token_labels(record))]
@@ -310,11 +320,14 @@ def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens
         }
 
 
-def layer_detail(tab: RouteTab, record: RoutingRecord | None, module: str | None, token, shown) -> dict:
-    """One layer: the tokens coloured by their top expert, their weights, and the picked token's logits."""
+def layer_detail(
+    tab: RouteTab, record: RoutingRecord | None, module: str | None, token, shown, notes: dict | None = None
+) -> dict:
+    """One layer: the tokens coloured by their top expert (in its family's colour, from `notes`),
+    their weights, and the picked token's logits."""
     if record is None or not module:
         return {tab.coloured: None, tab.token_plot: None, tab.logits_plot: None}
-    pairs, colours = routing_figures.token_colours(record, module)
+    pairs, colours = routing_figures.token_colours(record, module, (notes or {}).get("families"))
     return {
         tab.coloured: gr.HighlightedText(pairs, color_map=colours),
         tab.token_plot: routing_figures.token_heatmap(record, module, shown or None),
@@ -329,24 +342,64 @@ def token_detail(tab: RouteTab, record: RoutingRecord | None, module: str | None
     return {tab.logits_plot: routing_figures.expert_logits(record, module, int(token), shown or None)}
 
 
-@shows_errors
-def compare(worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp, max_tokens, density=DENSITY) -> dict:
-    """Both routers' answers and routing per layer, and where their mean weights differ."""
-    out, records, shown, info = {}, [], set(), worker.library(folder)
-    for spec, answer, plot in (
-        (spec_a, tab.compare_a, tab.compare_plot_a),
-        (spec_b, tab.compare_b, tab.compare_plot_b),
-    ):
-        final = list(worker.route(_request(folder, text, spec, k, temp, max_tokens, density)))[-1]
-        names = routing_figures.shown_experts(final.record, group_members(spec, info.experts))
-        out |= {answer: final.text, plot: routing_figures.layer_heatmap(final.record, names)}
-        records.append(final.record)
-        shown |= set(names)
-    either = [name for name in records[0].experts if name in shown]
-    return out | {
-        tab.compare_diff: routing_figures.difference_heatmap(*records, either),
-        tab.compare_box: gr.Column(visible=True),
+def cleared_compare(tab: RouteTab) -> dict:
+    """The comparison emptied and hidden: nothing of an earlier prompt or earlier settings stays."""
+    return {
+        tab.compare_a: "",
+        tab.compare_b: "",
+        tab.compare_timing: "",
+        tab.compare_plot_a: None,
+        tab.compare_plot_b: None,
+        tab.compare_diff: None,
+        tab.compare_box: gr.Column(visible=False),
     }
+
+
+STALE = "*The prompt or a setting changed: press Route (or Compare) again.*"
+
+
+def stale(tab: RouteTab, record: RoutingRecord | None, answer: str | None, compared: str | None) -> dict:
+    """After the prompt, router A or a setting changed: the answers and plots on show were made
+    with the old ones, so they go, and the timing line says why. The route's record goes too (its
+    downloads would pair it with the new settings). Nothing changes where nothing is shown."""
+    if record is None and not answer and not compared:
+        return gr.skip()
+    hidden = gr.Column(visible=False)
+    route_cleared = {tab.answer: "", tab.timing: STALE, tab.layer_plot: None, tab.record: None, tab.shown: None}
+    return cleared_compare(tab) | route_cleared | {tab.layer_box: hidden, tab.detail_box: hidden}
+
+
+def stale_compare(tab: RouteTab, compared: str | None) -> dict:
+    """After router B changed: only the comparison was made with it."""
+    return cleared_compare(tab) if compared else gr.skip()
+
+
+@shows_errors
+def compare(worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp, max_tokens, density=DENSITY):
+    """Both routers' answers, streamed one after the other with their timing, each one's routing
+    per layer, and where their mean weights differ over the experts both can use."""
+    info = worker.library(folder)
+    yield cleared_compare(tab) | {tab.compare_box: gr.Column(visible=True)}
+    records, groups, times = [], [], []
+    for side, spec, answer, plot in (
+        ("A", spec_a, tab.compare_a, tab.compare_plot_a),
+        ("B", spec_b, tab.compare_b, tab.compare_plot_b),
+    ):
+        for update in worker.route(_request(folder, text, spec, k, temp, max_tokens, density)):
+            line = f"**{side}** ({spec}): {timing_note(update)}"
+            if not update.done:
+                yield {answer: update.text, tab.compare_timing: "  \n".join([*times, line])}
+                continue
+            times.append(line)
+            groups.append(group_members(spec, info.experts))
+            records.append(update.record)
+            shown = routing_figures.shown_experts(update.record, groups[-1])
+            yield {
+                answer: update.text,
+                plot: routing_figures.layer_heatmap(update.record, shown),
+                tab.compare_timing: "  \n".join(times),
+            }
+    yield {tab.compare_diff: routing_figures.difference_heatmap(*records, members_a=groups[0], members_b=groups[1])}
 
 
 @shows_errors
@@ -470,7 +523,7 @@ def wire_link(tab: RouteTab, worker: Worker, path: gr.State, path_box: gr.Textbo
     picked = routed.success(
         partial(restore_picks, tab), [link, tab.record], [tab.module_pick, tab.token_pick], api_visibility="private"
     )
-    detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown]
+    detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown, tab.notes]
     picked.success(
         partial(layer_detail, tab),
         detail_inputs,
@@ -499,8 +552,9 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
         api_name="route",
     )
     # after each route, whether or not the default layer changed; then on the user's picks
-    routed.success(partial(layer_detail, tab), detail_inputs, detail_outputs, api_visibility="private")
-    tab.module_pick.input(partial(layer_detail, tab), detail_inputs, detail_outputs, api_visibility="private")
+    layer_inputs = [*detail_inputs, tab.notes]  # the notes hold each expert's family
+    routed.success(partial(layer_detail, tab), layer_inputs, detail_outputs, api_visibility="private")
+    tab.module_pick.input(partial(layer_detail, tab), layer_inputs, detail_outputs, api_visibility="private")
     tab.token_pick.input(partial(token_detail, tab), detail_inputs, tab.logits_plot, api_visibility="private")
     tab.example_pick.change(lambda p: p or gr.skip(), tab.example_pick, tab.prompt, api_visibility="private")
     for menu in (tab.router, tab.compare_router):
@@ -536,6 +590,21 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     tab.compare_btn.click(
         partial(compare, worker, tab),
         [path, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new, tab.density],
-        [tab.compare_a, tab.compare_b, tab.compare_plot_a, tab.compare_plot_b, tab.compare_diff, tab.compare_box],
+        list(cleared_compare(tab)),
         api_name="compare",
     )
+    wire_stale(tab)
+
+
+def wire_stale(tab: RouteTab) -> None:
+    """What the user's change of prompt, routers or settings leaves behind is cleared at once (on
+    `input`, the user's own changes: a link restoring the controls routes afresh), and a new route
+    starts by clearing the comparison of the prompt before."""
+    cleared = list(cleared_compare(tab))
+    quick = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
+    tab.route_btn.click(partial(cleared_compare, tab), None, cleared, **quick)
+    route_shown = [tab.answer, tab.timing, tab.layer_plot, tab.record, tab.shown, tab.layer_box, tab.detail_box]
+    controls = (tab.prompt, tab.example_pick, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density)
+    for control in controls:
+        control.input(partial(stale, tab), [tab.record, tab.answer, tab.compare_a], [*cleared, *route_shown], **quick)
+    tab.compare_router.input(partial(stale_compare, tab), tab.compare_a, cleared, **quick)

@@ -1,31 +1,83 @@
 """The Route tab's figures, from a `RoutingRecord` and the experts to show (`shown_experts`: those
 the router could use): routing per layer, per token, one token's expert logits, the difference of
 two routers, and the coloured text (the (token, label) pairs Gradio's HighlightedText shows).
-Pure functions of plain data (no model, no torch), tested without a UI."""
+Pure functions of plain data (no model, no torch), tested without a UI.
+
+A record says what kind of router made it: the base router weights no expert anywhere (its
+figures say "no adapters" in words, not as an empty heatmap), and a static merge (uniform, TIES,
+one expert) scores nothing and weights every token alike (its titles say so)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import plotly.graph_objects as go
 
-from lorlib_ui.app.figures import LAYOUT, colour_of, short_module
+from lorlib_ui.app.figures import LAYOUT, NO_FAMILY, PALETTE, colour_of, short_module
 from lorlib_ui.core.record import RoutingRecord
 
-CHOSEN, OTHER = "#f58518", "#bab0ac"  # the bars of the experts a token was routed to, and the rest
+CHOSEN, OTHER = PALETTE[5], NO_FAMILY  # the bars of the experts a token was routed to, and the rest
+NO_ADAPTERS = "no adapters: the base model routes nothing"
+LISTED = 8  # experts named in a note before "and n more"
+
+
+def usable_experts(record: RoutingRecord, members: Collection[str] | None = None) -> list[str]:
+    """The experts the router of `record` could put weight on: those it gave weight somewhere or
+    scored somewhere (a finite logit), and, where the router was limited to a group (`members`,
+    e.g. the private experts of `arrow@private`), in the group: Arrow scores every expert, in the
+    group or not. None at all for the base router."""
+    used = (record.weights != 0).any(axis=(0, 1)) | np.isfinite(record.logits).any(axis=(0, 1))
+    return [name for name, u in zip(record.experts, used) if u and (members is None or name in members)]
 
 
 def shown_experts(record: RoutingRecord, members: Collection[str] | None = None) -> list[str]:
-    """The experts a figure of `record` shows: those the router could use. An expert is shown if it
-    got weight somewhere or the router scored it somewhere (a finite logit), and, where the router
-    was limited to a group (`members`, e.g. the private experts of `arrow@private`), if it is in
-    the group: Arrow scores every expert, in the group or not. Where none qualifies (the base
-    router uses no expert), the group, or else every expert, so that a figure is never empty."""
-    used = (record.weights != 0).any(axis=(0, 1)) | np.isfinite(record.logits).any(axis=(0, 1))
-    allowed = [members is None or name in members for name in record.experts]
-    shown = [name for name, u, a in zip(record.experts, used, allowed) if u and a]
-    return shown or [name for name, a in zip(record.experts, allowed) if a] or list(record.experts)
+    """The experts a figure of `record` shows: those the router could use (`usable_experts`).
+    Where none qualifies (the base router uses no expert), the group, or else every expert, so
+    that a figure's columns are never empty."""
+    allowed = [name for name in record.experts if members is None or name in members]
+    return usable_experts(record, members) or allowed or list(record.experts)
+
+
+def routes_nothing(record: RoutingRecord) -> bool:
+    """Whether no expert got weight anywhere: the base router's record."""
+    return not record.weights.any()
+
+
+def static_note(record: RoutingRecord) -> str | None:
+    """One line on a static merge's record (no routing logits, every token weighted alike at each
+    layer): what its figures show is no routing. None for a router that routes per token."""
+    w = record.weights
+    if not record.tokens or routes_nothing(record) or np.isfinite(record.logits).any():
+        return None
+    if not np.allclose(w, w[:, :1]):
+        return None
+    every = "token and layer" if np.allclose(w, w[:1, :1]) else "token"
+    return f"a static merge: the same weights at every {every}"
+
+
+def _noted(fig: go.Figure, title: str, note: str | None) -> go.Figure:
+    """`title`, with `note` on a smaller second line where there is one."""
+    if not note:
+        fig.update_layout(title=title)
+        return fig
+    fig.update_layout(title=f"{title}<br><sup>{note}</sup>", margin_t=70)
+    return fig
+
+
+def _message(title: str, text: str, note: str | None = None) -> go.Figure:
+    """A figure with no data that says, in words, why there is none to draw."""
+    fig = go.Figure()
+    fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font={"size": 15})
+    fig.update_layout(height=200, **LAYOUT)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _noted(fig, title, note)
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:LISTED])
+    return shown + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
 
 
 def _columns(record: RoutingRecord, shown: list[str] | None) -> tuple[list[str], list[int]]:
@@ -34,7 +86,13 @@ def _columns(record: RoutingRecord, shown: list[str] | None) -> tuple[list[str],
 
 
 def layer_heatmap(record: RoutingRecord, shown: list[str] | None = None) -> go.Figure:
-    """Layers x experts: each expert's mean routing weight over all tokens at each LoRA'd layer."""
+    """Layers x experts: each expert's mean routing weight over all tokens at each LoRA'd layer.
+    The base router's says "no adapters"; a static merge's is drawn on the full scale 0 to 1 (its
+    1/n would otherwise read as the darkest cell) under a note that it routes nothing."""
+    title = f"Routing per layer ({record.router})"
+    if routes_nothing(record):
+        return _message(title, NO_ADAPTERS)
+    static = static_note(record)
     names, columns = _columns(record, shown)
     z = record.layer_expert_weights()[:, columns]
     fig = go.Figure(
@@ -44,24 +102,44 @@ def layer_heatmap(record: RoutingRecord, shown: list[str] | None = None) -> go.F
             y=[short_module(m) for m in record.modules],
             colorscale="Blues",
             zmin=0,
-            zmax=max(float(z.max(initial=0.0)), 1e-9),
+            zmax=1.0 if static else max(float(z.max(initial=0.0)), 1e-9),
             hovertemplate="%{y}<br>%{x}<br>mean weight %{z:.3f}<extra></extra>",
             colorbar={"title": "weight"},
         )
     )
-    fig.update_layout(title=f"Routing per layer ({record.router})", height=max(320, 14 * len(record.modules)), **LAYOUT)
+    fig.update_layout(height=max(320, 14 * len(record.modules)), **LAYOUT)
     fig.update_yaxes(autorange="reversed")
-    return fig
+    return _noted(fig, title, static)
 
 
-def difference_heatmap(a: RoutingRecord, b: RoutingRecord, shown: list[str] | None = None) -> go.Figure:
+def difference_heatmap(
+    a: RoutingRecord,
+    b: RoutingRecord,
+    shown: list[str] | None = None,
+    members_a: Collection[str] | None = None,
+    members_b: Collection[str] | None = None,
+) -> go.Figure:
     """Layers x experts: router A's mean weight minus router B's, on a diverging scale centred on 0
-    (red: A gives the expert more weight; blue: B does), over the experts either router shows."""
+    (red: A gives the expert more weight; blue: B does), over the experts both routers could use
+    (`usable_experts`, within each one's group, `members_a` and `members_b`), or `shown`. An expert
+    only one router can use would show that router's whole weight there and swamp the scale (the
+    shared expert of `expert:shared` at -1): those are named apart, under the title. Against a
+    router that uses no expert (the base router), A − B is the other's own routing, over its experts."""
     if a.modules != b.modules or a.experts != b.experts:
         raise ValueError("the two records are not over the same layers and experts")
+    can_a, can_b = set(usable_experts(a, members_a)), set(usable_experts(b, members_b))
+    idle = [f"{side} uses no adapter" for side, can in (("A", can_a), ("B", can_b)) if not can]
     if shown is None:
-        either = set(shown_experts(a)) | set(shown_experts(b))
-        shown = [name for name in a.experts if name in either]
+        columns = (can_a | can_b) if idle else (can_a & can_b)
+        shown = [name for name in a.experts if name in columns]
+    only_a = [name for name in a.experts if name in can_a and name not in shown]
+    only_b = [name for name in a.experts if name in can_b and name not in shown]
+    apart = [f"only {side} uses {_listed(names)}" for side, names in (("A", only_a), ("B", only_b)) if names]
+    note = "; ".join(idle + apart) or None
+    title = f"Mean weight, A − B: {a.router} minus {b.router}"
+    if not shown:
+        why = "no expert that both routers can use" if not idle else "neither router uses an adapter"
+        return _message(title, why + ": nothing to subtract", note)
     names, columns = _columns(a, shown)
     z = (a.layer_expert_weights() - b.layer_expert_weights())[:, columns]
     reach = max(float(np.abs(z).max(initial=0.0)), 1e-9)
@@ -78,16 +156,17 @@ def difference_heatmap(a: RoutingRecord, b: RoutingRecord, shown: list[str] | No
             colorbar={"title": "A − B"},
         )
     )
-    fig.update_layout(
-        title=f"Mean weight, A − B: {a.router} minus {b.router}", height=max(320, 14 * len(a.modules)), **LAYOUT
-    )
+    fig.update_layout(height=max(320, 14 * len(a.modules)), **LAYOUT)
     fig.update_yaxes(autorange="reversed")
-    return fig
+    return _noted(fig, title, note)
 
 
 def token_heatmap(record: RoutingRecord, module: str, shown: list[str] | None = None) -> go.Figure:
-    """Tokens x experts at one layer: each token's routing weights."""
+    """Tokens x experts at one layer: each token's routing weights (the base router's: "no adapters")."""
     m = record.modules.index(module)
+    title = f"Tokens at {short_module(module)}"
+    if routes_nothing(record):
+        return _message(title, NO_ADAPTERS)
     names, columns = _columns(record, shown)
     labels = token_labels(record)
     fig = go.Figure(
@@ -102,9 +181,9 @@ def token_heatmap(record: RoutingRecord, module: str, shown: list[str] | None = 
             colorbar={"title": "weight"},
         )
     )
-    fig.update_layout(title=f"Tokens at {short_module(module)}", height=max(320, 16 * len(labels)), **LAYOUT)
+    fig.update_layout(height=max(320, 16 * len(labels)), **LAYOUT)
     fig.update_yaxes(autorange="reversed")
-    return fig
+    return _noted(fig, title, static_note(record))
 
 
 def token_labels(record: RoutingRecord) -> list[str]:
@@ -116,8 +195,10 @@ def expert_logits(record: RoutingRecord, module: str, token: int, shown: list[st
     """Why these experts: every shown expert's routing logit for one token at one layer (for Arrow,
     |h·v_e|), tallest first, with the experts the token was routed to in their own colour and
     labelled with their weights. A router that scores nothing (a static merge: logits all NaN) is
-    drawn by its weights instead, and the title says so."""
+    drawn by its weights instead, and the title says so; the base router's says "no adapters"."""
     m = record.modules.index(module)
+    if routes_nothing(record):
+        return _message(f"Token {token_labels(record)[token]} at {short_module(module)}", NO_ADAPTERS)
     names, columns = _columns(record, shown)
     logits, weights = record.logits[m, token, columns], record.weights[m, token, columns]
     scored = bool(np.isfinite(logits).any())
@@ -150,12 +231,15 @@ def expert_logits(record: RoutingRecord, module: str, token: int, shown: list[st
     return fig
 
 
-def token_colours(record: RoutingRecord, module: str) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
+def token_colours(
+    record: RoutingRecord, module: str, families: Mapping[str, str | None] | None = None
+) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
     """(token, its top expert at `module`) for each token, None where no expert is used; and the
     colour of each expert that tops some token (only those: a legend of every expert in a library
-    of hundreds says nothing). An expert keeps its colour across layers and prompts."""
+    of hundreds says nothing). An expert has its family's colour (`families`: expert -> family,
+    over the whole library) in a shade no other expert has, and keeps it across layers and prompts."""
     m = record.modules.index(module)
     top = record.top_expert()[:, m]
     pairs = [(token, record.experts[i] if i >= 0 else None) for token, i in zip(record.tokens, top)]
     used = {expert for _, expert in pairs if expert}
-    return pairs, {e: c for e, c in colour_of(record.experts).items() if e in used}
+    return pairs, {e: c for e, c in colour_of(record.experts, families).items() if e in used}

@@ -1,5 +1,10 @@
 """Figures from plain data: the right cells, points and labels."""
 
+import colorsys
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -227,3 +232,129 @@ def test_cluster_means_leave_out_each_expert_with_itself():
     view.similarity = np.array([[1.0, 0.5, 0.1, 0.2], [0.5, 1.0, 0.3, 0.0], [0.1, 0.3, 1.0, 0.7], [0.2, 0.0, 0.7, 1.0]])
     z = np.asarray(cluster_figures._cluster_heatmap(view.similarity, np.array(view.labels), 2).data[0].z, dtype=float)
     assert np.allclose(z, [[0.5, 0.15], [0.15, 0.7]])
+
+
+# ---- colours: one meaning each, for colour-blind readers too (issue #34, part 4) ------------------
+
+MANIFEST = Path(__file__).resolve().parents[2] / "assets" / "library" / "manifest.json"
+
+
+def _library_families() -> dict[str, str | None]:
+    """The shipped library's experts and their families, in its order (no model: the manifest only)."""
+    return {e["name"]: e.get("family") for e in json.loads(MANIFEST.read_text())["experts"]}
+
+
+def _hue(colour: str) -> float:
+    return colorsys.rgb_to_hls(*(int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)))[0]
+
+
+def _record_topping(experts: list[str], tops: list[str]) -> RoutingRecord:
+    """A one-layer record over `experts` whose token i goes to tops[i] alone."""
+    weights = np.zeros((1, len(tops), len(experts)), dtype=np.float32)
+    for t, name in enumerate(tops):
+        weights[0, t, experts.index(name)] = 1.0
+    return RoutingRecord("arrow", experts, ["model.layers.0.q_proj"], list(tops), weights, np.zeros_like(weights))
+
+
+def test_each_expert_has_its_own_colour_in_its_familys_hue():
+    families = _library_families()
+    private = [name for name, family in families.items() if family and not name.startswith(("cluster", "shared"))]
+    assert len(private) == 26 and len({families[name] for name in private}) == 7
+    record = _record_topping(private, private)  # every expert tops one token: all 26 in the legend
+    _, legend = routing_figures.token_colours(record, record.modules[0], families)
+    assert set(legend) == set(private) and len(set(legend.values())) == 26
+    base = figures.family_colours(families.values())
+    assert len(set(base.values())) == 7 and set(base.values()) <= set(figures.PALETTE)
+    for name in private:
+        assert _hue(legend[name]) == pytest.approx(_hue(base[families[name]]), abs=0.02), name
+    # the whole library, shared and cluster experts too (two without a family: grey shades), no two alike
+    everything = figures.colour_of(list(families), families)
+    assert len(set(everything.values())) == len(families) == 34
+    assert everything["shared"] != everything["cluster2"] and _hue(everything["shared"]) == _hue(figures.NO_FAMILY)
+
+
+def test_a_family_keeps_its_colour_across_calls_and_views():
+    families = _library_families()
+    names = list(families)
+    assert figures.family_colours(families.values()) == figures.family_colours(reversed(list(families.values())))
+    arithmetic = [n for n in names if families[n] == "arithmetic"]
+    sentiment = [n for n in names if families[n] == "sentiment"]
+    # two prompts whose tokens go to different experts: the expert both show has one colour
+    _, one = routing_figures.token_colours(
+        _record_topping(names, arithmetic[:2] + sentiment), "model.layers.0.q_proj", families
+    )
+    _, two = routing_figures.token_colours(_record_topping(names, arithmetic[1:]), "model.layers.0.q_proj", families)
+    assert one[arithmetic[1]] == two[arithmetic[1]]
+    # the Clusters tab, over a few of the experts, colours a family as every view does
+    few = arithmetic[:2] + sentiment[:2]
+    view = ClusterView(
+        names=few,
+        kinds=["private"] * 4,
+        families=[families[n] for n in few],
+        tasks=[[n] for n in few],
+        labels=[0, 0, 1, 1],
+        k=2,
+        coords=np.zeros((4, 2)),
+        similarity=np.eye(4),
+        clustered=few,
+        silhouette={},
+        ari=None,
+    )
+    base = figures.family_colours(families.values())
+    by_family = cluster_figures.cluster_scatter(view, "family", families.values())
+    assert {t.name: t.marker.color for t in by_family.data} == {f: base[f] for f in ("arithmetic", "sentiment")}
+    by_cluster = cluster_figures.cluster_scatter(view, "cluster", families.values())
+    assert not {t.marker.color for t in by_cluster.data} & set(figures.PALETTE)  # clusters look like no family
+    assert len({t.marker.symbol for t in by_cluster.data}) == 2
+
+
+def test_routers_differ_in_colour_and_pattern_and_per_task_bars_have_row_intervals():
+    routers = ["base", "uniform", "arrow", "arrow-cluster", "shared", "oracle"]  # the shipped evaluation's
+    summary = [{"router": r, "exact_match": 0.1 * i, "mc_accuracy": 0.5} for i, r in enumerate(routers)]
+    rows = [1.0, 0.0, 1.0, 1.0]
+    scores = [{"router": r, "task": "t", "exact_match": 0.75, "rows": {"exact_match": rows}} for r in routers[:-1]] + [
+        {"router": "oracle", "task": "t", "exact_match": 0.5}
+    ]  # a record stored without its rows
+    for fig in (evaluation_figures.evaluation_bars(summary), evaluation_figures.per_task_bars(scores, routers)):
+        markers = {t.name: (t.marker.color, t.marker.pattern.shape or "") for t in fig.data}
+        arrow, cluster = markers["arrow"], markers["arrow-cluster"]
+        assert arrow[0] != cluster[0] and arrow[1] != cluster[1]
+        assert len({colour for colour, _ in markers.values()}) == len({p for _, p in markers.values()}) == 6
+    bars = {t.name: t for t in evaluation_figures.per_task_bars(scores, routers).data}
+    half = 100 * 1.96 * np.std(rows, ddof=1) / np.sqrt(len(rows))
+    assert bars["arrow"].error_y.array[0] == pytest.approx(half)
+    assert "4 rows" in bars["arrow"].hovertext[0] and "1.96·SE" in bars["arrow"].hovertext[0]
+    assert bars["oracle"].error_y.array is None and bars["oracle"].hovertext == ("",)
+
+
+def test_recomputed_clusters_are_numbered_as_the_stored_ones():
+    stored = [0, 0, 1, 1, 2, 2]
+    assert cluster_figures.align_labels([2, 2, 0, 0, 1, 1], stored) == stored  # a permutation comes back
+    assert cluster_figures.align_labels([1, 1, 1, 1, 0, 0], stored) in ([0, 0, 0, 0, 2, 2], [1, 1, 1, 1, 2, 2])
+    split = [0, 0, 1, 1, 2, 3, 3]  # stored cluster 1 split in two: its larger part keeps its number
+    assert cluster_figures.align_labels(split, [0, 0, 1, 1, 1, 2, 2]) == [0, 0, 1, 1, 3, 2, 2]
+    assert cluster_figures.align_labels([1, -1, 0], [-1, 5, 5]) == [0, -1, 5]  # -1: outside, in either
+    view = _view(6)  # MBC's labels [0, 1, 0, 1, 0, 1]
+    clusters = {"k": 2, "assignment": {f"e{i}": f"cluster{1 - i % 2}" for i in range(6)}}
+    numbered, note = cluster_figures.numbered_as_stored(view, clusters)
+    assert numbered.labels == [1, 0, 1, 0, 1, 0] and "stored clustering" in note
+    assert numbered.clustered == ["e1", "e3", "e5", "e0", "e2", "e4"]  # ordered by the new numbers
+    clusters["assignment"]["e0"] = "cluster0"  # the stored grouping differs from MBC's: stored labels, no ARI
+    numbered, note = cluster_figures.numbered_as_stored(dataclasses.replace(view, ari=0.5), clusters)
+    assert numbered.labels == [0, 0, 1, 0, 1, 0] and numbered.ari is None and "differently" in note
+    assert cluster_figures.numbered_as_stored(view, {}) == (view, "")
+
+
+def test_similarity_heatmap_outlines_each_cluster_and_says_why_nothing_to_pick():
+    view = _view(6)  # clustered: e0 e2 e4 (cluster 0), e1 e3 e5 (cluster 1)
+    boxes = {(s.x0, s.x1, s.y0, s.y1) for s in cluster_figures.similarity_heatmap(view).layout.shapes}
+    assert boxes == {(-0.5, 2.5, -0.5, 2.5), (2.5, 5.5, 2.5, 5.5)}
+    assert "all 6 experts fit one heatmap" in cluster_figures.focus_info(view)
+    assert "pick one" in cluster_figures.focus_info(_big_view())
+
+
+def test_figures_follow_the_pages_theme():
+    assert figures.LAYOUT["paper_bgcolor"] == figures.LAYOUT["plot_bgcolor"] == "rgba(0,0,0,0)"
+    fig = evaluation_figures.evaluation_bars([{"router": "arrow", "exact_match": 0.4, "mc_accuracy": None}])
+    assert fig.layout.paper_bgcolor == fig.layout.plot_bgcolor == "rgba(0,0,0,0)"
+    assert fig.layout.template.layout.paper_bgcolor == "rgba(0,0,0,0)"

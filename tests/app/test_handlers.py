@@ -122,15 +122,21 @@ def test_route_hides_experts_outside_the_routers_group(page):
     assert "token 4: 'e' at L0 q_proj" in moved[tab.logits_plot].layout.title.text
 
 
+def _compared(updates) -> dict:
+    """What a streamed comparison leaves on the page: each output's last update."""
+    out = {}
+    for update in updates:
+        out |= update
+    return out
+
+
 def test_route_compare_draws_both_and_their_difference(page):
     tab, worker = page.route, GroupedWorker()
-    out = route.compare(worker, tab, "lib", "hi", "arrow@private", "expert:shared", 2, 1.0, 4)
+    out = _compared(route.compare(worker, tab, "lib", "hi", "arrow@private", "expert:shared", 2, 1.0, 4))
     assert list(out[tab.compare_plot_a].data[0].x) == ["p0", "p1", "p2"]
     assert list(out[tab.compare_plot_b].data[0].x) == ["shared"]
-    diff = out[tab.compare_diff].data[0]
-    assert list(diff.x) == GroupedWorker.EXPERTS and diff.zmid == 0  # the experts either router shows
-    a, b = (next(worker.route(SimpleNamespace(router=s))).record for s in ("arrow@private", "expert:shared"))
-    assert np.allclose(diff.z, a.layer_expert_weights() - b.layer_expert_weights())
+    diff = out[tab.compare_diff]  # no expert both can use: nothing subtracted, each one's named apart
+    assert not diff.data and "only A uses p0, p1, p2; only B uses shared" in diff.layout.title.text
     assert out[tab.compare_box].visible
 
 
@@ -318,3 +324,101 @@ def test_the_route_tab_opens_on_the_librarys_demo_example_and_says_what_it_shows
     assert from_link[tab.prompt] == "mine"  # a link's own prompt wins
     plain = route.opened(tab, replace(info, demo=None), [])
     assert route.restore_controls(tab, {}, plain[tab.notes])[tab.prompt] == {"__type__": "update"}
+
+
+# ---- results that go stale, the base router's figures, the difference, compare's timing, cancel ----------
+
+
+class UniformToo(GroupedWorker):
+    """`GroupedWorker`, with `uniform` over all four experts (the shared one too) and `base`."""
+
+    def route(self, request):
+        if request.router not in ("uniform", "base"):
+            yield from super().route(request)
+            return
+        weights = np.full((2, 5, 4), 0.25 if request.router == "uniform" else 0.0)
+        record = RoutingRecord(request.router, self.EXPERTS, self.MODULES, list("abcde"), weights, weights * np.nan)
+        yield RouteUpdate("an", first_token_s=0.05)
+        yield RouteUpdate("an answer", done=True, record=record, n_prompt_tokens=3, first_token_s=0.05, total_s=0.3)
+
+
+def test_a_compare_then_a_changed_prompt_clears_the_comparison(worker, tiny_library):
+    blocks, page = layout.build_page(worker, str(tiny_library.path))
+    tab = page.route
+    out = _compared(route.compare(UniformToo(), tab, "lib", "hi", "arrow@private", "uniform", 2, 1.0, 4))
+    assert out[tab.compare_a] and out[tab.compare_box].visible
+    cleared = route.stale(tab, None, "", out[tab.compare_a])  # the prompt changed: nothing of the old one stays
+    assert cleared[tab.compare_a] == cleared[tab.compare_b] == cleared[tab.compare_timing] == ""
+    assert cleared[tab.compare_plot_a] is None and cleared[tab.compare_plot_b] is None
+    assert cleared[tab.compare_diff] is None and not cleared[tab.compare_box].visible
+    assert cleared[tab.timing] == route.STALE and cleared[tab.record] is None
+    assert route.stale_compare(tab, out[tab.compare_a])[tab.compare_diff] is None  # router B changed
+    assert route.stale(tab, None, "", "") == gr.skip()  # nothing shown yet: the first keystroke leaves all as is
+    clicks = [f for f in blocks.fns.values() if (tab.route_btn._id, "click") in f.targets]
+    clears = [f for f in clicks if tab.compare_a in f.outputs]  # a new route first clears the comparison
+    assert len(clears) == 1 and not clears[0].queue and clears[0].fn()[tab.compare_a] == ""
+
+
+def test_the_base_routers_routing_figure_says_no_adapters(page):
+    from lorlib_ui.app import routing_figures
+
+    tab = page.route
+    final = list(route.route(UniformToo(), tab, "lib", "hi", "base", 2, 1.0, 4))[-1]
+    layer = final[tab.layer_plot]
+    assert not layer.data and routing_figures.NO_ADAPTERS in layer.layout.annotations[0].text  # no empty heatmap
+    detail = route.layer_detail(tab, final[tab.record], GroupedWorker.MODULES[0], 2, final[tab.shown])
+    assert not detail[tab.token_plot].data and not detail[tab.logits_plot].data
+    uniform = list(route.route(UniformToo(), tab, "lib", "hi", "uniform", 2, 1.0, 4))[-1][tab.layer_plot]
+    assert "a static merge: the same weights at every token and layer" in uniform.layout.title.text
+    assert uniform.data[0].zmax == 1.0  # 1/4 reads as a quarter, not as the darkest cell
+
+
+def test_the_difference_is_over_the_experts_both_routers_can_use(page):
+    tab = page.route
+    out = _compared(route.compare(UniformToo(), tab, "lib", "hi", "arrow@private", "uniform", 2, 1.0, 4))
+    diff = out[tab.compare_diff]
+    assert list(diff.data[0].x) == ["p0", "p1", "p2"]  # not shared: only uniform can weight it
+    assert "only B uses shared" in diff.layout.title.text and "only A" not in diff.layout.title.text
+    a = next(GroupedWorker().route(SimpleNamespace(router="arrow@private"))).record
+    assert np.allclose(diff.data[0].z, a.layer_expert_weights()[:, :3] - 0.25)
+    against_base = _compared(route.compare(UniformToo(), tab, "lib", "hi", "arrow@private", "base", 2, 1.0, 4))
+    from_base = against_base[tab.compare_diff]  # against no adapter: A's own routing, over A's experts
+    assert list(from_base.data[0].x) == ["p0", "p1", "p2"] and "B uses no adapter" in from_base.layout.title.text
+
+
+def test_compare_streams_both_routers_with_their_timing(page):
+    tab = page.route
+    updates = list(route.compare(UniformToo(), tab, "lib", "hi", "uniform", "base", 2, 1.0, 4))
+    assert updates[0][tab.compare_b] == "" and updates[0][tab.compare_diff] is None  # the last one's go first
+    streamed = [u for u in updates if u.get(tab.compare_b) == "an"]
+    assert streamed and "**B** (base): first token after 0.05 s" in streamed[0][tab.compare_timing]
+    timing = _compared(updates)[tab.compare_timing]
+    assert "**A** (uniform): first token after 0.05 s, done in 0.30 s" in timing
+    assert "**B** (base): first token after 0.05 s, done in 0.30 s" in timing
+
+
+def test_cancel_with_nothing_running_says_so_at_once():
+    from lorlib_ui.app.events import cancel_job
+    from lorlib_ui.worker.api import JobStatus
+
+    NOTHING_TO_CANCEL = "no job to cancel"  # what a fresh page's Cancel has always said (test_attacks)
+
+    class Board:
+        def __init__(self, state):
+            self.state, self.cancelled = state, []
+
+        def job(self, job_id):
+            if self.state is None:
+                raise LorlibError(f"no job {job_id!r}")  # ended long ago: forgotten
+            return JobStatus(job_id, "build", self.state)
+
+        def cancel(self, job_id):
+            self.cancelled.append(job_id)
+            self.state = "cancelled" if self.state == "queued" else self.state
+
+    assert cancel_job(Board("running"), None) == NOTHING_TO_CANCEL
+    for ended in ("done", "failed", "cancelled", None):
+        board = Board(ended)
+        assert cancel_job(board, "j").startswith(NOTHING_TO_CANCEL) and board.cancelled == []
+    assert cancel_job(Board("queued"), "j") == "cancelled"
+    assert cancel_job(Board("running"), "j") == "cancelling..."  # the poll that follows it says when it ends
