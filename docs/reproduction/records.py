@@ -39,7 +39,7 @@ def save(name: str, record: dict) -> Path:
 def load(name: str) -> dict:
     path = RECORDS / f"{name}.json"
     if not path.exists():
-        sys.exit(f"no record {path}: run the script with --library COPY first")
+        sys.exit(f"no record {path}: make it first (the script's docstring says how)")
     return json.loads(path.read_text())
 
 
