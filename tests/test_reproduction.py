@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "docs" / "reproduction"
 RECORDS = SCRIPTS / "records"
+# scripts whose every printed table row appears, as printed, in a document
+VERBATIM = {"top_k.py": "REPRODUCTION.md", "ablations.py": "REPRODUCTION.md"}
 # scripts that read no record of their own: they compute from the shipped library's committed files
 FROM_LIBRARY = {
     "cluster_experts.py": "the shipped library's transfer matrix (transfer.json)",
@@ -47,6 +49,15 @@ def test_a_script_prints_its_tables_from_the_committed_records(script):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "|---" in done.stdout  # at least one Markdown table
     assert "Traceback" not in done.stderr
+    if script in VERBATIM:  # the document shows exactly what the records print
+        shown = _plain((ROOT / VERBATIM[script]).read_text())
+        rows = [line.strip() for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+        differ = [row for row in rows if _plain(row) not in shown]
+        assert not differ, f"{VERBATIM[script]} does not show these rows as {script} prints them: {differ[:3]}"
+
+
+def _plain(text: str) -> str:
+    return text.replace("\u2212", "-")  # the document writes minus signs as U+2212
 
 
 def test_every_record_the_reproduction_names_is_committed_and_reads():

@@ -70,19 +70,17 @@ def cell(per_task: dict[str, list[float]], measure: str) -> str:
 def paired(a: dict[str, list[float]], b: dict[str, list[float]], measure: str) -> str:
     """`difference [rows] [tasks] up/tied/down` of a − b over the tasks both have."""
     from lorlib_ui.analysis.stats import paired_interval, signs
+    from lorlib_ui.analysis.summaries import format_value
 
     tasks = [t for t in a if t in b]
     if not tasks:
         return "-"
     left, right = [a[t] for t in tasks], [b[t] for t in tasks]
-    difference, low, high = paired_interval(left, right)
-    _, task_low, task_high = paired_interval(left, right, tasks=True)
-    scale, digits = SCALES[measure]
+    difference, *rows_ci = paired_interval(left, right)
+    _, *tasks_ci = paired_interval(left, right, tasks=True)
     s = signs(left, right)
-    return (
-        f"{scale * difference:+.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}] "
-        f"[{scale * task_low:.{digits}f}, {scale * task_high:.{digits}f}] {s['up']}/{s['tied']}/{s['down']}"
-    )
+    value = format_value(difference, (rows_ci, tasks_ci), *SCALES[measure], signed=True)
+    return f"{value} {s['up']}/{s['tied']}/{s['down']}"
 
 
 def evaluate(library: str, **options) -> dict:

@@ -102,12 +102,17 @@ INTERVALS_NOTE = (
 
 
 def format_value(
-    value: float | None, cis: tuple[list[float] | None, ...] = (), scale: float = 1, digits: int = 3
+    value: float | None,
+    cis: tuple[list[float] | None, ...] = (),
+    scale: float = 1,
+    digits: int = 3,
+    signed: bool = False,
 ) -> str:
-    """A value and its intervals, each in brackets: `28.9 [23.3, 35.0] [16.1, 42.1]`."""
+    """A value and its intervals, each in brackets: `28.9 [23.3, 35.0] [16.1, 42.1]`; a difference
+    (`signed`) carries its sign: `+1.0 [-4.8, 6.2]`."""
     if value is None or not math.isfinite(value):
         return "-"
-    text = f"{scale * value:.{digits}f}"
+    text = f"{scale * value:{'+' if signed else ''}.{digits}f}"
     for ci in cis:
         if ci is not None:
             text += f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
