@@ -33,7 +33,11 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 
 def _heatmap(plot) -> np.ndarray:
-    z = json.loads(plot["plot"])["data"][0]["z"]
+    """The layer heatmap's weights, layers x experts: its panels (one per module type) stacked."""
+    return np.concatenate([_array(t["z"]) for t in json.loads(plot["plot"])["data"] if t["type"] == "heatmap"])
+
+
+def _array(z) -> np.ndarray:
     if isinstance(z, list):
         return np.asarray(z, dtype=np.float64)
     flat = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
@@ -65,7 +69,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/"
     while worker.health()["warming_up"]:
         time.sleep(0.1)
-    prompts = [prompt for _, prompt in worker.examples(library, per_task=2)][: args.sessions]
+    prompts = [example.prompt for example in worker.examples(library, per_task=2)][: args.sessions]
 
     def route(client, prompt):
         text, _, plot, *_ = client.predict(prompt, "arrow@private", 4, 1.0, args.new_tokens, api_name="/route")

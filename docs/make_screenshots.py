@@ -1,8 +1,9 @@
 """Screenshots of each tab of the explorer, for the README: `python docs/make_screenshots.py`.
 
 Starts the app on the embedded model and the shipped library, drives it with Debian's chromium
-(Playwright, headless), routes one held-out prompt, adapts a copy of the library to a held-out
-task (a few minutes), and writes docs/screenshots/<tab>.png.
+(Playwright, headless) at 1280x800 (a projector), routes the example the Route tab opens on (a
+validation row of a held-out task where Arrow helps) and compares it with the base model, adapts
+a copy of the library to a held-out task (a few minutes), and writes docs/screenshots/<tab>.png.
 Run it again whenever the UI changes.
 """
 
@@ -22,7 +23,6 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 OUT = ROOT / "docs" / "screenshots"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
 FLAGS += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PROMPT = "What is the plural of goose?"
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(f"http://127.0.0.1:{port}/")
             page.get_by_text("Opened").wait_for(timeout=120_000)
             page.get_by_label("Expert", exact=True).click()
@@ -52,13 +52,15 @@ def main() -> None:
             page.wait_for_selector("#expert-spectrum .js-plotly-plot", timeout=60_000)
             page.screenshot(path=OUT / "library.png", full_page=True)
             page.get_by_role("tab", name="Clusters").click()
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=120_000)
+            page.wait_for_selector("#cluster-umap .js-plotly-plot", timeout=120_000)
+            page.wait_for_selector("#cluster-similarity .js-plotly-plot", timeout=120_000)
             page.screenshot(path=OUT / "clusters.png", full_page=True)
             page.get_by_role("tab", name="Route").click()
-            page.get_by_label("Prompt").fill(PROMPT)
-            page.get_by_role("button", name="Route", exact=True).click()
+            page.get_by_role("button", name="Route", exact=True).click()  # the page opens on its example
             page.get_by_text("done in").wait_for(timeout=120_000)
             page.wait_for_selector("#route-logits-plot .js-plotly-plot", timeout=60_000)  # the layer detail follows
+            page.get_by_role("button", name="Compare two routers").click()  # with base, the menu's default
+            page.wait_for_selector("#route-compare-diff .js-plotly-plot", timeout=120_000)
             page.screenshot(path=OUT / "route.png", full_page=True)
             page.get_by_role("tab", name="Insight").click()
             page.wait_for_selector("#insight-entropy .js-plotly-plot", timeout=120_000)

@@ -28,6 +28,7 @@ NOT_RUN = {
     "cp -r assets/library /tmp/adapt": "the adaptation study: about eight hours",
     "# head node": "starts a Ray cluster",
     "python app.py --backend ray": "needs a Ray cluster",
+    "python app.py --read-only": "serves until stopped; tests/app/test_attacks.py serves the app read-only",
     'A="--backend ray': "a FLAN build on a cluster",
     "# experts from the hub": "needs the Hugging Face Hub; tests/cli/test_sharing_cli.py runs these commands offline",
 }

@@ -31,6 +31,7 @@ import torch
 from lorlib_ui.analysis import stats
 from lorlib_ui.analysis.evaluation import DatasetOptions, select_tasks, test_rows
 from lorlib_ui.analysis.transfer import load_transfer
+from lorlib_ui.core.derived import Changes
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.prompting import encode_prompt, template_span
@@ -415,24 +416,57 @@ def library_key(library: Library) -> str:
 
 
 def store_routing(library: Library, spec: str, results: dict[str, RoutingStats], limit: int | None) -> None:
-    """Keep these statistics in the library under the router's spec (replacing that router's last
-    ones; other routers' are kept while the experts are unchanged)."""
+    """Keep these statistics in the library under the router's spec, replacing that router's last
+    ones. Other routers' are kept as they are, even when computed over other experts: `load_routing`
+    leaves those out, and `stale_routing` shows them, marked, until each is computed again."""
     entry = {"key": library_key(library), "limit": limit} | {kind: r.to_dict() for kind, r in results.items()}
 
     def update(stored: dict | None, current: Library) -> tuple[dict, dict]:
-        key = library_key(current)
-        routers = {s: e for s, e in (stored or {}).get("routers", {}).items() if e.get("key") == key}
+        routers = dict((stored or {}).get("routers", {}))
         routers[spec] = entry
         return {"format": "lorlib-routing", "version": 1, "routers": routers}, {"routers": sorted(routers)}
 
     library.derived.update_json(SIDE_FILE, update)
 
 
+def _stored_routers(library: Library) -> dict[str, dict]:
+    stored = library.derived.read_json(SIDE_FILE) or {}
+    routers = stored.get("routers") if isinstance(stored, dict) else None
+    return {s: e for s, e in (routers or {}).items() if isinstance(e, dict) and isinstance(e.get("key"), str)}
+
+
 def load_routing(library: Library) -> dict[str, dict]:
     """router spec -> {"all": statistics, "content": statistics, "limit": ...}, for the current experts."""
-    stored = library.derived.read_json(SIDE_FILE) or {}
     key = library_key(library)
-    return {s: e for s, e in stored.get("routers", {}).items() if isinstance(e, dict) and e.get("key") == key}
+    return {s: e for s, e in _stored_routers(library).items() if e["key"] == key}
+
+
+def _hashes(key: str) -> dict[str, str]:
+    """`library_key` read back: expert name -> weights hash (names hold no ',' or '=')."""
+    return dict(part.rpartition("=")[::2] for part in key.split(",") if "=" in part)
+
+
+def stale_routing(library: Library) -> dict[str, tuple[dict, Changes]]:
+    """router spec -> (its last statistics, what changed among the experts since), for the routers
+    whose statistics were computed over other experts than the library's now: to show, marked
+    stale, until they are computed again. `load_routing` reads them as absent."""
+    key = library_key(library)
+    return {
+        s: (e, library.derived.changes_since(_hashes(e["key"])))
+        for s, e in _stored_routers(library).items()
+        if e["key"] != key
+    }
+
+
+# Routing one test prompt with the embedded SmolLM2-135M and 34 experts on a CPU: the shipped
+# library's 33 tasks x 20 prompts took under 8.5 min (between its transfer run's end and its
+# routing.json being written), and issue #34 reports about 5 min; rough, far less on a GPU.
+PROMPT_SECONDS = 0.5
+
+
+def routing_seconds(tasks: int, limit: int | None) -> float:
+    """About how long routing `tasks` tasks takes on a CPU, `limit` test prompts each."""
+    return tasks * (limit or DEFAULT_LIMIT) * PROMPT_SECONDS
 
 
 def routing_stats_library(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorlib_ui.analysis.evaluation import DatasetOptions, answer_budget, score_rows, select_tasks, test_rows
+from lorlib_ui.core.derived import Changes, created_since
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.library import KINDS, Library
 from lorlib_ui.core.routed_model import RoutedModel
@@ -127,7 +128,40 @@ def load_transfer(library: Library) -> TransferMatrix | None:
     """The stored matrix, keeping only cells whose expert is unchanged; None when there are none.
     Tasks in stored order, columns in library order (the base model first)."""
     keys = column_keys(library)
-    cells = _fresh(_stored_cells(library), keys)
+    return _matrix(_fresh(_stored_cells(library), keys), keys)
+
+
+def stale_transfer(library: Library) -> tuple[TransferMatrix | None, Changes]:
+    """The stored matrix with the cells `load_transfer` drops as stale kept where their expert is
+    still in the library (scored with its old weights), and what changed: the experts retrained
+    since (their cells are stale), and those added since it was scored (no column yet). To show,
+    marked stale, until computed again; never to judge routing by."""
+    keys = column_keys(library)
+    stored = _stored_cells(library)
+    cells = {
+        task: {col: c for col, c in by_column.items() if col in keys and (col != BASE or c.get("key") == keys[BASE])}
+        for task, by_column in stored.items()
+    }
+    cells = {task: by_column for task, by_column in cells.items() if by_column}
+    retrained = {col for by_column in cells.values() for col, c in by_column.items() if c.get("key") != keys[col]}
+    scored = {col for by_column in cells.values() for col in by_column}
+    updated = library.extra.get("side_files", {}).get(SIDE_FILE, {}).get("updated", "")
+    added = [e.name for e in library.experts if cells and e.name not in scored and created_since(e.created, updated)]
+    changed = Changes(added=tuple(added), retrained=tuple(n for n in library.names if n in retrained))
+    return _matrix(cells, keys), changed
+
+
+# Scoring one test row of one cell with the embedded SmolLM2-135M on a CPU: the shipped library's
+# `transfer --tasks all` scored 910 cells of 20 rows in 3,215 s (its history); rough.
+ROW_SECONDS = 0.2
+
+
+def transfer_seconds(cells: int, limit: int | None) -> float:
+    """About how long scoring `cells` cells takes on a CPU, `limit` test rows each."""
+    return cells * (limit or DEFAULT_LIMIT) * ROW_SECONDS
+
+
+def _matrix(cells: dict[str, dict[str, dict]], keys: dict[str, str]) -> TransferMatrix | None:
     if not cells:
         return None
     used = {col for by_column in cells.values() for col in by_column}

@@ -9,7 +9,7 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from lorlib_ui.app import evaluation_figures, tables
+from lorlib_ui.app import estimates, evaluation_figures, tables
 from lorlib_ui.app.evaluate import differences_frame, evaluation_frame
 from lorlib_ui.app.events import bind, cancel_job, follow_job, session, shows_errors
 from lorlib_ui.worker.api import ADAPT_METHODS, JobRequest, LibraryInfo, Worker
@@ -24,6 +24,12 @@ HELP = (
     "task of the library, or upload a file with the task's rows and type its name."
 )
 SHOTS = [8, 16, 32, 64, 128]
+WHAT_ADAPT_DOES = (
+    "**Adapt** trains each ticked method on the task's examples, stores what it learns in the library and "
+    "scores it here on the task's test rows beside zero-shot Arrow and the base model."
+)
+NO_RESULTS = f"*This library holds no adaptation results yet.* {WHAT_ADAPT_DOES}"
+NO_TASK_RESULTS = f"*No adaptation results for this task yet.* {WHAT_ADAPT_DOES}"
 TRAINING_COLUMNS = ["method", "shots", "stored as", "training s", "first loss", "final loss"]
 
 
@@ -44,9 +50,11 @@ class AdaptTab:
     differences: gr.Dataframe
     training: gr.Dataframe
     job: gr.State
+    note: gr.Markdown  # with no results to show: says so, and what running it does
+    confirmed: gr.State  # the settings a first press estimated: a second press with them starts a long run
 
     def result_outputs(self) -> list:
-        return [self.plot, self.table, self.differences, self.training, self.losses]
+        return [self.plot, self.table, self.differences, self.training, self.losses, self.note]
 
 
 def build_tab() -> AdaptTab:
@@ -71,8 +79,10 @@ def build_tab() -> AdaptTab:
             adapt_btn = gr.Button("Adapt", variant="primary")
             cancel_btn = gr.Button("Cancel")
         status = gr.Markdown()
-        losses = gr.Plot(show_label=False, elem_id="adapt-losses")
-        plot = gr.Plot(show_label=False, elem_id="adapt-scores")
+        note = gr.Markdown(NO_RESULTS, elem_id="adapt-note")
+        # no empty axes: each plot shows once there is something to draw in it
+        losses = gr.Plot(show_label=False, elem_id="adapt-losses", visible=False)
+        plot = gr.Plot(show_label=False, elem_id="adapt-scores", visible=False)
         table = gr.Dataframe(interactive=False, label="Test scores, 95% intervals over test rows")
         differences = gr.Dataframe(
             interactive=False, label="Paired differences, 95% intervals over rows and over tasks"
@@ -82,9 +92,10 @@ def build_tab() -> AdaptTab:
             {"scores": table, "differences": differences, "training": training}, "adaptation", "download_adaptation"
         )
         job = gr.State()
+        confirmed = gr.State()
     return AdaptTab(
         task, data_file, shots, methods, steps, limit, adapt_btn, cancel_btn, status, losses, plot, table,
-        differences, training, job,
+        differences, training, job, note, confirmed,
     )  # fmt: skip
 
 
@@ -112,17 +123,33 @@ def stored_curves(record: dict | None) -> dict[str, list[float]]:
     return {f"{run['method']}/{run['shots']}": run["loss_curve"] for run in runs if run.get("loss_curve")}
 
 
-def results(tab: AdaptTab, record: dict | None, curves: dict[str, list[float]] | None = None) -> dict:
-    """The tab's figures and tables for one task's adaptation record (empty without one)."""
+def losses_plot(curves: dict[str, list[float]]) -> dict:
+    """The loss curves, shown once there is one (never empty axes)."""
+    return gr.update(value=evaluation_figures.loss_curves(curves) if curves else None, visible=bool(curves))
+
+
+def results(
+    tab: AdaptTab, record: dict | None, curves: dict[str, list[float]] | None = None, empty: str = NO_TASK_RESULTS
+) -> dict:
+    """The tab's figures and tables for one task's adaptation record; without one, empty tables,
+    no plots, and the line `empty`."""
     task = (record or {}).get("task", "")
     title = f"{task}: test scores (%), 95% intervals over rows" if task else "Test scores (%)"
+    summary = (record or {}).get("summary", [])
     return {
-        tab.plot: evaluation_figures.evaluation_bars((record or {}).get("summary", []), title),
+        tab.plot: gr.update(
+            value=evaluation_figures.evaluation_bars(summary, title) if summary else None, visible=bool(summary)
+        ),
         tab.table: evaluation_frame(record),
         tab.differences: differences_frame(record),
         tab.training: training_frame(record),
-        tab.losses: evaluation_figures.loss_curves(stored_curves(record) if curves is None else curves),
+        tab.losses: losses_plot(stored_curves(record) if curves is None else curves),
+        tab.note: "" if record else empty,
     }
+
+
+def _empty_line(info: LibraryInfo) -> str:
+    return NO_TASK_RESULTS if info.adaptation else NO_RESULTS
 
 
 def opened(tab: AdaptTab, info: LibraryInfo, current: str | None = None) -> dict:
@@ -130,7 +157,8 @@ def opened(tab: AdaptTab, info: LibraryInfo, current: str | None = None) -> dict
     when the library still offers it, and that task's last record."""
     choices = list(dict.fromkeys([*info.held_out, *info.adaptation]))
     task = current if current in choices else (choices[0] if choices else None)
-    return {tab.task: gr.Dropdown(choices=choices, value=task), **results(tab, info.adaptation.get(task))}
+    shown = results(tab, info.adaptation.get(task), empty=_empty_line(info))
+    return {tab.task: gr.Dropdown(choices=choices, value=task), **shown}
 
 
 @shows_errors
@@ -140,7 +168,8 @@ def refresh(worker: Worker, tab: AdaptTab, folder: str, current: str | None) -> 
 
 @shows_errors
 def show_task(worker: Worker, tab: AdaptTab, folder: str, task: str | None) -> dict:
-    return results(tab, worker.library(folder).adaptation.get(task or ""))
+    info = worker.library(folder)
+    return results(tab, info.adaptation.get(task or ""), empty=_empty_line(info))
 
 
 @shows_errors
@@ -154,9 +183,12 @@ def adapt(
     methods,
     steps,
     limit,
+    confirmed: str | None = None,
     progress=gr.Progress(),  # noqa: B008 (Gradio fills it in)
     request: gr.Request | None = None,  # Gradio fills it in too: its session owns the job
 ):
+    """Adapt to the task as a job; a run estimated long (`estimates`) starts only on a second
+    press with the same settings, the first one saying how long it will take."""
     if not task or not str(task).strip():
         raise gr.Error("pick a task, or type the name of one in your file")
     if not shots:
@@ -171,11 +203,17 @@ def adapt(
         options["steps"] = int(steps)
     if upload:
         options["data"] = upload
+    key = estimates.request_key(folder, options)
+    info = worker.library(folder)
+    estimate = estimates.adaptation(info, options["methods"], options["shots"], options.get("steps"), int(limit))
+    if ask := estimates.confirmation(estimate, key, confirmed, "Adapt"):
+        yield {tab.status: ask, tab.confirmed: key}
+        return
     job = JobRequest("adapt", folder, options, owner=session(request))
     for job_id, line, state in follow_job(worker, job, progress):
-        update = {tab.job: job_id, tab.status: line}
+        update = {tab.job: job_id, tab.status: line + estimates.in_all(estimate), tab.confirmed: None}
         if state is not None and state.detail:
-            update[tab.losses] = evaluation_figures.loss_curves(state.detail.get("curves", {}))
+            update[tab.losses] = losses_plot(state.detail.get("curves", {}))
         if state is not None and state.state == "done":
             update |= results(tab, state.result["adaptation"], state.result.get("curves"))
         yield update
@@ -187,8 +225,8 @@ def wire(tab: AdaptTab, worker: Worker, path: gr.State):
     after `event` (opening or changing the library), keeping the picked task."""
     adapted = tab.adapt_btn.click(
         bind(adapt, worker, tab),
-        [path, tab.task, tab.data_file, tab.shots, tab.methods, tab.steps, tab.limit],
-        [tab.job, tab.status, *tab.result_outputs()],
+        [path, tab.task, tab.data_file, tab.shots, tab.methods, tab.steps, tab.limit, tab.confirmed],
+        [tab.job, tab.status, tab.confirmed, *tab.result_outputs()],
         api_name="adapt",
     )
     tab.task.input(partial(show_task, worker, tab), [path, tab.task], tab.result_outputs(), api_name="adaptation")

@@ -39,7 +39,7 @@ def build_tab() -> ClustersTab:
             k = gr.Slider(1, 16, value=4, step=1, label="k (number of clusters)")
             colour = gr.Radio(["cluster", "family"], value="cluster", label="Colour by")
         ari = gr.Markdown()
-        scatter = gr.Plot(label="UMAP of experts", show_label=False)
+        scatter = gr.Plot(label="UMAP of experts", show_label=False, elem_id="cluster-umap")
         with gr.Row():
             with gr.Column():
                 focus = gr.Dropdown(

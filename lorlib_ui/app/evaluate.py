@@ -8,7 +8,7 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from lorlib_ui.app import evaluation_figures, tables
+from lorlib_ui.app import estimates, evaluation_figures, tables
 from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_errors
 from lorlib_ui.worker.api import TASK_SETS, JobRequest, LibraryInfo, Worker
 
@@ -45,6 +45,15 @@ DIFFERENCE_COLUMNS = [
     "multiple choice (points)",
 ]
 MEASURES = [("exact match", "exact_match"), ("answer log-likelihood", "loglik"), ("multiple choice", "mc_accuracy")]
+# How the main comparison's sentence names a router (others by their name).
+SPOKEN = {
+    "arrow": "Arrow",
+    "shared": "the shared expert",
+    "uniform": "the uniform merge",
+    "arrow-cluster": "Arrow over cluster experts",
+    "base": "the base model",
+    "oracle": "the oracle (its family's cluster expert)",
+}
 
 
 @dataclass
@@ -61,6 +70,8 @@ class EvaluateTab:
     measure: gr.Radio
     task_plot: gr.Plot
     job: gr.State
+    verdict: gr.Markdown  # the main comparison in one sentence, with its interval
+    confirmed: gr.State  # the settings a first press estimated: a second press with them starts a long run
 
 
 def build_tab(comparisons: dict[str, bool]) -> EvaluateTab:
@@ -77,6 +88,7 @@ def build_tab(comparisons: dict[str, bool]) -> EvaluateTab:
             evaluate_btn = gr.Button("Evaluate", variant="primary")
             cancel_btn = gr.Button("Cancel")
         status = gr.Markdown()
+        verdict = gr.Markdown(elem_id="evaluate-verdict")
         plot = gr.Plot(show_label=False)
         table = gr.Dataframe(interactive=False, label="Means over tasks")
         differences = gr.Dataframe(
@@ -86,9 +98,11 @@ def build_tab(comparisons: dict[str, bool]) -> EvaluateTab:
         measure = gr.Radio(MEASURES, value="exact_match", label="Per task")
         task_plot = gr.Plot(show_label=False, elem_id="evaluate-per-task")
         job = gr.State()  # inside the tab: a Tabs block holds only tabs
+        confirmed = gr.State()
     return EvaluateTab(
-        routers, tasks, limit, evaluate_btn, cancel_btn, status, plot, table, differences, measure, task_plot, job
-    )
+        routers, tasks, limit, evaluate_btn, cancel_btn, status, plot, table, differences, measure, task_plot, job,
+        verdict, confirmed,
+    )  # fmt: skip
 
 
 def _interval(ci: list[float] | None, scale: float, digits: int) -> str:
@@ -141,6 +155,35 @@ def differences_frame(evaluation: dict | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
 
 
+def _spoken(router: str) -> str:
+    return SPOKEN.get(router, f"`{router}`")
+
+
+def main_comparison(evaluation: dict | None) -> str:
+    """The evaluation's main comparison in one sentence: Arrow against the best other router it
+    has a paired difference with (by exact match), the gap in points with its 95% interval over
+    tasks (over rows for a record without it), worded by the sign, and said unsettled when the
+    interval includes 0. Empty without such a difference."""
+    evaluation = evaluation or {}
+    mean = {r["router"]: r["exact_match"] for r in evaluation.get("summary", [])}
+    pairs = [r for r in evaluation.get("differences", []) if "arrow" in (r["a"], r["b"]) and "exact_match" in r]
+    if not pairs:
+        return ""
+    row = max(pairs, key=lambda r: mean.get(r["b"] if r["a"] == "arrow" else r["a"], -1.0))
+    d = row["exact_match"]
+    over = "tasks" if d.get("task_ci") else "rows"
+    gap, (low, high) = 100 * d["difference"], (100 * v for v in d.get("task_ci") or d["ci"])
+    a, b = _spoken(row["a"]), _spoken(row["b"])
+    if gap < 0:  # said as the winner's lead: the interval turns with it
+        a, b, gap, low, high = b, a, -gap, -high, -low
+    lead = f"{a} and {b} tie" if round(gap, 1) == 0 else f"{a} beats {b} by {gap:.1f} points"
+    interval = f"95% interval [{low:.1f}, {high:.1f}] over {over}"
+    text = f"{lead[0].upper()}{lead[1:]} on exact match over {row['tasks']} tasks, {interval}"
+    if low <= 0 <= high:
+        return f"**Main comparison**: {text}: it includes 0, so these tasks do not show which is better."
+    return f"**Main comparison**: {text}."
+
+
 def per_task(evaluation: dict | None, measure: str):
     evaluation = evaluation or {}
     routers = [r["router"] for r in evaluation.get("summary", [])]
@@ -153,6 +196,7 @@ def opened(tab: EvaluateTab, info: LibraryInfo) -> dict:
     return {
         tab.table: evaluation_frame(info.evaluation),
         tab.differences: differences_frame(info.evaluation),
+        tab.verdict: main_comparison(info.evaluation),
         tab.plot: evaluation_figures.evaluation_bars((info.evaluation or {}).get("summary", [])),
         tab.task_plot: per_task(info.evaluation, "exact_match"),
     }
@@ -171,23 +215,31 @@ def evaluate(
     names,
     tasks,
     limit,
+    confirmed: str | None = None,
     progress=gr.Progress(),  # noqa: B008 (Gradio fills it in)
     request: gr.Request | None = None,  # Gradio fills it in too: its session owns the job
 ):
+    """Evaluate the ticked routers as a job; a run estimated long (`estimates`) starts only on a
+    second press with the same settings, the first one saying how long it will take."""
     if not names:
         raise gr.Error("pick at least one router")
     options = {"routers": list(names), "tasks": tasks, "limit": int(limit)}
+    key = estimates.request_key(folder, options)
+    estimate = estimates.evaluation(worker.library(folder), list(names), tasks, int(limit))
+    if ask := estimates.confirmation(estimate, key, confirmed, "Evaluate"):
+        yield {tab.status: ask, tab.confirmed: key}
+        return
     request = JobRequest("evaluate", folder, options, owner=session(request))
     for job_id, line in run_job(worker, request, progress):
-        yield {tab.job: job_id, tab.status: line}
+        yield {tab.job: job_id, tab.status: line + estimates.in_all(estimate), tab.confirmed: None}
 
 
 def wire(tab: EvaluateTab, worker: Worker, path: gr.State):
     """This tab's events; returns the evaluate event, after which the layout reopens the library."""
     evaluated = tab.evaluate_btn.click(
         bind(evaluate, worker, tab),
-        [path, tab.routers, tab.tasks, tab.limit],
-        [tab.job, tab.status],
+        [path, tab.routers, tab.tasks, tab.limit, tab.confirmed],
+        [tab.job, tab.status, tab.confirmed],
         api_name="evaluate",
     )
     tab.measure.input(partial(draw_per_task, worker), [path, tab.measure], tab.task_plot, api_name="per_task")

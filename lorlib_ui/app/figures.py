@@ -5,6 +5,8 @@ colour and how a module's name is shortened. The figures themselves live beside 
 from __future__ import annotations
 
 import colorsys
+import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import plotly.graph_objects as go
@@ -55,6 +57,68 @@ def short_module(name: str) -> str:
     parts = name.split(".")
     layer = next((p for p in parts if p.isdigit()), None)
     return f"L{layer} {parts[-1]}" if layer is not None else parts[-1]
+
+
+def layer_and_kind(name: str) -> tuple[str | None, str]:
+    """model.layers.12.self_attn.q_proj -> ("12", "q_proj"); a module of no layer: (None, its name)"""
+    parts = name.split(".")
+    return next((p for p in parts if p.isdigit()), None), parts[-1]
+
+
+ALIAS_LENGTH = 14  # an expert's name up to this long is its own alias
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.split(r"[_.\-\s]+", text) if w]
+
+
+def _group_abbreviation(group: str) -> str:
+    words = _words(group)
+    return "".join(w[0] for w in words) if len(words) > 1 else group[:5]
+
+
+def expert_aliases(names: list[str]) -> dict[str, str]:
+    """A short label per expert, unique among `names`, for a figure's axis (the full name goes in
+    its hover). A name of up to ALIAS_LENGTH characters is its own alias. A longer one is its group
+    (what comes before the first ".", BIG-bench's task group), abbreviated to its words' initials
+    or, for one word, its first five letters; then its task's words, less any that every task of
+    the group has (a name of no group: all its words), the longest cut to three letters until the
+    alias fits:
+    linguistic_mappings.past_tense_regular_json -> lm.pas_ten_reg,
+    multiemo.medicine_sentence_en -> multi.medicine, entailed_polarity -> ent_polarity.
+    Two groups of one abbreviation keep their names; two experts that would read alike, theirs.
+    Give it the whole library (`record.experts`), so that an expert reads alike in every figure."""
+    split = {name: name.split(".", 1) if "." in name else ["", name] for name in names}
+    abbreviated = {group: _group_abbreviation(group) for group, _ in split.values() if group}
+    taken = Counter(abbreviated.values())
+    prefix = {group: (a if taken[a] == 1 else group) + "." for group, a in abbreviated.items()} | {"": ""}
+    tasks: dict[str, list[list[str]]] = {}
+    for group, task in split.values():
+        tasks.setdefault(group, []).append(_words(task))
+    common = {group: set.intersection(*map(set, ws)) if group and len(ws) > 1 else set() for group, ws in tasks.items()}
+    for group, ws in tasks.items():
+        if any(set(w) <= common[group] for w in ws):  # a task with nothing of its own: drop nothing
+            common[group] = set()
+    aliases = {}
+    for name, (group, task) in split.items():
+        if len(name) <= ALIAS_LENGTH:
+            aliases[name] = name
+            continue
+        words = [w for w in _words(task) if w not in common[group]]
+        while len(prefix[group] + "_".join(words)) > ALIAS_LENGTH:
+            long = [i for i, w in enumerate(words) if len(w) > 3 and not w.isdigit()]
+            if not long:
+                break
+            i = max(long, key=lambda i: len(words[i]))
+            words[i] = words[i][:3]
+        aliases[name] = prefix[group] + "_".join(words)
+    while True:
+        counts = Counter(aliases.values())
+        alike = [name for name, alias in aliases.items() if alias != name and counts[alias] > 1]
+        if not alike:
+            return aliases
+        for name in alike:
+            aliases[name] = name
 
 
 def family_colours(families: Iterable[str | None]) -> dict[str, str]:

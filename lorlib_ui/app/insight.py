@@ -14,7 +14,7 @@ import pandas as pd
 from lorlib_ui.app import insight_figures as figs
 from lorlib_ui.app import tables
 from lorlib_ui.app.events import bind, cancel_job, run_job, session, shows_errors
-from lorlib_ui.worker.api import TASK_SETS, JobRequest, Worker
+from lorlib_ui.worker.api import TASK_SETS, InsightView, JobRequest, Worker
 
 HELP = (
     "Does routing pick the experts that help? **Transfer** scores every expert alone on every task's test "
@@ -24,6 +24,7 @@ HELP = (
 )
 TOKENS = [("content tokens (template left out)", "content"), ("all prompt tokens", "all")]
 DEFAULT_ROUTER = "arrow@private"
+TABLE_LABEL = "Per task (click a header to sort)"
 
 
 @dataclass
@@ -55,6 +56,7 @@ class InsightTab:
         return [
             self.router,
             self.layer,
+            self.tasks,
             self.notes,
             self.matrices,
             self.transfer_plot,
@@ -82,7 +84,7 @@ def build_tab() -> InsightTab:
             routing_btn = gr.Button("Route the tasks", variant="primary")
             cancel_btn = gr.Button("Cancel")
         status = gr.Markdown()
-        notes = gr.Markdown()
+        notes = gr.Markdown(elem_id="insight-notes")
         with gr.Column(visible=False) as matrices, gr.Row():  # hidden until there is something to draw
             transfer_plot = gr.Plot(show_label=False, elem_id="insight-transfer")
             routing_plot = gr.Plot(show_label=False, elem_id="insight-routing")
@@ -92,9 +94,7 @@ def build_tab() -> InsightTab:
                 accuracy_plot = gr.Plot(show_label=False, elem_id="insight-accuracy")
                 entropy_plot = gr.Plot(show_label=False, elem_id="insight-entropy")
         # outside the hidden column: a table first drawn inside a hidden block keeps zero height
-        table = gr.Dataframe(
-            interactive=False, label="Per task (click a header to sort)", elem_id="insight-table", visible=False
-        )
+        table = gr.Dataframe(interactive=False, label=TABLE_LABEL, elem_id="insight-table", visible=False)
         with gr.Row():
             download_btn = gr.Button("Download the matrices and the table (CSV)", size="sm")
             download_file = gr.File(label="Matrices", interactive=False, visible=False)
@@ -138,6 +138,8 @@ def download(worker: Worker, folder: str, spec: str | None, tokens: str, table) 
             for j, column in enumerate(t["columns"])
         ]
         frames["transfer"] = pd.DataFrame(rows, columns=["task", "family", "expert", "loglik", "exact_match", "gain"])
+        if stale := view.stale.get("transfer"):  # never written out unmarked either
+            frames["transfer"]["stale"] = stale
     stats = (view.routing.get(spec or "") or {}).get("content" if tokens == "content" else "all")
     if stats:
         mass = stats["mass"]
@@ -147,11 +149,43 @@ def download(worker: Worker, folder: str, spec: str | None, tokens: str, table) 
             for j, expert in enumerate(stats["experts"])
         ]
         frames[f"routing-{tables.slug(spec)}"] = pd.DataFrame(rows, columns=["task", "expert", "share"])
+        if stale := view.stale.get(spec):
+            frames[f"routing-{tables.slug(spec)}"]["stale"] = stale
     if (shown := tables.frame(table)) is not None:
-        frames["per-task"] = shown
+        frames["per-task"] = shown.assign(stale=view.stale[spec]) if view.stale.get(spec or "") else shown
     if not frames:
         raise gr.Error("nothing to download yet: compute the transfer matrix or routing statistics first")
     return gr.update(value=tables.write_csv(frames, "insight"), visible=True)
+
+
+def table_label(stale: str | None) -> str:
+    return TABLE_LABEL if not stale else f"Per task — stale: {stale} (click a header to sort)"
+
+
+def notes(view: InsightView, spec: str | None) -> str:
+    """What is missing or stale of what the tab shows, each with the button that computes it again."""
+    lines = []
+    if view.transfer is None:
+        lines.append("No transfer matrix yet: press **Compute transfer** (held-out tasks: minutes on a CPU).")
+    elif stale := view.stale.get("transfer"):
+        lines.append(
+            f"Transfer matrix **stale: {stale}** — press **Compute transfer** to recompute "
+            f"({view.recompute.get('transfer', 'time unknown')})."
+        )
+    if view.transfer is not None and view.unscored:
+        shown = ", ".join(view.unscored[:3]) + (" ..." if len(view.unscored) > 3 else "")
+        lines.append(
+            f"No transfer column yet for {len(view.unscored)} expert{'s' if len(view.unscored) > 1 else ''} "
+            f"added since ({shown}): press **Compute transfer** ({view.recompute.get('transfer', 'time unknown')})."
+        )
+    if spec not in view.routing:
+        lines.append(f"No routing statistics for **{spec}** yet: press **Route the tasks**.")
+    elif stale := view.stale.get(spec):
+        lines.append(
+            f"Routing statistics of **{spec}** **stale: {stale}** — press **Route the tasks** to recompute "
+            f"({view.recompute.get(spec, 'time unknown')})."
+        )
+    return " ".join(lines)
 
 
 @shows_errors
@@ -164,17 +198,13 @@ def show(worker: Worker, tab: InsightTab, folder: str, spec: str | None, tokens:
     stats = view.routing.get(spec)
     layers = [figs.ALL_LAYERS] + (stats[tokens]["layers"] if stats else [])
     layer = layer if layer in layers else figs.ALL_LAYERS
-    notes = []
-    if view.transfer is None:
-        notes.append("No transfer matrix yet: press **Compute transfer** (held-out tasks: minutes on a CPU).")
-    if stats is None:
-        notes.append(f"No routing statistics for **{spec}** yet: press **Route the tasks**.")
     out = {
         tab.router: gr.Dropdown(choices=choices, value=spec),
         tab.layer: gr.Dropdown(
             choices=[(figs.short_module(m), m) if m != figs.ALL_LAYERS else (m, m) for m in layers], value=layer
         ),
-        tab.notes: " ".join(notes),
+        tab.tasks: gr.Radio(value=view.task_set) if view.task_set else gr.update(),  # as the matrices show
+        tab.notes: notes(view, spec),
         tab.matrices: gr.Column(visible=view.transfer is not None or stats is not None),
         tab.transfer_plot: figs.transfer_heatmap(view) if view.transfer is not None else None,
         tab.routing_plot: figs.routing_heatmap(view, spec, tokens, layer) if stats else None,
@@ -184,8 +214,10 @@ def show(worker: Worker, tab: InsightTab, folder: str, spec: str | None, tokens:
         out |= {
             tab.accuracy_plot: figs.accuracy_by_layer(view, spec, tokens),
             tab.entropy_plot: figs.entropy_by_layer(view, spec, tokens),
-            tab.summary: figs.summary_text(view, spec, tokens),
-            tab.table: gr.Dataframe(figs.per_task_table(view, spec, tokens), visible=True),
+            tab.summary: figs.verdict(view, spec, tokens) + "\n\n" + figs.summary_text(view, spec, tokens),
+            tab.table: gr.Dataframe(
+                figs.per_task_table(view, spec, tokens), visible=True, label=table_label(view.stale.get(spec))
+            ),
         }
     else:
         out |= {

@@ -3,8 +3,9 @@
 The transfer matrix and a router's routing matrix are drawn tasks down and experts across, in the
 view's one order for both (tasks by family, experts by MBC cluster), so a column of the one lines
 up with the same column of the other: where routing mass sits against where the gain over the
-base model is. Transfer is coloured on a diverging scale centred on "no gain"; routing mass on a
-sequential scale from 0.
+base model is, each task's best expert (by transfer) starred on both. Transfer is coloured on a
+diverging scale centred on "no gain"; routing mass on a sequential scale from 0. What is stale
+(computed before the library's experts changed) is drawn faded, its title saying why.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from lorlib_ui.app.figures import LAYOUT, short_module
+from lorlib_ui.app.figures import DASHES, LAYOUT, PALETTE, layer_and_kind, short_module
 from lorlib_ui.worker.api import InsightView
 
 ALL_LAYERS = "all layers"
 
 
 LABEL = 26  # characters of an expert's name on an axis; the whole name is in the hover
+STALE_OPACITY = 0.45  # a stale matrix is drawn faded
 
 
 def _height(rows: int) -> int:
@@ -57,6 +59,47 @@ def _hover(view: InsightView) -> np.ndarray:
     return np.array([f"{e} ({g})" for e, g in zip(view.experts, view.groups)])
 
 
+def _marked(fig: go.Figure, title: str, stale: str | None) -> go.Figure:
+    """Title a figure, with a first line saying why it is stale where it is, and fade its heatmaps."""
+    if stale:
+        title = f"<b>stale: {stale}</b><br>{title}"
+        fig.update_traces(opacity=STALE_OPACITY, selector={"type": "heatmap"})
+    fig.update_layout(title=title, **LAYOUT)
+    if stale:
+        fig.update_layout(margin={**LAYOUT["margin"], "t": 70})
+    return fig
+
+
+def best_experts(view: InsightView) -> dict[str, str]:
+    """Task -> the expert with the largest gain over base on it in the transfer matrix (among the
+    view's experts), for the tasks with one."""
+    t = view.transfer
+    if t is None:
+        return {}
+    gain = _reordered(t["gain"], t["tasks"], t["columns"], view.tasks, view.experts)
+    return {task: view.experts[int(np.nanargmax(row))] for task, row in zip(view.tasks, gain) if np.isfinite(row).any()}
+
+
+def _star_best(fig: go.Figure, view: InsightView) -> None:
+    """A star on each task's best expert (by transfer), on either matrix."""
+    best = best_experts(view)
+    if not best:
+        return
+    labels = dict(zip(view.experts, _labels(view)))
+    fig.add_trace(
+        go.Scatter(
+            x=[labels[e] for e in best.values()],
+            y=list(best),
+            mode="markers",
+            name="best expert (transfer" + (", stale)" if view.stale.get("transfer") else ")"),
+            marker={"symbol": "star", "size": 11, "color": "#F0E442", "line": {"color": "#000000", "width": 1}},
+            customdata=list(best.values()),
+            hovertemplate="task %{y}<br>best expert alone: %{customdata}<extra></extra>",
+        )
+    )
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.02, "yanchor": "top", "x": 0})
+
+
 def transfer_heatmap(view: InsightView) -> go.Figure:
     """Each expert alone: its gain in answer log-likelihood over the base model, per task."""
     t = view.transfer
@@ -82,8 +125,9 @@ def transfer_heatmap(view: InsightView) -> go.Figure:
             "<br>log-lik. %{customdata[0]:.3f} (base %{customdata[1]:.3f})<extra></extra>",
         )
     )
-    fig.update_layout(title="Transfer: each expert alone, gain over base (blue helps)", height=_height(len(view.tasks)))
-    fig.update_layout(**LAYOUT)
+    _star_best(fig, view)
+    fig.update_layout(height=_height(len(view.tasks)))
+    _marked(fig, "Transfer: each expert alone, gain over base (blue helps; ★ best)", view.stale.get("transfer"))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_xaxes(showticklabels=len(view.experts) <= 60, tickangle=60)
     return fig
@@ -116,55 +160,94 @@ def routing_heatmap(view: InsightView, spec: str, tokens: str = "content", layer
         )
     )
     what = "content tokens" if tokens == "content" else "all prompt tokens"
-    fig.update_layout(title=f"Routing: {spec}, mean weight {where} ({what})", height=_height(len(view.tasks)))
-    fig.update_layout(**LAYOUT)
+    _star_best(fig, view)
+    fig.update_layout(height=_height(len(view.tasks)))
+    _marked(fig, f"Routing: {spec}, mean weight {where} ({what}; ★ best by transfer)", view.stale.get(spec))
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_xaxes(showticklabels=len(view.experts) <= 60, tickangle=60)
     return fig
 
 
-def accuracy_by_layer(view: InsightView, spec: str, tokens: str = "content") -> go.Figure:
-    """How often the top-1 expert is the task's own, or of its family, per layer, beside chance."""
-    by = view.routing[spec][tokens]["by_layer"]
-    layers = [short_module(m) for m in view.routing[spec][tokens]["layers"]]
-    fig = go.Figure()
-    for key, name, dash in (
-        ("own_accuracy", "own expert", None),
-        ("own_chance", "own: chance", "dot"),
-        ("family_accuracy", "family expert", None),
-        ("family_chance", "family: chance", "dot"),
-    ):
-        values = [np.nan if v is None else 100 * v for v in by[key]]
-        measured = by[key.replace("chance", "accuracy")]
-        if not np.isfinite(values).any() or all(v is None for v in measured):  # no accuracy: no chance line
-            continue
-        fig.add_trace(go.Scatter(x=layers, y=values, mode="lines", name=name, line={"dash": dash}))
-    fig.update_layout(title="Top-1 expert per token: right expert (%)", height=320, **LAYOUT)
-    fig.update_xaxes(showticklabels=False, title="layer")
+def _by_kind(modules: list[str], values: list, scale: float = 1.0) -> dict[str, tuple[list[int], list[float]]]:
+    """Per kind of module (q_proj, v_proj, ...), in the model's order: its layers' numbers and its
+    values there. Kinds alternate along the modules, so each is drawn as a line of its own."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for i, (module, value) in enumerate(zip(modules, values)):
+        layer, kind = layer_and_kind(module)
+        xs, ys = out.setdefault(kind, ([], []))
+        xs.append(int(layer) if layer is not None else i)
+        ys.append(scale * _cell(value))
+    return out
+
+
+def _lines(fig: go.Figure, modules: list[str], values: list, name: str, colour: str, scale: float = 1.0) -> None:
+    """One line per kind of module, told apart by dash and marker (the colour is the measure's)."""
+    kinds = _by_kind(modules, values, scale)
+    for k, (kind, (xs, ys)) in enumerate(kinds.items()):
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines+markers",
+                name=name if len(kinds) == 1 else f"{name} · {kind}",
+                line={"color": colour, "dash": DASHES[k % len(DASHES)]},
+                marker={"symbol": ["circle", "square", "diamond", "triangle-up"][k % 4], "size": 5},
+            )
+        )
+
+
+def _reference(fig: go.Figure, modules: list[str], values: list, name: str, colour: str, scale: float = 1.0) -> None:
+    """A dotted reference line (chance, uniform): one line where every kind of module has the same."""
+    kinds = _by_kind(modules, values, scale)
+    curves = list(kinds.values())
+    same = all(c[0] == curves[0][0] and np.allclose(c[1], curves[0][1], equal_nan=True) for c in curves)
+    for kind, (xs, ys) in list(kinds.items())[: 1 if same else None]:
+        label = name if same else f"{name} · {kind}"
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=label, line={"color": colour, "dash": "dot"}))
+
+
+def _layer_axis(fig: go.Figure, title: str, stale: str | None) -> go.Figure:
+    fig.update_layout(height=340)
+    _marked(fig, title, stale)
+    fig.update_xaxes(title="layer (0: nearest the input)", showticklabels=True, tickmode="auto")
     return fig
+
+
+def accuracy_by_layer(view: InsightView, spec: str, tokens: str = "content") -> go.Figure:
+    """How often the top-1 expert is the task's own, or of its family, per layer and kind of module
+    (q_proj and v_proj alternate along the model: a line each), beside chance."""
+    stats = view.routing[spec][tokens]
+    by, modules = stats["by_layer"], stats["layers"]
+    fig = go.Figure()
+    for measure, name, colour in (("own", "own expert", PALETTE[4]), ("family", "family expert", PALETTE[0])):
+        measured = by[f"{measure}_accuracy"]
+        if all(v is None for v in measured):  # no accuracy: no chance line
+            continue
+        _lines(fig, modules, measured, name, colour, 100)
+        _reference(fig, modules, by[f"{measure}_chance"], f"{measure}: chance", colour, 100)
+    return _layer_axis(fig, "Top-1 expert per token: right expert (%)", view.stale.get(spec))
 
 
 def entropy_by_layer(view: InsightView, spec: str, tokens: str = "content") -> go.Figure:
-    by = view.routing[spec][tokens]["by_layer"]
-    layers = [short_module(m) for m in view.routing[spec][tokens]["layers"]]
+    stats = view.routing[spec][tokens]
+    by, modules = stats["by_layer"], stats["layers"]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=layers, y=[_cell(v) for v in by["entropy"]], mode="lines", name="routing"))
-    fig.add_trace(go.Scatter(x=layers, y=by["uniform_entropy"], mode="lines", name="uniform", line={"dash": "dot"}))
-    fig.update_layout(title="Routing entropy per layer (nats)", height=320, **LAYOUT)
-    fig.update_xaxes(showticklabels=False, title="layer")
-    return fig
+    _lines(fig, modules, by["entropy"], "routing", PALETTE[2])
+    _reference(fig, modules, by["uniform_entropy"], "uniform", PALETTE[2])
+    return _layer_axis(fig, "Routing entropy per layer (nats)", view.stale.get(spec))
 
 
+# What carries the lesson first: where routing went, what that expert gains, and what the best one would
 TABLE_COLUMNS = [
     "task",
-    "family",
-    "own expert %",
-    "family %",
-    "family chance %",
-    "Spearman",
     "most routed",
     "its gain",
     "best gain",
+    "Spearman",
+    "family %",
+    "family chance %",
+    "own expert %",
+    "family",
 ]
 
 
@@ -225,3 +308,68 @@ def summary_text(view: InsightView, spec: str, tokens: str = "content") -> str:
         f"for uniform weights (intervals: 95% bootstrap over prompts, and over tasks as well). "
         f"Spearman(routing mass, transfer gain), mean over tasks: **{num(s['spearman'])}**."
     )
+
+
+def _times(ratio: float) -> str:
+    """3.0 -> '3×', 3.16 -> '3.2×'."""
+    return f"{ratio:.1f}".removesuffix(".0") + "×"
+
+
+def _against_chance(s: dict) -> tuple[str, bool] | None:
+    """How often routing finds the task's family against chance, in words, and whether that is
+    above chance: by the interval over tasks where the statistics carry one, else by the means."""
+    accuracy, chance = s.get("family_accuracy"), s.get("family_chance")
+    if accuracy is None or not chance:
+        return None
+    interval = s.get("family_accuracy_task_ci")
+    counts = s.get("family_above_chance")
+    numbers = f"{100 * accuracy:.1f}%"
+    numbers += f", 95% interval over tasks {100 * interval[0]:.1f}–{100 * interval[1]:.1f}%" if interval else ""
+    numbers += f", against {100 * chance:.1f}% by chance"
+    if counts:
+        numbers += f"; above chance on {counts['up']} of {sum(counts.values())} tasks"
+    low, high = interval if interval else (accuracy, accuracy)
+    if low > chance + 1e-9:
+        times = _times(accuracy / chance)
+        return f"routes to an expert of the task's family {times} as often as chance ({numbers})", True
+    if high < chance - 1e-9:
+        return f"routes to the task's family less often than chance ({numbers})", False
+    if interval and accuracy > chance + 1e-9:
+        return f"routes to the task's family not clearly more often than chance ({numbers})", False
+    return f"routes to the task's family no more often than chance ({numbers})", False
+
+
+# |ρ| below each bound, in words (ρ of -0.1 or less: "runs against")
+_AGREEMENT = [(0.1, "does not follow"), (0.3, "barely follows"), (0.5, "loosely follows"), (0.7, "follows")]
+
+
+def _follows(rho: float | None, tasks: int) -> tuple[str, bool] | None:
+    """Whether how much a router routes to an expert follows how much that expert helps, in words."""
+    if rho is None:
+        return None
+    if rho <= -0.1:
+        verb, strong = "runs against", False
+    else:
+        verb = next((v for bound, v in _AGREEMENT if abs(rho) < bound), "closely follows")
+        strong = rho >= 0.3
+    text = f"how much it routes to an expert {verb} how much that expert helps (ρ = {rho:.2f}, mean over {tasks} tasks)"
+    return text, strong
+
+
+def verdict(view: InsightView, spec: str, tokens: str = "content") -> str:
+    """One sentence that follows from the summary's numbers: how often routing finds the task's
+    family against chance (with its interval over tasks, where stored), and whether routing mass
+    follows transfer gain (Spearman's ρ, mean over tasks)."""
+    stats = view.routing[spec][tokens]
+    s = stats["summary"]
+    rhos = sum(1 for row in stats.get("per_task", []) if row.get("spearman") is not None)
+    family, agreement = _against_chance(s), _follows(s.get("spearman"), rhos)
+    stale = f"*Stale ({view.stale[spec]}):* " if view.stale.get(spec) else ""
+    if family is None and agreement is None:
+        return f"{stale}**{spec}**: no family accuracy or transfer agreement to judge by."
+    if agreement is None:
+        return f"{stale}**{spec}** {family[0]}; compute transfer to see whether it routes to the experts that help."
+    if family is None:
+        return f"{stale}**{spec}**: {agreement[0]}."
+    joint = "and" if family[1] == agreement[1] else "but"
+    return f"{stale}**{spec}** {family[0]}, {joint} {agreement[0]}."

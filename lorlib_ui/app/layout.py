@@ -7,6 +7,10 @@ the app as the browser does. A user's mistake (an empty prompt, a bad path, a ma
 k out of range) shows as a visible error and the app keeps serving. This module assembles the
 tabs and wires what spans them: opening a library fills every tab, and an import, a build or an
 evaluation reopens it.
+
+Presentation mode (`?present=1`, or the Presentation button) is the page's alone: a class on the
+page, larger text by CSS, the header in one line, and plotly's base font raised on every figure
+(`PAGE_JS`). Below about 1000 px the columns and side-by-side plots of a row stack (`CSS`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,63 @@ INTRO = (
     "Each expert was trained on one task; **Arrow** routes every token, at every adapted layer, to the "
     "experts whose main direction its hidden state points along, with no extra training."
 )
+PRESENT_FONT = 16  # px: plotly's base font in presentation mode (its titles are 1.4 times that)
+# Run in the browser once the page has loaded: presentation mode from the URL, a switch for the
+# Presentation button, and every plotly figure (drawn now or later) given the mode's base font.
+PAGE_JS = """
+() => {
+    const root = document.documentElement;
+    const fit = (gd) => {  // a figure's base font: the mode's, or back to its own
+        const size = ((gd.layout || {}).font || {}).size;
+        if (!window.Plotly || !gd._fullLayout) return;
+        if (root.classList.contains("present")) {
+            if (size === __FONT__) return;
+            gd.dataset.ownFont = size === undefined ? "" : String(size);
+            window.Plotly.relayout(gd, {"font.size": __FONT__});
+        } else if (gd.dataset.ownFont !== undefined && size === __FONT__) {
+            const own = gd.dataset.ownFont;
+            delete gd.dataset.ownFont;
+            window.Plotly.relayout(gd, {"font.size": own === "" ? null : Number(own)});
+        }
+    };
+    const watch = (gd) => {  // Gradio redraws a figure in place: fit it after every draw
+        if (!gd.dataset.fitted && gd.on) {
+            gd.dataset.fitted = "1";
+            gd.on("plotly_afterplot", () => fit(gd));
+        }
+        fit(gd);
+    };
+    const scan = () => document.querySelectorAll(".js-plotly-plot").forEach(watch);
+    window.lorlibPresent = (on) => {
+        root.classList.toggle("present", on);
+        const url = new URL(window.location.href);
+        if (on) url.searchParams.set("present", "1");
+        else url.searchParams.delete("present");
+        window.history.replaceState(null, "", url);
+        scan();
+    };
+    if (new URLSearchParams(window.location.search).get("present") === "1") root.classList.add("present");
+    new MutationObserver(scan).observe(document.body, {childList: true, subtree: true});
+}
+""".replace("__FONT__", str(PRESENT_FONT))
+TOGGLE_JS = "() => window.lorlibPresent(!document.documentElement.classList.contains('present'))"
+CSS = """
+/* presentation mode: 16-18 px text, the header in one short line (the dark theme sets its sizes again) */
+html.present, html.present .dark {
+    --text-xxs: 12px; --text-xs: 14px; --text-sm: 16px; --text-md: 17px; --text-lg: 18px;
+    --text-xl: 22px; --text-xxl: 26px;
+}
+html.present #page-intro, html.present #page-library { display: none !important; }
+html.present #page-title h1 { font-size: var(--text-xl); margin: 0; }
+html.present #page-status p { margin: 0; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+html.present #page-status p + p { display: none; }
+/* a narrow window (a projector at 900 px): a row's columns and plots stack, each full width */
+@media (max-width: 1000px) {
+    .row > .column, .row > .block:has(.js-plotly-plot) { min-width: 100% !important; }
+}
+/* dark mode: HighlightedText writes its legend and labelled tokens in black */
+.dark .legend-item, .dark .token.highlighted { color: var(--body-text-color) !important; }
+"""
 
 
 @dataclass
@@ -56,6 +117,7 @@ class Page:
             self.clusters.k,
             self.evaluate.table,
             self.evaluate.differences,
+            self.evaluate.verdict,
             self.evaluate.plot,
             self.evaluate.task_plot,
             self.route.router,
@@ -140,12 +202,18 @@ def build_page(
 ) -> tuple[gr.Blocks, Page]:
     """`build_app`, and the page's components (for tests of the handlers)."""
     with gr.Blocks(title="lorlib: LoRA library explorer", delete_cache=(min(60, ttl), ttl)) as app:
-        gr.Markdown(f"# lorlib: LoRA library explorer\n{INTRO}" + (f"\n\n*{READ_ONLY_NOTE}*" if read_only else ""))
+        with gr.Row(equal_height=True):
+            gr.Markdown("# lorlib: LoRA library explorer", elem_id="page-title")
+            present_btn = gr.Button("Presentation", size="sm", scale=0, min_width=120, elem_id="present-toggle")
+        present_btn.click(None, js=TOGGLE_JS)
+        gr.Markdown(INTRO, elem_id="page-intro")
+        if read_only:  # stays in presentation mode, which hides the intro: a class should know
+            gr.Markdown(f"*{READ_ONLY_NOTE}*", elem_id="page-read-only")
         path = gr.State(library_path)
-        with gr.Row():
+        with gr.Row(elem_id="page-library"):
             path_box = gr.Textbox(library_path, label="Library folder", scale=4)
             open_btn = gr.Button("Open", scale=1)
-        status = gr.Markdown()
+        status = gr.Markdown(elem_id="page-status")
         with gr.Tabs() as tabs:
             page = Page(
                 path,
@@ -235,6 +303,8 @@ def launch(
         server_port=port,
         share=False,
         theme=theme,
+        css=CSS,
+        js=PAGE_JS,
         footer_links=["api"],
         prevent_thread_lock=not block,
         quiet=not block,

@@ -1,5 +1,5 @@
-"""The Library tab: the experts of the open library, one expert up close, import of PEFT adapters
-(zip), downloads.
+"""The Library tab: the experts of the open library, one expert up close (click its row, or pick
+it), downloads, and import of PEFT adapters (zip, or the Hub) below.
 
 The picked expert's view shows, per adapted layer, ‖ΔW‖ and the singular values of ΔW = s·B·A
 (the spectrum whose top right singular vector is Arrow's prototype), its nearest experts by the
@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from lorlib_ui.app import expert_figures
-from lorlib_ui.app.events import shows_errors
+from lorlib_ui.app.events import bind, shows_errors
 from lorlib_ui.worker.api import ExpertDetail, LibraryInfo, Worker
 
 HELP = (
@@ -24,7 +24,7 @@ HELP = (
 )
 COLUMNS = ["name", "kind", "family", "cluster", "tasks", "rank", "targets", "steps", "final loss"]
 LEARNED_COLUMNS = ["router", "method", "task", "shots", "experts mixed", "final loss"]
-PICK_INFO = "shown below: its weight update layer by layer, its nearest experts and its training loss"
+PICK_INFO = "or click its row: shown below, its weight update layer by layer, its nearest experts and training loss"
 NEAREST_LABEL = "Nearest experts (cosine of their MBC embeddings)"
 HUB_INFO = "owner/repo, owner/repo:subfolder (an adapter inside a repo), optionally @revision; one per line"
 LOADING = "*Computing the expert's spectrum per layer and its nearest experts…*"
@@ -58,13 +58,9 @@ class LibraryTab:
 def build_tab() -> LibraryTab:
     with gr.Tab("Library", id="library"):
         gr.Markdown(HELP)
-        table = gr.Dataframe(interactive=False, wrap=True, label="Experts")
-        learned = gr.Dataframe(interactive=False, visible=False, label="Learned routers (route with poly:NAME)")
-        with gr.Row():
-            upload = gr.File(label="Import PEFT adapters (zip)", file_types=[".zip"], type="filepath")
-            import_btn = gr.Button("Import")
-            hub_ids = gr.Textbox(label="Import from the Hugging Face Hub", info=HUB_INFO, lines=2, max_lines=8)
-            hub_btn = gr.Button("Import from the Hub")
+        table = gr.Dataframe(  # short: the picked expert's view shows right below it
+            interactive=False, wrap=True, max_height=360, label="Experts (click a row to see the expert)"
+        )
         with gr.Row():
             expert_pick = gr.Dropdown([], label="Expert", allow_custom_value=False, info=PICK_INFO)
             export_btn = gr.Button("Download expert")
@@ -79,6 +75,12 @@ def build_tab() -> LibraryTab:
         with gr.Row():
             spectrum_plot = gr.Plot(visible=False, show_label=False, elem_id="expert-spectrum")
             nearest = gr.Dataframe(visible=False, interactive=False, label=NEAREST_LABEL, elem_id="expert-nearest")
+        learned = gr.Dataframe(interactive=False, visible=False, label="Learned routers (route with poly:NAME)")
+        with gr.Row():  # below the expert view: the tall upload box no longer pushes the view off the screen
+            upload = gr.File(label="Import PEFT adapters (zip)", file_types=[".zip"], type="filepath")
+            import_btn = gr.Button("Import")
+            hub_ids = gr.Textbox(label="Import from the Hugging Face Hub", info=HUB_INFO, lines=2, max_lines=8)
+            hub_btn = gr.Button("Import from the Hub")
         inspecting = gr.State(False)
     return LibraryTab(
         table,
@@ -189,6 +191,14 @@ def expert_detail(worker: Worker, tab: LibraryTab, folder: str, name: str | None
     }
 
 
+def pick_row(tab: LibraryTab, event: gr.SelectData) -> dict:
+    """A click on a row of the experts table picks that expert (the detail follows, `wire`)."""
+    name = (event.row_value or [None])[0]
+    if not name:
+        return {tab.expert_pick: gr.update(), tab.summary: gr.update()}
+    return {tab.expert_pick: gr.update(value=name), tab.summary: gr.update(value=LOADING, visible=True)}
+
+
 def reshow(worker: Worker, tab: LibraryTab, folder: str, name: str | None, inspecting: bool) -> dict:
     """After the library (re)opens: the picked expert again (new neighbours, a new curve) if the
     view was showing one; else nothing, so that no plot appears before the user picks an expert."""
@@ -251,6 +261,10 @@ def wire(tab: LibraryTab, worker: Worker, path: gr.State):
     tab.expert_pick.select(lambda: loading, None, tab.summary, queue=False, api_visibility="private").then(
         partial(expert_detail, worker, tab), inputs, outputs, api_name="expert_detail"
     )
+    picked = tab.table.select(
+        bind(pick_row, tab), None, [tab.expert_pick, tab.summary], queue=False, api_visibility="private"
+    )
+    picked.then(partial(expert_detail, worker, tab), inputs, outputs, api_visibility="private")
 
     def redraw(event):
         again = partial(reshow, worker, tab)

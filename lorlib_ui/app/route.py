@@ -19,7 +19,7 @@ import gradio as gr
 from lorlib_ui.app import explain_figures, figures, links, report, routing_figures
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.core.record import RoutingRecord
-from lorlib_ui.worker.api import MAX_NEW_TOKENS, LibraryInfo, RouteRequest, RouteUpdate, Worker
+from lorlib_ui.worker.api import MAX_NEW_TOKENS, Example, LibraryInfo, RouteRequest, RouteUpdate, Worker
 
 HELP = (
     "Type a prompt and pick a router. The heatmap shows, for every adapted layer, how much weight "
@@ -81,7 +81,8 @@ class RouteTab:
     detail_box: gr.Column
     module_pick: gr.Dropdown
     token_pick: gr.Dropdown
-    coloured: gr.HighlightedText
+    hide_template: gr.Checkbox  # the chat template's tokens left out of the coloured text and the token menu
+    coloured: gr.HighlightedText  # a click on a token picks it in `token_pick`
     token_plot: gr.Plot
     logits_plot: gr.Plot
     compare_box: gr.Column
@@ -93,6 +94,7 @@ class RouteTab:
     compare_diff: gr.Plot
     record: gr.State
     shown: gr.State  # the names of the experts the record's router could use
+    routed_prompt: gr.State  # the prompt of the answers on show (a route's or a comparison's)
 
 
 def build_tab() -> RouteTab:
@@ -107,23 +109,24 @@ def build_tab() -> RouteTab:
                 with gr.Row():  # the menus are filled from the worker when a library opens
                     router = gr.Dropdown([], label="Router", allow_custom_value=True)
                     compare_router = gr.Dropdown([], label="Compare with", allow_custom_value=True)
+                with gr.Row():
+                    route_btn = gr.Button("Route", variant="primary")
+                    compare_btn = gr.Button("Compare two routers")
+                    merge_btn = gr.Button("Download the merge")
+                    link_btn = gr.Button("Copy link")
+                # the answer right under the buttons: on a 1280x800 projector it stays above the fold
+                answer = gr.Textbox(label="Generated text", lines=4, interactive=False)
+                timing = gr.Markdown()
                 router_note = gr.Markdown(elem_id="route-router-note")
                 with gr.Row():
                     top_k = gr.Slider(1, 16, value=4, step=1, label="top-k")
                     temperature = gr.Slider(0.1, 5.0, value=1.0, step=0.1, label="temperature")
                     max_new = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, label="max new tokens")
                     density = gr.Slider(0.05, 1.0, value=DENSITY, step=0.05, label="density (ties)")
-                with gr.Row():
-                    route_btn = gr.Button("Route", variant="primary")
-                    compare_btn = gr.Button("Compare two routers")
-                    merge_btn = gr.Button("Download the merge")
-                    link_btn = gr.Button("Copy link")
                 link_box = gr.Textbox(
                     label="Link to this view (opening it routes again)", buttons=["copy"], elem_id="route-link"
                 )
                 merge_file = gr.File(label="The router's merge: a PEFT adapter", interactive=False, visible=False)
-                answer = gr.Textbox(label="Generated text", lines=4, interactive=False)
-                timing = gr.Markdown()
             with gr.Column(scale=3, visible=False) as layer_box:
                 layer_plot = gr.Plot(show_label=False, elem_id="route-layer-plot")
         with gr.Column(visible=False) as detail_box:
@@ -135,7 +138,12 @@ def build_tab() -> RouteTab:
             with gr.Row():
                 module_pick = gr.Dropdown([], label="Layer", allow_custom_value=False)
                 token_pick = gr.Dropdown([], label="Token (why these experts)", allow_custom_value=False)
-            coloured = gr.HighlightedText(label="Tokens coloured by their top expert at this layer", show_legend=True)
+                hide_template = gr.Checkbox(True, label="hide the chat template")
+            coloured = gr.HighlightedText(
+                label="Tokens coloured by their top expert at this layer (click one to see why)",
+                show_legend=True,
+                elem_id="route-coloured",
+            )
             with gr.Row():
                 token_plot = gr.Plot(show_label=False, elem_id="route-token-plot")
                 logits_plot = gr.Plot(show_label=False, elem_id="route-logits-plot")
@@ -159,12 +167,13 @@ def build_tab() -> RouteTab:
                 compare_a = gr.Textbox(label="Router A", lines=4, interactive=False)
                 compare_b = gr.Textbox(label="Router B", lines=4, interactive=False)
             compare_timing = gr.Markdown(elem_id="route-compare-timing")
-            with gr.Row():
-                compare_plot_a = gr.Plot(show_label=False, elem_id="route-compare-a")
-                compare_plot_b = gr.Plot(show_label=False, elem_id="route-compare-b")
+            # one under the other: each has a panel per module type, too wide for half the page
+            compare_plot_a = gr.Plot(show_label=False, elem_id="route-compare-a")
+            compare_plot_b = gr.Plot(show_label=False, elem_id="route-compare-b")
             compare_diff = gr.Plot(show_label=False, elem_id="route-compare-diff")
         record = gr.State(None)  # inside the tab: a Tabs block holds only tabs
         shown = gr.State(None)
+        routed_prompt = gr.State(None)
         notes = gr.State({})
     return RouteTab(
         prompt=prompt,
@@ -203,6 +212,7 @@ def build_tab() -> RouteTab:
         detail_box=detail_box,
         module_pick=module_pick,
         token_pick=token_pick,
+        hide_template=hide_template,
         coloured=coloured,
         token_plot=token_plot,
         logits_plot=logits_plot,
@@ -215,19 +225,23 @@ def build_tab() -> RouteTab:
         compare_diff=compare_diff,
         record=record,
         shown=shown,
+        routed_prompt=routed_prompt,
     )
 
 
-def opened(tab: RouteTab, info: LibraryInfo, examples: list[tuple[str, str]]) -> dict:
-    """The routers the worker offers for this library, top-k up to its size, its example prompts."""
+def opened(tab: RouteTab, info: LibraryInfo, examples: list[Example]) -> dict:
+    """The routers the worker offers for this library, top-k up to its size, its example prompts
+    (labelled by their question, with their verdict where known) and their reference answers."""
     n = len(info.experts)
     default = DEFAULT_ROUTER if DEFAULT_ROUTER in info.routers else (info.routers or [None])[0]
     demo = info.demo if info.demo and info.demo["router"] in info.routers else None
     notes = {"notes": info.router_notes, "missing": info.routers_missing, "demo": demo}
     notes["families"] = {e["name"]: e.get("family") for e in info.experts}  # each expert's colour (`token_colours`)
+    references = {info.demo["prompt"].strip(): info.demo["expected"]} if info.demo else {}
+    notes["references"] = references | {e.prompt.strip(): e.expected for e in examples}  # prompt -> answer
     default = demo["router"] if demo else default
     shown = {
-        tab.example_pick: gr.Dropdown(choices=[(f"{t}: {p[:60]}", p) for t, p in examples], value=None),
+        tab.example_pick: gr.Dropdown(choices=[(e.label, e.prompt) for e in examples], value=None),
         tab.router: gr.Dropdown(choices=info.routers, value=default),
         tab.compare_router: gr.Dropdown(choices=info.routers, value="base"),
         tab.top_k: gr.Slider(1, max(n, 2), value=min(4, max(n, 1)), step=1),
@@ -271,16 +285,59 @@ def group_members(spec: str, experts: list[dict]) -> set[str] | None:
 
 
 def default_token(record: RoutingRecord, n_prompt_tokens: int) -> int | None:
-    """The token whose routing to explain first: the last of the prompt (what the answer starts
-    from), else the first; None for a record of no token."""
+    """The token whose routing to explain first: the first generated one (where the answer
+    starts); with none generated, the last of the user's own text (the chat template's are not
+    it); with a prompt count that does not fit the record, the first; None for a record of no token."""
     if not record.tokens:
         return None
-    return n_prompt_tokens - 1 if 0 < n_prompt_tokens <= len(record.tokens) else 0
+    if not 0 < n_prompt_tokens <= len(record.tokens):
+        return 0
+    if n_prompt_tokens < len(record.tokens):
+        return n_prompt_tokens
+    own = [i for i in record.content_tokens() if i < n_prompt_tokens]
+    return own[-1] if own else n_prompt_tokens - 1
 
 
-def _request(folder, text, spec, k, temp, max_tokens, density=None) -> RouteRequest:
+def shown_tokens(record: RoutingRecord, hide_template: bool) -> list[int]:
+    """The record's tokens that the coloured text and the token menu show, in order: all of them,
+    or all but the chat template's."""
+    return record.content_tokens() if hide_template else list(range(len(record.tokens)))
+
+
+def clicked_token(record: RoutingRecord | None, hide_template: bool, evt: gr.SelectData):
+    """The token a click on the coloured text picks: the clicked segment is the index-th token shown."""
+    shown = shown_tokens(record, hide_template) if record is not None else []
+    index = evt.index if isinstance(evt.index, int) else -1
+    return shown[index] if 0 <= index < len(shown) else gr.skip()
+
+
+def reference(notes: dict | None, text: str | None) -> str | None:
+    """The reference answer of a prompt that is one of the library's examples, else None."""
+    return ((notes or {}).get("references") or {}).get((text or "").strip())
+
+
+def _request(folder, text, spec, k, temp, max_tokens, density=None, expected=None) -> RouteRequest:
     density = None if density is None else float(density)
-    return RouteRequest(folder, text, spec, int(k), float(temp), max_new_tokens=int(max_tokens), density=density)
+    return RouteRequest(
+        folder, text, spec, int(k), float(temp), max_new_tokens=int(max_tokens), density=density, expected=expected
+    )
+
+
+def answer_note(update: RouteUpdate) -> str:
+    """Why a finished answer is empty, where it is: the model stopped at once, or wrote only blanks."""
+    if not update.done or update.text.strip():
+        return ""
+    n = update.answer_tokens
+    if n == 0:
+        return "stopped after 0 tokens (the model's first token ended the answer)"
+    return "an empty answer" + (f": {n} tokens of white space" if n else "")
+
+
+def reference_line(expected: str, marks: list[tuple[str, bool | None]]) -> str:
+    """'reference: «took» · arrow@private ✓': the reference answer, and each answer graded against it
+    (by the worker, as the evaluation grades)."""
+    graded = " / ".join(f"{name} {'?' if ok is None else '✓' if ok else '✗'}" for name, ok in marks)
+    return f"reference: «{expected.strip()}» · {graded}"
 
 
 def timing_note(update: RouteUpdate) -> str:
@@ -297,17 +354,21 @@ def timing_note(update: RouteUpdate) -> str:
 
 
 @shows_errors
-def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens, density=DENSITY):
-    """Stream the answer; at the end, the routing heatmap and the layers and tokens to inspect."""
-    for update in worker.route(_request(folder, text, spec, k, temp, max_tokens, density)):
+def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens, density=DENSITY, notes=None):
+    """Stream the answer; at the end, the routing heatmap and the layers and tokens to inspect, and
+    for one of the library's examples (`notes`) its reference answer and whether the answer is it."""
+    expected = reference(notes, text)
+    for update in worker.route(_request(folder, text, spec, k, temp, max_tokens, density, expected)):
         if not update.done:
             yield {tab.answer: update.text, tab.timing: timing_note(update)}
             continue
-        record, note = update.record, timing_note(update)
+        graded = reference_line(expected, [(spec, update.correct)]) if expected is not None else ""
+        record, note = update.record, "  \n".join(filter(None, [timing_note(update), answer_note(update), graded]))
         shown = routing_figures.shown_experts(record, group_members(spec, worker.library(folder).experts))
         default = record.modules[len(record.modules) // 2] if record.modules else None
         tokens = [(label, i) for i, label in enumerate(routing_figures.token_labels(record))]
         yield {
+            tab.routed_prompt: text,
             tab.answer: update.text,
             tab.timing: note,
             tab.layer_plot: routing_figures.layer_heatmap(record, shown),
@@ -321,15 +382,29 @@ def route(worker: Worker, tab: RouteTab, folder, text, spec, k, temp, max_tokens
 
 
 def layer_detail(
-    tab: RouteTab, record: RoutingRecord | None, module: str | None, token, shown, notes: dict | None = None
+    tab: RouteTab,
+    record: RoutingRecord | None,
+    module: str | None,
+    token,
+    shown,
+    notes: dict | None = None,
+    hide_template: bool = True,
 ) -> dict:
     """One layer: the tokens coloured by their top expert (in its family's colour, from `notes`),
-    their weights, and the picked token's logits."""
+    without the chat template's unless asked (and so the token menu), their weights, and the
+    picked token's logits."""
     if record is None or not module:
         return {tab.coloured: None, tab.token_plot: None, tab.logits_plot: None}
     pairs, colours = routing_figures.token_colours(record, module, (notes or {}).get("families"))
+    kept = shown_tokens(record, hide_template)
+    pairs = [pairs[i] for i in kept]
+    used = {expert for _, expert in pairs}
+    picked = None if token is None else int(token)
+    menu = sorted({*kept, picked} - {None})  # a picked template token (from a link) stays pickable
+    labels = routing_figures.token_labels(record)
     return {
-        tab.coloured: gr.HighlightedText(pairs, color_map=colours),
+        tab.coloured: gr.HighlightedText(pairs, color_map={e: c for e, c in colours.items() if e in used}),
+        tab.token_pick: gr.Dropdown(choices=[(labels[i], i) for i in menu], value=picked),
         tab.token_plot: routing_figures.token_heatmap(record, module, shown or None),
         **token_detail(tab, record, module, token, shown),
     }
@@ -369,28 +444,45 @@ def stale(tab: RouteTab, record: RoutingRecord | None, answer: str | None, compa
     return cleared_compare(tab) | route_cleared | {tab.layer_box: hidden, tab.detail_box: hidden}
 
 
+def stale_prompt(
+    tab: RouteTab, text: str | None, routed: str | None, record: RoutingRecord | None, answer, compared
+) -> dict:
+    """After the prompt changed, however it changed (typed, deleted, pasted, dropped, an example
+    picked): `stale`, unless it is back to the prompt of the answers on show."""
+    if (text or "").strip() == (routed or "").strip():
+        return gr.skip()
+    return stale(tab, record, answer, compared)
+
+
 def stale_compare(tab: RouteTab, compared: str | None) -> dict:
     """After router B changed: only the comparison was made with it."""
     return cleared_compare(tab) if compared else gr.skip()
 
 
 @shows_errors
-def compare(worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp, max_tokens, density=DENSITY):
+def compare(
+    worker: Worker, tab: RouteTab, folder, text, spec_a, spec_b, k, temp, max_tokens, density=DENSITY, notes=None
+):
     """Both routers' answers, streamed one after the other with their timing, each one's routing
-    per layer, and where their mean weights differ over the experts both can use."""
+    per layer, and where their mean weights differ over the experts both can use; for one of the
+    library's examples (`notes`), its reference answer and whether each answer is it."""
     info = worker.library(folder)
-    yield cleared_compare(tab) | {tab.compare_box: gr.Column(visible=True)}
-    records, groups, times = [], [], []
+    yield cleared_compare(tab) | {tab.compare_box: gr.Column(visible=True), tab.routed_prompt: text}
+    expected = reference(notes, text)
+    records, groups, times, marks = [], [], [], []
     for side, spec, answer, plot in (
         ("A", spec_a, tab.compare_a, tab.compare_plot_a),
         ("B", spec_b, tab.compare_b, tab.compare_plot_b),
     ):
-        for update in worker.route(_request(folder, text, spec, k, temp, max_tokens, density)):
+        for update in worker.route(_request(folder, text, spec, k, temp, max_tokens, density, expected)):
             line = f"**{side}** ({spec}): {timing_note(update)}"
             if not update.done:
                 yield {answer: update.text, tab.compare_timing: "  \n".join([*times, line])}
                 continue
-            times.append(line)
+            times.append(" — ".join(filter(None, [line, answer_note(update)])))
+            marks.append((side, update.correct))
+            if expected is not None and len(marks) == 2:
+                times.append(reference_line(expected, marks))
             groups.append(group_members(spec, info.experts))
             records.append(update.record)
             shown = routing_figures.shown_experts(update.record, groups[-1])
@@ -489,12 +581,14 @@ def restore_controls(tab: RouteTab, link: dict, notes: dict | None) -> dict:
     return out
 
 
-def route_link(worker: Worker, tab: RouteTab, link: dict, folder, text, spec, k, temp, max_tokens, density=DENSITY):
+def route_link(
+    worker: Worker, tab: RouteTab, link: dict, folder, text, spec, k, temp, max_tokens, density=DENSITY, notes=None
+):
     """A link with a prompt routes it, as the Route button would; other pages load as they are."""
     if not link or not link.get("prompt"):
         yield {tab.timing: gr.update()}
         return
-    yield from route(worker, tab, folder, text, spec, k, temp, max_tokens, density)
+    yield from route(worker, tab, folder, text, spec, k, temp, max_tokens, density, notes)
 
 
 def restore_picks(tab: RouteTab, link: dict, record: RoutingRecord | None) -> dict:
@@ -516,28 +610,29 @@ def wire_link(tab: RouteTab, worker: Worker, path: gr.State, path_box: gr.Textbo
     controls = [tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new]
     restored = opened.then(partial(restore_controls, tab), [link, tab.notes], controls, api_visibility="private")
     outputs = [tab.answer, tab.timing, tab.layer_plot, tab.record, tab.module_pick, tab.token_pick, tab.shown]
-    inputs = [link, path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density]
+    outputs.append(tab.routed_prompt)
+    inputs = [link, path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density, tab.notes]
     routed = restored.success(
         partial(route_link, worker, tab), inputs, [*outputs, tab.layer_box, tab.detail_box], api_visibility="private"
     )
     picked = routed.success(
         partial(restore_picks, tab), [link, tab.record], [tab.module_pick, tab.token_pick], api_visibility="private"
     )
-    detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown, tab.notes]
+    detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown, tab.notes, tab.hide_template]
     picked.success(
         partial(layer_detail, tab),
         detail_inputs,
-        [tab.coloured, tab.token_plot, tab.logits_plot],
+        [tab.coloured, tab.token_pick, tab.token_plot, tab.logits_plot],
         api_visibility="private",
     )
 
 
 def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown]
-    detail_outputs = [tab.coloured, tab.token_plot, tab.logits_plot]
+    detail_outputs = [tab.coloured, tab.token_pick, tab.token_plot, tab.logits_plot]
     routed = tab.route_btn.click(
         partial(route, worker, tab),
-        [path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density],
+        [path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density, tab.notes],
         [
             tab.answer,
             tab.timing,
@@ -548,14 +643,19 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
             tab.shown,
             tab.layer_box,
             tab.detail_box,
+            tab.routed_prompt,
         ],
         api_name="route",
     )
     # after each route, whether or not the default layer changed; then on the user's picks
-    layer_inputs = [*detail_inputs, tab.notes]  # the notes hold each expert's family
+    layer_inputs = [*detail_inputs, tab.notes, tab.hide_template]  # the notes hold each expert's family
     routed.success(partial(layer_detail, tab), layer_inputs, detail_outputs, api_visibility="private")
-    tab.module_pick.input(partial(layer_detail, tab), layer_inputs, detail_outputs, api_visibility="private")
+    for control in (tab.module_pick, tab.hide_template):
+        control.input(partial(layer_detail, tab), layer_inputs, detail_outputs, api_visibility="private")
     tab.token_pick.input(partial(token_detail, tab), detail_inputs, tab.logits_plot, api_visibility="private")
+    pick_inputs = [tab.record, tab.hide_template]
+    clicked = tab.coloured.select(clicked_token, pick_inputs, tab.token_pick, api_visibility="private")
+    clicked.success(partial(token_detail, tab), detail_inputs, tab.logits_plot, api_visibility="private")
     tab.example_pick.change(lambda p: p or gr.skip(), tab.example_pick, tab.prompt, api_visibility="private")
     for menu in (tab.router, tab.compare_router):
         menu.input(router_note, [tab.router, tab.compare_router, tab.notes], tab.router_note, api_visibility="private")
@@ -589,22 +689,37 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     tab.merge_btn.click(partial(merge, worker), merge_inputs, tab.merge_file, api_name="export_merge")
     tab.compare_btn.click(
         partial(compare, worker, tab),
-        [path, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new, tab.density],
-        list(cleared_compare(tab)),
+        [
+            path,
+            tab.prompt,
+            tab.router,
+            tab.compare_router,
+            tab.top_k,
+            tab.temperature,
+            tab.max_new,
+            tab.density,
+            tab.notes,
+        ],
+        [*cleared_compare(tab), tab.routed_prompt],
         api_name="compare",
     )
     wire_stale(tab)
 
 
 def wire_stale(tab: RouteTab) -> None:
-    """What the user's change of prompt, routers or settings leaves behind is cleared at once (on
-    `input`, the user's own changes: a link restoring the controls routes afresh), and a new route
-    starts by clearing the comparison of the prompt before."""
+    """What the user's change of prompt, routers or settings leaves behind is cleared at once, and
+    a new route starts by clearing the comparison of the prompt before. Menus and sliders clear on
+    `input` (the user's own changes: a link restoring the controls routes afresh); the prompt on any
+    `change` that leaves it unlike the routed one, since Gradio's textbox sends `input` only for
+    typed characters, not for deleting, pasting or dropping text."""
     cleared = list(cleared_compare(tab))
     quick = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
     tab.route_btn.click(partial(cleared_compare, tab), None, cleared, **quick)
     route_shown = [tab.answer, tab.timing, tab.layer_plot, tab.record, tab.shown, tab.layer_box, tab.detail_box]
-    controls = (tab.prompt, tab.example_pick, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density)
+    shown_now = [tab.record, tab.answer, tab.compare_a]
+    controls = (tab.example_pick, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density)
     for control in controls:
-        control.input(partial(stale, tab), [tab.record, tab.answer, tab.compare_a], [*cleared, *route_shown], **quick)
+        control.input(partial(stale, tab), shown_now, [*cleared, *route_shown], **quick)
+    prompt_inputs = [tab.prompt, tab.routed_prompt, *shown_now]
+    tab.prompt.change(partial(stale_prompt, tab), prompt_inputs, [*cleared, *route_shown], **quick)
     tab.compare_router.input(partial(stale_compare, tab), tab.compare_a, cleared, **quick)

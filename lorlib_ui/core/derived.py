@@ -16,7 +16,9 @@ kind only names it. `KINDS` lists them all, in four shapes:
                                                             recorded in the manifest under <kind>
 
 Adding a kind is one line here and the module that computes it. Reads never fail: a missing,
-damaged or stale entry reads as absent (what can be computed again is computed again). Writes
+damaged or stale entry reads as absent (what can be computed again is computed again). Only a
+view that marks it may read a stale entry on purpose, with what changed since (`Changes`: experts
+added, removed or retrained, from the hashes it was computed with); nothing routes with one. Writes
 are atomic and refused when the experts changed while the data was computed. `sweep` deletes
 only the store's own leftovers: temporary files of its writes, and the files of replaced
 named entries.
@@ -30,7 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -112,6 +115,49 @@ def _one(kind: str) -> str:
 def _write_error(path: Path, exc: Exception) -> LorlibError:
     reason = getattr(exc, "strerror", None) or str(exc)  # safetensors' errors carry only a message
     return LorlibError(f"library {path}: could not write ({reason}); the library is unchanged")
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed among a library's experts since some derived data was computed from them."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    retrained: tuple[str, ...] = ()  # same name, other weights
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.retrained)
+
+    def describe(self, added: str = "added") -> str:
+        """In words, for a stale mark: '1 expert added since', '2 experts retrained and 1 removed since'."""
+        counts = [(len(n), verb) for n, verb in ((self.added, added), (self.retrained, "retrained")) if n]
+        counts += [(len(self.removed), "removed")] if self.removed else []
+        if not counts:
+            return "the experts changed since"  # the same experts in another order
+        words = [f"{n} {verb}" for n, verb in counts]
+        words[0] = f"{counts[0][0]} expert{'s' if counts[0][0] != 1 else ''} {counts[0][1]}"
+        listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+        return f"{listed} since"
+
+
+def changes(then: Mapping[str, str], now: Mapping[str, str]) -> Changes:
+    """How the experts `now` differ from those `then` (each: expert name -> weights hash)."""
+    return Changes(
+        added=tuple(n for n in now if n not in then),
+        removed=tuple(n for n in then if n not in now),
+        retrained=tuple(n for n in now if n in then and then[n] != now[n]),
+    )
+
+
+def created_since(created: str, moment: float | str) -> bool:
+    """Whether an expert created at `created` came after `moment` (a time stamp, or ISO like
+    `created`): ISO times count to the second, so the same second is not after."""
+    try:
+        stamp = datetime.fromisoformat(created).timestamp()
+        moment = datetime.fromisoformat(moment).timestamp() if isinstance(moment, str) else moment
+    except (TypeError, ValueError):
+        return False
+    return stamp > int(moment)
 
 
 class Derived:
@@ -196,6 +242,56 @@ class Derived:
         """The experts among `names` (default: all) without `kind` for their current weights."""
         have = self.expert_info(kind)
         return [e.name for e in self.library.experts if (names is None or e.name in names) and e.name not in have]
+
+    def changes_since(self, hashes: Mapping[str, str]) -> Changes:
+        """What changed among the experts since data was computed from these (name -> weights hash)."""
+        return changes(hashes, self.hashes)
+
+    def _stamps(self, kind: str) -> dict[str, tuple[str | None, float, dict]]:
+        """Expert name -> (the weights hash its `kind` file is stamped with, the file's time, its
+        info), for every expert with a readable file, fresh or stale."""
+        out = {}
+        for e in self.library.experts:
+            path = self._expert_file(e, kind)
+            try:
+                meta = read_metadata(path)
+                info = json.loads(meta.get("info", "{}"))
+                out[e.name] = (meta.get("weights_hash"), path.stat().st_mtime, info if isinstance(info, dict) else {})
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
+        return out
+
+    def key_changes(self, kind: str, names: list[str] | None = None) -> Changes:
+        """Why experts among `names` (default: all) lack `kind` for their weights, where it went
+        stale: computed for weights they no longer have (retrained), or never, though they were
+        added after the others' were computed (added; a replaced expert is stored anew, so it is
+        among these). Those never given it are in neither."""
+        _kind(kind, "per_expert")
+        stamps = self._stamps(kind)
+        by_name = {e.name: e for e in self.library.experts}
+        fresh = [when for name, (stamp, when, _) in stamps.items() if stamp == by_name[name].weights_hash]
+        newest = max(fresh, default=None)  # when the last of the others' was computed
+        lacking = self.lacking(kind, names)
+        return Changes(
+            added=tuple(n for n in lacking if n not in stamps and newest and created_since(by_name[n].created, newest)),
+            retrained=tuple(n for n in lacking if n in stamps and stamps[n][0] != by_name[n].weights_hash),
+        )
+
+    def seconds_per_expert(self, kind: str) -> float | None:
+        """What computing `kind` took per expert in this library, as measured: the median of the
+        times its files record, else the last recorded command that computed it over the experts
+        holding it; None where nothing was measured."""
+        stamps = self._stamps(kind)
+        timed = [info["seconds"] for _, _, info in stamps.values() if isinstance(info.get("seconds"), int | float)]
+        if timed:
+            return float(statistics.median(timed))
+        runs = [
+            h.get("seconds")
+            for h in self.library.extra.get("history", [])
+            if isinstance(h, dict) and kind in str(h.get("command", "")).split()
+        ]
+        runs = [s for s in runs if isinstance(s, int | float) and s > 0]
+        return runs[-1] / len(stamps) if runs and stamps else None
 
     def read_experts(self, kind: str) -> dict[str, dict[str, torch.Tensor]]:
         """Expert name -> its `kind` tensors, for the experts that have them for their weights."""

@@ -60,3 +60,12 @@ def template_span(tokenizer, chat: bool) -> tuple[int, int]:
     prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     suffix = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1])) if x != y), min(len(a), len(b)))
     return prefix, min(suffix, min(len(a), len(b)) - prefix)
+
+
+def template_positions(tokenizer, chat: bool, n_prompt: int, truncated: bool = False) -> list[int]:
+    """The positions of the chat template's tokens in a prompt of `n_prompt` tokens (`template_span`
+    before and after the content). A prompt cut from the left (`truncated`) lost its leading ones."""
+    prefix, suffix = template_span(tokenizer, chat)
+    start = 0 if truncated else min(prefix, n_prompt)
+    end = max(start, n_prompt - suffix)
+    return [*range(start), *range(end, n_prompt)]

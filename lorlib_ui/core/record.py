@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +24,12 @@ class RoutingRecord:
     tokens: list[str]  # every routed token: prompt, then generated
     weights: np.ndarray  # (modules, tokens, experts); rows sum to 1 (0 for the base router)
     logits: np.ndarray  # (modules, tokens, experts); NaN where the router computes none
+    template: list[int] = field(default_factory=list)  # positions of the chat template's tokens around the prompt
+
+    def content_tokens(self) -> list[int]:
+        """The tokens of the user's text and of the answer: every token but the chat template's."""
+        template = set(self.template)
+        return [i for i in range(len(self.tokens)) if i not in template]
 
     def layer_expert_weights(self) -> np.ndarray:
         """(modules, experts): mean routing weight over tokens."""

@@ -65,6 +65,19 @@ class LibraryInfo:
 
 
 @dataclass
+class Example:
+    """A prompt the Route tab offers (`Worker.examples`): a validation row of a held-out task,
+    never a test row (those are the evaluation's)."""
+
+    label: str  # what the menu shows: the row's question, the task's short name, the verdict if known
+    prompt: str
+    expected: str  # the row's reference answer
+    task: str
+    kind: str  # "helps": the router right, the base model wrong; "fails": the router wrong (both
+    # picked on validation rows by `lorlib_ui.analysis.demo`); "plain": a row with no verdict known
+
+
+@dataclass
 class RouteRequest:
     library: str
     prompt: str
@@ -75,6 +88,7 @@ class RouteRequest:
     max_new_tokens: int = 48
     chat: bool = True
     density: float | None = None  # ties: the share of each expert's entries kept (None: its default)
+    expected: str | None = None  # a reference answer: the worker grades the answer by it (`RouteUpdate.correct`)
 
 
 @dataclass
@@ -89,6 +103,8 @@ class RouteUpdate:
     first_token_s: float | None = None  # seconds from the request to the first generated token
     total_s: float | None = None
     prompt_limit: int | None = None  # the longest prompt the worker prefills (a cut one is `truncated`)
+    answer_tokens: int | None = None  # the answer's tokens, the stop token not counted (0: the first one stopped)
+    correct: bool | None = None  # whether the answer is the request's `expected`, graded as the evaluation grades
 
 
 @dataclass
@@ -128,7 +144,10 @@ class ExpertDetail:
 @dataclass
 class InsightView:
     """What judges routing, as stored in the library: the transfer matrix (each expert alone on
-    each task) and the last routing statistics of each router, in one order for both."""
+    each task) and the last routing statistics of each router, in one order for both.
+
+    Results computed before the library's experts changed are kept, stale, until they are
+    computed again: `stale` says which and why, and whatever shows them must say so too."""
 
     tasks: list[str]  # by family, then name
     families: list[str | None]
@@ -137,6 +156,12 @@ class InsightView:
     transfer: dict | None  # TransferMatrix.to_dict(), or None when none is stored
     routing: dict[str, dict]  # router spec -> {"all": ..., "content": ...} (RoutingStats.to_dict)
     routers: list[str] = field(default_factory=list)  # what the library can route with (the Route menu)
+    # "transfer" or a router spec -> why what is shown of it is stale ("1 expert added since")
+    stale: dict[str, str] = field(default_factory=dict)
+    # "transfer" or a router spec -> about how long computing it again takes ("about 5 min on a CPU")
+    recompute: dict[str, str] = field(default_factory=dict)
+    unscored: list[str] = field(default_factory=list)  # experts added since the transfer matrix: no column yet
+    task_set: str | None = None  # the set of tasks (TASK_SETS) the shown tasks belong to, smallest first
 
 
 @dataclass
@@ -179,8 +204,10 @@ class Worker(ABC):
         (the router registry's presets are; few-shot LoraHub, which searches per task, is not)."""
 
     @abstractmethod
-    def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
-        """(task, prompt) pairs from the library's held-out tasks, for the prompt box."""
+    def examples(self, path: str, per_task: int = 2) -> list[Example]:
+        """Prompts for the Route tab, from validation rows of the library's held-out tasks: the
+        examples stored by `lorlib_ui.analysis.demo` (where the router helps, then where it fails),
+        then up to `per_task` other rows of each task."""
 
     @abstractmethod
     def route(self, request: RouteRequest) -> Iterator[RouteUpdate]:
@@ -208,7 +235,7 @@ class Worker(ABC):
     @abstractmethod
     def insight(self, path: str) -> InsightView:
         """The library's stored transfer matrix and routing statistics (the `transfer` and
-        `routing` jobs compute them)."""
+        `routing` jobs compute them), those computed before its experts changed marked stale."""
 
     @abstractmethod
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:

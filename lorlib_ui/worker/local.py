@@ -31,11 +31,12 @@ from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.core.learned_routers import learned_problem, learned_routers, summary
 from lorlib_ui.core.library import TASK_KINDS, Library
 from lorlib_ui.core.limits import positive_setting
-from lorlib_ui.core.prompting import check_max_new_tokens
+from lorlib_ui.core.prompting import check_max_new_tokens, template_positions
 from lorlib_ui.training.trainers import LocalTrainer, Trainer
 from lorlib_ui.worker.access import Access
 from lorlib_ui.worker.api import (
     ClusterView,
+    Example,
     ExpertDetail,
     InsightView,
     JobRequest,
@@ -212,18 +213,15 @@ class LocalWorker(Worker):
 
         return evaluable()
 
-    def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
+    def examples(self, path: str, per_task: int = 2) -> list[Example]:
+        from lorlib_ui.analysis.demo import menu_examples
         from lorlib_ui.training.data import load_tasks
 
         library = self._open(path)
         held = library.held_out
-        if not held.tasks or held.kind == "hub":  # opening a library never touches the network
-            return []
-        data = load_tasks(library.data_source())
-        out = []
-        for task in held.tasks:
-            out += [(task, row["input"]) for row in data.rows(task, "test")[:per_task]]
-        return out
+        # opening a library never touches the network: with hub data, only the stored examples
+        data = load_tasks(library.data_source()) if held.tasks and held.kind != "hub" else None
+        return [Example(**example) for example in menu_examples(library, data, per_task)]
 
     # ---- routing --------------------------------------------------------------------------------
     def explain(self, request: RouteRequest, answer: str | None = None, compare: str | None = None) -> dict:
@@ -299,6 +297,7 @@ class LocalWorker(Worker):
         return rm
 
     def route(self, request: RouteRequest) -> Iterator[RouteUpdate]:
+        from lorlib_ui.analysis.demo import graded
         from lorlib_ui.core.generation import generate
 
         if not isinstance(request.prompt, str) or not request.prompt.strip():
@@ -322,6 +321,9 @@ class LocalWorker(Worker):
                         on_token=lambda text: updates.put(("text", text)),
                         max_prompt_tokens=self.max_prompt_tokens,
                     )
+                    n = len(result.prompt_ids)  # the UI may leave the chat template's tokens out
+                    template = template_positions(rm.tokenizer, request.chat, n, result.truncated)
+                    result.record = replace(result.record, template=template)
                 updates.put(("done", result))
             except Exception as exc:  # handed to the caller's thread
                 updates.put(("error", exc))
@@ -346,6 +348,8 @@ class LocalWorker(Worker):
                 prompt_limit=self.max_prompt_tokens,
                 first_token_s=first,
                 total_s=time.perf_counter() - start,
+                answer_tokens=len(value.answer_ids),
+                correct=None if request.expected is None else graded(value.text, request.expected),
             )
             return
 
@@ -444,12 +448,29 @@ class LocalWorker(Worker):
     # ---- imports ---------------------------------------------------------------------------------
     # ---- judging routing ------------------------------------------------------------------------
     def insight(self, path: str) -> InsightView:
-        from lorlib_ui.analysis.routing_stats import load_routing
-        from lorlib_ui.analysis.transfer import load_transfer
+        """Stale results are kept, marked with what changed, where nothing fresh replaces them."""
+        from lorlib_ui.analysis.evaluation import held_out_tasks, seen_tasks
+        from lorlib_ui.analysis.routing_stats import load_routing, routing_seconds, stale_routing
+        from lorlib_ui.analysis.transfer import stale_transfer, transfer_seconds
+        from lorlib_ui.core.derived import Changes
 
         library = self._open(path)
-        matrix = load_transfer(library)
+        matrix, changed = stale_transfer(library)
         routing = load_routing(library)
+        stale, recompute = {}, {}
+        for spec, (entry, since) in stale_routing(library).items():
+            if spec not in routing and all(isinstance(entry.get(k), dict) for k in ("all", "content")):
+                routing[spec] = entry
+                stale[spec] = since.describe()
+                routed = len(entry["all"].get("tasks", []))
+                recompute[spec] = _about(routing_seconds(routed, entry.get("limit"))) + " on a CPU"
+        if matrix and changed.retrained:
+            named = ", ".join(changed.retrained[:3]) + (" ..." if len(changed.retrained) > 3 else "")
+            whose = "its" if len(changed.retrained) == 1 else "their"
+            stale["transfer"] = f"{Changes(retrained=changed.retrained).describe()} ({named}: {whose} old weights)"
+        if matrix and changed:
+            cells = len(matrix.tasks) * (len(changed.retrained) + len(changed.added))
+            recompute["transfer"] = _about(transfer_seconds(cells, int(matrix.rows.max()) or None)) + " on a CPU"
         families = dict(zip(matrix.tasks, matrix.families)) if matrix else {}
         for entry in routing.values():
             families |= dict(zip(entry["all"]["tasks"], entry["all"]["families"]))
@@ -463,6 +484,8 @@ class LocalWorker(Worker):
         }
         kinds_last = {e.name: e.kind not in TASK_KINDS for e in library.experts}
         experts = sorted(library.names, key=lambda n: (kinds_last[n], groups[n], n))
+        held, seen = set(held_out_tasks(library)), set(seen_tasks(library))
+        sets = (("held-out", held), ("seen", seen), ("all", held | seen))
         return InsightView(
             tasks=tasks,
             families=[families[t] for t in tasks],
@@ -471,6 +494,10 @@ class LocalWorker(Worker):
             transfer=matrix.to_dict() if matrix else None,
             routing=routing,
             routers=_router_menu(library)["routers"],
+            stale=stale,
+            recompute=recompute,
+            unscored=list(changed.added) if matrix else [],
+            task_set=next((name for name, members in sets if tasks and set(tasks) <= members), None),
         )
 
     def import_adapters(self, path: str, folders: list[str], force: bool = False) -> list[str]:
@@ -561,9 +588,42 @@ class LocalWorker(Worker):
         self._jobs.cancel(job_id)
 
 
+def _about(seconds: float) -> str:
+    """A rough duration in words: 'under a minute', 'about 5 min', 'about 2.5 h'."""
+    if seconds < 60:
+        return "under a minute"
+    return f"about {round(seconds / 60)} min" if seconds < 90 * 60 else f"about {seconds / 3600:.1f} h"
+
+
+def _lacks_keys(library: Library, spec: str, lacking: dict[str, list[str]], measured: dict) -> str | None:
+    """The menu's line for a router that lacks a key set for some of its experts, saying why
+    where the keys went stale (experts added or retrained since they were computed) and about how
+    long computing the missing ones takes, as measured in this library; None for other routers."""
+    from lorlib_ui.core.routers import KEY_COMMANDS, plan_router
+
+    try:
+        plan = plan_router(spec, library.names, groups=library.groups())
+    except LorlibError:
+        return None
+    kind = plan.router.needs
+    short = [x for x in plan.experts if x in set(lacking.get(kind, []))]
+    if not short:
+        return None
+    since = library.derived.key_changes(kind, short)
+    if kind not in measured:
+        measured[kind] = library.derived.seconds_per_expert(kind)
+    per_expert = measured[kind]
+    why = f" (keys stale: {since.describe(added='added or replaced')})" if since else ""
+    those = "that one" if len(short) == 1 else f"those {len(short)}"
+    took = f" ({_about(len(short) * per_expert)} for {those})" if per_expert else ""
+    command = KEY_COMMANDS.get(kind, kind)
+    return f"needs {kind} for {len(short)} of its {len(plan.experts)} experts{why}: run `{command}`{took}"
+
+
 def _router_menu(library: Library) -> dict:
     """What the app's router menus offer for a library (from the registry): the specs it can run
-    with a line about each, and those it cannot run yet with what they lack."""
+    with a line about each, and those it cannot run yet with what they lack (and, where their
+    keys went stale, why, and about how long computing them takes)."""
     from lorlib_ui.core.derived import KEY_SETS
     from lorlib_ui.core.routers import explain, menu
 
@@ -571,5 +631,7 @@ def _router_menu(library: Library) -> dict:
     learned = {name: r for name, r in learned_routers(library).items() if learned_problem(library, name) is None}
     mixed = {name: r.experts for name, r in learned.items()}
     routers, missing = menu(library.names, library.groups(), lacking, mixed)
+    measured: dict[str, float | None] = {}  # key set -> seconds per expert, read once
+    missing = {spec: _lacks_keys(library, spec, lacking, measured) or line for spec, line in missing.items()}
     notes = {s: explain(s) for s in routers} | {f"poly:{name}": summary(r) for name, r in learned.items()}
     return {"routers": routers, "router_notes": notes, "routers_missing": missing}

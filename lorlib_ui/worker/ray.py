@@ -41,6 +41,7 @@ from pathlib import Path
 from lorlib_ui.core.errors import LorlibError
 from lorlib_ui.worker.api import (
     ClusterView,
+    Example,
     ExpertDetail,
     InsightView,
     JobRequest,
@@ -233,7 +234,7 @@ class RayWorker(Worker):
     def comparisons(self) -> dict[str, bool]:
         return self._call("comparisons")
 
-    def examples(self, path: str, per_task: int = 2) -> list[tuple[str, str]]:
+    def examples(self, path: str, per_task: int = 2) -> list[Example]:
         return self._call("examples", path, per_task)
 
     def route(self, request: RouteRequest) -> Iterator[RouteUpdate]:

@@ -196,3 +196,39 @@ def test_command_line_reports_accuracy_beside_chance(matched, capsys):
     ):
         code, _, err = run(capsys, "routing-stats", path, "--data", data, *argv)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_statistics_of_other_experts_read_as_absent_but_are_kept_stale_with_the_reason(matched, tmp_path, tiny_base):
+    """Stored statistics, then an expert added: `load_routing` (what judges) has none; the stale
+    read keeps them with what changed, and retraining and removing say so too."""
+    import shutil
+
+    from lorlib_ui.analysis.routing_stats import load_routing, routing_seconds, stale_routing, store_routing
+    from lorlib_ui.core.routers import make_router
+    from lorlib_ui.training.data import load_tasks
+
+    path, data, _ = matched
+    shutil.copytree(path, tmp_path / "lib")
+    library = Library.open(tmp_path / "lib")
+    rm = _routed(tmp_path / "lib")
+    results = route_dataset(rm, make_router("arrow", rm.experts, top_k=1), load_tasks(str(data)), list(TASKS), 1)
+    store_routing(library, "arrow", results, 1)
+    assert "arrow" in load_routing(Library.open(tmp_path / "lib")) and not stale_routing(library)
+    extra = read_adapter(make_adapter(tmp_path / "extra", tiny_base, seed=9, rank=2, targets=MODULES))
+    library.add_experts([(expert_from_adapter("extra", extra, library.base_model), extra)])
+    library.add_experts([(expert_from_adapter("t1", extra, library.base_model), extra)], force=True)
+    library.remove_expert("t3")
+    library = Library.open(tmp_path / "lib")
+    assert load_routing(library) == {}
+    entry, changed = stale_routing(library)["arrow"]
+    assert entry["all"]["tasks"] == list(TASKS) and entry["limit"] == 1
+    assert (changed.added, changed.retrained, changed.removed) == (("extra",), ("t1",), ("t3",))
+    assert changed.describe() == "1 expert added, 1 retrained and 1 removed since"
+    assert routing_seconds(33, 20) == pytest.approx(330.0)  # 660 prompts at half a second
+    # computing another router again keeps this one's stale statistics (until it is recomputed)
+    rm = _routed(tmp_path / "lib")
+    again = route_dataset(rm, make_router("uniform", rm.experts), load_tasks(str(data)), list(TASKS), 1)
+    store_routing(library, "uniform", again, 1)
+    library = Library.open(tmp_path / "lib")
+    stale = stale_routing(library)  # (the fixture's library may hold other routers' statistics too)
+    assert set(load_routing(library)) == {"uniform"} and "arrow" in stale and "uniform" not in stale

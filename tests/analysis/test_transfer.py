@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import library_snapshot, run
+from conftest import library_snapshot, make_adapter, run
 
 from lorlib_ui.analysis.transfer import BASE, TransferOptions, load_transfer, transfer_library
 from lorlib_ui.core.adapters import read_adapter
@@ -169,3 +169,29 @@ def test_command_line_prints_the_matrix_and_refuses_bad_input(library, capsys):
         code, out, err = run(capsys, "transfer", path, "--data", data, *argv)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert library_snapshot(path) == before
+
+
+def test_a_changed_library_keeps_its_stale_cells_for_showing_and_says_what_changed(tiny_library, tiny_base, tmp_path):
+    """After the matrix is scored, task0 is retrained and an expert is added: the normal read drops
+    task0's column; the stale read keeps it, names task0 retrained and the new expert unscored."""
+    import time
+
+    from lorlib_ui.analysis.transfer import _store, column_keys, stale_transfer
+    from lorlib_ui.core.derived import Changes
+
+    keys = column_keys(tiny_library)
+    for column in [BASE, *tiny_library.names]:
+        cell = {"key": keys[column], "loglik": [-3.0 + (column == "task0")], "exact_match": None, "family": "f"}
+        _store(tiny_library, column, {"t": cell})
+    assert stale_transfer(Library.open(tiny_library.path))[1] == Changes()  # unchanged: nothing stale
+    time.sleep(1.1)  # the new expert is created a second after the matrix: times count to the second
+    retrained = read_adapter(make_adapter(tmp_path / "retrained", tiny_base, seed=70))
+    extra = read_adapter(make_adapter(tmp_path / "extra", tiny_base, seed=71))
+    tiny_library.add_experts([(expert_from_adapter("task0", retrained, "tiny"), retrained)], force=True)
+    tiny_library.add_experts([(expert_from_adapter("extra", extra, "tiny"), extra)])
+    library = Library.open(tiny_library.path)
+    assert "task0" not in load_transfer(library).columns  # never judged by
+    matrix, changed = stale_transfer(library)
+    assert changed == Changes(added=("extra",), retrained=("task0",))
+    assert "task0" in matrix.columns and "extra" not in matrix.columns
+    assert matrix.loglik[0, matrix.columns.index("task0")] == -2.0  # its cell, from its old weights

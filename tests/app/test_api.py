@@ -80,22 +80,26 @@ def test_every_event_has_a_named_endpoint(client):
     assert set(api["named_endpoints"]) >= ENDPOINTS
 
 
+def _layer_weights(plot) -> np.ndarray:
+    """The layer heatmap's weights, layers x experts: its panels (one per module type) stacked."""
+    panels = [_array(h["z"]) for h in _plot(plot)["data"] if h["type"] == "heatmap"]
+    assert panels, "no heatmap"
+    return np.concatenate(panels)
+
+
 def test_route_returns_text_and_layer_heatmap(client, tiny_routed):
     text, note, plot, *_ = client.predict("the quick brown", "arrow", 2, 1.0, 4, api_name="/route")
     assert isinstance(text, str) and "first token after" in note
-    heatmap = _plot(plot)["data"][0]
-    assert heatmap["type"] == "heatmap"
-    z = _array(heatmap["z"])
+    z = _layer_weights(plot)
     assert z.shape == (len(tiny_routed.modules), len(tiny_routed.experts))
     assert np.allclose(z.sum(axis=1), 1.0, atol=1e-4)  # mean weights over tokens: each layer's row sums to 1
 
 
 def test_route_through_one_expert(client, tiny_routed):
     _, _, plot, *_ = client.predict("the quick brown", "expert:task2", 2, 1.0, 3, api_name="/route")
-    heatmap = _plot(plot)["data"][0]
-    z = _array(heatmap["z"])
+    z = _layer_weights(plot)
     # the experts this router cannot use are left out: one column, all the weight at every layer
-    assert list(_array(heatmap["x"])) == ["task2"]
+    assert all(list(_array(h["x"])) == ["task2"] for h in _plot(plot)["data"] if h["type"] == "heatmap")
     assert z.shape == (len(tiny_routed.modules), 1) and np.allclose(z, 1.0)
 
 

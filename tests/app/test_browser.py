@@ -1,52 +1,19 @@
 """The explorer in a real browser: Debian's chromium driven by Playwright (never `playwright install`)."""
 
 import math
-import os
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+from browser import MARKS, VIEWPORT, chromium, pages, served
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"),
-]
+pytestmark = MARKS
 
 
 @pytest.fixture
 def open_page(explorer_url):
-    """Opens the explorer in a new browser tab (its own session); afterwards, checks that no tab
-    sent a request anywhere but the app."""
-    from playwright.sync_api import sync_playwright
-
-    requests = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-
-        def open_page():
-            page = browser.new_context().new_page()
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(explorer_url)
-            page.get_by_text("Opened").wait_for(timeout=60_000)
-            return page
-
+    """Opens the explorer in a new browser tab (its own session) at 1280x800; afterwards, checks
+    that no tab sent a request anywhere but the app."""
+    with pages(explorer_url) as open_page:
         yield open_page
-        outside = [u for u in requests if not u.startswith((explorer_url, "data:", "blob:"))]
-        assert not outside, f"requests left 127.0.0.1: {outside[:5]}"
-        browser.close()
 
 
 @pytest.fixture
@@ -54,17 +21,22 @@ def page(open_page):
     return open_page()
 
 
-def _plot_data(page, index: int = 0) -> list[dict]:
-    """Each trace of the index-th plotly figure on the page, as the browser holds it: its type,
-    the shape of z and the number of x values (plotly.js may hold them as typed arrays)."""
+def _plot_data(page, where: str) -> list[dict]:
+    """Each trace of the plotly figure inside the element `where` (a CSS selector: the plot's
+    elem_id), as the browser holds it: its type, the shape of z and the number of x values
+    (plotly.js may hold them as typed arrays). Waits for the figure to be drawn."""
+    page.wait_for_function(_DRAWN, arg=where, timeout=60_000)
     return page.evaluate(
-        """i => document.querySelectorAll('.js-plotly-plot')[i]._fullData.map(t => {
+        """w => document.querySelector(w + ' .js-plotly-plot')._fullData.map(t => {
             const z = t.z ? Array.from(t.z, row => Array.from(row)) : [];
             return {type: t.type, rows: z.length, cols: z.length ? z[0].length : 0,
                     points: t.x ? Array.from(t.x).length : 0};
         })""",
-        index,
+        where,
     )
+
+
+_DRAWN = "w => { const p = document.querySelector(w + ' .js-plotly-plot'); return p && p._fullData; }"
 
 
 def test_every_tab_opens_and_explains_itself(page):
@@ -86,9 +58,10 @@ def test_route_renders_the_layer_heatmap(page, tiny_routed):
     page.get_by_label("Prompt").fill("the quick brown")
     page.get_by_role("button", name="Route", exact=True).click()
     page.get_by_text("done in").wait_for(timeout=60_000)
-    page.wait_for_selector(".js-plotly-plot", timeout=30_000)
-    heatmaps = [d for d in _plot_data(page) if d["type"] == "heatmap"]
-    assert heatmaps[0]["rows"] == len(tiny_routed.modules) and heatmaps[0]["cols"] == len(tiny_routed.experts)
+    heatmaps = [d for d in _plot_data(page, "#route-layer-plot") if d["type"] == "heatmap"]
+    # one panel per module type, every layer a row, every expert a column
+    assert sum(h["rows"] for h in heatmaps) == len(tiny_routed.modules)
+    assert all(h["cols"] == len(tiny_routed.experts) for h in heatmaps)
     page.get_by_label("Router", exact=True).click()  # the routers on offer include each expert alone
     for name in tiny_routed.experts:
         page.get_by_role("option", name=f"expert:{name}", exact=True).wait_for(timeout=10_000)
@@ -96,8 +69,7 @@ def test_route_renders_the_layer_heatmap(page, tiny_routed):
 
 def test_clusters_scatter_has_a_point_per_expert(page, tiny_library):
     page.get_by_role("tab", name="Clusters").click()
-    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1", timeout=60_000)
-    traces = [d for d in _plot_data(page) if d["type"] == "scatter"]
+    traces = [d for d in _plot_data(page, "#cluster-umap") if d["type"] == "scatter"]
     assert sum(t["points"] for t in traces) == len(tiny_library.experts)
     k = int(page.get_by_label("number input for k (number of clusters)").input_value())
     assert len(traces) == k == 2  # one colour per cluster, at the k the slider shows
@@ -132,8 +104,7 @@ def test_two_tabs_routing_at_once_each_get_their_own_result(open_page, tiny_rout
         shown = page.get_by_label("Generated text").input_value()
         assert shown == expected.text.replace("\r\n", "\n").replace("\r", "\n")  # as a textarea holds it
         # the tokens x experts heatmap of the chosen layer has one row per token of this prompt
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=30_000)
-        tokens = [d for d in _plot_data(page, 1) if d["type"] == "heatmap"][0]
+        tokens = [d for d in _plot_data(page, "#route-token-plot") if d["type"] == "heatmap"][0]
         assert tokens["rows"] == len(expected.record.tokens)
 
 
@@ -160,7 +131,7 @@ def test_tiny_build_shows_progress_and_new_experts_appear(page, tasks_file, tiny
     page.get_by_role("tab", name="Clusters").click()  # and the UMAP has a point for each of them too
     n = len(before) + len(added)
     page.wait_for_function(
-        """n => { const p = document.querySelectorAll('.js-plotly-plot')[0];
+        """n => { const p = document.querySelector('#cluster-umap .js-plotly-plot');
                   return p && p._fullData.reduce((s, t) => s + (t.x ? t.x.length : 0), 0) === n; }""",
         arg=n,
         timeout=60_000,
@@ -171,6 +142,11 @@ def test_tiny_build_shows_progress_and_new_experts_appear(page, tasks_file, tiny
 def test_bad_input_shows_an_error_and_changes_nothing(page, tiny_library, tmp_path, case):
     from conftest import library_snapshot
 
+    # Opening the library keeps its MBC Gram matrix in it (derived data, a cache) while the cluster
+    # view is computed, after "Opened": the snapshot waits for that view, to hold no write but the test's.
+    page.get_by_role("tab", name="Clusters").click()
+    page.wait_for_function(_DRAWN, arg="#cluster-umap", timeout=60_000)
+    page.get_by_role("tab", name="Library").click()
     before = library_snapshot(tiny_library.path)
     if case == "unknown library":
         page.get_by_label("Library folder").fill(str(tmp_path / "nowhere"))
@@ -187,13 +163,15 @@ def test_bad_input_shows_an_error_and_changes_nothing(page, tiny_library, tmp_pa
         page.get_by_text("not a zip archive").first.wait_for(timeout=30_000)
     else:
         page.get_by_role("tab", name="Clusters").click()
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 1", timeout=60_000)
+        page.wait_for_function(_DRAWN, arg="#cluster-umap", timeout=60_000)
         box = page.get_by_label("number input for k (number of clusters)")
         box.fill("99")
         box.press("Enter")
         page.get_by_text("99 is greater than maximum value 6").first.wait_for(timeout=30_000)
         box.blur()  # the box then holds the largest k, and the view shows that many clusters
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot')[0]._fullData.length === 6", timeout=30_000)
+        page.wait_for_function(
+            "document.querySelector('#cluster-umap .js-plotly-plot')._fullData.length === 6", timeout=30_000
+        )
     _route(page, "still serving")
     page.get_by_text("done in").wait_for(timeout=60_000)
     assert library_snapshot(tiny_library.path) == before
@@ -250,6 +228,99 @@ def test_route_plots_appear_only_once_filled_with_a_bar_per_expert(page, tiny_ro
     assert diff["cols"] == len(tiny_routed.experts) and diff["zmin"] == -diff["zmax"] < 0  # centred on 0
 
 
+def test_the_compare_panes_clear_on_a_new_prompt(page):
+    """Route, compare with base (the default), then type another prompt: both routers' answers and
+    the comparison's plots go with the prompt they were made for, and the timing line says why."""
+    from playwright.sync_api import expect
+
+    from lorlib_ui.app.route import STALE
+
+    _route(page, "the quick brown")
+    page.get_by_text("done in").wait_for(timeout=120_000)
+    page.get_by_role("button", name="Compare two routers").click()
+    page.wait_for_function(  # both answers finished: a timing line each
+        "() => (document.querySelector('#route-compare-timing')?.innerText.match(/done in/g) || []).length === 2",
+        timeout=120_000,
+    )
+    page.wait_for_selector("#route-compare-diff .js-plotly-plot", timeout=60_000)
+    timing = page.locator("#route-compare-timing").inner_text()
+    assert "A (" in timing and "B (base)" in timing, timing
+    assert _visible_plots(page) == ROUTE_PLOTS
+
+    # typed key by key: Gradio's Textbox sends its input event on a key press, not on the DOM's
+    # input event (so neither `fill` nor a paste from the menu counts as the user's change)
+    prompt = page.get_by_label("Prompt")
+    prompt.press("ControlOrMeta+a")
+    prompt.press_sequentially("one two three")
+    page.get_by_text(STALE.strip("*")).first.wait_for(timeout=30_000)
+    for label in ("Router A", "Router B"):
+        box = page.get_by_label(label, exact=True)
+        expect(box).to_be_hidden(timeout=30_000)
+        assert box.count() == 0 or box.input_value() == "", f"{label} still shows {box.input_value()!r}"
+    assert page.get_by_label("Generated text").input_value() == ""
+    assert _visible_plots(page) == []  # the route's plots went too: they were of the old prompt
+    compared = ["route-compare-a", "route-compare-b", "route-compare-diff"]
+    drawn = [n for n in compared if page.locator(f"#{n} .js-plotly-plot").count()]
+    assert drawn == [], f"the comparison's plots are still drawn (hidden): {drawn}"
+
+
+_TRACES = """ids => ids.flatMap(id => {
+    const plot = document.querySelector(id + ' .js-plotly-plot');
+    const list = v => (Array.isArray(v) || ArrayBuffer.isView(v)) ? Array.from(v) : v;
+    return plot ? plot._fullData.map(t => ({
+        name: t.name, orientation: t.orientation || 'v', x: list(t.x) || [], y: list(t.y) || [],
+        colour: t.marker && t.marker.color !== undefined ? list(t.marker.color) : (t.line ? t.line.color : null),
+    })) : [];
+})"""
+
+
+def _expert_colours(traces: list[dict], experts: list[str]) -> list[tuple[str, str]]:
+    """(expert, colour) for each mark a figure colours by expert: a trace named after one expert,
+    or the bars or points of a trace coloured one by one, each in its expert's colour (the expert:
+    its category, y for horizontal bars, else x). A trace in one colour for a role (the logits
+    figure's "chosen", "not chosen") colours no expert."""
+    pairs = []
+    for trace in traces:
+        colour = trace["colour"]
+        if trace["name"] in experts and isinstance(colour, str):
+            pairs.append((trace["name"], colour))
+        elif isinstance(colour, list):
+            categories = trace["y"] if trace["orientation"] == "h" else trace["x"]
+            pairs += [(name, c) for name, c in zip(categories, colour) if name in experts]
+    return pairs
+
+
+def test_no_two_experts_in_one_route_view_share_a_colour(page, tiny_library):
+    """The coloured tokens' legend gives each expert a colour of its own, and so do the tokens;
+    a figure of the same view that colours experts gives no two of them one colour."""
+    _route(page, "the quick brown")  # its tokens top 5 of the 6 experts at the default layer
+    page.get_by_text("done in").wait_for(timeout=120_000)
+    page.locator("#route-coloured .legend-item").first.wait_for(timeout=60_000)
+    page.wait_for_selector("#route-logits-plot .js-plotly-plot", timeout=60_000)
+    page.mouse.move(0, 0)  # a pointer resting on a legend item would dim the other experts' tokens
+    shown = page.evaluate(
+        """() => ({
+            legend: Array.from(document.querySelectorAll('#route-coloured .legend-item'),
+                               e => [e.innerText.trim(), getComputedStyle(e).backgroundColor]),
+            tokens: Array.from(document.querySelectorAll('#route-coloured .token.highlighted'),
+                               e => getComputedStyle(e).backgroundColor),
+        })"""
+    )
+    names = [name for name, _ in shown["legend"]]
+    colours = [colour for _, colour in shown["legend"]]
+    assert len(names) >= 3 and len(set(names)) == len(names), names  # several experts, each named once
+    assert set(names) <= set(tiny_library.names), names
+    assert len(set(colours)) == len(colours), f"experts sharing a colour: {shown['legend']}"
+    assert set(shown["tokens"]) == set(colours)  # each expert's tokens in its legend colour, none other
+
+    traces = page.evaluate(_TRACES, ["#route-layer-plot", "#route-token-plot", "#route-logits-plot"])
+    owners: dict[str, set[str]] = {}
+    for expert, colour in _expert_colours(traces, tiny_library.names):
+        owners.setdefault(colour.lower(), set()).add(expert)
+    shared = {colour: experts for colour, experts in owners.items() if len(experts) > 1}
+    assert not shared, f"one colour for several experts in a figure: {shared}"
+
+
 def test_cluster_similarity_colours_span_the_off_diagonal_cells(page):
     page.get_by_role("tab", name="Clusters").click()
     page.wait_for_selector("#cluster-similarity .js-plotly-plot", timeout=90_000)
@@ -301,23 +372,6 @@ def test_expert_detail_appears_when_an_expert_is_picked(page, tiny_library):
     assert not page.locator("#expert-loss").is_visible()  # no empty frame for the missing curve
 
 
-@contextmanager
-def _served(library):
-    """The explorer over an in-process worker on `library`, served on a free local port."""
-    from conftest import free_port
-
-    from lorlib_ui.app.layout import build_app, launch
-    from lorlib_ui.worker.local import LocalWorker
-
-    app = build_app(LocalWorker(device="cpu"), str(library))
-    port = free_port()
-    launch(app, "127.0.0.1", port, block=False)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app.close()
-
-
 @pytest.fixture
 def judged_url(built):
     """The explorer on a library whose transfer matrix and routing statistics are stored."""
@@ -326,20 +380,15 @@ def judged_url(built):
 
     transfer_library(str(built), TransferOptions(tasks="held-out", limit=2))
     routing_stats_library(str(built), RoutingStatsOptions(router="arrow@private", tasks="held-out", limit=2))
-    with _served(built) as url:
+    with served(built) as url:
         yield url
 
 
 def test_tiny_adaptation_draws_its_curves_and_scores_and_its_expert_appears(built):
-    from playwright.sync_api import sync_playwright
-
     from lorlib_ui.core.library import Library
 
-    with _served(built) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        page = browser.new_context().new_page()
-        page.goto(url)
-        page.get_by_text("Opened").wait_for(timeout=60_000)
+    with served(built) as url, pages(url) as open_page:
+        page = open_page()
         page.get_by_role("tab", name="Adapt").click()
         page.locator("#adapt-shots").get_by_label("32", exact=True).uncheck()
         page.locator("#adapt-shots").get_by_label("8", exact=True).check()
@@ -358,21 +407,15 @@ def test_tiny_adaptation_draws_its_curves_and_scores_and_its_expert_appears(buil
         assert len(adapted) == 1
         page.get_by_role("tab", name="Library").click()  # the table was refreshed from the library
         page.get_by_role("gridcell", name=adapted[0], exact=True).first.wait_for(timeout=30_000)
-        browser.close()
 
 
 def test_insight_draws_transfer_and_routing_with_a_cell_per_task_and_expert(judged_url, built):
-    from playwright.sync_api import sync_playwright
-
     from lorlib_ui.core.library import Library
 
     library = Library.open(built)
     tasks, experts = library.extra["held_out"]["tasks"], library.names
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        page = browser.new_context().new_page()
-        page.goto(judged_url)
-        page.get_by_text("Opened").wait_for(timeout=60_000)
+    with pages(judged_url) as open_page:
+        page = open_page()
         page.get_by_role("tab", name="Insight").click()
         for plot in ("#insight-transfer", "#insight-routing", "#insight-accuracy", "#insight-entropy"):
             page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=60_000)
@@ -388,14 +431,11 @@ def test_insight_draws_transfer_and_routing_with_a_cell_per_task_and_expert(judg
         assert shapes[0]["x"] == shapes[1]["x"] and shapes[0]["y"] == shapes[1]["y"]  # one order for both
         for task in tasks:  # a row per task (the dataframe also keeps a hidden copy of its cells)
             page.locator(f"#insight-table :text-is('{task}'):visible").first.wait_for(timeout=10_000)
-        browser.close()
 
 
 def test_the_route_report_opens_offline_with_its_figures(tiny_routed, tmp_path):
     """The HTML report of one route, opened from the file with every network request refused:
     the page needs nothing outside itself, and plotly draws both figures."""
-    from playwright.sync_api import sync_playwright
-
     from lorlib_ui.app.report import route_report
     from lorlib_ui.core.generation import generate
     from lorlib_ui.core.routers import make_router
@@ -404,9 +444,8 @@ def test_the_route_report_opens_offline_with_its_figures(tiny_routed, tmp_path):
     page_html = route_report(result.record, "the <quick> brown", result.text, {"router": "arrow"}, "lib", "abc")
     (tmp_path / "report.html").write_text(page_html)
     refused = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        page = browser.new_context(offline=True).new_page()
+    with chromium() as browser:
+        page = browser.new_context(offline=True, viewport=VIEWPORT).new_page()
         page.route(
             "**/*",
             lambda r: (
@@ -417,7 +456,6 @@ def test_the_route_report_opens_offline_with_its_figures(tiny_routed, tmp_path):
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2", timeout=30_000)
         assert page.evaluate("typeof window.Plotly") == "object"
         assert "the <quick> brown" in page.inner_text("pre")
-        browser.close()
     assert not refused, refused
 
 

@@ -23,12 +23,16 @@ def _record():
     return RoutingRecord("arrow", ["a", "b", "c"], modules, tokens, weights, np.zeros_like(weights))
 
 
-def test_layer_heatmap_is_layers_by_experts():
-    record = _record()
-    trace = routing_figures.layer_heatmap(record).data[0]
-    assert np.asarray(trace.z).shape == (4, 3) and list(trace.x) == ["a", "b", "c"]
-    assert list(trace.y) == ["L0 q_proj", "L0 v_proj", "L1 q_proj", "L1 v_proj"]
-    assert np.allclose(trace.z, record.weights.mean(axis=1))
+def test_layer_heatmap_is_layers_by_experts_a_panel_per_kind_of_module():
+    record = _record()  # L0 q_proj, L0 v_proj, L1 q_proj, L1 v_proj
+    fig = routing_figures.layer_heatmap(record)
+    q, v = fig.data
+    assert [a.text for a in fig.layout.annotations] == ["q_proj", "v_proj"]
+    assert list(q.x) == list(v.x) == ["a", "b", "c"] and list(q.y) == list(v.y) == ["L0", "L1"]
+    mean = record.weights.mean(axis=1)
+    assert np.allclose(q.z, mean[[0, 2]]) and np.allclose(v.z, mean[[1, 3]])
+    assert (q.zmin, q.zmax) == (v.zmin, v.zmax) and [q.showscale, v.showscale] == [False, True]  # one scale
+    assert q.text[1][0] == "L1 q_proj" and "%{text}" in q.hovertemplate
 
 
 def test_token_heatmap_and_colours_at_one_layer():
@@ -133,15 +137,18 @@ def test_expert_logits_has_a_bar_per_shown_expert_and_highlights_the_top_k():
     record = _grouped_record()
     fig = routing_figures.expert_logits(record, record.modules[1], 2, ["a", "b", "c"])
     others, chosen = fig.data
-    assert len(others.x) + len(chosen.x) == 3  # d, outside the group, has no bar
+    assert others.orientation == chosen.orientation == "h"
+    assert len(others.y) + len(chosen.y) == 3  # d, outside the group, has no bar
     top = [["a", "b", "c"][i] for i in np.argsort(-record.logits[1, 2, :3])[:2]]
-    assert sorted(chosen.x) == sorted(top) and list(others.x) == sorted({"a", "b", "c"} - set(top))
+    assert sorted(chosen.y) == sorted(top) and list(others.y) == sorted({"a", "b", "c"} - set(top))
     assert chosen.marker.color != others.marker.color
-    assert np.allclose(chosen.y, [record.logits[1, 2, "abcd".index(e)] for e in chosen.x])
-    assert list(chosen.text) == [f"w {record.weights[1, 2, 'abcd'.index(e)]:.2f}" for e in chosen.x]
-    order = list(fig.layout.xaxis.categoryarray)  # tallest first
+    assert np.allclose(np.asarray(chosen.x) + chosen.base, [record.logits[1, 2, "abcd".index(e)] for e in chosen.y])
+    assert list(chosen.text) == [f"w={record.weights[1, 2, 'abcd'.index(e)]:.2f}" for e in chosen.y]
+    order = list(fig.layout.yaxis.categoryarray)  # highest first, drawn on top
     assert order == sorted("abc", key=lambda e: -record.logits[1, 2, "abcd".index(e)])
-    assert fig.layout.title.text.startswith("Routing logits of token 2: 'z'")
+    assert fig.layout.yaxis.autorange == "reversed"
+    assert fig.layout.title.text.startswith("Routing logits of token 2: 'z'") and "top" not in fig.layout.title.text
+    assert fig.layout.xaxis.range[0] == 0 and "not 0" not in fig.layout.xaxis.title.text  # logits 0.1 to 1.1
 
 
 def test_expert_logits_of_a_static_router_shows_its_weights_and_says_so():
@@ -150,8 +157,9 @@ def test_expert_logits_of_a_static_router_shows_its_weights_and_says_so():
     record.router = "uniform"
     fig = routing_figures.expert_logits(record, record.modules[0], 1)
     assert "uniform computes no routing logits" in fig.layout.title.text
-    bars = {e: y for trace in fig.data for e, y in zip(trace.x, trace.y)}
+    bars = {e: x + trace.base for trace in fig.data for e, x in zip(trace.y, trace.x)}
     assert bars == pytest.approx({e: record.weights[0, 1, i] for i, e in enumerate("abc")})
+    assert fig.layout.xaxis.range[0] == 0 and fig.layout.xaxis.title.text == "weight"
 
 
 def test_difference_heatmap_is_a_minus_b_over_either_routers_experts():
@@ -358,3 +366,76 @@ def test_figures_follow_the_pages_theme():
     fig = evaluation_figures.evaluation_bars([{"router": "arrow", "exact_match": 0.4, "mc_accuracy": None}])
     assert fig.layout.paper_bgcolor == fig.layout.plot_bgcolor == "rgba(0,0,0,0)"
     assert fig.layout.template.layout.paper_bgcolor == "rgba(0,0,0,0)"
+
+
+# ---- the Route tab's figures, legible on a projector (issue #34, part 3) --------------------------
+
+
+def test_expert_aliases_are_short_unique_and_leave_short_names_alone():
+    names = list(_library_families())  # the shipped library's 34 experts
+    aliases = figures.expert_aliases(names)
+    assert len(set(aliases.values())) == len(names) and max(map(len, aliases.values())) <= 17
+    assert aliases["linguistic_mappings.past_tense_regular_json"] == "lm.pas_ten_reg"
+    assert aliases["multiemo.medicine_sentence_en"] == "multi.medicine"  # "sentence_en": every multiemo's
+    assert aliases["fact_checker.politifact"] == "fc.politifact" and aliases["shared"] == "shared"
+    alike = figures.expert_aliases(["word_unscrambling", "word_unscrambled"])  # both would be word_uns
+    assert alike == {"word_unscrambling": "word_unscrambling", "word_unscrambled": "word_unscrambled"}
+    two = figures.expert_aliases(["fact_checker.covid19_scientific", "fine_control.covid19_scientific"])
+    assert [a.split(".")[0] for a in two.values()] == ["fact_checker", "fine_control"]  # not both "fc"
+
+
+def _library_record(layers=30, seed=0):
+    """The shipped library's experts over `layers` layers of q_proj and v_proj, two tokens, with
+    Arrow's logits between 2.2 and 2.5 and its top 2 weighted 0.59 and 0.41."""
+    experts = list(_library_families())
+    modules = [f"model.layers.{i}.self_attn.{kind}" for i in range(layers) for kind in ("q_proj", "v_proj")]
+    logits = 2.2 + 0.3 * np.random.default_rng(seed).random((len(modules), 2, len(experts)))
+    weights = np.zeros_like(logits)
+    np.put_along_axis(weights, np.argsort(-logits, axis=-1)[..., :2], np.array([0.59, 0.41]), axis=-1)
+    return RoutingRecord("arrow", experts, modules, ["The", " cat"], weights, logits)
+
+
+def test_layer_heatmaps_label_every_layer_of_every_module_and_name_experts_by_alias():
+    record = _library_record()
+    uniform = dataclasses.replace(record, router="uniform", logits=np.full_like(record.logits, np.nan))
+    uniform.weights = np.full_like(record.weights, 1 / len(record.experts))
+    aliases = figures.expert_aliases(record.experts)
+    for fig in (routing_figures.layer_heatmap(record), routing_figures.difference_heatmap(record, uniform)):
+        assert [a.text for a in fig.layout.annotations] == ["q_proj", "v_proj"]
+        rows = [fig.layout.yaxis, fig.layout.yaxis2]
+        assert sum(len(axis.ticktext) for axis in rows) == len(record.modules) == 60  # not every other one
+        assert all(list(axis.tickvals) == list(t.y) == [f"L{i}" for i in range(30)] for axis, t in zip(rows, fig.data))
+        for axis in (fig.layout.xaxis, fig.layout.xaxis2):
+            assert list(axis.tickvals) == record.experts and list(axis.ticktext) == [aliases[e] for e in record.experts]
+            assert axis.tickfont.size >= 13
+        assert all(list(t.x) == record.experts and "%{x}" in t.hovertemplate for t in fig.data)  # full names
+        assert min(axis.tickfont.size for axis in rows) >= 13
+    tokens = routing_figures.token_heatmap(record, record.modules[7])
+    assert list(tokens.layout.xaxis.ticktext) == [aliases[e] for e in record.experts]
+    assert list(tokens.layout.yaxis.tickvals) == list(tokens.data[0].y) == ["0: 'The'", "1: ' cat'"]
+
+
+def test_expert_logits_are_the_top_ten_on_a_zoomed_axis_with_the_chosen_weights():
+    record = _library_record(layers=1)
+    logits = dict(zip(record.experts, record.logits[0, 0]))
+    by_logit = sorted(record.experts, key=lambda e: -logits[e])
+    fig = routing_figures.expert_logits(record, record.modules[0], 0)
+    others, chosen = fig.data
+    order = list(fig.layout.yaxis.categoryarray)
+    assert order == by_logit[:10] and fig.layout.yaxis.autorange == "reversed"  # the highest on top
+    assert len(others.y) + len(chosen.y) == 10 and "(top 10 of 34)" in fig.layout.title.text
+    start = fig.layout.xaxis.range[0]
+    assert 2.0 < start < min(logits[e] for e in order)  # from 0, 2.2 and 2.5 would look alike
+    assert f"starts at {start:.2f}, not 0" in fig.layout.xaxis.title.text
+    assert np.allclose(np.asarray(others.x) + others.base, [logits[e] for e in others.y])
+    assert list(chosen.y) == by_logit[:2] and list(chosen.text) == ["w=0.59", "w=0.41"]
+    assert chosen.textfont.size >= 13 and fig.layout.yaxis.tickfont.size >= 13
+    aliases = figures.expert_aliases(record.experts)
+    ticks = dict(zip(fig.layout.yaxis.tickvals, fig.layout.yaxis.ticktext))
+    assert [ticks[e] for e in by_logit[:3]] == [f"<b>{aliases[e]}</b>" for e in by_logit[:2]] + [aliases[by_logit[2]]]
+    assert fig.layout.height <= 500  # sized to its ten bars
+    low = min(record.experts, key=logits.get)  # a chosen expert outside the top 10 keeps its bar
+    record.weights[0, 0] = 0.0
+    record.weights[0, 0, record.experts.index(low)] = 1.0
+    order = list(routing_figures.expert_logits(record, record.modules[0], 0).layout.yaxis.categoryarray)
+    assert order == by_logit[:9] + [low]

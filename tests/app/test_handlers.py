@@ -48,7 +48,8 @@ def test_route_streams_then_draws_the_record(worker, page, tiny_library):
     assert final[tab.layer_box].visible and final[tab.detail_box].visible  # hidden until now
     assert final[tab.shown] == record.experts  # arrow over the whole library: every expert
     token = final[tab.token_pick].value
-    assert 0 < token < len(record.tokens) - 1  # the last prompt token, before the generated ones
+    assert 0 < token < len(record.tokens)  # the first generated token
+    assert len(record.tokens) - token == 4  # the 4 new tokens asked for, each routed once
     detail = route.layer_detail(tab, record, final[tab.module_pick].value, token, final[tab.shown])
     assert detail[tab.token_plot].data[0].type == "heatmap"
     bars = detail[tab.logits_plot].data
@@ -80,8 +81,11 @@ def test_route_group_members_and_default_token():
     flagged[1] = {**flagged[1], "general": True}
     assert route.group_members("arrow@general", flagged) == {"s", "g"}
     record = RoutingRecord("arrow", [], [], ["a", "b", "c", "d"], np.zeros((0, 4, 0)), np.zeros((0, 4, 0)))
-    assert route.default_token(record, 3) == 2 and route.default_token(record, 0) == 0
+    assert route.default_token(record, 3) == 3 and route.default_token(record, 0) == 0  # the first generated
     assert route.default_token(record, 9) == 0  # a prompt count that does not fit the record
+    assert route.default_token(record, 4) == 3  # nothing generated: the prompt's last
+    record.template = [0, 3]  # ... of the user's own text, not the chat template's
+    assert route.default_token(record, 4) == 2
 
 
 class GroupedWorker:
@@ -113,7 +117,7 @@ def test_route_hides_experts_outside_the_routers_group(page):
     final = list(route.route(worker, tab, "lib", "hi", "arrow@private", 2, 1.0, 4))[-1]
     assert final[tab.shown] == ["p0", "p1", "p2"]
     assert list(final[tab.layer_plot].data[0].x) == ["p0", "p1", "p2"]
-    assert final[tab.token_pick].value == 2  # the last of the 3 prompt tokens
+    assert final[tab.token_pick].value == 3  # the first generated token, after the 3 of the prompt
     detail = route.layer_detail(tab, final[tab.record], GroupedWorker.MODULES[1], 2, final[tab.shown])
     assert list(detail[tab.token_plot].data[0].x) == ["p0", "p1", "p2"]
     others, chosen = detail[tab.logits_plot].data
@@ -354,6 +358,12 @@ def test_a_compare_then_a_changed_prompt_clears_the_comparison(worker, tiny_libr
     assert cleared[tab.timing] == route.STALE and cleared[tab.record] is None
     assert route.stale_compare(tab, out[tab.compare_a])[tab.compare_diff] is None  # router B changed
     assert route.stale(tab, None, "", "") == gr.skip()  # nothing shown yet: the first keystroke leaves all as is
+    # the prompt, however it changed (a deletion or a paste sends no `input`): compared with the routed one
+    assert out[tab.routed_prompt] == "hi"
+    assert route.stale_prompt(tab, "h", "hi", None, "", out[tab.compare_a])[tab.compare_a] == ""
+    assert route.stale_prompt(tab, "hi ", "hi", None, "", out[tab.compare_a]) == gr.skip()
+    prompt_changes = [f for f in blocks.fns.values() if (tab.prompt._id, "change") in f.targets]
+    assert any(tab.compare_a in f.outputs for f in prompt_changes)
     clicks = [f for f in blocks.fns.values() if (tab.route_btn._id, "click") in f.targets]
     clears = [f for f in clicks if tab.compare_a in f.outputs]  # a new route first clears the comparison
     assert len(clears) == 1 and not clears[0].queue and clears[0].fn()[tab.compare_a] == ""

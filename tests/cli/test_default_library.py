@@ -128,3 +128,37 @@ def test_its_demo_example_is_one_the_library_visibly_helps_with(shipped):
     (base,) = generate_batch(rm, ids, make_router("base", rm.experts), budget)
     assert (routed, base) == (demo["answer"], demo["base_answer"])
     assert normalize(routed) == normalize(demo["expected"]) != normalize(base)
+
+
+@pytest.mark.embedded
+def test_its_stored_examples_are_validation_rows_that_show_what_they_say(shipped):
+    """The example menu's first entries: validation rows of held-out tasks where Arrow helps (right,
+    the base model wrong) and where it fails (wrong); greedy decoding gives the stored answers again."""
+    from lorlib_ui.analysis.demo import graded
+    from lorlib_ui.analysis.evaluation import answer_budget
+    from lorlib_ui.core.generation import generate_batch
+    from lorlib_ui.core.prompting import encode_prompt
+    from lorlib_ui.core.routed_model import RoutedModel
+    from lorlib_ui.core.routers import make_router
+    from lorlib_ui.training.data import load_tasks
+
+    examples = shipped.extra["examples"]
+    kinds = [e["kind"] for e in examples]
+    assert kinds.count("helps") >= 3 and kinds.count("fails") >= 1  # both sides of an honest demo
+    data = load_tasks(shipped.data_source())
+    rm = RoutedModel.load(shipped, device="cpu")
+    for example in examples:
+        task = example["task"]
+        assert task in shipped.held_out.tasks and example["split"] == "validation"
+        row = next(r for r in data.rows(task, "validation") if r["input"] == example["prompt"])
+        assert row["output"] == example["expected"]
+        ids = [encode_prompt(rm.tokenizer, example["prompt"])]
+        budget = answer_budget(rm.tokenizer, data, task)
+        router = make_router(example["router"], rm.experts, groups=shipped.groups())
+        (routed,) = generate_batch(rm, ids, router, budget)
+        (base,) = generate_batch(rm, ids, make_router("base", rm.experts), budget)
+        assert (routed, base) == (example["answer"], example["base_answer"])
+        if example["kind"] == "helps":
+            assert graded(routed, row["output"]) and not graded(base, row["output"])
+        else:
+            assert not graded(routed, row["output"])

@@ -119,3 +119,47 @@ def test_the_library_opens_its_store_over_itself_without_knowing_a_kind(tiny_lib
     source = inspect.getsource(library)
     assert not any(f'"{name}' in source for name in KINDS)
     assert "routers/" not in source
+
+
+def test_changes_name_the_experts_added_removed_or_retrained_and_say_so_in_words():
+    from lorlib_ui.core.derived import Changes, changes
+
+    changed = changes({"a": "1", "b": "2", "c": "3"}, {"a": "1", "b": "9", "d": "4"})
+    assert changed == Changes(added=("d",), removed=("c",), retrained=("b",))
+    assert changed.describe() == "1 expert added, 1 retrained and 1 removed since"
+    assert Changes(added=("x",)).describe() == "1 expert added since"
+    assert Changes(retrained=("x", "y")).describe() == "2 experts retrained since"
+    assert not changes({"a": "1"}, {"a": "1"}) and changed
+
+
+def test_stale_keys_are_told_from_keys_never_computed_and_still_read_as_absent(tiny_library, tiny_base, tmp_path):
+    """Keys computed for task0..task2; then task0 is replaced (retrained) and a new expert is
+    added: the store says which lack keys since and why, task3..task5 (never given keys) are in
+    neither, and the normal reads, which routers use, still treat the stale ones as absent."""
+    import time
+
+    for seconds, e in zip((10.0, 30.0, 20.0), tiny_library.experts[:3]):
+        keys = {"model.layers.0.self_attn.q_proj": torch.ones(8)}
+        tiny_library.derived.write_expert("gates", e.name, keys, {"seconds": seconds}, e.weights_hash)
+    time.sleep(1.1)  # the new expert is created a second after the keys: expert times count to the second
+    retrained = read_adapter(make_adapter(tmp_path / "retrained", tiny_base, seed=70))
+    extra = read_adapter(make_adapter(tmp_path / "extra", tiny_base, seed=71))
+    tiny_library.add_experts([(expert_from_adapter("task0", retrained, "tiny"), retrained)], force=True)
+    tiny_library.add_experts([(expert_from_adapter("extra", extra, "tiny"), extra)])
+    store = Library.open(tiny_library.path).derived
+    assert sorted(store.lacking("gates")) == ["extra", "task0", "task3", "task4", "task5"]
+    changed = store.key_changes("gates")
+    assert changed.added == ("task0", "extra") and not changed.retrained  # a replaced expert is stored anew
+    assert changed.describe(added="added or replaced") == "2 experts added or replaced since"
+    assert store.key_changes("gates", ["task3", "task4"]) == type(changed)()  # never computed: not stale
+    assert store.seconds_per_expert("gates") == 25.0  # the median of task1's and task2's recorded times
+
+
+def test_the_time_per_expert_comes_from_the_history_where_the_files_record_none(tiny_library):
+    for e in tiny_library.experts[:3]:
+        keys = {"model.layers.0.self_attn.q_proj": torch.ones(8)}
+        tiny_library.derived.write_expert("activations", e.name, keys, {"examples": 100}, e.weights_hash)
+    assert tiny_library.derived.seconds_per_expert("activations") is None  # nothing measured
+    tiny_library.record_history("python -m lorlib_ui gates LIB", 999.0)  # another key set's run
+    tiny_library.record_history("python -m lorlib_ui activations LIB --experts private", 90.0)
+    assert Library.open(tiny_library.path).derived.seconds_per_expert("activations") == 30.0
