@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "docs" / "reproduction"
 RECORDS = SCRIPTS / "records"
 # scripts whose every printed table row appears, as printed, in a document
-VERBATIM = {"top_k.py": "REPRODUCTION.md", "ablations.py": "REPRODUCTION.md"}
+VERBATIM = {"top_k.py": "REPRODUCTION.md", "ablations.py": "REPRODUCTION.md", "seeds.py": "REPRODUCTION.md"}
 # scripts that read no record of their own: they compute from the shipped library's committed files
 FROM_LIBRARY = {
     "cluster_experts.py": "the shipped library's transfer matrix (transfer.json)",
@@ -26,7 +26,6 @@ FROM_LIBRARY = {
 # and its entry goes when its records are committed
 PENDING = {
     "adaptation.py": "the adaptation study: about eight hours of CPU, rerun over the next sessions",
-    "seeds.py": "the builds of seeds 1 and 2 (about 90 minutes each) and their evaluations",
     "other_routers.py": "about 70 minutes of evaluations, queued behind the ablations",
     "own_expert.py": "queued behind the ablations",
     "seen_tasks.py": "queued behind the ablations",
