@@ -405,7 +405,7 @@ def layer_detail(
     return {
         tab.coloured: gr.HighlightedText(pairs, color_map={e: c for e, c in colours.items() if e in used}),
         tab.token_pick: gr.Dropdown(choices=[(labels[i], i) for i in menu], value=picked),
-        tab.token_plot: routing_figures.token_heatmap(record, module, shown or None),
+        tab.token_plot: routing_figures.token_heatmap(record, module, shown or None, kept),
         **token_detail(tab, record, module, token, shown),
     }
 

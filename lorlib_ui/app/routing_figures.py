@@ -213,18 +213,23 @@ def difference_heatmap(
     return _noted(fig, title, note)
 
 
-def token_heatmap(record: RoutingRecord, module: str, shown: list[str] | None = None) -> go.Figure:
-    """Tokens x experts at one layer: each token's routing weights (the base router's: "no adapters")."""
+def token_heatmap(
+    record: RoutingRecord, module: str, shown: list[str] | None = None, tokens: list[int] | None = None
+) -> go.Figure:
+    """Tokens x experts at one layer: each token's routing weights (the base router's: "no adapters");
+    only the rows of `tokens` (positions in the record) when given, as the coloured text shows them."""
     m = record.modules.index(module)
     title = f"Tokens at {short_module(module)}"
     if routes_nothing(record):
         return _message(title, NO_ADAPTERS)
     names, columns = _columns(record, shown)
-    labels = token_labels(record)
+    rows = list(range(len(record.tokens))) if tokens is None else list(tokens)
+    every = token_labels(record)
+    labels = [every[i] for i in rows]
     aliases = expert_aliases(record.experts)
     fig = go.Figure(
         go.Heatmap(
-            z=record.weights[m][:, columns],
+            z=record.weights[m][rows][:, columns],
             x=names,
             y=labels,
             colorscale="Blues",

@@ -41,6 +41,9 @@ def test_token_heatmap_and_colours_at_one_layer():
     record.weights[3][:, 2] = 0.0  # expert c tops no token at this layer: it stays out of the legend
     trace = routing_figures.token_heatmap(record, module).data[0]
     assert np.asarray(trace.z).shape == (5, 3) and np.allclose(trace.z, record.weights[3])
+    some = routing_figures.token_heatmap(record, module, tokens=[1, 3]).data[0]  # the chat template left out
+    assert np.allclose(some.z, record.weights[3][[1, 3]])
+    assert list(some.y) == [routing_figures.token_labels(record)[i] for i in (1, 3)]
     coloured, legend = routing_figures.token_colours(record, module)
     assert [t for t, _ in coloured] == record.tokens
     expected = ["abc"[i] for i in record.weights[3].argmax(-1)]
