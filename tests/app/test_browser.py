@@ -397,6 +397,12 @@ def test_tiny_adaptation_draws_its_curves_and_scores_and_its_expert_appears(buil
         page.get_by_label("training steps (0: as the library's experts)").fill("3")
         page.get_by_role("button", name="Adapt", exact=True).click()
         page.get_by_text("scored on the test rows").wait_for(timeout=180_000)
+        for plot in ("#adapt-losses", "#adapt-scores"):  # shown once there are results: wait for them drawn
+            page.wait_for_function(
+                "w => { const p = document.querySelector(w + ' .js-plotly-plot'); return p && p._fullData; }",
+                arg=plot,
+                timeout=60_000,
+            )
         curves = page.evaluate(
             "() => document.querySelector('#adapt-losses .js-plotly-plot')._fullData.map(t => [t.name, t.y.length])"
         )
