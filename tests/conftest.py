@@ -300,17 +300,10 @@ def free_port() -> int:
 @pytest.fixture
 def explorer_url(tiny_library):
     """The explorer over an in-process worker on the tiny library, served on a free local port."""
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from lorlib_ui.app.layout import build_app, launch
-    from lorlib_ui.worker.local import LocalWorker
+    from browser import served
 
-    app = build_app(LocalWorker(device="cpu"), str(tiny_library.path), {"copy": ["copy0"]})
-    port = free_port()
-    launch(app, "127.0.0.1", port, block=False)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app.close()
+    with served(tiny_library.path, {"copy": ["copy0"]}) as url:
+        yield url
 
 
 @pytest.fixture

@@ -664,20 +664,11 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
         button.click(
             partial(download_record, worker, kind), [*inputs, tab.shown], tab.record_file, api_name=f"download_{kind}"
         )
+    settings = [tab.top_k, tab.temperature, tab.max_new, tab.density]  # what every model request sends
     explained = [tab.explain_answer, tab.explain_table, tab.explain_gains, tab.explain_credit]
     tab.explain_btn.click(
         partial(explain, worker, tab),
-        [
-            path,
-            tab.prompt,
-            tab.explain_answer,
-            tab.router,
-            tab.compare_router,
-            tab.top_k,
-            tab.temperature,
-            tab.max_new,
-            tab.density,
-        ],
+        [path, tab.prompt, tab.explain_answer, tab.router, tab.compare_router, *settings],
         explained,
         api_name="explain",
     )
@@ -689,17 +680,7 @@ def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:
     tab.merge_btn.click(partial(merge, worker), merge_inputs, tab.merge_file, api_name="export_merge")
     tab.compare_btn.click(
         partial(compare, worker, tab),
-        [
-            path,
-            tab.prompt,
-            tab.router,
-            tab.compare_router,
-            tab.top_k,
-            tab.temperature,
-            tab.max_new,
-            tab.density,
-            tab.notes,
-        ],
+        [path, tab.prompt, tab.router, tab.compare_router, *settings, tab.notes],
         [*cleared_compare(tab), tab.routed_prompt],
         api_name="compare",
     )

@@ -609,7 +609,9 @@ def _lacks_keys(library: Library, spec: str, lacking: dict[str, list[str]], meas
     short = [x for x in plan.experts if x in set(lacking.get(kind, []))]
     if not short:
         return None
-    since = library.derived.key_changes(kind, short)
+    if (kind, *short) not in measured:  # routers over the same experts share what their files say
+        measured[(kind, *short)] = library.derived.key_changes(kind, short)
+    since = measured[(kind, *short)]
     if kind not in measured:
         measured[kind] = library.derived.seconds_per_expert(kind)
     per_expert = measured[kind]
@@ -631,7 +633,7 @@ def _router_menu(library: Library) -> dict:
     learned = {name: r for name, r in learned_routers(library).items() if learned_problem(library, name) is None}
     mixed = {name: r.experts for name, r in learned.items()}
     routers, missing = menu(library.names, library.groups(), lacking, mixed)
-    measured: dict[str, float | None] = {}  # key set -> seconds per expert, read once
+    measured: dict = {}  # key set -> seconds per expert, (key set, *experts) -> why they lack it: read once
     missing = {spec: _lacks_keys(library, spec, lacking, measured) or line for spec, line in missing.items()}
     notes = {s: explain(s) for s in routers} | {f"poly:{name}": summary(r) for name, r in learned.items()}
     return {"routers": routers, "router_notes": notes, "routers_missing": missing}

@@ -13,6 +13,8 @@ import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
+from test_handlers import _compared  # noqa: E402  (what a streamed event leaves on the page)
+
 from lorlib_ui.analysis import demo  # noqa: E402
 from lorlib_ui.app import layout, route  # noqa: E402
 from lorlib_ui.core.library import Library  # noqa: E402
@@ -158,25 +160,18 @@ class GradingWorker:
 NOTES = {"references": {"A preamble\n\ntake": "took"}}
 
 
-def _last(updates) -> dict:
-    out = {}
-    for update in updates:
-        out |= update
-    return out
-
-
 def test_a_routed_example_shows_its_reference_and_a_mark_and_an_empty_answer_says_why(page):
     tab = page.route
     worker = GradingWorker({"arrow@private": ("took", 1, True), "base": ("", 0, False)})
-    out = _last(route.route(worker, tab, "lib", "A preamble\n\ntake ", "arrow@private", 2, 1.0, 4, 0.2, NOTES))
+    out = _compared(route.route(worker, tab, "lib", "A preamble\n\ntake ", "arrow@private", 2, 1.0, 4, 0.2, NOTES))
     assert worker.requests[-1].expected == "took"  # graded by the worker, as the evaluation grades
     assert out[tab.timing].endswith("reference: «took» · arrow@private ✓")
-    out = _last(route.route(worker, tab, "lib", "A preamble\n\ntake", "base", 2, 1.0, 4, 0.2, NOTES))
+    out = _compared(route.route(worker, tab, "lib", "A preamble\n\ntake", "base", 2, 1.0, 4, 0.2, NOTES))
     assert "stopped after 0 tokens (the model's first token ended the answer)" in out[tab.timing]
     assert out[tab.timing].endswith("reference: «took» · base ✗")
-    out = _last(route.route(worker, tab, "lib", "my own prompt", "base", 2, 1.0, 4, 0.2, NOTES))
+    out = _compared(route.route(worker, tab, "lib", "my own prompt", "base", 2, 1.0, 4, 0.2, NOTES))
     assert worker.requests[-1].expected is None and "reference" not in out[tab.timing]
-    both = _last(
+    both = _compared(
         route.compare(worker, tab, "lib", "A preamble\n\ntake", "arrow@private", "base", 2, 1.0, 4, 0.2, NOTES)
     )
     lines = both[tab.compare_timing].split("  \n")
