@@ -59,14 +59,17 @@ def _hover(view: InsightView) -> np.ndarray:
     return np.array([f"{e} ({g})" for e, g in zip(view.experts, view.groups)])
 
 
-def _marked(fig: go.Figure, title: str, stale: str | None) -> go.Figure:
-    """Title a figure, with a first line saying why it is stale where it is, and fade its heatmaps."""
+def _marked(fig: go.Figure, title: str, stale: str | None, subtitle: str = "") -> go.Figure:
+    """Title a figure, with a first line saying why it is stale where it is, and fade its heatmaps.
+    What reads the figure (colours, stars, tokens) goes in a smaller second line, `subtitle`, so
+    that the title fits a half-width panel."""
     if stale:
         title = f"<b>stale: {stale}</b><br>{title}"
         fig.update_traces(opacity=STALE_OPACITY, selector={"type": "heatmap"})
-    fig.update_layout(title=title, **LAYOUT)
-    if stale:
-        fig.update_layout(margin={**LAYOUT["margin"], "t": 70})
+    fig.update_layout(title={"text": title, "subtitle": {"text": subtitle}}, **LAYOUT)
+    lines = 1 + bool(stale) + bool(subtitle)
+    if lines > 1:
+        fig.update_layout(margin={**LAYOUT["margin"], "t": 20 + 25 * lines})
     return fig
 
 
@@ -127,7 +130,7 @@ def transfer_heatmap(view: InsightView) -> go.Figure:
     )
     _star_best(fig, view)
     fig.update_layout(height=_height(len(view.tasks)))
-    _marked(fig, "Transfer: each expert alone, gain over base (blue helps; ★ best)", view.stale.get("transfer"))
+    _marked(fig, "Transfer: each expert alone", view.stale.get("transfer"), "gain over base (blue helps; ★ best)")
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_xaxes(showticklabels=len(view.experts) <= 60, tickangle=60)
     return fig
@@ -162,7 +165,7 @@ def routing_heatmap(view: InsightView, spec: str, tokens: str = "content", layer
     what = "content tokens" if tokens == "content" else "all prompt tokens"
     _star_best(fig, view)
     fig.update_layout(height=_height(len(view.tasks)))
-    _marked(fig, f"Routing: {spec}, mean weight {where} ({what}; ★ best by transfer)", view.stale.get(spec))
+    _marked(fig, f"Routing: {spec}", view.stale.get(spec), f"mean weight {where}, {what} (★ best by transfer)")
     fig.update_yaxes(autorange="reversed", dtick=1)
     fig.update_xaxes(showticklabels=len(view.experts) <= 60, tickangle=60)
     return fig

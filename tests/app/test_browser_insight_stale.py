@@ -44,3 +44,17 @@ def test_an_expert_added_after_routing_marks_the_insight_view_stale_not_empty(bu
         assert (shown["rows"], shown["cols"]) == (len(tasks), len(experts))  # the new expert's column too
         page.locator("#insight-accuracy .js-plotly-plot").wait_for(timeout=30_000)
         page.locator("#insight-table").get_by_text("stale: 1 expert added since").first.wait_for(timeout=30_000)
+        # every title line fits its panel (at 1280 px the heatmaps are half width): none is cut
+        for panel in ["#insight-transfer", "#insight-routing", "#insight-accuracy"]:
+            page.locator(f"{panel} .gtitle").first.wait_for(timeout=30_000)
+            spans = page.evaluate(
+                """(panel) => {
+                    const svg = document.querySelector(panel + ' .main-svg').getBoundingClientRect();
+                    return [...document.querySelectorAll(panel + ' .gtitle, ' + panel + ' .gsubtitle')].map(t => {
+                        const box = t.getBoundingClientRect();
+                        return {text: t.textContent, left: box.left - svg.left, right: svg.right - box.right};
+                    });
+                }""",
+                panel,
+            )
+            assert spans and all(s["left"] >= 0 and s["right"] >= 0 for s in spans), (panel, spans)
