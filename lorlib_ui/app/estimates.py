@@ -15,7 +15,7 @@ import json
 import statistics
 from dataclasses import dataclass
 
-from lorlib_ui.worker.api import LibraryInfo
+from lorlib_ui.worker.api import LibraryInfo, duration
 
 CONFIRM_S = 180  # a run estimated longer than this starts on a second press
 UNTIMED_ROWS = 1000  # with no pace on record: scored rows (x routers) beyond which a run asks first
@@ -119,17 +119,6 @@ def adaptation(info: LibraryInfo, methods: list[str], shots: list[int], steps: i
     lorahub = len(shots) if "lorahub" in methods else 0
     trained = (runs - lorahub) * training_steps(info, steps) + lorahub * LORAHUB_BUDGET
     return Estimate(trained * p.step_s + rows * p.row_s, rows, p.source)
-
-
-def duration(seconds: float) -> str:
-    """`about 55 min`, `about 2 h 10 min`, `under a minute`: rough, as an estimate is."""
-    if seconds < 60:
-        return "under a minute"
-    minutes = round(seconds / 60) if seconds < 3600 else 10 * round(seconds / 600)
-    hours, minutes = divmod(minutes, 60)
-    if not hours:
-        return f"about {minutes} min"
-    return f"about {hours} h" + (f" {minutes} min" if minutes else "")
 
 
 def in_all(estimate: Estimate) -> str:

@@ -28,6 +28,18 @@ from lorlib_ui.training.config import TASK_SETS as TASK_SETS  # the sets of task
 DOWNLOAD_KEEP_S = 60  # a worker's download zip is copied by the app as it is returned: older ones go
 
 
+def duration(seconds: float) -> str:
+    """`about 55 min`, `about 2 h 10 min`, `under a minute`: rough, as an estimate is. The one way
+    the worker and the UI say how long something takes."""
+    if seconds < 60:
+        return "under a minute"
+    minutes = round(seconds / 60) if seconds < 3600 else 10 * round(seconds / 600)
+    hours, minutes = divmod(minutes, 60)
+    if not hours:
+        return f"about {minutes} min"
+    return f"about {hours} h" + (f" {minutes} min" if minutes else "")
+
+
 def download_folder(root: str | Path) -> Path:
     """A new private folder under `root` for one download, after removing the downloads that have
     not been written to for `DOWNLOAD_KEEP_S` (one still being zipped is being written to)."""

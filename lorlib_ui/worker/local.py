@@ -46,6 +46,7 @@ from lorlib_ui.worker.api import (
     RouteUpdate,
     Worker,
     download_folder,
+    duration,
 )
 from lorlib_ui.worker.jobs import JobBoard
 
@@ -463,14 +464,14 @@ class LocalWorker(Worker):
                 routing[spec] = entry
                 stale[spec] = since.describe()
                 routed = len(entry["all"].get("tasks", []))
-                recompute[spec] = _about(routing_seconds(routed, entry.get("limit"))) + " on a CPU"
+                recompute[spec] = duration(routing_seconds(routed, entry.get("limit"))) + " on a CPU"
         if matrix and changed.retrained:
             named = ", ".join(changed.retrained[:3]) + (" ..." if len(changed.retrained) > 3 else "")
             whose = "its" if len(changed.retrained) == 1 else "their"
             stale["transfer"] = f"{Changes(retrained=changed.retrained).describe()} ({named}: {whose} old weights)"
         if matrix and changed:
             cells = len(matrix.tasks) * (len(changed.retrained) + len(changed.added))
-            recompute["transfer"] = _about(transfer_seconds(cells, int(matrix.rows.max()) or None)) + " on a CPU"
+            recompute["transfer"] = duration(transfer_seconds(cells, int(matrix.rows.max()) or None)) + " on a CPU"
         families = dict(zip(matrix.tasks, matrix.families)) if matrix else {}
         for entry in routing.values():
             families |= dict(zip(entry["all"]["tasks"], entry["all"]["families"]))
@@ -588,13 +589,6 @@ class LocalWorker(Worker):
         self._jobs.cancel(job_id)
 
 
-def _about(seconds: float) -> str:
-    """A rough duration in words: 'under a minute', 'about 5 min', 'about 2.5 h'."""
-    if seconds < 60:
-        return "under a minute"
-    return f"about {round(seconds / 60)} min" if seconds < 90 * 60 else f"about {seconds / 3600:.1f} h"
-
-
 def _lacks_keys(library: Library, spec: str, lacking: dict[str, list[str]], measured: dict) -> str | None:
     """The menu's line for a router that lacks a key set for some of its experts, saying why
     where the keys went stale (experts added or retrained since they were computed) and about how
@@ -617,7 +611,7 @@ def _lacks_keys(library: Library, spec: str, lacking: dict[str, list[str]], meas
     per_expert = measured[kind]
     why = f" (keys stale: {since.describe(added='added or replaced')})" if since else ""
     those = "that one" if len(short) == 1 else f"those {len(short)}"
-    took = f" ({_about(len(short) * per_expert)} for {those})" if per_expert else ""
+    took = f" ({duration(len(short) * per_expert)} for {those})" if per_expert else ""
     command = KEY_COMMANDS.get(kind, kind)
     return f"needs {kind} for {len(short)} of its {len(plan.experts)} experts{why}: run `{command}`{took}"
 

@@ -13,7 +13,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 from test_insight import _finish  # noqa: E402
 
 from lorlib_ui.app import estimates, evaluate, layout  # noqa: E402
-from lorlib_ui.worker.api import JobRequest, JobStatus, LibraryInfo  # noqa: E402
+from lorlib_ui.worker.api import JobRequest, JobStatus, LibraryInfo, duration  # noqa: E402
 from lorlib_ui.worker.local import LocalWorker  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def test_the_estimate_is_the_librarys_pace_times_the_rows_asked_for():
     unused = estimates.evaluation(info, ["arrow"], "unused", 10)
     assert unused.seconds is None and unused.long and "counted when the job starts" in unused.line()
     assert estimates.evaluation(replace(info, evaluation=None, experts=[]), ["arrow"], "held-out", 5).seconds is None
-    assert [estimates.duration(s) for s in (30, 3300, 7800, 3600)] == [
+    assert [duration(s) for s in (30, 3300, 7800, 3600)] == [
         "under a minute",
         "about 55 min",
         "about 2 h 10 min",
