@@ -9,7 +9,7 @@ heads, MLP 11008, vocabulary 32000); `135m` has SmolLM2-135M's, the model the ap
 default (hidden 576, 30 layers, 9 heads with 3 key-value heads, MLP 1536, vocabulary 49152).
 Random rank-r experts on q, k, v and o are made in memory on the device, in bfloat16 as a library
 stores trained experts; lorlib holds them in a `RoutedModel`'s layers filled straight from memory
-(`RandomRoutedModel`); PEFT gets the same experts as adapter folders in a temporary directory
+(`random_routed_model`); PEFT gets the same experts as adapter folders in a temporary directory
 (its `create_arrow_model` reads paths), loaded without upcasting them to float32, so that it
 computes in bfloat16 as lorlib does. Both route with Arrow, top-k 4, T = 1.
 
@@ -59,9 +59,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorlib_ui.core.input_groups import input_groups  # noqa: E402
 from lorlib_ui.core.prototypes import top_right_singular_vectors  # noqa: E402
-from lorlib_ui.core.routed_model import LibraryLinear, RoutedModel, RoutingState  # noqa: E402
+from lorlib_ui.core.routed_model import RoutedModel  # noqa: E402
 from lorlib_ui.core.routers import make_router  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -239,43 +238,30 @@ def random_factors(module: str, shape: tuple[int, int], first: int, count: int, 
     return a[:count].to(torch.bfloat16), b[:count].to(torch.bfloat16)
 
 
-class RandomRoutedModel(RoutedModel):
-    """lorlib's routed model with its layers filled from memory, not from a library folder.
-
-    It wires the model as `RoutedModel.__init__` does (a `LibraryLinear` per LoRA'd layer, their
-    input groups made before filling, every expert's scale and prototype set), with the factors
-    that `factors(module, shape, first, count)` returns, CHUNK experts at a time. Prototypes are
-    "exact" (lorlib's `top_right_singular_vectors` of each expert's factors) or "random" unit
-    vectors. tests/test_gpu_check.py holds it equal to `RoutedModel.load` of a library of the same
-    experts. Routers that read a library (learned ones, other key sets) cannot run on it."""
-
-    def __init__(self, model: nn.Module, n: int, rank: int, factors, prototypes: str = "random", seed: int = 0):
-        self.model, self.tokenizer, self.library = model, None, None
-        self.experts = [f"random{i:04d}" for i in range(n)]
-        self.state = RoutingState()
-        linears = target_modules(model)
-        self.modules = list(linears)
-        layers = {}
-        for name, base in linears.items():
-            parent, _, child = name.rpartition(".")
-            layers[name] = LibraryLinear(name, base, [rank] * n, self.state, torch.bfloat16)
-            setattr(model.get_submodule(parent), child, layers[name])
-        self.groups = input_groups(layers)
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        for name, layer in layers.items():
-            shape = (layer.base.out_features, layer.base.in_features)
-            keys = torch.empty(n, shape[1], device=layer.prototypes.device)
-            for first in range(0, n, CHUNK):
-                a, b = factors(name, shape, first, min(CHUNK, n - first))
-                layer.set_factors(first, a, b)
-                if prototypes == "exact":
-                    keys[first : first + len(a)] = top_right_singular_vectors(a, b)
-            if prototypes != "exact":
-                keys = torch.randn(n, shape[1], generator=gen, device=keys.device)
-                keys /= keys.norm(dim=1, keepdim=True)
-            layer.set_keys([SCALE] * n, keys)
-        self.layers: dict[str, LibraryLinear] = layers
-        self._attached = {"prototypes": set(self.experts)}
+def random_routed_model(
+    model: nn.Module, n: int, rank: int, factors, prototypes: str = "random", seed: int = 0
+) -> RoutedModel:
+    """lorlib's routed model over n experts made in memory (`RoutedModel.unfilled`), with the
+    factors that `factors(module, shape, first, count)` returns, CHUNK experts at a time, at every
+    target module. Prototypes are "exact" (lorlib's `top_right_singular_vectors` of each expert's
+    factors) or "random" unit vectors. tests/test_gpu_check.py holds it equal to
+    `RoutedModel.load` of a library of the same experts."""
+    names = [f"random{i:04d}" for i in range(n)]
+    routed = RoutedModel.unfilled(model, names, {m: [rank] * n for m in target_modules(model)}, torch.bfloat16)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, layer in routed.layers.items():
+        shape = (layer.base.out_features, layer.base.in_features)
+        keys = torch.empty(n, shape[1], device=layer.prototypes.device)
+        for first in range(0, n, CHUNK):
+            a, b = factors(name, shape, first, min(CHUNK, n - first))
+            layer.set_factors(first, a, b)
+            if prototypes == "exact":
+                keys[first : first + len(a)] = top_right_singular_vectors(a, b)
+        if prototypes != "exact":
+            keys = torch.randn(n, shape[1], generator=gen, device=keys.device)
+            keys /= keys.norm(dim=1, keepdim=True)
+        layer.set_keys([SCALE] * n, keys)
+    return routed
 
 
 def write_peft_experts(folder: Path, model: nn.Module, n: int, rank: int, device) -> list[str]:
@@ -391,7 +377,7 @@ def topk_agreement(shape: Shape, sizes: Sizes, n: int, rank: int, top_k: int, de
     """Share of token-layers whose Arrow top-k set is the same with the model and prototypes in
     bfloat16 as in float32 (the same weights; experts stored in bfloat16 in both)."""
     model = build_base(shape, device, torch.float32)
-    rm = RandomRoutedModel(model, n, rank, _random(rank, device), prototypes="exact")
+    rm = random_routed_model(model, n, rank, _random(rank, device), prototypes="exact")
     router = make_router("arrow", rm.experts, top_k=top_k)
     ids = torch.randint(0, shape.vocab, (sizes.batch, sizes.length), generator=torch.Generator().manual_seed(2))
     chosen = {}
@@ -421,7 +407,7 @@ def run_count(model, base_layers: dict, shape: Shape, sizes: Sizes, n: int, meth
         for method in methods:
             start, before = time.perf_counter(), allocated(device)
             if method == "lorlib_arrow":
-                rm = RandomRoutedModel(model, n, args.rank, _random(args.rank, device), seed=n)
+                rm = random_routed_model(model, n, args.rank, _random(args.rank, device), seed=n)
                 router = make_router("arrow", rm.experts, top_k=args.top_k)
                 sets[method] = (dict(rm.layers), model, lambda rm=rm, router=router: rm.routing(router))
             else:

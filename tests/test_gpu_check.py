@@ -30,7 +30,7 @@ def _factors(rank: int):
 
 def test_random_routed_model_equals_the_one_loaded_from_a_library(tmp_path, tiny_base):
     """The same random experts written as a library and opened by RoutedModel.load route to the
-    same logits, with the same stacks and prototypes, as RandomRoutedModel made in memory."""
+    same logits, with the same stacks and prototypes, as random_routed_model made in memory."""
     n, rank = 5, 4
     info = base_model_info(str(tiny_base))
     library = Library.create(tmp_path / "lib", info)
@@ -44,7 +44,7 @@ def test_random_routed_model_equals_the_one_loaded_from_a_library(tmp_path, tiny
         entries.append((expert_from_adapter(f"e{j}", adapter, info.name), adapter))
     library.add_experts(entries)
     loaded = RoutedModel.load(library, device="cpu", dtype="float32")
-    made = bench.RandomRoutedModel(
+    made = bench.random_routed_model(
         AutoModelForCausalLM.from_pretrained(tiny_base).eval(), n, rank, _factors(rank), prototypes="exact"
     )
     assert made.modules == loaded.modules and len(made.groups) == len(loaded.groups)

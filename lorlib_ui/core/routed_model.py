@@ -302,28 +302,46 @@ class RoutedModel:
                 f"this base model does not fit library {library.path}, which was built on "
                 f"{library.base_model!r} (linear layer shapes differ)"
             )
-        self.model, self.tokenizer, self.library = model, tokenizer, library
-        self.experts = library.names
-        self.state = RoutingState()
+        self.tokenizer, self.library = tokenizer, library
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            folders = [library.path / e.path for e in library.experts]  # in the order of self.experts
-            layouts = dict(zip(self.experts, pool.map(read_layout, folders)))
+            folders = [library.path / e.path for e in library.experts]  # in the order of library.names
+            layouts = dict(zip(library.names, pool.map(read_layout, folders)))
             ranks = {x: layout[0] for x, layout in layouts.items()}
             storage = _storage_dtype({d for _, dtypes in layouts.values() for d in dtypes}, model.dtype)
-            self.modules = [name for name, _ in model.named_modules() if any(name in r for r in ranks.values())]
-            layers = {}
-            for name in self.modules:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                per_expert = [ranks[x].get(name, 0) for x in self.experts]
-                layers[name] = LibraryLinear(name, getattr(parent, child), per_expert, self.state, storage)
-                setattr(parent, child, layers[name])
-            # before filling: the members' A factors are views into their group's buffer
-            self.groups = input_groups(layers)
-            scales = self._fill(layers, folders, [ranks[x] for x in self.experts], pool)
+            modules = [name for name, _ in model.named_modules() if any(name in r for r in ranks.values())]
+            self._wire(model, library.names, {m: [ranks[x].get(m, 0) for x in library.names] for m in modules}, storage)
+            scales = self._fill(self.layers, folders, [ranks[x] for x in self.experts], pool)
         prototypes = prototype_matrices(library)
-        for name, layer in layers.items():
+        for name, layer in self.layers.items():
             layer.set_keys(scales[name], prototypes[name])
+
+    @classmethod
+    def unfilled(
+        cls, model: nn.Module, experts: list[str], ranks: dict[str, list[int]], storage: torch.dtype
+    ) -> RoutedModel:
+        """A routed model over experts held in memory, not in a library folder: `ranks[module]`
+        gives each expert's rank at that linear layer (model order), and the caller fills every
+        layer with `set_factors` and `set_keys` before routing. Routers that read a library
+        (learned routers, other key sets) cannot run on it. Benchmarks build thousands of random
+        experts this way (benchmarks/bench_gpu.py)."""
+        routed = cls.__new__(cls)
+        routed.tokenizer, routed.library = None, None
+        routed._wire(model, experts, ranks, storage)
+        return routed
+
+    def _wire(self, model: nn.Module, experts: list[str], ranks: dict[str, list[int]], storage: torch.dtype) -> None:
+        """Put a `LibraryLinear` over `experts` in place of each linear layer named in `ranks`,
+        and make their input groups before anything is filled (the members' A factors are views
+        into their group's buffer)."""
+        self.model, self.experts, self.state = model, list(experts), RoutingState()
+        self.modules = list(ranks)
+        layers = {}
+        for name, per_expert in ranks.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layers[name] = LibraryLinear(name, getattr(parent, child), per_expert, self.state, storage)
+            setattr(parent, child, layers[name])
+        self.groups = input_groups(layers)
         self.layers: dict[str, LibraryLinear] = layers
         self._attached: dict[str, set[str]] = {"prototypes": set(self.experts)}  # key set -> experts that have it
 
