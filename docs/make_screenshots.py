@@ -49,7 +49,7 @@ def main() -> None:
             page.get_by_text("Opened").wait_for(timeout=120_000)
             page.get_by_label("Expert", exact=True).click()
             page.get_by_role("option", name="color.rgb", exact=True).click()
-            page.wait_for_selector("#expert-spectrum .js-plotly-plot", timeout=60_000)
+            page.wait_for_selector("#expert-spectrum .js-plotly-plot", timeout=180_000)
             page.screenshot(path=OUT / "library.png", full_page=True)
             page.get_by_role("tab", name="Clusters").click()
             page.wait_for_selector("#cluster-umap .js-plotly-plot", timeout=120_000)
@@ -58,7 +58,7 @@ def main() -> None:
             page.get_by_role("tab", name="Route").click()
             page.get_by_role("button", name="Route", exact=True).click()  # the page opens on its example
             page.get_by_text("done in").wait_for(timeout=120_000)
-            page.wait_for_selector("#route-logits-plot .js-plotly-plot", timeout=60_000)  # the layer detail follows
+            page.wait_for_selector("#route-logits-plot .js-plotly-plot", timeout=180_000)  # the layer detail follows
             page.get_by_role("button", name="Compare two routers").click()  # with base, the menu's default
             page.wait_for_selector("#route-compare-diff .js-plotly-plot", timeout=120_000)
             page.screenshot(path=OUT / "route.png", full_page=True)

@@ -95,12 +95,12 @@ def _star_best(fig: go.Figure, view: InsightView) -> None:
             y=list(best),
             mode="markers",
             name="best expert (transfer" + (", stale)" if view.stale.get("transfer") else ")"),
+            showlegend=False,  # the subtitle says what a star is: a legend would sit on the tick labels
             marker={"symbol": "star", "size": 11, "color": "#F0E442", "line": {"color": "#000000", "width": 1}},
             customdata=list(best.values()),
             hovertemplate="task %{y}<br>best expert alone: %{customdata}<extra></extra>",
         )
     )
-    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.02, "yanchor": "top", "x": 0})
 
 
 def transfer_heatmap(view: InsightView) -> go.Figure:
@@ -210,8 +210,11 @@ def _reference(fig: go.Figure, modules: list[str], values: list, name: str, colo
 
 
 def _layer_axis(fig: go.Figure, title: str, stale: str | None) -> go.Figure:
-    fig.update_layout(height=340)
+    """A per-layer figure: its legend in rows under the axis, so that a half-width panel keeps
+    the whole plot and every name."""
+    fig.update_layout(height=400)
     _marked(fig, title, stale)
+    fig.update_layout(legend={"orientation": "h", "y": -0.25, "yanchor": "top", "x": 0})
     fig.update_xaxes(title="layer (0: nearest the input)", showticklabels=True, tickmode="auto")
     return fig
 

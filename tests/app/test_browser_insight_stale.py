@@ -44,13 +44,14 @@ def test_an_expert_added_after_routing_marks_the_insight_view_stale_not_empty(bu
         assert (shown["rows"], shown["cols"]) == (len(tasks), len(experts))  # the new expert's column too
         page.locator("#insight-accuracy .js-plotly-plot").wait_for(timeout=30_000)
         page.locator("#insight-table").get_by_text("stale: 1 expert added since").first.wait_for(timeout=30_000)
-        # every title line fits its panel (at 1280 px the heatmaps are half width): none is cut
+        # every title line and legend entry fits its panel (at 1280 px the panels are half width): none is cut
         for panel in ["#insight-transfer", "#insight-routing", "#insight-accuracy"]:
             page.locator(f"{panel} .gtitle").first.wait_for(timeout=30_000)
             spans = page.evaluate(
                 """(panel) => {
-                    const svg = document.querySelector(panel + ' .main-svg').getBoundingClientRect();
-                    return [...document.querySelectorAll(panel + ' .gtitle, ' + panel + ' .gsubtitle')].map(t => {
+                    const svg = document.querySelector(panel).getBoundingClientRect();  // it clips what overflows
+                    const parts = ['.gtitle', '.gsubtitle', '.legendtext'].map(c => panel + ' ' + c).join(', ');
+                    return [...document.querySelectorAll(parts)].map(t => {
                         const box = t.getBoundingClientRect();
                         return {text: t.textContent, left: box.left - svg.left, right: svg.right - box.right};
                     });
@@ -58,3 +59,5 @@ def test_an_expert_added_after_routing_marks_the_insight_view_stale_not_empty(bu
                 panel,
             )
             assert spans and all(s["left"] >= 0 and s["right"] >= 0 for s in spans), (panel, spans)
+        # the heatmaps' subtitles say what a star is: no legend sits on their tick labels
+        assert not page.locator("#insight-transfer .legendtext, #insight-routing .legendtext").count()
