@@ -54,15 +54,12 @@ def rows_of(record: dict, shots: int) -> dict[str, dict]:
     return out
 
 
-def cell(value: float, low: float, high: float, scale: float, sign: str = "") -> str:
-    """A value and its interval, in points (scale 100) or log-likelihood (scale 1, 3 decimals)."""
-    spec = f"{sign}.{3 if scale == 1 else 1}f"
-    return f"{scale * value:{spec}} [{scale * low:{spec}}, {scale * high:{spec}}]"
+def cell(value: float, cis: list[tuple[float, float]], scale: float, signed: bool = False) -> str:
+    """A value and its intervals, in points (scale 100, one decimal) or log-likelihood (scale 1,
+    three decimals), as every table of the reproduction writes them."""
+    from lorlib_ui.analysis.summaries import format_value
 
-
-def over_tasks(low: float, high: float, scale: float) -> str:
-    spec = f".{3 if scale == 1 else 1}f"
-    return f" [{scale * low:{spec}}, {scale * high:{spec}}]"
+    return format_value(value, tuple(list(ci) for ci in cis), scale, 3 if scale == 1 else 1, signed)
 
 
 def main() -> None:
@@ -102,11 +99,8 @@ def main() -> None:
                 cells.append("–")
                 continue
             count = "" if len(per_task) == len(tasks) else f" ({len(per_task)} tasks)"
-            cells.append(
-                cell(task_mean(per_task), *bootstrap_interval(per_task), scale)
-                + over_tasks(*bootstrap_interval(per_task, tasks=True), scale)
-                + count
-            )
+            intervals = [bootstrap_interval(per_task), bootstrap_interval(per_task, tasks=True)]
+            cells.append(cell(task_mean(per_task), intervals, scale) + count)
         for other, key, scale in (
             ("scratch", "exact_match", 100),
             ("arrow", "exact_match", 100),
@@ -117,9 +111,10 @@ def main() -> None:
                 continue
             ours, theirs = [scores[t][label][key] for t in tasks], [scores[t][other][key] for t in tasks]
             counts = signs(ours, theirs)
+            difference, *rows_ci = paired_interval(ours, theirs)
+            tasks_ci = paired_interval(ours, theirs, tasks=True)[1:]
             cells.append(
-                cell(*paired_interval(ours, theirs), scale, sign="+")
-                + over_tasks(*paired_interval(ours, theirs, tasks=True)[1:], scale)
+                cell(difference, [rows_ci, tasks_ci], scale, signed=True)
                 + f" {counts['up']}/{counts['tied']}/{counts['down']}"
             )
         seconds = [
@@ -182,9 +177,9 @@ def main() -> None:
             print(
                 f"| {method} | "
                 + " | ".join(
-                    cell(by_shots[s]["exact_match"], *bootstrap_interval([by_shots[s]["rows"]["exact_match"]]), 100)
+                    cell(by_shots[s]["exact_match"], [bootstrap_interval([by_shots[s]["rows"]["exact_match"]])], 100)
                     + "; "
-                    + cell(by_shots[s]["loglik"], *bootstrap_interval([by_shots[s]["rows"]["loglik"]]), 1)
+                    + cell(by_shots[s]["loglik"], [bootstrap_interval([by_shots[s]["rows"]["loglik"]])], 1)
                     if s in by_shots
                     else "–"
                     for s in shots
@@ -225,7 +220,7 @@ def _curve_differences(curves: dict[str, dict]) -> None:
             ours = {key: [r[(method, i)][key] for r in rows.values()] for key in ("exact_match", "loglik")}
             theirs = {key: [r[("scratch", i)][key] for r in rows.values()] for key in ours}
             em, ll = (paired_interval(ours[key], theirs[key]) for key in ("exact_match", "loglik"))
-            cells.append(cell(*em, 100, sign="+") + "; " + cell(*ll, 1, sign="+"))
+            cells.append(cell(em[0], [em[1:]], 100, signed=True) + "; " + cell(ll[0], [ll[1:]], 1, signed=True))
         print(f"| {method} | " + " | ".join(cells) + " |")
 
 
