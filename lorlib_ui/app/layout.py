@@ -264,7 +264,7 @@ def _wire(page: Page, worker: Worker, app: gr.Blocks, tabs: gr.Tabs) -> None:
     loaded = app.load(start_from_link, None, [link, page.path_box, tabs], api_visibility="private")
     opened = loaded.then(reopen, page.path_box, outputs, api_visibility="private")
     redraw(opened)
-    route.wire_link(page.route, worker, page.path, page.path_box, link, opened)
+    links.wire_link(page.route, worker, page.path, page.path_box, link, opened)
     imported = page.library.import_btn.click(
         partial(import_and_reopen, worker, page), [page.path, page.library.upload], outputs, api_name="import_adapters"
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lorlib_ui.app import explain_figures, figures, links, report, routing_figures
+from lorlib_ui.app import explain_figures, figures, report, routing_figures
 from lorlib_ui.app.events import shows_errors
 from lorlib_ui.core.record import RoutingRecord
 from lorlib_ui.worker.api import MAX_NEW_TOKENS, Example, LibraryInfo, RouteRequest, RouteUpdate, Worker
@@ -248,7 +248,7 @@ def opened(tab: RouteTab, info: LibraryInfo, examples: list[Example]) -> dict:
         tab.notes: notes,
         tab.router_note: router_note(default, "base", notes),
     }
-    if demo:  # the page opens on an example where the library visibly helps (`restore_controls`): say so
+    if demo:  # the page opens on an example where the library visibly helps (`links.restore_controls`): say so
         shown[tab.router_note] = demo_note(demo) + "\n\n" + shown[tab.router_note]
     return shown
 
@@ -559,72 +559,6 @@ def route_batch(
         progress((last["done"], last["total"]), desc="prompts routed", unit="prompts")
     note = f"routed {last['total'] - last['errors']} prompts; {last['errors']} rows could not run (see `error`)"
     return {tab.batch_note: note, tab.batch_out: gr.update(value=last["file"], visible=True)}
-
-
-def restore_controls(tab: RouteTab, link: dict, notes: dict | None) -> dict:
-    """The controls a link sets (after the library opened and filled the menus); others stay. A
-    page opened without a prompt in its link starts on the library's demo example, if it has one."""
-    controls = (tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new)
-    out = {component: gr.update() for component in controls}
-    demo = (notes or {}).get("demo")
-    if demo and not (link or {}).get("prompt"):
-        out[tab.prompt] = demo["prompt"]
-    if not link:
-        return out
-    values = links.settings(link)
-    for key, component in (("prompt", tab.prompt), ("router", tab.router), ("compare", tab.compare_router)):
-        if key in link:
-            out[component] = link[key]
-    for key, component in (("k", tab.top_k), ("t", tab.temperature), ("n", tab.max_new)):
-        if values[key] is not None:
-            out[component] = values[key]
-    return out
-
-
-def route_link(
-    worker: Worker, tab: RouteTab, link: dict, folder, text, spec, k, temp, max_tokens, density=DENSITY, notes=None
-):
-    """A link with a prompt routes it, as the Route button would; other pages load as they are."""
-    if not link or not link.get("prompt"):
-        yield {tab.timing: gr.update()}
-        return
-    yield from route(worker, tab, folder, text, spec, k, temp, max_tokens, density, notes)
-
-
-def restore_picks(tab: RouteTab, link: dict, record: RoutingRecord | None) -> dict:
-    """The layer and token a link names, where the route has them."""
-    if not link or record is None:
-        return {tab.module_pick: gr.update(), tab.token_pick: gr.update()}
-    token = links.settings(link)["token"]
-    return {
-        tab.module_pick: link["layer"] if link.get("layer") in record.modules else gr.update(),
-        tab.token_pick: token if token is not None and token < len(record.tokens) else gr.update(),
-    }
-
-
-def wire_link(tab: RouteTab, worker: Worker, path: gr.State, path_box: gr.Textbox, link: gr.State, opened) -> None:
-    """ "Copy link", and what opening a link does after the library opened (`opened`): the controls,
-    the route, the layer and token."""
-    view = [path_box, tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new]
-    tab.link_btn.click(None, [*view, tab.module_pick, tab.token_pick], tab.link_box, js=links.COPY_JS)
-    controls = [tab.prompt, tab.router, tab.compare_router, tab.top_k, tab.temperature, tab.max_new]
-    restored = opened.then(partial(restore_controls, tab), [link, tab.notes], controls, api_visibility="private")
-    outputs = [tab.answer, tab.timing, tab.layer_plot, tab.record, tab.module_pick, tab.token_pick, tab.shown]
-    outputs.append(tab.routed_prompt)
-    inputs = [link, path, tab.prompt, tab.router, tab.top_k, tab.temperature, tab.max_new, tab.density, tab.notes]
-    routed = restored.success(
-        partial(route_link, worker, tab), inputs, [*outputs, tab.layer_box, tab.detail_box], api_visibility="private"
-    )
-    picked = routed.success(
-        partial(restore_picks, tab), [link, tab.record], [tab.module_pick, tab.token_pick], api_visibility="private"
-    )
-    detail_inputs = [tab.record, tab.module_pick, tab.token_pick, tab.shown, tab.notes, tab.hide_template]
-    picked.success(
-        partial(layer_detail, tab),
-        detail_inputs,
-        [tab.coloured, tab.token_pick, tab.token_plot, tab.logits_plot],
-        api_visibility="private",
-    )
 
 
 def wire(tab: RouteTab, worker: Worker, path: gr.State) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-from lorlib_ui.app import evaluate, layout, route  # noqa: E402
+from lorlib_ui.app import evaluate, layout, links, route  # noqa: E402
 from lorlib_ui.app.events import shows_errors  # noqa: E402
 from lorlib_ui.core.errors import LorlibError  # noqa: E402
 from lorlib_ui.core.record import RoutingRecord  # noqa: E402
@@ -323,11 +323,11 @@ def test_the_route_tab_opens_on_the_librarys_demo_example_and_says_what_it_shows
     shown = route.opened(tab, replace(info, demo=demo), [])
     assert shown[tab.router_note].startswith("*This example is from t, a task no expert was trained on: arrow")
     notes = shown[tab.notes]
-    assert route.restore_controls(tab, {}, notes)[tab.prompt] == "2 + 2?"  # a plain page opens on it
-    from_link = route.restore_controls(tab, {"prompt": "mine", "tab": "route"}, notes)
+    assert links.restore_controls(tab, {}, notes)[tab.prompt] == "2 + 2?"  # a plain page opens on it
+    from_link = links.restore_controls(tab, {"prompt": "mine", "tab": "route"}, notes)
     assert from_link[tab.prompt] == "mine"  # a link's own prompt wins
     plain = route.opened(tab, replace(info, demo=None), [])
-    assert route.restore_controls(tab, {}, plain[tab.notes])[tab.prompt] == {"__type__": "update"}
+    assert links.restore_controls(tab, {}, plain[tab.notes])[tab.prompt] == {"__type__": "update"}
 
 
 # ---- results that go stale, the base router's figures, the difference, compare's timing, cancel ----------
