@@ -71,7 +71,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import records as saved
 
-    from lorlib_ui.analysis.stats import bootstrap_interval, paired_interval, signs, task_mean
+    from lorlib_ui.analysis.stats import bootstrap_interval, paired_interval, proportion_interval, signs, task_mean
+    from lorlib_ui.analysis.summaries import BINARY
 
     if args.library:  # the `adaptation` records of the libraries, merged: saved to be checked later
         saved.save("adaptation", records(args.library))
@@ -99,7 +100,8 @@ def main() -> None:
                 cells.append("–")
                 continue
             count = "" if len(per_task) == len(tasks) else f" ({len(per_task)} tasks)"
-            intervals = [bootstrap_interval(per_task), bootstrap_interval(per_task, tasks=True)]
+            interval = proportion_interval if key in BINARY else bootstrap_interval  # Wilson at 0% or 100%
+            intervals = [interval(per_task), interval(per_task, tasks=True)]
             cells.append(cell(task_mean(per_task), intervals, scale) + count)
         for other, key, scale in (
             ("scratch", "exact_match", 100),
@@ -177,7 +179,7 @@ def main() -> None:
             print(
                 f"| {method} | "
                 + " | ".join(
-                    cell(by_shots[s]["exact_match"], [bootstrap_interval([by_shots[s]["rows"]["exact_match"]])], 100)
+                    cell(by_shots[s]["exact_match"], [proportion_interval([by_shots[s]["rows"]["exact_match"]])], 100)
                     + "; "
                     + cell(by_shots[s]["loglik"], [bootstrap_interval([by_shots[s]["rows"]["loglik"]])], 1)
                     if s in by_shots
@@ -193,9 +195,10 @@ def main() -> None:
 
 def _curve_differences(curves: dict[str, dict]) -> None:
     """Each method minus scratch at each point of the learning curves, over the tasks that have one
-    (paired over test rows; exact match in points, then log-likelihood). The curves' points are
+    (paired over test rows, with the tasks up/tied/down: two tasks are too few for an interval over
+    tasks; exact match in points, then log-likelihood). The curves' points are
     matched by rank: the largest may differ between tasks (a task with fewer training rows)."""
-    from lorlib_ui.analysis.stats import paired_interval
+    from lorlib_ui.analysis.stats import paired_interval, signs
 
     points = {t: sorted({run["shots"] for run in r["runs"]}) for t, r in curves.items()}
     if len({len(p) for p in points.values()}) != 1:
@@ -208,7 +211,10 @@ def _curve_differences(curves: dict[str, dict]) -> None:
         "/".join(str(n) for n in sorted({p[i] for p in points.values()}))
         for i in range(len(next(iter(points.values()))))
     ]
-    print(f"\nMinus scratch over the {len(curves)} learning-curve tasks, exact match (points); log-likelihood:\n")
+    print(
+        f"\nMinus scratch over the {len(curves)} learning-curve tasks, exact match (points); log-likelihood;"
+        " each [95% CI over rows] and the tasks where it is up/tied/down:\n"
+    )
     print("| method | " + " | ".join(f"{label} shots" for label in labels) + " |")
     print("|---|" + "---:|" * len(labels))
     for method in METHODS[1:]:
@@ -220,7 +226,13 @@ def _curve_differences(curves: dict[str, dict]) -> None:
             ours = {key: [r[(method, i)][key] for r in rows.values()] for key in ("exact_match", "loglik")}
             theirs = {key: [r[("scratch", i)][key] for r in rows.values()] for key in ours}
             em, ll = (paired_interval(ours[key], theirs[key]) for key in ("exact_match", "loglik"))
-            cells.append(cell(em[0], [em[1:]], 100, signed=True) + "; " + cell(ll[0], [ll[1:]], 1, signed=True))
+            up = {key: "{up}/{tied}/{down}".format(**signs(ours[key], theirs[key])) for key in ours}
+            cells.append(
+                cell(em[0], [em[1:]], 100, signed=True)
+                + f" {up['exact_match']}; "
+                + cell(ll[0], [ll[1:]], 1, signed=True)
+                + f" {up['loglik']}"
+            )
         print(f"| {method} | " + " | ".join(cells) + " |")
 
 
