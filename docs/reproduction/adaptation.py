@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ["scratch", "mu", "shared", "poly-router", "poly-full", "lorahub"]
-METRICS = [("exact_match", "EM %", 100), ("loglik", "LL", 1), ("mc", "MC %", 100)]
+METRICS = [("exact_match", "EM %"), ("loglik", "LL"), ("mc", "MC %")]
 
 
 def records(libraries: list[str]) -> dict[str, dict]:
@@ -71,8 +71,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import records as saved
 
-    from lorlib_ui.analysis.stats import bootstrap_interval, paired_interval, proportion_interval, signs, task_mean
-    from lorlib_ui.analysis.summaries import BINARY
+    from lorlib_ui.analysis.stats import bootstrap_interval, proportion_interval
 
     if args.library:  # the `adaptation` records of the libraries, merged: saved to be checked later
         saved.save("adaptation", records(args.library))
@@ -88,37 +87,22 @@ def main() -> None:
     print()
     print(
         "| method | "
-        + " | ".join(f"{name} [rows] [tasks]" for _, name, _ in METRICS)
+        + " | ".join(f"{name} [rows] [tasks]" for _, name in METRICS)
         + " | EM − scratch, up/tied/down | EM − Arrow | LL − scratch | training s (median, range) |"
     )
     print("|---|" + "---|" * (len(METRICS) + 4))
     for label in labels:
         cells = []
-        for key, _, scale in METRICS:
-            per_task = [scores[t][label][key] for t in tasks if scores[t][label].get(key)]  # MC: tasks with options
-            if not per_task:
-                cells.append("–")
-                continue
+        for key, _ in METRICS:
+            per_task = {t: scores[t][label][key] for t in tasks if scores[t][label].get(key)}  # MC: tasks with options
             count = "" if len(per_task) == len(tasks) else f" ({len(per_task)} tasks)"
-            interval = proportion_interval if key in BINARY else bootstrap_interval  # Wilson at 0% or 100%
-            intervals = [interval(per_task), interval(per_task, tasks=True)]
-            cells.append(cell(task_mean(per_task), intervals, scale) + count)
-        for other, key, scale in (
-            ("scratch", "exact_match", 100),
-            ("arrow", "exact_match", 100),
-            ("scratch", "loglik", 1),
-        ):
+            cells.append(saved.cell(per_task, key) + count)
+        for other, key in (("scratch", "exact_match"), ("arrow", "exact_match"), ("scratch", "loglik")):
             if label == other or label == "base" or (other == "scratch" and label == "arrow"):
                 cells.append("")
                 continue
-            ours, theirs = [scores[t][label][key] for t in tasks], [scores[t][other][key] for t in tasks]
-            counts = signs(ours, theirs)
-            difference, *rows_ci = paired_interval(ours, theirs)
-            tasks_ci = paired_interval(ours, theirs, tasks=True)[1:]
-            cells.append(
-                cell(difference, [rows_ci, tasks_ci], scale, signed=True)
-                + f" {counts['up']}/{counts['tied']}/{counts['down']}"
-            )
+            ours, theirs = ({t: scores[t][name][key] for t in tasks} for name in (label, other))
+            cells.append(saved.paired(ours, theirs, key))
         seconds = [
             run["training_seconds"]
             for t in tasks
