@@ -33,8 +33,6 @@ FROM_LIBRARY = {
     "mbc_stability.py": "the shipped library's weights (about a minute of k-means)",
     "records.py": "the helpers the others share",
 }
-# scripts whose runs are still to be made (issue #31 is open until they are): each must say so,
-# and its entry goes when its records are committed
 
 
 def scripts() -> list[str]:

@@ -147,6 +147,9 @@ def main() -> None:
     for t in tasks:
         seconds = {r["method"]: r["training_seconds"] for r in found[t]["runs"] if r["shots"] == args.shots}
         print(f"| {t} | " + " | ".join(f"{seconds[m]:.0f}" if seconds.get(m) else "–" for m in METHODS) + " |")
+    every_run = [r["training_seconds"] or 0 for record in found.values() for r in record["runs"]]
+    hours = sum(every_run) / 3600
+    print(f"\nTraining summed over all {len(every_run)} runs of the record (every shot count): {hours:.1f} h")
     curves = {t: r for t, r in found.items() if len({run["shots"] for run in r["runs"]}) > 1}
     for t, record in sorted(curves.items()):
         shots = sorted({run["shots"] for run in record["runs"]})
